@@ -1,0 +1,132 @@
+"""
+Generate a random-weight llama GGUF so that llama.cpp can run with no download.
+
+The model speaks noise, but everything proxycache cares about is real: the
+tokenizer (one token per byte), the chat template, prefill cost that grows with
+the prompt, per-slot KV caches, and slot save/restore files.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import attrs
+
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "<|{{ message['role'] }}|>\n"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% elif message['content'] %}{% for part in message['content'] %}"
+    "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
+    "{% endif %}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+
+
+@attrs.frozen
+class ModelShape:
+    """The size of a generated model; prefill cost grows with width and depth."""
+
+    embedding: int = 64
+    layers: int = 2
+    heads: int = 4
+    feed_forward: int = 128
+    context: int = 65536
+    seed: int = 1
+
+    @property
+    def filename(self) -> str:
+        return (
+            f"tiny-llama-e{self.embedding}-l{self.layers}-h{self.heads}"
+            f"-f{self.feed_forward}-s{self.seed}.gguf"
+        )
+
+
+TINY = ModelShape()
+BENCH = ModelShape(embedding=256, layers=4, heads=4, feed_forward=768)
+
+
+def _vocabulary() -> tuple[list[bytes], list[int]]:
+    import gguf
+
+    tokens = [b"<unk>", b"<s>", b"</s>"]
+    types = [
+        gguf.TokenType.UNKNOWN,
+        gguf.TokenType.CONTROL,
+        gguf.TokenType.CONTROL,
+    ]
+    for byte in range(256):
+        tokens.append(f"<0x{byte:02X}>".encode())
+        types.append(gguf.TokenType.BYTE)
+    return tokens, [int(t) for t in types]
+
+
+def write_model(path: Path, shape: ModelShape = TINY) -> Path:
+    """
+    Write a model of C{shape} to C{path} (atomically) and return C{path}.
+    """
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(shape.seed)
+    tokens, types = _vocabulary()
+    vocab = len(tokens)
+    e, f = shape.embedding, shape.feed_forward
+
+    def weights(*dims: int) -> "np.ndarray":
+        return (rng.standard_normal(dims) * 0.02).astype(np.float32)
+
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), "llama")
+    writer.add_name("proxycache random llama")
+    writer.add_context_length(shape.context)
+    writer.add_embedding_length(e)
+    writer.add_block_count(shape.layers)
+    writer.add_feed_forward_length(f)
+    writer.add_head_count(shape.heads)
+    writer.add_head_count_kv(shape.heads)
+    writer.add_rope_dimension_count(e // shape.heads)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("llama")
+    writer.add_token_list(tokens)
+    writer.add_token_scores([0.0] * vocab)
+    writer.add_token_types(types)
+    writer.add_bos_token_id(1)
+    writer.add_eos_token_id(2)
+    writer.add_unk_token_id(0)
+    writer.add_add_bos_token(True)
+    writer.add_chat_template(CHAT_TEMPLATE)
+
+    writer.add_tensor("token_embd.weight", weights(vocab, e))
+    writer.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))
+    writer.add_tensor("output.weight", weights(vocab, e))
+    for layer in range(shape.layers):
+        block = f"blk.{layer}"
+        writer.add_tensor(f"{block}.attn_norm.weight", np.ones(e, dtype=np.float32))
+        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
+            writer.add_tensor(f"{block}.{name}.weight", weights(e, e))
+        writer.add_tensor(f"{block}.ffn_norm.weight", np.ones(e, dtype=np.float32))
+        writer.add_tensor(f"{block}.ffn_gate.weight", weights(f, e))
+        writer.add_tensor(f"{block}.ffn_up.weight", weights(f, e))
+        writer.add_tensor(f"{block}.ffn_down.weight", weights(e, f))
+
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    os.replace(tmp, path)
+    return path
+
+
+def ensure_model(directory: Path, shape: ModelShape = TINY) -> Path:
+    """
+    Return the path of a model of C{shape} in C{directory}, generating it once.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / shape.filename
+    if not path.exists():
+        write_model(path, shape)
+    return path
