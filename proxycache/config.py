@@ -1,0 +1,224 @@
+"""
+One frozen configuration, read from options, then the environment, then defaults.
+
+Every setting has one L{Setting} row: its option name, its environment
+variable (the original proxy's names where it had one), its default, a parser
+and a one-line help text.  C{twistd proxycache --help} is generated from the
+same table, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import attrs
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used; the message says which and why."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("must be at least 1")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("must be 0 or more")
+    return value
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise ValueError("must be in (0, 1]")
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return value
+
+
+def _urls(text: str) -> tuple[str, ...]:
+    urls = tuple(u.strip().rstrip("/") for u in text.split(",") if u.strip())
+    if not urls:
+        raise ValueError("needs at least one URL")
+    for url in urls:
+        if not url.startswith(("http://", "https://")):
+            raise ValueError(f"{url!r} is not an http(s) URL")
+    return urls
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(w for w in text.replace(",", " ").split() if w)
+
+
+def _optional_text(text: str) -> str | None:
+    return text or None
+
+
+def _flag(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _default_state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.expanduser("~/.local/state")
+    return str(Path(base) / "proxycache")
+
+
+@attrs.frozen
+class Setting:
+    name: str  # attribute of Config and option name with '_' -> '-'
+    env: str
+    default: Any
+    parse: Callable[[str], Any]
+    help: str
+
+    @property
+    def option(self) -> str:
+        return self.name.replace("_", "-")
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("listen", "PROXY_LISTEN", "tcp:8081:interface=127.0.0.1", str,
+            "Twisted endpoint string to listen on"),
+    Setting("llama_url", "LLAMA_SERVER_URL", ("http://127.0.0.1:8080",), _urls,
+            "llama-server base URL(s), comma separated"),
+    Setting("slots", "SLOTS_COUNT", None, _positive_int,
+            "slots per llama-server (default: its /props total_slots)"),
+    Setting("similarity_min_ratio", "SIMILARITY_MIN_RATIO", 0.85, _ratio,
+            "common-prefix ratio a cached prefix needs to be reused"),
+    Setting("min_prefix_chars", "MIN_PREFIX_CHARS", 2000, _non_negative_int,
+            "requests with fewer characters are small"),
+    Setting("min_prefix_words", "MIN_PREFIX_WORDS", 300, _non_negative_int,
+            "requests with fewer words are small"),
+    Setting("min_prefix_blocks", "MIN_PREFIX_BLOCKS", 16, _non_negative_int,
+            "requests with fewer word blocks are small"),
+    Setting("block_words", "BLOCK_WORDS", 16, _positive_int,
+            "words per fingerprint block"),
+    Setting("affinity_wait", "AFFINITY_WAIT_SECONDS", 30.0, _seconds,
+            "how long a follow-up waits for its busy hot slot"),
+    Setting("max_queue", "MAX_QUEUE", 64, _non_negative_int,
+            "requests allowed to wait for a slot before 429"),
+    Setting("max_body_bytes", "MAX_BODY_BYTES", 32 * 1024 * 1024, _positive_int,
+            "largest request body accepted (413 above)"),
+    Setting("first_byte_timeout", "UPSTREAM_TIMEOUT", 1800.0, _seconds,
+            "seconds to wait for llama-server's response headers (prefill included)"),
+    Setting("stream_idle_timeout", "STREAM_IDLE_TIMEOUT", 300.0, _seconds,
+            "seconds a response body may stall before 504 / an error event"),
+    Setting("slot_action_timeout", "SLOT_ACTION_TIMEOUT", 300.0, _seconds,
+            "seconds a slot save or restore may take"),
+    Setting("meta_dir", "LOCAL_META_DIR", None, str,
+            "directory of the proxy's .meta index (default: $XDG_STATE_HOME/proxycache/meta)"),
+    Setting("slot_save_path", "SLOT_SAVE_PATH", None, _optional_text,
+            "llama-server's --slot-save-path, when this host can see it"),
+    Setting("max_cache_bytes", "MAX_CACHE_BYTES", 0, _non_negative_int,
+            "disk budget for saved caches, 0 = unlimited (needs --slot-save-path)"),
+    Setting("max_cache_entries", "MAX_CACHE_ENTRIES", 0, _non_negative_int,
+            "most saved caches kept, 0 = unlimited"),
+    Setting("pinned_keys", "PINNED_KEYS", (), _words,
+            "conversation keys never evicted from disk"),
+    Setting("write_behind", "WRITE_BEHIND_SECONDS", 2.0, _seconds,
+            "idle seconds before a changed hot slot is saved in the background"),
+    Setting("api_keys", "PROXY_API_KEYS", (), _words,
+            "API keys clients must send as 'Authorization: Bearer' (none = open)"),
+    Setting("upstream_api_key", "LLAMA_API_KEY", None, _optional_text,
+            "key sent to llama-server when it runs with --api-key"),
+    Setting("health_interval", "HEALTH_INTERVAL", 5.0, _seconds,
+            "seconds between checks of llama-server's health and slots"),
+    Setting("llama_model", "LLAMA_MODEL", None, _optional_text,
+            "GGUF to serve with an embedded llama.cpp (xllamacpp)"),
+    Setting("demo", "PROXYCACHE_DEMO", False, _flag,
+            "serve a generated random-weight model with an embedded llama.cpp"),
+    Setting("ctx_per_slot", "CTX_PER_SLOT", 16384, _positive_int,
+            "context per slot of the embedded llama.cpp"),
+)
+
+_BY_NAME = {s.name: s for s in SETTINGS}
+
+
+@attrs.frozen(kw_only=True)
+class Config:
+    listen: str
+    llama_url: tuple[str, ...]
+    slots: int | None
+    similarity_min_ratio: float
+    min_prefix_chars: int
+    min_prefix_words: int
+    min_prefix_blocks: int
+    block_words: int
+    affinity_wait: float
+    max_queue: int
+    max_body_bytes: int
+    first_byte_timeout: float
+    stream_idle_timeout: float
+    slot_action_timeout: float
+    meta_dir: str
+    slot_save_path: str | None
+    max_cache_bytes: int
+    max_cache_entries: int
+    pinned_keys: tuple[str, ...]
+    write_behind: float
+    api_keys: tuple[str, ...]
+    upstream_api_key: str | None
+    health_interval: float
+    llama_model: str | None
+    demo: bool
+    ctx_per_slot: int
+
+    @property
+    def embedded(self) -> bool:
+        return bool(self.llama_model or self.demo)
+
+    @classmethod
+    def load(
+        cls,
+        options: Mapping[str, str | None] | None = None,
+        environ: Mapping[str, str] | None = None,
+    ) -> "Config":
+        """
+        Build a config; C{options} (by setting name) win over C{environ}, which
+        wins over the defaults.
+
+        @raise ConfigError: naming the first setting whose value is unusable.
+        """
+        options = options or {}
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            raw, source = options.get(setting.name), f"--{setting.option}"
+            if raw is None:
+                raw, source = environ.get(setting.env), setting.env
+            if raw is None:
+                values[setting.name] = setting.default
+                continue
+            try:
+                values[setting.name] = setting.parse(str(raw))
+            except ValueError as e:
+                raise ConfigError(f"{source}={raw!r}: {e}") from None
+        if values["meta_dir"] is None:
+            values["meta_dir"] = str(Path(_default_state_dir()) / "meta")
+        return cls(**values)
+
+    @classmethod
+    def for_tests(cls, **overrides: Any) -> "Config":
+        """Defaults (ignoring the environment) with C{overrides}."""
+        return attrs.evolve(cls.load({}, {}), **overrides)
+
+
+def setting(name: str) -> Setting:
+    return _BY_NAME[name]

@@ -1,0 +1,331 @@
+"""
+The HTTP face of the proxy: OpenAI Chat Completions through the scheduler,
+a few llama.cpp endpoints passed through, errors as OpenAI error JSON.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any
+
+import attrs
+from klein import Klein
+from twisted.internet.defer import TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+
+from proxycache import __version__
+from proxycache.config import Config
+from proxycache.errors import ApiError, upstream_unavailable
+from proxycache.fingerprint import fingerprint
+from proxycache.planner import Decision, Request, is_small
+from proxycache.scheduler import Lease, Outcome, QueueFull, Scheduler
+from proxycache.sse import TimingsTap, timings_of
+from proxycache.upstream import (
+    UPSTREAM_FAILURES,
+    Backend,
+    StreamStalled,
+    UpstreamError,
+    pipe_body,
+    read_body,
+)
+from proxycache.validate import check_chat_request, parse_json_object
+
+log = Logger()
+
+# llama.cpp endpoints clients may use directly. Generating ones go through the
+# scheduler like chat, so they cannot land on (and overwrite) a hot slot.
+PASSTHROUGH_GET = frozenset({"/v1/models", "/models", "/health", "/props"})
+PASSTHROUGH_POST = frozenset(
+    {"/v1/embeddings", "/embeddings", "/embedding", "/tokenize", "/detokenize", "/apply-template"}
+)
+SCHEDULED_COMPLETIONS = frozenset({"/v1/completions", "/completions", "/completion"})
+# Response headers worth relaying from llama.cpp; hop-by-hop ones are not.
+RELAYED_HEADERS = (b"content-type", b"cache-control")
+
+
+class SlotPreparer:
+    """
+    Hooks around a leased request; the disk tier replaces this.
+
+    C{prepare} runs with the slot's lock held, before the request is sent:
+    this is where an evicted hot slot is saved and a saved cache restored.
+    """
+
+    async def prepare(self, lease: Lease) -> Decision:
+        """Returns the decision actually carried out (a failed restore is a miss)."""
+        return lease.plan.decision
+
+    def released(self, lease: Lease, outcome: Outcome) -> None:
+        return None
+
+
+@attrs.define(eq=False)
+class _Progress:
+    answered: bool = False  # llama.cpp sent response headers: the prompt was processed
+    status: int = 0
+
+
+def _json_response(request: IRequest, status: int, body: bytes) -> bytes:
+    request.setResponseCode(status)
+    request.setHeader(b"content-type", b"application/json")
+    return body
+
+
+class Proxy:
+    app = Klein()
+
+    def __init__(
+        self,
+        config: Config,
+        clock: IReactorTime,
+        backends: list[Backend],
+        scheduler: Scheduler,
+        preparer: SlotPreparer | None = None,
+        observers: list[Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.backends = {b.name: b for b in backends}
+        self.backend_numbers = {b.name: i for i, b in enumerate(backends)}
+        self.scheduler = scheduler
+        self.preparer = preparer or SlotPreparer()
+        self.observers = observers or []  # called as observer(lease, outcome, status, seconds)
+
+    def resource(self):
+        return self.app.resource()
+
+    # -- errors and auth ----------------------------------------------------
+
+    @app.handle_errors(ApiError)
+    def _api_error(self, request: IRequest, failure) -> bytes:
+        error: ApiError = failure.value
+        for name, value in error.headers:
+            request.setHeader(name.encode(), value.encode())
+        return _json_response(request, error.status, error.body())
+
+    def _authorize(self, request: IRequest) -> None:
+        if not self.config.api_keys:
+            return
+        header = request.getHeader(b"authorization") or b""
+        scheme, _, token = header.partition(b" ")
+        presented = token.strip() if scheme.lower() == b"bearer" else b""
+        # Compare against every key so the time taken does not tell which matched.
+        matched = False
+        for key in self.config.api_keys:
+            matched |= hmac.compare_digest(presented, key.encode())
+        if not matched:
+            raise ApiError(
+                401, "missing or invalid API key", "invalid_request_error", "invalid_api_key",
+                (("WWW-Authenticate", "Bearer"),),
+            )
+
+    def _read_body(self, request: IRequest) -> bytes:
+        length = request.getHeader(b"content-length")
+        limit = self.config.max_body_bytes
+        if length is not None and length.isdigit() and int(length) > limit:
+            raise ApiError(413, f"request body is larger than {limit} bytes", "invalid_request_error", "body_too_large")
+        body = request.content.read(limit + 1)
+        if len(body) > limit:
+            raise ApiError(413, f"request body is larger than {limit} bytes", "invalid_request_error", "body_too_large")
+        return body
+
+    def _json_body(self, request: IRequest) -> dict[str, Any]:
+        content_type = (request.getHeader(b"content-type") or b"application/json").lower()
+        if not content_type.split(b";")[0].strip() in (b"application/json", b""):
+            raise ApiError(415, "Content-Type must be application/json", "invalid_request_error", "unsupported_media_type")
+        return parse_json_object(self._read_body(request))
+
+    # -- chat ---------------------------------------------------------------
+
+    @app.route("/v1/chat/completions", methods=["POST"])
+    @app.route("/chat/completions", methods=["POST"])
+    async def chat_completions(self, request: IRequest) -> bytes:
+        self._authorize(request)
+        body = self._json_body(request)
+        check_chat_request(body)
+        return await self._generate(request, body, "/v1/chat/completions", body)
+
+    @app.route("/v1/completions", methods=["POST"])
+    @app.route("/completions", methods=["POST"])
+    @app.route("/completion", methods=["POST"])
+    async def completions(self, request: IRequest) -> bytes:
+        self._authorize(request)
+        body = self._json_body(request)
+        if "id_slot" in body:
+            raise ApiError(400, "'id_slot' is chosen by the proxy and cannot be set by clients", code="slot_not_allowed")
+        prompt = body.get("prompt")
+        text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
+        shape = {"messages": [{"role": "prompt", "content": text}]}
+        return await self._generate(request, body, request.path.decode(), shape)
+
+    async def _generate(
+        self, request: IRequest, body: dict[str, Any], path: str, shape: dict[str, Any]
+    ) -> bytes:
+        fp = fingerprint(shape, self.config.block_words)
+        config = self.config
+        wanted = Request(fp, is_small(fp, config.min_prefix_chars, config.min_prefix_words, config.min_prefix_blocks))
+        if not self.scheduler.slots:
+            raise upstream_unavailable("no slots known yet (is llama-server up?)")
+        try:
+            lease = await self.scheduler.acquire(wanted)
+        except QueueFull:
+            raise ApiError(
+                429, "all slots are busy and the queue is full; retry shortly",
+                "rate_limit_error", "queue_full", (("Retry-After", "5"),),
+            )
+        started = self.clock.seconds()
+        progress = _Progress()
+        outcome = Outcome(succeeded=False)
+        try:
+            decision = await self.preparer.prepare(lease)
+            self._lease_headers(request, lease, decision)
+            outcome = await self._relay(request, lease, path, body, progress)
+            return b""
+        finally:
+            if not outcome.succeeded and progress.answered:
+                outcome = attrs.evolve(outcome, succeeded=progress.status == 200)
+            self.scheduler.release(lease, outcome)
+            self.preparer.released(lease, outcome)
+            elapsed = self.clock.seconds() - started
+            self._log_request(lease, outcome, progress, elapsed)
+            for observer in self.observers:
+                observer(lease, outcome, progress.status, elapsed)
+
+    def _lease_headers(self, request: IRequest, lease: Lease, decision: Decision) -> None:
+        plan = lease.plan
+        if lease.request.small and decision is Decision.MISS:
+            decision = Decision.SMALL
+        headers = {
+            b"x-proxycache-slot": str(lease.slot.id.index),
+            b"x-proxycache-backend": str(self.backend_numbers[lease.slot.id.backend]),
+            b"x-proxycache-decision": decision.value,
+            b"x-proxycache-similarity": f"{plan.similarity:.3f}",
+            b"x-proxycache-reused-blocks": str(plan.common_blocks),
+            b"x-proxycache-queue-wait-ms": f"{lease.waited * 1000:.0f}",
+            b"x-proxycache-version": __version__,
+        }
+        for name, value in headers.items():
+            request.setHeader(name, value.encode())
+
+    async def _relay(
+        self, request: IRequest, lease: Lease, path: str, body: dict[str, Any], progress: _Progress
+    ) -> Outcome:
+        backend = self.backends[lease.slot.id.backend]
+        payload = dict(body, id_slot=lease.slot.id.index, cache_prompt=True)
+        try:
+            response = await backend.request(
+                "POST", path, body=json.dumps(payload).encode(),
+                headers={b"content-type": [b"application/json"]},
+                timeout=self.config.first_byte_timeout,
+            )
+        except TimeoutError:
+            raise ApiError(504, "llama-server did not answer in time", "server_error", "upstream_timeout")
+        except UPSTREAM_FAILURES as e:
+            raise upstream_unavailable(str(e))
+        progress.answered, progress.status = True, response.code
+        request.setResponseCode(response.code)
+        for name in RELAYED_HEADERS:
+            for value in response.headers.getRawHeaders(name, []):
+                request.setHeader(name, value)
+
+        streaming = response.code == 200 and body.get("stream") is True
+        if streaming:
+            return await self._relay_stream(request, backend, response)
+        try:
+            raw = await read_body(response, self.clock, self.config.stream_idle_timeout)
+        except StreamStalled as e:
+            raise ApiError(504, str(e), "server_error", "upstream_timeout")
+        except UPSTREAM_FAILURES as e:
+            raise ApiError(502, f"llama-server broke off the response: {e}", "server_error", "upstream_error")
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            decoded = None
+        timings = timings_of(decoded)
+        if timings:
+            request.setHeader(b"x-proxycache-cached-tokens", str(timings.get("cache_n", 0)).encode())
+            request.setHeader(b"x-proxycache-prompt-tokens", str(timings.get("prompt_n", 0)).encode())
+        request.write(raw)
+        return _outcome(response.code == 200, timings)
+
+    async def _relay_stream(self, request: IRequest, backend: Backend, response) -> Outcome:
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-accel-buffering", b"no")
+        tap = TimingsTap()
+
+        def relay(data: bytes) -> None:
+            request.write(data)
+            tap.feed(data)
+
+        try:
+            await pipe_body(response, relay, self.clock, self.config.stream_idle_timeout)
+        except UPSTREAM_FAILURES as e:
+            # Headers are gone already: end the stream with an error event the SDKs understand.
+            error = {"error": {"message": f"llama-server broke off the stream: {e}", "type": "server_error", "code": "upstream_error"}}
+            request.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            if not tap.done:
+                request.write(b"data: [DONE]\n\n")
+            return Outcome(succeeded=False)
+        return _outcome(True, tap.timings)
+
+    def _log_request(self, lease: Lease, outcome: Outcome, progress: _Progress, elapsed: float) -> None:
+        log.info(
+            "{decision} slot={slot} status={status} similarity={similarity:.2f} blocks={blocks} "
+            "cache_n={cache_n} prompt_n={prompt_n} predicted_n={predicted_n} wait={wait:.3f}s took={took:.3f}s",
+            decision=lease.plan.decision.value, slot=str(lease.slot.id), status=progress.status or "-",
+            similarity=lease.plan.similarity, blocks=len(lease.request.fingerprint.blocks),
+            cache_n=outcome.cache_n, prompt_n=outcome.prompt_n, predicted_n=outcome.predicted_n,
+            wait=lease.waited, took=elapsed,
+        )
+
+    # -- everything else ----------------------------------------------------
+
+    @app.route("/slots", branch=True)
+    def slots(self, request: IRequest) -> bytes:
+        raise ApiError(403, "slots are managed by proxycache and not exposed to clients", "invalid_request_error", "slots_forbidden")
+
+    @app.route("/", branch=True, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
+    async def passthrough(self, request: IRequest) -> bytes:
+        self._authorize(request)
+        path = request.path.decode("utf-8", "replace")
+        method = request.method.decode()
+        allowed = PASSTHROUGH_GET if method == "GET" else PASSTHROUGH_POST if method == "POST" else frozenset()
+        if path not in allowed:
+            if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED_COMPLETIONS:
+                raise ApiError(405, f"{method} is not allowed on {path}", "invalid_request_error", "method_not_allowed")
+            raise ApiError(404, f"no route {method} {path}", "invalid_request_error", "unknown_route")
+        backend = next(iter(self.backends.values()))
+        query = request.uri.partition(b"?")[2]
+        target = path + ("?" + query.decode("ascii", "replace") if query else "")
+        body = self._read_body(request) if method == "POST" else None
+        headers = {b"content-type": [request.getHeader(b"content-type") or b"application/json"]} if body is not None else None
+        try:
+            response = await backend.request(method, target, body=body, headers=headers, timeout=self.config.first_byte_timeout)
+        except TimeoutError:
+            raise ApiError(504, "llama-server did not answer in time", "server_error", "upstream_timeout")
+        except UPSTREAM_FAILURES as e:
+            raise upstream_unavailable(str(e))
+        request.setResponseCode(response.code)
+        for name in RELAYED_HEADERS:
+            for value in response.headers.getRawHeaders(name, []):
+                request.setHeader(name, value)
+        try:
+            await pipe_body(response, request.write, self.clock, self.config.stream_idle_timeout)
+        except UPSTREAM_FAILURES as e:
+            log.warn("passthrough {path} broken off: {error}", path=path, error=e)
+        return b""
+
+
+def _outcome(succeeded: bool, timings: dict[str, Any]) -> Outcome:
+    def count(name: str) -> int:
+        value = timings.get(name, 0)
+        return int(value) if isinstance(value, (int, float)) else 0
+
+    prompt_ms = timings.get("prompt_ms", 0.0)
+    return Outcome(
+        succeeded, count("cache_n"), count("prompt_n"), count("predicted_n"),
+        float(prompt_ms) if isinstance(prompt_ms, (int, float)) else 0.0,
+    )

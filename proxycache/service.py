@@ -1,0 +1,131 @@
+"""
+C{twistd proxycache}: options and the service tree.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application import strports
+from twisted.application.service import IService, MultiService
+from twisted.python import usage
+
+from proxycache import __version__
+from proxycache.config import SETTINGS, Config, ConfigError
+
+
+def _describe(setting) -> str:
+    default = setting.default
+    if isinstance(default, tuple):
+        default = ",".join(default) or "none"
+    elif default is None:
+        default = "auto"
+    return f"{setting.help} [env {setting.env}; default {default}]"
+
+
+class Options(usage.Options):
+    """proxycache: a KV-cache-aware proxy in front of llama.cpp's llama-server."""
+
+    synopsis = "[options]"
+    longdesc = (
+        "Routes OpenAI Chat Completions to the llama.cpp slot whose cached prompt "
+        "matches best, saving and restoring slot caches on disk. Each option can "
+        "also be set by the environment variable named in its help."
+    )
+    optFlags = [
+        ["demo", None, _describe(next(s for s in SETTINGS if s.name == "demo"))],
+        ["version", None, "print the version and exit"],
+        ["print-config", None, "print the effective configuration and exit"],
+    ]
+    optParameters = [
+        [s.option, None, None, _describe(s)] for s in SETTINGS if s.name != "demo"
+    ]
+
+    config: Config
+
+    def opt_version(self) -> None:
+        print(f"proxycache {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        given = {s.name: self[s.option] for s in SETTINGS if s.name != "demo"}
+        if self["demo"]:
+            given["demo"] = "true"
+        try:
+            self.config = Config.load(given)
+        except ConfigError as e:
+            raise usage.UsageError(str(e))
+        if self["print-config"]:
+            for setting in SETTINGS:
+                print(f"{setting.option} = {getattr(self.config, setting.name)!r}")
+            sys.exit(0)
+
+
+def makeService(options: Any) -> IService:
+    from twisted.internet import reactor
+
+    config: Config = options.config if hasattr(options, "config") else options
+    return build(config, reactor)
+
+
+def build(config: Config, reactor: Any) -> MultiService:
+    """The whole daemon as one service tree (also used by tests with a real reactor)."""
+    from twisted.web.server import Site
+
+    from proxycache.monitor import Monitor
+    from proxycache.relay import Proxy
+    from proxycache.scheduler import Scheduler
+    from proxycache.tier import DiskTier
+    from proxycache.upstream import Backend
+
+    top = MultiService()
+    if config.embedded:
+        config = _start_embedded(config, top)
+    pool_size = max(8, 4 * (config.slots or 8)) + 4
+    backends = [
+        Backend.create(reactor, url, config.upstream_api_key, pool_size, config.stream_idle_timeout)
+        for url in config.llama_url
+    ]
+    scheduler = Scheduler(
+        reactor,
+        min_ratio=config.similarity_min_ratio,
+        affinity_wait=config.affinity_wait,
+        max_queue=config.max_queue,
+    )
+    tier = DiskTier(config, reactor, scheduler, {b.name: b for b in backends})
+    tier.setServiceParent(top)
+    proxy = Proxy(config, reactor, backends, scheduler, tier)
+    monitor = Monitor(scheduler, backends, config.health_interval, config.slots, tier.backend_up)
+    monitor.setServiceParent(top)
+    site = Site(proxy.resource())
+    site.displayTracebacks = False
+    strports.service(config.listen, site).setServiceParent(top)
+    top.proxy = proxy  # type: ignore[attr-defined]
+    top.monitor = monitor  # type: ignore[attr-defined]
+    top.tier = tier  # type: ignore[attr-defined]
+    return top
+
+
+def _start_embedded(config: Config, parent: MultiService) -> Config:
+    import attrs
+
+    from proxycache.embedded import EmbeddedLlamaService, LlamaServerSpec, free_port
+
+    model = config.llama_model
+    if model is None:
+        from proxycache.tinymodel import ensure_model
+
+        cache = Path(config.meta_dir).parent / "models"
+        model = str(ensure_model(cache))
+    slots = config.slots or 4
+    port = free_port()
+    save_dir = config.slot_save_path or str(Path(config.meta_dir).parent / "slot-saves")
+    spec = LlamaServerSpec(
+        model=model, slots=slots, ctx_per_slot=config.ctx_per_slot, save_dir=save_dir, port=port
+    )
+    EmbeddedLlamaService(spec).setServiceParent(parent)
+    return attrs.evolve(
+        config, llama_url=(f"http://127.0.0.1:{port}",), slots=slots, slot_save_path=save_dir
+    )

@@ -1,0 +1,320 @@
+"""
+The disk tier at work: save a hot slot before it is evicted, restore a saved
+cache when it beats recomputing, verify that restores took, save idle hot
+slots in the background (write-behind), and keep the disk within budget.
+
+llama.cpp defers an action on a busy slot and resumes only one deferred task
+per slot release, so every save/restore here runs with the slot's lock held,
+after llama.cpp itself reports the slot idle, with a timeout.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Callable
+
+import attrs
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+
+from proxycache.config import Config
+from proxycache.disk import Index, MetaEntry, bin_name, load_index, remove_entry_files, write_meta
+from proxycache.planner import Decision, DiskMatch, Request, SlotState
+from proxycache.relay import SlotPreparer
+from proxycache.scheduler import Lease, Outcome, Scheduler, Slot, SlotContent
+from proxycache.upstream import UPSTREAM_FAILURES, Backend
+
+log = Logger()
+
+
+@attrs.define
+class Speeds:
+    """Running estimates that decide whether a restore beats recomputing."""
+
+    read_bytes_per_second: float = 400e6
+    prefill_tokens_per_second: float = 300.0
+
+    def observe_restore(self, n_read: int, restore_ms: float) -> None:
+        if n_read > 1_000_000 and restore_ms > 0:
+            self.read_bytes_per_second = 0.7 * self.read_bytes_per_second + 0.3 * n_read / (restore_ms / 1000)
+
+    def observe_prefill(self, prompt_n: int, prompt_ms: float) -> None:
+        if prompt_n >= 256 and prompt_ms > 0:
+            self.prefill_tokens_per_second = 0.7 * self.prefill_tokens_per_second + 0.3 * prompt_n / (prompt_ms / 1000)
+
+    def restore_pays(self, entry: MetaEntry, common_blocks: int) -> bool:
+        reused_tokens = entry.tokens * common_blocks / max(1, len(entry.fingerprint.blocks))
+        recompute = reused_tokens / self.prefill_tokens_per_second
+        restore = entry.bytes / self.read_bytes_per_second + 0.05  # plus a round trip or two
+        return restore < recompute
+
+
+@attrs.define
+class Counters:
+    saves: int = 0
+    save_failures: int = 0
+    saved_bytes: int = 0
+    restores: int = 0
+    restore_failures: int = 0
+    restored_tokens: int = 0
+    ineffective_restores: int = 0
+    evicted_entries: int = 0
+
+
+@attrs.frozen
+class _Restored:
+    entry: MetaEntry
+    n_restored: int
+    common_blocks: int
+
+
+class DiskTier(Service, SlotPreparer):
+    def __init__(
+        self,
+        config: Config,
+        clock: Any,
+        scheduler: Scheduler,
+        backends: dict[str, Backend],
+        to_thread: Callable[..., Deferred] = deferToThread,
+    ) -> None:
+        self.config = config
+        self.clock = clock
+        self.scheduler = scheduler
+        self.backends = backends
+        self.to_thread = to_thread
+        self.meta_dir = Path(config.meta_dir)
+        self.save_dir = Path(config.slot_save_path) if config.slot_save_path else None
+        self.index = Index()
+        self.models: dict[str, str] = {}  # backend name -> model identity, once it is up
+        self.speeds = Speeds()
+        self.counters = Counters()
+        self.pinned = frozenset(config.pinned_keys)
+        self._restored: dict[Any, _Restored] = {}
+        self._write_behind: dict[Any, IDelayedCall] = {}
+        self.loaded: Deferred = Deferred()
+        self.observers: list[Callable[[str, float, int], None]] = []  # (action, seconds, bytes)
+        scheduler.disk_lookup = self.lookup
+
+    # -- service ------------------------------------------------------------
+
+    def startService(self) -> None:
+        super().startService()
+        Deferred.fromCoroutine(self._load()).chainDeferred(self.loaded)
+
+    async def _load(self) -> None:
+        loaded = await self.to_thread(load_index, self.meta_dir, self.save_dir)
+        for entry in loaded.entries:
+            self.index.entries[entry.key] = entry
+        for problem in loaded.skipped:
+            log.warn("skipped unreadable cache meta {problem}", problem=problem)
+        if loaded.missing:
+            log.warn("dropped {n} cache metas whose .bin is gone", n=len(loaded.missing))
+        if loaded.stray:
+            log.warn("{n} slot cache files have no meta (left alone): {names}", n=len(loaded.stray), names=", ".join(loaded.stray[:5]))
+        log.info("disk cache index: {n} entries, {mb:.1f} MB", n=len(self.index), mb=self.index.total_bytes / 1e6)
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        for timer in self._write_behind.values():
+            if timer.active():
+                timer.cancel()
+        return Deferred.fromCoroutine(self.flush())
+
+    async def flush(self) -> None:
+        """Save every idle hot slot whose content changed since its last save."""
+        for slot in list(self.scheduler.slots.values()):
+            await self._save_idle(slot)
+
+    def backend_up(self, backend: Backend, model: str) -> None:
+        self.models[backend.name] = model
+
+    # -- planning -----------------------------------------------------------
+
+    def lookup(self, request: Request) -> DiskMatch | None:
+        best = None
+        for backend, model in self.models.items():
+            found = self.index.best(request.fingerprint, model, [backend], self.config.similarity_min_ratio)
+            if found and (best is None or found[1] > best[1]):
+                best = found
+        if best is None:
+            return None
+        entry, common, ratio = best
+        if not self.speeds.restore_pays(entry, common):
+            return None
+        return DiskMatch(entry.key, entry.backend, common, ratio)
+
+    # -- around a request ---------------------------------------------------
+
+    async def prepare(self, lease: Lease) -> Decision:
+        previous = lease.previous
+        if (
+            lease.plan.decision is not Decision.HIT
+            and previous.state is SlotState.HOT
+            and previous.saved_key is None
+        ):
+            await self.save(lease.slot, previous)
+        self._cancel_write_behind(lease.slot)
+        if lease.plan.restore is not None:
+            return Decision.RESTORE if await self._restore(lease) else Decision.MISS
+        return lease.plan.decision
+
+    def released(self, lease: Lease, outcome: Outcome) -> None:
+        self.speeds.observe_prefill(outcome.prompt_n, outcome.prompt_ms)
+        restored = self._restored.pop(lease.slot.id, None)
+        if restored is not None and outcome.succeeded:
+            self._verify(restored, outcome)
+        if outcome.succeeded and lease.slot.state is SlotState.HOT:
+            self._schedule_write_behind(lease.slot)
+
+    def _verify(self, restored: _Restored, outcome: Outcome) -> None:
+        entry = restored.entry
+        expected = restored.n_restored * restored.common_blocks / max(1, len(entry.fingerprint.blocks))
+        if outcome.cache_n >= 0.5 * expected:
+            return
+        self.counters.ineffective_restores += 1
+        log.warn(
+            "restore of {key} did not take (cache_n={cache_n}, expected about {expected:.0f}); "
+            "it will not be restored again (SWA/hybrid model without --swa-full?)",
+            key=entry.key, cache_n=outcome.cache_n, expected=expected,
+        )
+        self._replace(attrs.evolve(entry, ineffective=True))
+
+    # -- save / restore -----------------------------------------------------
+
+    async def _wait_until_idle(self, backend: Backend, index: int) -> None:
+        """llama.cpp's own view: is_processing can lag a cancelled request."""
+        delay = 0.05
+        for _ in range(12):
+            status, slots = await backend.call("GET", "/slots", timeout=10)
+            if status != 200 or not isinstance(slots, list):
+                return
+            slot = next((s for s in slots if s.get("id") == index), None)
+            if slot is None or not slot.get("is_processing"):
+                return
+            await deferLater(self.clock, delay, lambda: None)
+            delay = min(delay * 2, 1.0)
+        raise TimeoutError(f"slot {index} stayed busy in llama.cpp")
+
+    async def save(self, slot: Slot, content: SlotContent) -> str | None:
+        """Save what C{slot} holds (C{content}); the caller holds its lock.  Returns the entry key."""
+        backend = self.backends[slot.id.backend]
+        model = self.models.get(backend.name)
+        fp = content.fingerprint
+        if model is None or not fp.blocks:
+            return None
+        predecessor = self.index.predecessor(fp, backend.name, model)
+        key = predecessor.key if predecessor else fp.key
+        started = self.clock.seconds()
+        try:
+            await self._wait_until_idle(backend, slot.id.index)
+            reply = await backend.slot_action(slot.id.index, "save", bin_name(key), self.config.slot_action_timeout)
+        except (TimeoutError, *UPSTREAM_FAILURES) as e:
+            self.counters.save_failures += 1
+            log.warn("saving slot {slot} failed: {error}", slot=str(slot.id), error=e)
+            return None
+        now = self.clock.seconds()
+        entry = MetaEntry(
+            key=key, backend=backend.name, model=model, fingerprint=fp,
+            tokens=int(reply.get("n_saved", content.tokens)), bytes=int(reply.get("n_written", 0)),
+            created=predecessor.created if predecessor else now, last_used=now,
+            pinned=bool(predecessor and predecessor.pinned),
+        )
+        try:
+            await self.to_thread(write_meta, self.meta_dir, entry)
+        except OSError as e:
+            self.counters.save_failures += 1
+            log.warn("writing cache meta {key} failed: {error}", key=key, error=e)
+            return None
+        self.index.entries[key] = entry
+        self.counters.saves += 1
+        self.counters.saved_bytes += entry.bytes
+        took = now - started
+        for observer in self.observers:
+            observer("save", took, entry.bytes)
+        (log.info if took >= 1 else log.debug)(
+            "saved slot {slot} as {key}: {tokens} tokens, {mb:.1f} MB in {took:.2f}s",
+            slot=str(slot.id), key=key, tokens=entry.tokens, mb=entry.bytes / 1e6, took=took,
+        )
+        await self._enforce_budget()
+        return key
+
+    async def _restore(self, lease: Lease) -> bool:
+        match = lease.plan.restore
+        entry = self.index.entries.get(match.key) if match else None
+        if entry is None:
+            return False
+        slot = lease.slot
+        backend = self.backends[slot.id.backend]
+        started = self.clock.seconds()
+        try:
+            await self._wait_until_idle(backend, slot.id.index)
+            reply = await backend.slot_action(slot.id.index, "restore", entry.filename, self.config.slot_action_timeout)
+        except (TimeoutError, *UPSTREAM_FAILURES) as e:
+            # llama.cpp clears the slot when a restore fails: the request recomputes.
+            self.counters.restore_failures += 1
+            log.warn("restoring {key} into slot {slot} failed, recomputing: {error}", key=entry.key, slot=str(slot.id), error=e)
+            if "failed to open" in str(e).lower() or "not found" in str(e).lower():
+                await self._drop(entry)
+            return False
+        took = self.clock.seconds() - started
+        n_restored = int(reply.get("n_restored", 0))
+        self.speeds.observe_restore(int(reply.get("n_read", 0)), float(reply.get("timings", {}).get("restore_ms", 0)))
+        self.counters.restores += 1
+        self.counters.restored_tokens += n_restored
+        for observer in self.observers:
+            observer("restore", took, int(reply.get("n_read", entry.bytes)))
+        self._restored[slot.id] = _Restored(entry, n_restored, match.common_blocks)
+        self._replace(attrs.evolve(entry, last_used=self.clock.seconds()))
+        (log.info if took >= 1 else log.debug)(
+            "restored {key} into slot {slot}: {tokens} tokens in {took:.2f}s",
+            key=entry.key, slot=str(slot.id), tokens=n_restored, took=took,
+        )
+        return True
+
+    # -- write-behind -------------------------------------------------------
+
+    def _schedule_write_behind(self, slot: Slot) -> None:
+        self._cancel_write_behind(slot)
+        self._write_behind[slot.id] = self.clock.callLater(
+            self.config.write_behind, lambda: Deferred.fromCoroutine(self._save_idle(slot))
+        )
+
+    def _cancel_write_behind(self, slot: Slot) -> None:
+        timer = self._write_behind.pop(slot.id, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+
+    async def _save_idle(self, slot: Slot) -> None:
+        self._write_behind.pop(slot.id, None)
+        content = slot.content
+        if content.state is not SlotState.HOT or content.saved_key is not None:
+            return
+        if not self.scheduler.try_exclusive(slot):
+            return  # in use: its next release schedules another save
+        try:
+            key = await self.save(slot, content)
+            if key is not None and slot.content is content:
+                slot.content = attrs.evolve(content, saved_key=key)
+        finally:
+            self.scheduler.done_exclusive(slot)
+
+    # -- the index on disk --------------------------------------------------
+
+    def _replace(self, entry: MetaEntry) -> None:
+        self.index.entries[entry.key] = entry
+        d = self.to_thread(write_meta, self.meta_dir, entry)
+        d.addErrback(lambda f: log.warn("writing cache meta {key} failed: {error}", key=entry.key, error=f.value))
+
+    async def _drop(self, entry: MetaEntry) -> None:
+        self.index.entries.pop(entry.key, None)
+        await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
+
+    async def _enforce_budget(self) -> None:
+        for victim in self.index.over_budget(self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned):
+            self.counters.evicted_entries += 1
+            log.info("disk budget: dropping cache {key} ({mb:.1f} MB)", key=victim.key, mb=victim.bytes / 1e6)
+            await self._drop(victim)

@@ -1,0 +1,108 @@
+"""
+Checks on a Chat Completions request before it takes a slot.
+
+Only what would break the proxy or waste a slot is refused; fields the proxy
+does not know pass through to llama.cpp untouched.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from proxycache.errors import ApiError, bad_request
+
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json_object(raw: bytes) -> dict[str, Any]:
+    """Decode a request body that must be a JSON object."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise bad_request(f"request body is not valid UTF-8 (byte {e.start})", "invalid_utf8")
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except ValueError as e:
+        raise bad_request(f"request body is not valid JSON: {e}", "invalid_json")
+    if not isinstance(value, dict):
+        raise bad_request("request body must be a JSON object", "invalid_json")
+    _check_strings(value)
+    return value
+
+
+def _check_strings(value: Any, path: str = "body") -> None:
+    """
+    Refuse lone surrogates, which cannot be encoded for llama.cpp.  (An escaped
+    NUL is valid JSON and llama.cpp takes it; a raw NUL byte fails json.loads.)
+    """
+    stack = [(value, path)]
+    while stack:
+        item, where = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                raise bad_request(f"{where} contains a lone surrogate", "invalid_string")
+        elif isinstance(item, dict):
+            stack.extend((v, f"{where}.{k}") for k, v in item.items())
+            stack.extend((k, f"{where} key") for k in item)
+        elif isinstance(item, list):
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+
+
+def _check_content(content: Any, where: str) -> None:
+    if content is None or isinstance(content, str):
+        return
+    if not isinstance(content, list):
+        raise bad_request(f"{where}.content must be a string, an array of parts or null")
+    for i, part in enumerate(content):
+        if not isinstance(part, dict) or not isinstance(part.get("type"), str):
+            raise bad_request(f"{where}.content[{i}] must be an object with a 'type'")
+        if part["type"] == "text" and not isinstance(part.get("text"), str):
+            raise bad_request(f"{where}.content[{i}].text must be a string")
+
+
+def check_chat_request(body: dict[str, Any], max_tokens_limit: int | None = None) -> None:
+    """
+    @raise ApiError: 400 naming the first problem found.
+    """
+    messages = body.get("messages")
+    if messages is None:
+        raise bad_request("'messages' is required", "missing_messages")
+    if not isinstance(messages, list):
+        raise bad_request("'messages' must be an array")
+    if not messages:
+        raise bad_request("'messages' must not be empty")
+    for i, message in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(message, dict):
+            raise bad_request(f"{where} must be an object")
+        role = message.get("role")
+        if role is None:
+            raise bad_request(f"{where}.role is required")
+        if role not in ROLES:
+            raise bad_request(f"{where}.role {role!r} is not one of {', '.join(sorted(ROLES))}")
+        _check_content(message.get("content"), where)
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise bad_request("'stream' must be true or false")
+    n = body.get("n", 1)
+    if not isinstance(n, int) or isinstance(n, bool) or n != 1:
+        raise bad_request("only n = 1 is supported: each choice would need its own slot", "unsupported_n")
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad_request(f"'{field}' must be a positive integer")
+        if max_tokens_limit is not None and value > max_tokens_limit:
+            raise bad_request(
+                f"'{field}' {value} exceeds the context of a slot ({max_tokens_limit} tokens)",
+                "context_length_exceeded",
+            )
+    if "id_slot" in body:
+        raise bad_request("'id_slot' is chosen by the proxy and cannot be set by clients", "slot_not_allowed")
