@@ -204,6 +204,7 @@ class Loaded:
 def load_index(meta_dir: Path, save_dir: Path | None) -> Loaded:
     """Read every meta; reconcile with the save directory when it is visible."""
     entries, skipped, missing = [], [], []
+    meta_dir.mkdir(parents=True, exist_ok=True)
     if meta_dir.is_dir():
         for path in sorted(meta_dir.glob("*.meta")):
             try:

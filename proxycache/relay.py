@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hmac
 import json
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -34,6 +35,8 @@ from proxycache.upstream import (
 from proxycache.validate import check_chat_request, parse_json_object
 
 log = Logger()
+
+_DASHBOARD = Path(__file__).parent / "static" / "dashboard.html"
 
 # llama.cpp endpoints clients may use directly. Generating ones go through the
 # scheduler like chat, so they cannot land on (and overwrite) a hot slot.
@@ -66,6 +69,25 @@ class SlotPreparer:
 class _Progress:
     answered: bool = False  # llama.cpp sent response headers: the prompt was processed
     status: int = 0
+    decision: Decision | None = None
+
+
+@attrs.frozen
+class RequestRecord:
+    """One finished request, as logs, metrics and the status page see it."""
+
+    at: float
+    decision: Decision
+    slot: str
+    status: int  # 0: no response from llama-server
+    similarity: float
+    blocks: int
+    cache_n: int
+    prompt_n: int
+    predicted_n: int
+    prompt_ms: float
+    waited: float
+    seconds: float
 
 
 def _json_response(request: IRequest, status: int, body: bytes) -> bytes:
@@ -85,6 +107,8 @@ class Proxy:
         scheduler: Scheduler,
         preparer: SlotPreparer | None = None,
         observers: list[Any] | None = None,
+        stats: Any = None,
+        health: Any = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -92,7 +116,9 @@ class Proxy:
         self.backend_numbers = {b.name: i for i, b in enumerate(backends)}
         self.scheduler = scheduler
         self.preparer = preparer or SlotPreparer()
-        self.observers = observers or []  # called as observer(lease, outcome, status, seconds)
+        self.observers = observers or []  # each called with every RequestRecord
+        self.stats = stats  # proxycache.stats.Stats: /metrics, /status
+        self.health = health  # callable -> (ok, details): /proxycache/health
 
     def resource(self):
         return self.app.resource()
@@ -180,8 +206,8 @@ class Proxy:
         progress = _Progress()
         outcome = Outcome(succeeded=False)
         try:
-            decision = await self.preparer.prepare(lease)
-            self._lease_headers(request, lease, decision)
+            progress.decision = _shown(lease, await self.preparer.prepare(lease))
+            self._lease_headers(request, lease, progress.decision)
             outcome = await self._relay(request, lease, path, body, progress)
             return b""
         finally:
@@ -189,15 +215,10 @@ class Proxy:
                 outcome = attrs.evolve(outcome, succeeded=progress.status == 200)
             self.scheduler.release(lease, outcome)
             self.preparer.released(lease, outcome)
-            elapsed = self.clock.seconds() - started
-            self._log_request(lease, outcome, progress, elapsed)
-            for observer in self.observers:
-                observer(lease, outcome, progress.status, elapsed)
+            self._record(lease, outcome, progress, started)
 
     def _lease_headers(self, request: IRequest, lease: Lease, decision: Decision) -> None:
         plan = lease.plan
-        if lease.request.small and decision is Decision.MISS:
-            decision = Decision.SMALL
         headers = {
             b"x-proxycache-slot": str(lease.slot.id.index),
             b"x-proxycache-backend": str(self.backend_numbers[lease.slot.id.backend]),
@@ -271,15 +292,55 @@ class Proxy:
             return Outcome(succeeded=False)
         return _outcome(True, tap.timings)
 
-    def _log_request(self, lease: Lease, outcome: Outcome, progress: _Progress, elapsed: float) -> None:
-        log.info(
-            "{decision} slot={slot} status={status} similarity={similarity:.2f} blocks={blocks} "
-            "cache_n={cache_n} prompt_n={prompt_n} predicted_n={predicted_n} wait={wait:.3f}s took={took:.3f}s",
-            decision=lease.plan.decision.value, slot=str(lease.slot.id), status=progress.status or "-",
+    def _record(self, lease: Lease, outcome: Outcome, progress: _Progress, started: float) -> None:
+        now = self.clock.seconds()
+        decision = progress.decision or _shown(lease, lease.plan.decision)
+        record = RequestRecord(
+            at=now, decision=decision, slot=str(lease.slot.id.index), status=progress.status,
             similarity=lease.plan.similarity, blocks=len(lease.request.fingerprint.blocks),
             cache_n=outcome.cache_n, prompt_n=outcome.prompt_n, predicted_n=outcome.predicted_n,
-            wait=lease.waited, took=elapsed,
+            prompt_ms=outcome.prompt_ms, waited=lease.waited, seconds=now - started,
         )
+        log.info(
+            "{decision} slot={slot} status={status} similarity={similarity:.2f} blocks={blocks} "
+            "cache_n={cache_n} prompt_n={prompt_n} predicted_n={predicted_n} prompt_ms={prompt_ms:.0f} "
+            "wait={wait:.3f}s took={took:.3f}s",
+            decision=decision.value, slot=str(lease.slot.id), status=progress.status or "-",
+            similarity=record.similarity, blocks=record.blocks, cache_n=record.cache_n,
+            prompt_n=record.prompt_n, predicted_n=record.predicted_n, prompt_ms=record.prompt_ms,
+            wait=record.waited, took=record.seconds,
+        )
+        for observer in self.observers:
+            observer(record)
+
+    # -- the proxy's own pages -----------------------------------------------
+
+    @app.route("/metrics", methods=["GET"])
+    def metrics(self, request: IRequest) -> bytes:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        self._authorize(request)
+        request.setHeader(b"content-type", CONTENT_TYPE_LATEST.encode())
+        return generate_latest(self.stats.registry)
+
+    @app.route("/status", methods=["GET"])
+    def status(self, request: IRequest) -> bytes:
+        self._authorize(request)
+        return _json_response(request, 200, json.dumps(self.stats.status()).encode())
+
+    @app.route("/proxycache/health", methods=["GET"])
+    def own_health(self, request: IRequest) -> bytes:
+        ok, details = self.health()
+        details = dict(details, version=__version__, ok=ok)
+        return _json_response(request, 200 if ok else 503, json.dumps(details).encode())
+
+    @app.route("/", methods=["GET"])
+    @app.route("/dashboard", methods=["GET"])
+    def dashboard(self, request: IRequest) -> bytes:
+        # The page holds no data: it fetches /status, with the API key when one is set.
+        request.setHeader(b"content-type", b"text/html; charset=utf-8")
+        request.setHeader(b"content-security-policy", b"default-src 'self'; style-src 'unsafe-inline'; script-src 'unsafe-inline'")
+        return _DASHBOARD.read_bytes()
 
     # -- everything else ----------------------------------------------------
 
@@ -317,6 +378,11 @@ class Proxy:
         except UPSTREAM_FAILURES as e:
             log.warn("passthrough {path} broken off: {error}", path=path, error=e)
         return b""
+
+
+def _shown(lease: Lease, decision: Decision) -> Decision:
+    """A small request computed from scratch is reported as 'small', not 'miss'."""
+    return Decision.SMALL if lease.request.small and decision is Decision.MISS else decision
 
 
 def _outcome(succeeded: bool, timings: dict[str, Any]) -> Outcome:

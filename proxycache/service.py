@@ -77,6 +77,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     from proxycache.monitor import Monitor
     from proxycache.relay import Proxy
     from proxycache.scheduler import Scheduler
+    from proxycache.stats import Stats
     from proxycache.tier import DiskTier
     from proxycache.upstream import Backend
 
@@ -96,9 +97,14 @@ def build(config: Config, reactor: Any) -> MultiService:
     )
     tier = DiskTier(config, reactor, scheduler, {b.name: b for b in backends})
     tier.setServiceParent(top)
-    proxy = Proxy(config, reactor, backends, scheduler, tier)
     monitor = Monitor(scheduler, backends, config.health_interval, config.slots, tier.backend_up)
     monitor.setServiceParent(top)
+    stats = Stats(reactor, scheduler, tier, monitor)
+    tier.observers.append(stats.slot_action)
+    proxy = Proxy(
+        config, reactor, backends, scheduler, tier, [stats.request_done], stats,
+        health=lambda: own_health(config, monitor, scheduler, tier),
+    )
     site = Site(proxy.resource())
     site.displayTracebacks = False
     strports.service(config.listen, site).setServiceParent(top)
@@ -106,6 +112,20 @@ def build(config: Config, reactor: Any) -> MultiService:
     top.monitor = monitor  # type: ignore[attr-defined]
     top.tier = tier  # type: ignore[attr-defined]
     return top
+
+
+def own_health(config: Config, monitor: Any, scheduler: Any, tier: Any) -> tuple[bool, dict]:
+    """The proxy's own state, apart from llama.cpp's /health."""
+    import os
+
+    meta_dir = Path(config.meta_dir)
+    checks = {
+        "upstream_reachable": monitor.ready,
+        "slots_known": bool(scheduler.slots),
+        "index_loaded": tier.loaded.called,
+        "disk_writable": os.access(meta_dir if meta_dir.exists() else meta_dir.parent, os.W_OK),
+    }
+    return all(checks.values()), checks
 
 
 def _start_embedded(config: Config, parent: MultiService) -> Config:

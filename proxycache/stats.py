@@ -1,0 +1,208 @@
+"""
+What the proxy has done, for C{/metrics} (Prometheus), C{/status} and the page.
+
+L{Stats} observes every finished request (L{proxycache.relay.RequestRecord})
+and every save/restore; L{Stats.collector} exposes it together with live
+slot, queue and disk state through C{prometheus_client}.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Any, Iterable
+
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from proxycache.planner import Decision, SlotState
+
+HISTORY_STEP = 10.0  # seconds per point of the page's chart
+HISTORY_POINTS = 180
+
+
+class Stats:
+    def __init__(self, clock: Any, scheduler: Any, tier: Any, monitor: Any = None) -> None:
+        self.clock = clock
+        self.scheduler = scheduler
+        self.tier = tier
+        self.monitor = monitor
+        self.started = clock.seconds()
+        self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
+        self.prefill_tokens = 0
+        self.cached_tokens = 0
+        self.seconds_saved = 0.0
+        self.upstream_errors = 0
+        self.recent: collections.deque = collections.deque(maxlen=50)
+        self.history: collections.deque = collections.deque(maxlen=HISTORY_POINTS)
+        self.registry = CollectorRegistry(auto_describe=True)
+        self.queue_wait = Histogram(
+            "proxycache_queue_wait_seconds", "Time requests waited for a slot",
+            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=self.registry,
+        )
+        self.request_seconds = Histogram(
+            "proxycache_request_seconds", "Time from slot granted to last byte relayed",
+            buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=self.registry,
+        )
+        self.slot_action_seconds = Histogram(
+            "proxycache_slot_action_seconds", "Duration of llama.cpp slot saves and restores",
+            ["action"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=self.registry,
+        )
+        self.slot_action_bytes = Histogram(
+            "proxycache_slot_action_bytes", "Size of saved and restored slot caches",
+            ["action"], buckets=tuple(2**i * 1_000_000 for i in range(0, 15)), registry=self.registry,
+        )
+        self.registry.register(_Collector(self))
+
+    # -- observers ----------------------------------------------------------
+
+    def request_done(self, record: Any) -> None:
+        self.requests[(record.decision.value, str(record.status))] += 1
+        self.prefill_tokens += record.prompt_n
+        self.cached_tokens += record.cache_n
+        if record.prompt_n and record.prompt_ms:
+            self.seconds_saved += record.cache_n * record.prompt_ms / 1000 / record.prompt_n
+        elif self.tier is not None:
+            self.seconds_saved += record.cache_n / self.tier.speeds.prefill_tokens_per_second
+        if record.status == 0 or record.status >= 500:
+            self.upstream_errors += 1
+        self.queue_wait.observe(record.waited)
+        self.request_seconds.observe(record.seconds)
+        self.recent.appendleft(record)
+        self._add_history(record)
+
+    def slot_action(self, action: str, seconds: float, size: int) -> None:
+        self.slot_action_seconds.labels(action).observe(seconds)
+        self.slot_action_bytes.labels(action).observe(size)
+
+    def _add_history(self, record: Any) -> None:
+        bucket = int(record.at // HISTORY_STEP) * HISTORY_STEP
+        if not self.history or self.history[-1]["t"] != bucket:
+            self.history.append({"t": bucket, "requests": 0, "hits": 0, "cached_tokens": 0, "prefill_tokens": 0})
+        point = self.history[-1]
+        point["requests"] += 1
+        point["hits"] += record.decision in (Decision.HIT, Decision.RESTORE)
+        point["cached_tokens"] += record.cache_n
+        point["prefill_tokens"] += record.prompt_n
+
+    # -- views --------------------------------------------------------------
+
+    def hit_rate(self) -> float:
+        total = sum(self.requests.values())
+        hits = sum(n for (decision, _), n in self.requests.items() if decision in ("hit", "restore"))
+        return hits / total if total else 0.0
+
+    def status(self) -> dict[str, Any]:
+        from proxycache import __version__
+
+        now = self.clock.seconds()
+        config = self.tier.config if self.tier is not None else None
+        slots = [
+            {
+                "backend": slot.id.backend,
+                "slot": slot.id.index,
+                "state": slot.state.value,
+                "conversation": slot.content.fingerprint.key[:8],
+                "blocks": len(slot.content.fingerprint.blocks),
+                "tokens": slot.content.tokens,
+                "saved": slot.content.saved_key is not None,
+                "busy": slot.busy,
+                "idle_seconds": round(now - slot.last_used, 1) if slot.last_used else None,
+            }
+            for slot in sorted(self.scheduler.slots.values(), key=lambda s: s.id)
+        ]
+        disk = {"entries": 0, "bytes": 0}
+        if self.tier is not None:
+            disk = {
+                "entries": len(self.tier.index),
+                "bytes": self.tier.index.total_bytes,
+                "max_bytes": config.max_cache_bytes or None,
+                "max_entries": config.max_cache_entries or None,
+            }
+            disk.update(_counters(self.tier.counters))
+        backends = []
+        if self.monitor is not None:
+            backends = [
+                {"url": h.backend.url, "up": h.up, "model": h.props.get("model_path"), "build": h.props.get("build_info"), "restarts": h.restarts}
+                for h in self.monitor.health.values()
+            ]
+        return {
+            "version": __version__,
+            "uptime_seconds": round(now - self.started, 1),
+            "backends": backends,
+            "slots": slots,
+            "queue_depth": self.scheduler.queue_depth,
+            "disk": disk,
+            "totals": {
+                "requests": sum(self.requests.values()),
+                "by_decision": _by_decision(self.requests),
+                "hit_rate": round(self.hit_rate(), 4),
+                "cached_tokens": self.cached_tokens,
+                "prefill_tokens": self.prefill_tokens,
+                "prefill_seconds_saved": round(self.seconds_saved, 2),
+            },
+            "recent": [
+                {
+                    "ago": round(now - r.at, 1), "decision": r.decision.value, "slot": r.slot,
+                    "status": r.status, "cache_n": r.cache_n, "prompt_n": r.prompt_n,
+                    "wait": round(r.waited, 3), "seconds": round(r.seconds, 3),
+                }
+                for r in self.recent
+            ],
+            "history": list(self.history),
+        }
+
+
+def _counters(counters: Any) -> dict[str, int]:
+    import attrs
+
+    return attrs.asdict(counters)
+
+
+def _by_decision(requests: collections.Counter) -> dict[str, int]:
+    totals: collections.Counter[str] = collections.Counter()
+    for (decision, _), n in requests.items():
+        totals[decision] += n
+    return dict(totals)
+
+
+class _Collector(Collector):
+    def __init__(self, stats: Stats) -> None:
+        self.stats = stats
+
+    def collect(self) -> Iterable[Any]:
+        stats = self.stats
+        requests = CounterMetricFamily(
+            "proxycache_requests", "Generation requests by decision and HTTP status", labels=["decision", "status"]
+        )
+        for (decision, status), n in sorted(stats.requests.items()):
+            requests.add_metric([decision, status], n)
+        yield requests
+        yield CounterMetricFamily("proxycache_prefill_tokens", "Prompt tokens llama.cpp computed (timings.prompt_n)", value=stats.prefill_tokens)
+        yield CounterMetricFamily("proxycache_cached_tokens", "Prompt tokens llama.cpp reused (timings.cache_n)", value=stats.cached_tokens)
+        yield CounterMetricFamily("proxycache_prefill_seconds_saved", "Estimated prefill seconds saved by reuse", value=stats.seconds_saved)
+        yield CounterMetricFamily("proxycache_upstream_errors", "Requests llama-server failed or did not answer", value=stats.upstream_errors)
+        queue = GaugeMetricFamily("proxycache_queue_depth", "Requests waiting for a slot", value=stats.scheduler.queue_depth)
+        yield queue
+        slots = GaugeMetricFamily("proxycache_slots", "Slots by state", labels=["state"])
+        for state in SlotState:
+            slots.add_metric([state.value], sum(1 for s in stats.scheduler.slots.values() if s.state is state))
+        yield slots
+        yield GaugeMetricFamily("proxycache_slots_busy", "Slots serving a request or a save", value=sum(1 for s in stats.scheduler.slots.values() if s.busy))
+        tier = stats.tier
+        if tier is None:
+            return
+        c = tier.counters
+        yield GaugeMetricFamily("proxycache_disk_entries", "Saved slot caches in the index", value=len(tier.index))
+        yield GaugeMetricFamily("proxycache_disk_bytes", "Bytes of saved slot caches", value=tier.index.total_bytes)
+        for name, help_text, value in (
+            ("proxycache_slot_saves", "Slot caches saved", c.saves),
+            ("proxycache_slot_save_failures", "Slot saves that failed", c.save_failures),
+            ("proxycache_slot_saved_bytes", "Bytes written by slot saves", c.saved_bytes),
+            ("proxycache_slot_restores", "Slot caches restored", c.restores),
+            ("proxycache_slot_restore_failures", "Slot restores that failed", c.restore_failures),
+            ("proxycache_restored_tokens", "Tokens loaded by restores", c.restored_tokens),
+            ("proxycache_ineffective_restores", "Restores after which llama.cpp recomputed anyway", c.ineffective_restores),
+            ("proxycache_disk_evictions", "Saved caches dropped to keep the disk budget", c.evicted_entries),
+        ):
+            yield CounterMetricFamily(name, help_text, value=value)
