@@ -80,6 +80,11 @@ class Monitor(TimerService):
                 if health.up:
                     log.warn("llama-server {url} is down: {error}", url=health.backend.url, error=e)
                 health.up = False
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            # Look again soon while a backend is down, so start-up and recovery are quick.
+            all_up = all(h.up for h in self.health.values())
+            loop.interval = self.step if all_up else min(self.step, 0.5)
 
     async def _check(self, health: BackendHealth) -> None:
         backend = health.backend

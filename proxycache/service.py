@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
 
 from proxycache import __version__
@@ -21,7 +22,7 @@ def _describe(setting) -> str:
     if isinstance(default, tuple):
         default = ",".join(default) or "none"
     elif default is None:
-        default = "auto"
+        default = "from llama-server" if setting.name == "slots" else "none"
     return f"{setting.help} [env {setting.env}; default {default}]"
 
 
@@ -70,6 +71,24 @@ def makeService(options: Any) -> IService:
     return build(config, reactor)
 
 
+class OrderedServices(MultiService):
+    """
+    Starts children in order and stops them one at a time in reverse order,
+    each waiting for the one after it: the listening port closes first, the
+    disk tier flushes while llama.cpp is still up, llama.cpp stops last.
+    """
+
+    def stopService(self) -> Deferred:
+        from twisted.application.service import Service
+
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop_in_reverse())
+
+    async def _stop_in_reverse(self) -> None:
+        for service in reversed(list(self)):
+            await maybeDeferred(service.stopService)
+
+
 def build(config: Config, reactor: Any) -> MultiService:
     """The whole daemon as one service tree (also used by tests with a real reactor)."""
     from twisted.web.server import Site
@@ -81,7 +100,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     from proxycache.tier import DiskTier
     from proxycache.upstream import Backend
 
-    top = MultiService()
+    top = OrderedServices()
     if config.embedded:
         config = _start_embedded(config, top)
     pool_size = max(8, 4 * (config.slots or 8)) + 4

@@ -40,12 +40,14 @@ class ModelShape:
     def filename(self) -> str:
         return (
             f"tiny-llama-e{self.embedding}-l{self.layers}-h{self.heads}"
-            f"-f{self.feed_forward}-s{self.seed}.gguf"
+            f"-f{self.feed_forward}-s{self.seed}-v2.gguf"
         )
 
 
 TINY = ModelShape()
 BENCH = ModelShape(embedding=256, layers=4, heads=4, feed_forward=768)
+# Another geometry, for "a cache file written by a different model".
+OTHER = ModelShape(embedding=96, layers=3, heads=4, feed_forward=192, seed=2)
 
 
 def _vocabulary() -> tuple[list[bytes], list[int]]:
@@ -60,6 +62,9 @@ def _vocabulary() -> tuple[list[bytes], list[int]]:
     for byte in range(256):
         tokens.append(f"<0x{byte:02X}>".encode())
         types.append(gguf.TokenType.BYTE)
+    # SentencePiece writes spaces as U+2581: one token for it keeps a space one token.
+    tokens.append("\u2581".encode())
+    types.append(gguf.TokenType.NORMAL)
     return tokens, [int(t) for t in types]
 
 
