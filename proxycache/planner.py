@@ -21,8 +21,8 @@ Choice order for a request (L{plan}):
 
   1. the HOT/COLD slot whose cached prefix shares the most leading blocks with
      the request, among those whose similarity passes the threshold (a small
-     request only considers COLD ones).  If that slot is busy and the waiter
-     still has affinity time, wait for it rather than recompute elsewhere;
+     request only considers COLD ones).  If that slot is busy, a large request
+     that still has affinity time waits for it rather than recompute elsewhere;
   2. a saved disk entry that shares more blocks than any slot: restore it;
   3. an idle FREE slot, else the least recently used idle COLD slot, else the
      least recently used idle HOT slot, whose cache is evicted (saved first by
@@ -167,10 +167,10 @@ def plan(
         slot, common, ratio = match
         if disk is None or disk.common_blocks <= common:
             if slot.busy:
-                idle_match = best_match(request, idle, min_ratio)
-                if affinity:
+                # Waiting pays for a large prefix only: a small one is cheaper to recompute.
+                if affinity and not request.small:
                     return Plan(Decision.WAIT, slot.id, common, ratio)
-                match = idle_match
+                match = best_match(request, idle, min_ratio)
             if match is not None:
                 slot, common, ratio = match
                 return Plan(Decision.HIT, slot.id, common, ratio)

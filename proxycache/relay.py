@@ -19,7 +19,7 @@ from twisted.web.iweb import IRequest
 
 from proxycache import __version__
 from proxycache.config import Config
-from proxycache.errors import ApiError, upstream_unavailable
+from proxycache.errors import ApiError, error_body, upstream_unavailable
 from proxycache.fingerprint import fingerprint
 from proxycache.planner import Decision, Request, is_small
 from proxycache.scheduler import Lease, Outcome, QueueFull, Scheduler
@@ -132,6 +132,11 @@ class Proxy:
             request.setHeader(name.encode(), value.encode())
         return _json_response(request, error.status, error.body())
 
+    @app.handle_errors(Exception)
+    def _unexpected(self, request: IRequest, failure) -> bytes:
+        log.failure("unexpected error on {path}", failure, path=request.path)
+        return _json_response(request, 500, error_body("internal error in proxycache", "server_error", "internal_error"))
+
     def _authorize(self, request: IRequest) -> None:
         if not self.config.api_keys:
             return
@@ -213,9 +218,10 @@ class Proxy:
         finally:
             if not outcome.succeeded and progress.answered:
                 outcome = attrs.evolve(outcome, succeeded=progress.status == 200)
+            finished = self.clock.seconds()
             self.scheduler.release(lease, outcome)
             self.preparer.released(lease, outcome)
-            self._record(lease, outcome, progress, started)
+            self._record(lease, outcome, progress, started, finished)
 
     def _lease_headers(self, request: IRequest, lease: Lease, decision: Decision) -> None:
         plan = lease.plan
@@ -292,14 +298,15 @@ class Proxy:
             return Outcome(succeeded=False)
         return _outcome(True, tap.timings)
 
-    def _record(self, lease: Lease, outcome: Outcome, progress: _Progress, started: float) -> None:
-        now = self.clock.seconds()
+    def _record(
+        self, lease: Lease, outcome: Outcome, progress: _Progress, started: float, finished: float
+    ) -> None:
         decision = progress.decision or _shown(lease, lease.plan.decision)
         record = RequestRecord(
-            at=now, decision=decision, slot=str(lease.slot.id.index), status=progress.status,
+            at=finished, decision=decision, slot=str(lease.slot.id.index), status=progress.status,
             similarity=lease.plan.similarity, blocks=len(lease.request.fingerprint.blocks),
             cache_n=outcome.cache_n, prompt_n=outcome.prompt_n, predicted_n=outcome.predicted_n,
-            prompt_ms=outcome.prompt_ms, waited=lease.waited, seconds=now - started,
+            prompt_ms=outcome.prompt_ms, waited=lease.waited, seconds=finished - started,
         )
         log.info(
             "{decision} slot={slot} status={status} similarity={similarity:.2f} blocks={blocks} "

@@ -143,7 +143,8 @@ class Stats:
             },
             "recent": [
                 {
-                    "ago": round(now - r.at, 1), "decision": r.decision.value, "slot": r.slot,
+                    "ago": round(now - r.at, 1), "started": r.at - r.seconds, "finished": r.at,
+                    "decision": r.decision.value, "slot": r.slot,
                     "status": r.status, "cache_n": r.cache_n, "prompt_n": r.prompt_n,
                     "wait": round(r.waited, 3), "seconds": round(r.seconds, 3),
                 }

@@ -16,7 +16,7 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionRefusedError
+from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.web._newclient import ResponseNeverReceived, RequestTransmissionFailed
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Protocol
@@ -37,6 +37,7 @@ class UpstreamError(Exception):
 UPSTREAM_FAILURES = (
     ConnectError,
     ConnectionRefusedError,
+    DNSLookupError,  # also what a cancelled connection attempt to a host name ends with
     TimeoutError,
     ResponseNeverReceived,
     RequestTransmissionFailed,

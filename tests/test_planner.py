@@ -217,11 +217,17 @@ def test_no_wait_when_affinity_off_and_nothing_idle():
     assert plan(request, [slot(0, HOT, fp(20), busy=True)], min_ratio=0.0, affinity=False) is None
 
 
-def test_small_request_waits_for_its_busy_cold_slot():
+def test_small_request_never_waits_for_its_busy_cold_slot():
+    # waiting pays for a large prefix only: a small one is cheaper to recompute
     request = small(fp(4, 5))
     slots = [slot(0, COLD, fp(4, 4), busy=True), slot(1, FREE)]
-    assert plan(request, slots, min_ratio=0.0).decision is Decision.WAIT
-    assert plan(request, slots, min_ratio=0.0, affinity=False).decision is Decision.SMALL
+    assert plan(request, slots, min_ratio=0.0) == Plan(Decision.SMALL, SlotId("a", 1))
+    assert plan(request, slots, min_ratio=0.0, affinity=False) == Plan(Decision.SMALL, SlotId("a", 1))
+    # it takes the best idle COLD match instead
+    slots.append(slot(2, COLD, fp(2, 3)))
+    assert plan(request, slots, min_ratio=0.0) == Plan(Decision.HIT, SlotId("a", 2), 2, 2 / 3)
+    # nothing idle: None (it queues), not a WAIT plan
+    assert plan(request, [slot(0, COLD, fp(4, 4), busy=True)], min_ratio=0.0) is None
 
 
 # -- step 2: disk --------------------------------------------------------------
@@ -457,7 +463,7 @@ def test_property_never_a_busy_slot_except_wait(scenario):
         return
     chosen = by_id[p.slot]
     if p.decision is Decision.WAIT:
-        assert chosen.busy and affinity
+        assert chosen.busy and affinity and not request.small
         assert passing(request, chosen, min_ratio) == p.common_blocks > 0
     else:
         assert not chosen.busy
@@ -471,7 +477,7 @@ def test_property_small_never_hot_while_free_or_cold_idle(scenario):
     p = plan(request, slots, min_ratio=min_ratio, affinity=affinity, disk=disk)
     if p is None:
         return
-    assert p.decision in (Decision.HIT, Decision.SMALL, Decision.WAIT)
+    assert p.decision in (Decision.HIT, Decision.SMALL)  # a small request never waits
     assert p.restore is None
     chosen = {s.id: s for s in slots}[p.slot]
     if chosen.state is HOT:
@@ -492,9 +498,9 @@ def test_property_hit_has_the_maximal_common_prefix(scenario):
     assert p.common_blocks == passing(request, chosen, min_ratio) > 0
     assert p.common_blocks == request.fingerprint.common_blocks(chosen.fingerprint)
     assert p.similarity >= min_ratio
-    # no idle candidate shares more; with affinity, no busy one either
+    # no idle candidate shares more; with affinity (large requests only), no busy one either
     for s in slots:
-        if not s.busy or affinity:
+        if not s.busy or (affinity and not request.small):
             assert passing(request, s, min_ratio) <= p.common_blocks
 
 
@@ -517,5 +523,5 @@ def test_property_evicts_iff_target_was_hot(scenario):
         assert chosen.id.backend == disk.backend
         # longer than every usable slot prefix (a busy one is usable only while affinity lasts)
         for s in slots:
-            if not s.busy or affinity:
+            if not s.busy or (affinity and not request.small):
                 assert passing(request, s, min_ratio) < disk.common_blocks

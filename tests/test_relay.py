@@ -50,7 +50,9 @@ def test_repeated_prompt_is_a_hit(proxy):
 
 
 def test_streaming_through_openai_sdk(proxy):
-    stream = proxy.client().chat.completions.create(model="any", messages=MESSAGES, max_tokens=16, stream=True)
+    stream = proxy.client().chat.completions.create(
+        model="any", messages=MESSAGES, max_tokens=64, stream=True, extra_body={"ignore_eos": True}
+    )
     chunks = list(stream)
     # The byte-level test model's tokens can end mid-character: llama.cpp then
     # joins a few into one chunk, so there are fewer chunks than tokens.

@@ -1,0 +1,405 @@
+"""
+The disk tier's index (L{proxycache.disk}): meta round trips, loading and
+reconciling a directory, matching, replacing and evicting entries.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxycache.disk import (
+    META_VERSION,
+    Index,
+    MetaEntry,
+    bin_name,
+    load_index,
+    model_identity,
+    remove_entry_files,
+    write_meta,
+)
+from proxycache.fingerprint import Fingerprint
+
+MODEL = "m0del"
+
+
+def fp(blocks: int, conversation: int = 1, *, tail: int = 0, tag: int = 0) -> Fingerprint:
+    """C{blocks} blocks of C{conversation}, then C{tail} blocks unique to C{tag}."""
+    shared = tuple(conversation * 10**6 + i for i in range(blocks))
+    own = tuple(10**12 + tag * 10**6 + i for i in range(blocks, blocks + tail))
+    return Fingerprint(shared + own, (blocks + tail) * 100, (blocks + tail) * 16)
+
+
+_keys = iter(range(1, 10**6))
+
+
+def entry(fingerprint: Fingerprint | None = None, *, key: str | None = None, backend: str = "a",
+          model: str = MODEL, bytes: int = 100, last_used: float = 0.0, **kw) -> MetaEntry:
+    return MetaEntry(
+        key=key or f"{next(_keys):016x}",
+        backend=backend,
+        model=model,
+        fingerprint=fingerprint if fingerprint is not None else fp(4),
+        tokens=kw.pop("tokens", 64),
+        bytes=bytes,
+        created=kw.pop("created", 1.5),
+        last_used=last_used,
+        **kw,
+    )
+
+
+def index_of(*entries: MetaEntry) -> Index:
+    return Index({e.key: e for e in entries})
+
+
+# -- MetaEntry -------------------------------------------------------------------
+
+
+def test_meta_entry_json_round_trip():
+    original = entry(fp(3, tail=2, tag=7), key="0123456789abcdef", backend="http://b:8080",
+                     bytes=12345, last_used=99.25, pinned=True, ineffective=True, tokens=777)
+    data = json.loads(json.dumps(original.to_json()))
+    assert data["version"] == META_VERSION
+    assert MetaEntry.from_json(data) == original
+    assert original.filename == "slotcache_0123456789abcdef.bin"
+
+
+def test_meta_entry_json_defaults_for_flags():
+    data = entry(key="deadbeefdeadbeef").to_json()
+    del data["pinned"], data["ineffective"]
+    loaded = MetaEntry.from_json(data)
+    assert not loaded.pinned and not loaded.ineffective
+
+
+def test_meta_entry_empty_fingerprint_round_trip():
+    original = entry(Fingerprint((), 0, 0))
+    assert MetaEntry.from_json(original.to_json()) == original
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"version": META_VERSION + 1}, "version"),
+        ({"version": None}, "version"),
+        ({"key": "../../etc/passwd"}, "bad key"),
+        ({"key": 1234567890}, "bad key"),
+        ({"blocks": "abc"}, "multiple of 16"),
+        ({"blocks": "zz" * 8}, "invalid literal"),
+    ],
+)
+def test_meta_entry_from_json_rejects(change, message):
+    data = entry().to_json()
+    data.update(change)
+    with pytest.raises(ValueError, match=message):
+        MetaEntry.from_json(data)
+
+
+def test_meta_entry_from_json_missing_field():
+    data = entry().to_json()
+    del data["model"]
+    with pytest.raises(KeyError):
+        MetaEntry.from_json(data)
+
+
+# -- bin_name -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["deadbeef", "0123456789abcdef", "a" * 64])
+def test_bin_name_accepts_lowercase_hex(key):
+    assert bin_name(key) == f"slotcache_{key}.bin"
+
+
+@pytest.mark.parametrize(
+    "key",
+    [
+        "../x",
+        "../../deadbeef",
+        "deadbeef/../../x",
+        "/etc/passwd",
+        "..",
+        "",
+        "deadbee",  # too short
+        "a" * 65,  # too long
+        "DEADBEEF",
+        "deadbeeg",
+        "dead beef",
+        "deadbeef.bin",
+        "deadbeef\x00",
+        "deadbeef\\..",
+    ],
+)
+def test_bin_name_rejects_anything_else(key):
+    with pytest.raises(ValueError):
+        bin_name(key)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="disk bug: KEY_PATTERN is used with re.match and ends in '$', which also matches "
+    "before a trailing newline, so 'deadbeef\\n' passes as a key (bin_name and from_json)",
+)
+def test_bin_name_rejects_trailing_newline():
+    with pytest.raises(ValueError):
+        bin_name("deadbeef\n")
+
+
+# -- load_index / write_meta ----------------------------------------------------------
+
+
+def dirs(tmp_path: Path) -> tuple[Path, Path]:
+    meta, save = tmp_path / "meta", tmp_path / "save"
+    meta.mkdir()
+    save.mkdir()
+    return meta, save
+
+
+def saved(meta: Path, save: Path, e: MetaEntry) -> MetaEntry:
+    write_meta(meta, e)
+    (save / e.filename).write_bytes(b"kv")
+    return e
+
+
+def test_write_meta_then_load(tmp_path):
+    meta, save = dirs(tmp_path)
+    a = saved(meta, save, entry(key="aaaaaaaa"))
+    b = saved(meta, save, entry(key="bbbbbbbb", pinned=True))
+    assert sorted(p.name for p in meta.iterdir()) == ["aaaaaaaa.meta", "bbbbbbbb.meta"]
+    loaded = load_index(meta, save)
+    assert loaded.entries == [a, b]
+    assert loaded.skipped == loaded.missing == loaded.stray == []
+
+
+def test_write_meta_replaces_atomically_and_creates_directory(tmp_path):
+    meta = tmp_path / "deep" / "meta"
+    e = entry(key="cccccccc", last_used=1.0)
+    write_meta(meta, e)
+    newer = entry(key="cccccccc", last_used=2.0)
+    write_meta(meta, newer)
+    assert [p.name for p in meta.iterdir()] == ["cccccccc.meta"]
+    assert load_index(meta, None).entries == [newer]
+
+
+def test_load_index_creates_a_missing_meta_dir(tmp_path):
+    loaded = load_index(tmp_path / "nope", None)
+    assert loaded.entries == [] and (tmp_path / "nope").is_dir()
+
+
+@pytest.mark.parametrize(
+    "content, reason",
+    [
+        ('{"version": 99, "key": "dddddddd"}', "version"),
+        ("{not json", "Expecting"),
+        ("", "Expecting value"),
+        ('{"version": 1}', "key"),
+        (b"\xff\xfe\x00garbage", "decode"),
+    ],
+)
+def test_bad_meta_is_skipped_with_a_reason(tmp_path, content, reason):
+    meta, save = dirs(tmp_path)
+    good = saved(meta, save, entry(key="aaaaaaaa"))
+    bad = meta / "dddddddd.meta"
+    if isinstance(content, bytes):
+        bad.write_bytes(content)
+    else:
+        bad.write_text(content)
+    loaded = load_index(meta, save)
+    assert loaded.entries == [good]
+    (skipped,) = loaded.skipped
+    assert skipped.startswith("dddddddd.meta: ") and reason in skipped
+    assert bad.exists()  # left for a human to look at
+
+
+def test_wrong_version_meta_is_skipped(tmp_path):
+    meta, save = dirs(tmp_path)
+    e = saved(meta, save, entry(key="eeeeeeee"))
+    data = e.to_json()
+    data["version"] = 0
+    (meta / "eeeeeeee.meta").write_text(json.dumps(data))
+    loaded = load_index(meta, save)
+    assert loaded.entries == [] and len(loaded.skipped) == 1 and "version 0" in loaded.skipped[0]
+    # its .bin has no readable meta now: reported, not deleted
+    assert loaded.stray == ["slotcache_eeeeeeee.bin"]
+    assert (save / "slotcache_eeeeeeee.bin").exists()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="disk bug: a meta holding valid JSON that is not an object (a list, a string, "
+    "null) raises AttributeError from MetaEntry.from_json, which load_index does not catch",
+)
+@pytest.mark.parametrize("content", ["[1, 2]", '"text"', "null", "3"])
+def test_non_object_meta_is_skipped(tmp_path, content):
+    meta, save = dirs(tmp_path)
+    (meta / "ffffffff.meta").write_text(content)
+    loaded = load_index(meta, save)
+    assert loaded.entries == [] and len(loaded.skipped) == 1
+
+
+def test_meta_without_bin_is_dropped_when_save_dir_given(tmp_path):
+    meta, save = dirs(tmp_path)
+    kept = saved(meta, save, entry(key="aaaaaaaa"))
+    gone = entry(key="bbbbbbbb")
+    write_meta(meta, gone)  # no .bin
+    loaded = load_index(meta, save)
+    assert loaded.entries == [kept]
+    assert loaded.missing == ["bbbbbbbb"]
+    assert not (meta / "bbbbbbbb.meta").exists()
+
+
+def test_meta_without_bin_is_kept_when_save_dir_unknown(tmp_path):
+    meta, _ = dirs(tmp_path)
+    e = entry(key="bbbbbbbb")
+    write_meta(meta, e)
+    loaded = load_index(meta, None)
+    assert loaded.entries == [e] and loaded.missing == [] and loaded.stray == []
+
+
+def test_stray_bin_files_reported(tmp_path):
+    meta, save = dirs(tmp_path)
+    saved(meta, save, entry(key="aaaaaaaa"))
+    (save / "slotcache_99999999.bin").write_bytes(b"kv")
+    (save / "slotcache_0000000a.bin").write_bytes(b"kv")
+    (save / "other.bin").write_bytes(b"not ours")
+    loaded = load_index(meta, save)
+    assert loaded.stray == ["slotcache_0000000a.bin", "slotcache_99999999.bin"]
+    assert (save / "slotcache_99999999.bin").exists()  # only reported
+
+
+def test_leftover_tmp_meta_removed(tmp_path):
+    meta, save = dirs(tmp_path)
+    e = saved(meta, save, entry(key="aaaaaaaa"))
+    (meta / ".aaaaaaaa.meta.tmp").write_text('{"half": ')
+    (meta / ".bbbbbbbb.meta.tmp").write_text("")
+    (meta / "notes.txt").write_text("keep me")
+    loaded = load_index(meta, save)
+    assert loaded.entries == [e] and loaded.skipped == []
+    assert sorted(p.name for p in meta.iterdir()) == ["aaaaaaaa.meta", "notes.txt"]
+
+
+def test_remove_entry_files(tmp_path):
+    meta, save = dirs(tmp_path)
+    saved(meta, save, entry(key="aaaaaaaa"))
+    remove_entry_files(meta, save, "aaaaaaaa")
+    assert list(meta.iterdir()) == [] and list(save.iterdir()) == []
+    remove_entry_files(meta, save, "aaaaaaaa")  # already gone: fine
+    with pytest.raises(ValueError):
+        remove_entry_files(meta, save, "../aaaaaaaa")
+
+
+# -- Index.best -----------------------------------------------------------------------
+
+
+def test_best_is_the_longest_common_prefix():
+    short = entry(fp(2, tail=1, tag=1), last_used=9.0)
+    long = entry(fp(9, tail=1, tag=2), last_used=1.0)
+    other = entry(fp(5, conversation=2))
+    index = index_of(short, long, other)
+    assert index.best(fp(12), MODEL, ["a"], 0.0) == (long, 9, 0.9)
+
+
+def test_best_respects_model_backend_and_ineffective():
+    request = fp(12)
+    wrong_model = entry(fp(11), model="other")
+    wrong_backend = entry(fp(11), backend="b")
+    broken = entry(fp(11), ineffective=True)
+    fine = entry(fp(3))
+    index = index_of(wrong_model, wrong_backend, broken, fine)
+    assert index.best(request, MODEL, ["a"], 0.0) == (fine, 3, 1.0)
+    assert index.best(request, MODEL, ["a", "b"], 0.0)[0] is wrong_backend
+    assert index.best(request, "other", ["a"], 0.0)[0] is wrong_model
+    assert index.best(request, MODEL, [], 0.0) is None
+    assert index.best(request, "third", ["a", "b"], 0.0) is None
+
+
+def test_best_respects_ratio():
+    # 4 shared blocks of an 8-block entry: ratio 0.5 against the shorter (the entry)
+    e = entry(fp(4, tail=4, tag=3))
+    index = index_of(e)
+    request = fp(4, tail=12, tag=4)
+    assert index.best(request, MODEL, ["a"], 0.5) == (e, 4, 0.5)
+    assert index.best(request, MODEL, ["a"], 0.51) is None
+
+
+def test_best_needs_a_common_block():
+    index = index_of(entry(fp(5, conversation=2)))
+    assert index.best(fp(5), MODEL, ["a"], 0.0) is None
+    assert Index().best(fp(5), MODEL, ["a"], 0.0) is None
+
+
+def test_best_ties_go_to_the_most_recently_used():
+    old = entry(fp(6, tail=1, tag=1), last_used=1.0)
+    recent = entry(fp(6, tail=2, tag=2), last_used=5.0)
+    assert index_of(old, recent).best(fp(10), MODEL, ["a"], 0.0)[0] is recent
+    assert index_of(recent, old).best(fp(10), MODEL, ["a"], 0.0)[0] is recent
+
+
+# -- Index.predecessor ------------------------------------------------------------------
+
+
+def test_predecessor_is_the_latest_earlier_turn():
+    turn1 = entry(fp(4))
+    turn2 = entry(fp(8))
+    branch = entry(fp(6, tail=3, tag=9))  # shares 6 blocks, but is not a prefix
+    other = entry(fp(3, conversation=2))
+    index = index_of(turn1, turn2, branch, other)
+    assert index.predecessor(fp(12), "a", MODEL) is turn2
+    assert index.predecessor(fp(6), "a", MODEL) is turn1
+    assert index.predecessor(fp(3), "a", MODEL) is None
+    assert index.predecessor(fp(8), "a", MODEL) is turn2  # the same turn saved again
+
+
+def test_predecessor_same_backend_and_model_only():
+    index = index_of(entry(fp(4), backend="b"), entry(fp(4), model="other"), entry(Fingerprint((), 0, 0)))
+    assert index.predecessor(fp(12), "a", MODEL) is None
+    assert index.predecessor(fp(12), "b", MODEL) is not None
+
+
+# -- Index.over_budget --------------------------------------------------------------------
+
+
+def test_over_budget_evicts_least_recently_used_first():
+    es = [entry(key=f"{i:08x}", bytes=100, last_used=t) for i, t in enumerate([5.0, 1.0, 3.0, 4.0, 2.0])]
+    index = index_of(*es)
+    assert index.total_bytes == 500 and len(index) == 5
+    assert [e.last_used for e in index.over_budget(300, 0, frozenset())] == [1.0, 2.0]
+    assert [e.last_used for e in index.over_budget(0, 2, frozenset())] == [1.0, 2.0, 3.0]
+    assert [e.last_used for e in index.over_budget(250, 4, frozenset())] == [1.0, 2.0, 3.0]
+    assert index.over_budget(500, 5, frozenset()) == []
+    assert index.over_budget(0, 0, frozenset()) == []  # 0: no limit
+
+
+def test_over_budget_by_bytes_counts_sizes():
+    big = entry(bytes=1000, last_used=2.0)
+    small_old = entry(bytes=10, last_used=1.0)
+    index = index_of(big, small_old)
+    assert index.over_budget(500, 0, frozenset()) == [small_old, big]
+    assert index.over_budget(1000, 0, frozenset()) == [small_old]
+
+
+def test_over_budget_keeps_pinned_entries():
+    pinned_flag = entry(key="00000001", last_used=1.0, pinned=True)
+    pinned_key = entry(key="00000002", last_used=2.0)
+    plain = entry(key="00000003", last_used=3.0)
+    newest = entry(key="00000004", last_used=4.0)
+    index = index_of(pinned_flag, pinned_key, plain, newest)
+    assert index.over_budget(0, 2, frozenset({"00000002"})) == [plain, newest]
+    assert index.over_budget(0, 3, frozenset({"00000002"})) == [plain]
+    # only pinned ones left over the budget: nothing more to drop
+    assert index.over_budget(0, 1, frozenset({"00000002", "00000003", "00000004"})) == []
+
+
+# -- model_identity ---------------------------------------------------------------------------
+
+
+def test_model_identity_depends_on_file_build_and_shape_only():
+    props = {"model_path": "/models/x.gguf", "build_info": "b1", "total_slots": 2}
+    models = {"data": [{"id": "x", "meta": {"n_vocab": 100, "n_embd": 64, "other": 1}}]}
+    base = model_identity(props, models)
+    assert base == model_identity({**props, "model_path": "/elsewhere/x.gguf", "total_slots": 4}, models)
+    assert base != model_identity({**props, "build_info": "b2"}, models)
+    assert base != model_identity({**props, "model_path": "/models/y.gguf"}, models)
+    assert base != model_identity(props, {"data": [{"meta": {"n_vocab": 101, "n_embd": 64}}]})
+    assert model_identity(props, None) == model_identity(props, {"data": "nonsense"})
+    assert len(base) == 16 and int(base, 16) >= 0

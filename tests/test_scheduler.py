@@ -1,0 +1,539 @@
+"""
+L{proxycache.scheduler.Scheduler} on a L{Clock}: no reactor, no network.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+
+from proxycache.fingerprint import Fingerprint
+from proxycache.planner import EMPTY, Decision, DiskMatch, Request, SlotId, SlotState
+from proxycache.scheduler import NOTHING, Lease, Outcome, QueueFull, Scheduler, SlotContent
+
+FREE, COLD, HOT = SlotState.FREE, SlotState.COLD, SlotState.HOT
+A0, A1 = SlotId("a", 0), SlotId("a", 1)
+
+
+def fp(blocks: int, conversation: int) -> Fingerprint:
+    """The first C{blocks} blocks of C{conversation}: turns of one conversation share a prefix."""
+    return Fingerprint(tuple(conversation * 10**6 + i for i in range(blocks)), blocks * 100, blocks * 16)
+
+
+def large(blocks: int, conversation: int) -> Request:
+    return Request(fp(blocks, conversation), small=False)
+
+
+def small(blocks: int, conversation: int) -> Request:
+    return Request(fp(blocks, conversation), small=True)
+
+
+def make(slots: int = 2, *, affinity_wait: float = 2.0, max_queue: int = 10, disk_lookup=None,
+         clock: Clock | None = None) -> Scheduler:
+    scheduler = Scheduler(clock or Clock(), min_ratio=0.5, affinity_wait=affinity_wait,
+                          max_queue=max_queue, disk_lookup=disk_lookup)
+    scheduler.set_backend_slots("a", slots)
+    return scheduler
+
+
+def result(d: Deferred):
+    """The Deferred's result if it has fired (a Lease, or the Failure), else None."""
+    out: list = []
+    d.addBoth(lambda r: out.append(r) or r)
+    if out and not isinstance(out[0], Lease):
+        d.addErrback(lambda f: None)  # consumed here: no "unhandled error" at gc
+    return out[0] if out else None
+
+
+def lease_of(d: Deferred) -> Lease:
+    lease = result(d)
+    assert isinstance(lease, Lease), lease
+    return lease
+
+
+OK = Outcome(succeeded=True, cache_n=3, prompt_n=5, predicted_n=7)
+FAILED = Outcome(succeeded=False)
+
+
+def locked(scheduler: Scheduler) -> set[SlotId]:
+    return {s.id for s in scheduler.slots.values() if s.busy}
+
+
+# -- granting -------------------------------------------------------------------
+
+
+def test_leases_granted_at_once_when_idle():
+    scheduler = make(2)
+    first = lease_of(scheduler.acquire(large(20, 1)))
+    second = lease_of(scheduler.acquire(large(20, 2)))
+    assert {first.slot.id, second.slot.id} == {A0, A1}
+    assert first.plan.decision is Decision.MISS and first.waited == 0
+    assert first.previous == NOTHING
+    assert scheduler.queue_depth == 0
+    assert locked(scheduler) == {A0, A1}
+
+
+def test_grant_claims_the_slot_for_the_conversation():
+    scheduler = make(1)
+    request = large(20, 1)
+    lease = lease_of(scheduler.acquire(request))
+    view = scheduler.views()[0]
+    assert view.busy and view.state is HOT and view.fingerprint == request.fingerprint
+    scheduler.release(lease, FAILED)
+    lease = lease_of(scheduler.acquire(small(3, 2)))
+    assert lease.previous == SlotContent(COLD)
+    assert scheduler.views()[0].state is COLD
+
+
+def test_waiters_served_fifo_as_slots_are_released():
+    clock = Clock()
+    scheduler = make(2, clock=clock)
+    running = [lease_of(scheduler.acquire(large(20, c))) for c in (1, 2)]
+    waiting = [scheduler.acquire(large(20, c)) for c in (3, 4, 5)]
+    assert scheduler.queue_depth == 3 and not any(d.called for d in waiting)
+    clock.advance(1.5)
+    scheduler.release(running[1], OK)
+    assert [d.called for d in waiting] == [True, False, False]
+    third = lease_of(waiting[0])
+    assert third.slot.id == A1 and third.waited == 1.5
+    assert third.plan.decision is Decision.MISS and third.plan.evicts  # it replaces a HOT cache
+    scheduler.release(running[0], OK)
+    assert [d.called for d in waiting[1:]] == [True, False]
+    fourth = lease_of(waiting[1])
+    assert fourth.slot.id == A0
+    scheduler.release(third, OK)
+    assert lease_of(waiting[2]).slot.id == A1
+    assert scheduler.queue_depth == 0
+
+
+def test_cancelling_a_queued_request_removes_it():
+    scheduler = make(1)
+    running = lease_of(scheduler.acquire(large(20, 1)))
+    first = scheduler.acquire(large(20, 2))
+    second = scheduler.acquire(large(20, 3))
+    assert scheduler.queue_depth == 2
+    first.cancel()
+    assert scheduler.queue_depth == 1
+    assert result(first).check(CancelledError)
+    scheduler.release(running, OK)
+    assert lease_of(second).slot.id == A0  # the cancelled one got nothing
+    assert locked(scheduler) == {A0}
+    scheduler.release(lease_of_cached(second), OK)
+    assert locked(scheduler) == set() and scheduler.queue_depth == 0
+
+
+_granted: dict[int, Lease] = {}
+
+
+def lease_of_cached(d: Deferred) -> Lease:
+    """L{lease_of} consumes nothing, but a second call needs the lease kept somewhere."""
+    if id(d) not in _granted:
+        _granted[id(d)] = lease_of(d)
+    return _granted[id(d)]
+
+
+def test_cancelling_a_waiting_follow_up_cancels_its_timer():
+    clock = Clock()
+    scheduler = make(2, clock=clock)
+    lease_of(scheduler.acquire(large(10, 1)))
+    follow_up = scheduler.acquire(large(14, 1))
+    assert not follow_up.called and len(clock.getDelayedCalls()) == 1
+    follow_up.cancel()
+    assert scheduler.queue_depth == 0 and clock.getDelayedCalls() == []
+    assert locked(scheduler) == {A0}
+
+
+def test_queue_full_beyond_max_queue():
+    clock = Clock()
+    scheduler = make(1, max_queue=2, clock=clock)
+    lease_of(scheduler.acquire(large(20, 1)))
+    queued = [scheduler.acquire(large(20, c)) for c in (2, 3)]
+    assert scheduler.queue_depth == 2
+    with pytest.raises(QueueFull):
+        scheduler.acquire(large(20, 4))
+    # a follow-up that would wait for its slot is refused as well, leaving no timer behind
+    with pytest.raises(QueueFull):
+        scheduler.acquire(large(25, 1))
+    assert scheduler.queue_depth == 2 and clock.getDelayedCalls() == []
+    assert not any(d.called for d in queued)
+
+
+def test_max_queue_zero_refuses_any_wait_but_grants_idle():
+    scheduler = make(1, max_queue=0)
+    lease_of(scheduler.acquire(large(20, 1)))
+    with pytest.raises(QueueFull):
+        scheduler.acquire(large(20, 2))
+    assert scheduler.queue_depth == 0
+
+
+# -- affinity -------------------------------------------------------------------
+
+
+def test_follow_up_waits_for_its_busy_hot_slot_until_affinity_ends():
+    clock = Clock()
+    scheduler = make(2, affinity_wait=2.0, clock=clock)
+    lease_of(scheduler.acquire(large(10, 1)))  # turn 1 of conversation 1, on a#0
+    follow_up = scheduler.acquire(large(14, 1))  # turn 2 arrives while turn 1 still runs
+    assert not follow_up.called, "given the other idle slot instead of waiting"
+    assert scheduler.queue_depth == 1 and locked(scheduler) == {A0}
+    clock.advance(1.9)
+    assert not follow_up.called
+    clock.advance(0.1)
+    lease = lease_of(follow_up)
+    assert lease.slot.id == A1 and lease.plan.decision is Decision.MISS
+    assert lease.waited == 2.0
+    assert scheduler.queue_depth == 0 and clock.getDelayedCalls() == []
+
+
+def test_follow_up_gets_its_slot_when_released_within_affinity():
+    clock = Clock()
+    scheduler = make(2, affinity_wait=2.0, clock=clock)
+    turn1 = lease_of(scheduler.acquire(large(10, 1)))
+    follow_up = scheduler.acquire(large(14, 1))
+    clock.advance(1.0)
+    scheduler.release(turn1, OK)
+    lease = lease_of(follow_up)
+    assert lease.slot.id == A0 and lease.plan.decision is Decision.HIT
+    assert lease.plan.common_blocks == 10 and lease.waited == 1.0
+    assert clock.getDelayedCalls() == []  # its affinity timer is gone
+
+
+def test_unrelated_request_is_not_held_back_by_a_waiting_follow_up():
+    clock = Clock()
+    scheduler = make(2, clock=clock)
+    lease_of(scheduler.acquire(large(10, 1)))
+    follow_up = scheduler.acquire(large(14, 1))
+    other = scheduler.acquire(large(10, 2))
+    assert not follow_up.called
+    assert lease_of(other).slot.id == A1
+
+
+def test_zero_affinity_never_waits():
+    scheduler = make(2, affinity_wait=0.0)
+    lease_of(scheduler.acquire(large(10, 1)))
+    assert lease_of(scheduler.acquire(large(14, 1))).slot.id == A1
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="scheduler bug: the affinity timer can fire one float ulp before affinity_until "
+    "(its delay was computed at a later time than the enqueue); pump still sees affinity, "
+    "and _wake_at_affinity_end never re-arms a fired timer, so the waiter stays queued "
+    "next to an idle slot until some unrelated event pumps",
+)
+def test_affinity_timer_firing_an_ulp_early_still_ends_the_wait():
+    clock = Clock()
+    clock.advance(5.676)
+    scheduler = make(2, affinity_wait=98.946, clock=clock)
+    until = clock.seconds() + 98.946
+    x = lease_of(scheduler.acquire(large(20, 1)))
+    y = lease_of(scheduler.acquire(large(20, 2)))
+    first_turn = scheduler.acquire(large(10, 3))
+    follow_up = scheduler.acquire(large(14, 3))  # shares 10 blocks with first_turn
+    clock.advance(17.203)
+    t1 = clock.seconds()
+    assert t1 + (until - t1) < until  # the float quirk this test is about
+    scheduler.release(y, OK)  # first_turn takes a#1; follow_up now waits for it (timer armed at t1)
+    assert lease_of(first_turn).slot.id == A1 and not follow_up.called
+    scheduler.release(x, OK)  # a#0 idle, follow_up still within its affinity
+    assert not follow_up.called
+    (timer,) = clock.getDelayedCalls()
+    clock.advance(timer.getTime() - clock.seconds())
+    clock.advance(1e-6)  # well past affinity_until, nothing else happens
+    assert follow_up.called, "still queued although a#0 has been idle since affinity ended"
+
+
+def test_small_follow_up_waits_for_its_cold_slot_and_never_takes_hot():
+    clock = Clock()
+    scheduler = make(3, clock=clock)
+    hot = lease_of(scheduler.acquire(large(20, 1)))
+    scheduler.release(hot, OK)  # a#0 HOT, idle
+    tiny = lease_of(scheduler.acquire(small(2, 2)))  # a#1 (FREE before HOT)
+    assert tiny.slot.id == A1 and tiny.plan.decision is Decision.SMALL
+    other = lease_of(scheduler.acquire(small(2, 3)))
+    assert other.slot.id == SlotId("a", 2)
+    scheduler.release(other, OK)  # a#2 COLD
+    # a#0 HOT and a#2 COLD idle: a small request goes to the COLD one
+    third = lease_of(scheduler.acquire(small(2, 4)))
+    assert third.slot.id == SlotId("a", 2) and not third.plan.evicts
+    # now only the HOT slot is idle: it gets it, evicting
+    fourth = lease_of(scheduler.acquire(small(2, 5)))
+    assert fourth.slot.id == A0 and fourth.plan.evicts
+    assert fourth.previous.state is HOT
+
+
+# -- release and the slot map ----------------------------------------------------
+
+
+def test_release_success_large_leaves_hot():
+    clock = Clock()
+    scheduler = make(1, clock=clock)
+    request = large(20, 1)
+    lease = lease_of(scheduler.acquire(request))
+    clock.advance(7)
+    scheduler.release(lease, OK)
+    slot = scheduler.slots[A0]
+    assert slot.content == SlotContent(HOT, request.fingerprint, 15)
+    assert slot.last_used == 7 and not slot.busy
+
+
+def test_release_success_small_leaves_cold():
+    scheduler = make(1)
+    request = small(3, 1)
+    lease = lease_of(scheduler.acquire(request))
+    scheduler.release(lease, OK)
+    assert scheduler.slots[A0].content == SlotContent(COLD, request.fingerprint, 15)
+
+
+@pytest.mark.parametrize("request_", [large(20, 1), small(3, 1)])
+def test_release_failure_leaves_cold_and_empty(request_):
+    clock = Clock()
+    scheduler = make(1, clock=clock)
+    lease = lease_of(scheduler.acquire(request_))
+    clock.advance(3)
+    scheduler.release(lease, FAILED)
+    slot = scheduler.slots[A0]
+    assert slot.content == SlotContent(COLD) and slot.content.fingerprint == EMPTY
+    assert slot.last_used == 3 and not slot.busy
+    # nothing of it is matched afterwards
+    follow = lease_of(scheduler.acquire(large(25, 1)))
+    assert follow.plan.decision is Decision.MISS
+
+
+def test_follow_up_hits_after_success():
+    scheduler = make(2)
+    scheduler.release(lease_of(scheduler.acquire(large(10, 1))), OK)
+    lease = lease_of(scheduler.acquire(large(14, 1)))
+    assert lease.slot.id == A0 and lease.plan.decision is Decision.HIT
+    assert lease.previous.fingerprint == fp(10, 1) and lease.previous.tokens == 15
+
+
+def test_reset_backend_frees_all_of_that_backend():
+    scheduler = make(2)
+    scheduler.set_backend_slots("b", 1)
+    leases = [lease_of(scheduler.acquire(large(20, c))) for c in (1, 2, 3)]
+    for lease in leases[:2]:
+        scheduler.release(lease, OK)
+    busy_id = leases[2].slot.id
+    scheduler.reset_backend(busy_id.backend)
+    for slot in scheduler.slots.values():
+        if slot.id.backend == busy_id.backend:
+            assert slot.content == NOTHING and slot.state is FREE
+        else:
+            assert slot.state is HOT
+    assert scheduler.slots[busy_id].busy  # the in-flight request still holds its lock
+    scheduler.release(leases[2], FAILED)
+    assert locked(scheduler) == set()
+
+
+def test_set_backend_slots_keeps_state_of_surviving_slots():
+    scheduler = make(2)
+    scheduler.release(lease_of(scheduler.acquire(large(20, 1))), OK)
+    scheduler.set_backend_slots("a", 3)
+    assert scheduler.slots[A0].state is HOT and len(scheduler.slots) == 3
+    scheduler.set_backend_slots("a", 1)
+    assert list(scheduler.slots) == [A0]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="scheduler bug: a busy slot beyond a shrunk slot count is kept, and stays in the "
+    "map (and is planned onto) forever after its lease is released",
+)
+def test_busy_slot_beyond_a_shrunk_count_goes_once_released():
+    scheduler = make(2)
+    lease_of(scheduler.acquire(large(20, 1)))
+    second = lease_of(scheduler.acquire(large(20, 2)))
+    scheduler.set_backend_slots("a", 1)
+    assert A1 in scheduler.slots  # still busy: kept for now
+    scheduler.release(second, OK)
+    assert A1 not in scheduler.slots
+
+
+def test_set_backend_slots_serves_waiters_on_new_slots():
+    scheduler = make(1)
+    lease_of(scheduler.acquire(large(20, 1)))
+    waiting = scheduler.acquire(large(20, 2))
+    scheduler.set_backend_slots("a", 2)
+    assert lease_of(waiting).slot.id == A1
+
+
+def test_disk_lookup_gives_a_restore_plan_for_large_requests_only():
+    asked = []
+
+    def lookup(request):
+        asked.append(request)
+        return DiskMatch("deadbeef", "a", len(request.fingerprint.blocks), 1.0)
+
+    scheduler = make(2, disk_lookup=lookup)
+    lease = lease_of(scheduler.acquire(large(20, 1)))
+    assert lease.plan.decision is Decision.RESTORE and lease.plan.restore.key == "deadbeef"
+    asked.clear()
+    lease = lease_of(scheduler.acquire(small(2, 2)))
+    assert lease.plan.decision is Decision.SMALL and asked == []
+
+
+# -- exclusive maintenance ---------------------------------------------------------
+
+
+def test_try_exclusive_and_done_exclusive():
+    scheduler = make(1)
+    slot = scheduler.slots[A0]
+    assert scheduler.try_exclusive(slot) and slot.busy
+    assert not scheduler.try_exclusive(slot)  # already held
+    waiting = scheduler.acquire(large(20, 1))
+    assert not waiting.called and scheduler.queue_depth == 1
+    scheduler.done_exclusive(slot)
+    lease = lease_of(waiting)
+    assert lease.slot is slot and slot.busy
+    assert not scheduler.try_exclusive(slot)  # leased
+    scheduler.release(lease, OK)
+    assert scheduler.try_exclusive(slot)
+    scheduler.done_exclusive(slot)
+    assert not slot.busy
+
+
+def test_try_exclusive_refuses_a_slot_a_waiter_wants():
+    clock = Clock()
+    scheduler = make(2, clock=clock)
+    lease_of(scheduler.acquire(large(10, 1)))
+    follow_up = scheduler.acquire(large(14, 1))  # waits for a#0 while a#1 is idle
+    idle = scheduler.slots[A1]
+    assert scheduler.try_exclusive(idle)  # nobody wants a#1 yet: the follow-up waits for a#0
+    scheduler.done_exclusive(idle)
+    assert not follow_up.called
+    scheduler.reset_backend("a")  # a#0 no longer holds the prefix: the follow-up wants a#1
+    assert not scheduler.try_exclusive(idle)
+    assert not idle.busy
+    clock.advance(2.0)
+    assert lease_of(follow_up).slot.id == A1
+
+
+# -- invariants over random sequences --------------------------------------------
+
+operations = st.lists(
+    st.one_of(
+        st.tuples(st.just("acquire"), st.integers(0, 3), st.integers(1, 12), st.booleans()),
+        st.tuples(st.just("cancel"), st.integers(0, 50)),
+        st.tuples(st.just("release"), st.integers(0, 50), st.booleans()),
+        st.tuples(st.just("advance"), st.sampled_from([0.0, 0.5, 1.0, 2.5])),
+        st.tuples(st.just("exclusive"), st.integers(0, 2)),
+        st.tuples(st.just("done"), st.integers(0, 50)),
+        st.tuples(st.just("reset"),),
+    ),
+    min_size=5,
+    max_size=40,
+)
+
+
+class Model:
+    """Drives a scheduler and checks, at every grant, that the slot was free in our own books."""
+
+    def __init__(self, slots: int, max_queue: int) -> None:
+        self.clock = Clock()
+        self.scheduler = make(slots, affinity_wait=2.0, max_queue=max_queue, clock=self.clock)
+        self.holders: dict[SlotId, object] = {}  # slot -> lease or "exclusive"
+        self.leases: list[Lease] = []
+        self.pending: list[Deferred] = []
+        self.exclusive: list = []
+
+    def _granted(self, lease: Lease) -> Lease:
+        assert lease.slot.id not in self.holders, f"two requests on {lease.slot.id}"
+        assert lease.slot.busy and lease.plan.slot == lease.slot.id
+        assert lease.plan.decision is not Decision.WAIT
+        self.holders[lease.slot.id] = lease
+        self.leases.append(lease)
+        return lease
+
+    def acquire(self, request: Request) -> None:
+        try:
+            d = self.scheduler.acquire(request)
+        except QueueFull:
+            assert self.scheduler.queue_depth == self.scheduler.max_queue
+            return
+        d.addCallback(self._granted)
+        d.addErrback(lambda f: f.trap(CancelledError))
+        self.pending.append(d)
+
+    def step(self, op) -> None:
+        kind = op[0]
+        if kind == "acquire":
+            _, conversation, blocks, is_small = op
+            self.acquire(Request(fp(blocks, conversation), is_small))
+        elif kind == "cancel" and self.pending:
+            self.pending[op[1] % len(self.pending)].cancel()  # granted ones ignore it
+        elif kind == "release" and self.leases:
+            lease = self.leases.pop(op[1] % len(self.leases))
+            del self.holders[lease.slot.id]
+            self.scheduler.release(lease, OK if op[2] else FAILED)
+        elif kind == "advance":
+            self.clock.advance(op[1])
+        elif kind == "exclusive":
+            slot = self.scheduler.slots.get(SlotId("a", op[1]))
+            if slot is not None and self.scheduler.try_exclusive(slot):
+                assert slot.id not in self.holders
+                self.holders[slot.id] = "exclusive"
+                self.exclusive.append(slot)
+        elif kind == "done" and self.exclusive:
+            slot = self.exclusive.pop(op[1] % len(self.exclusive))
+            del self.holders[slot.id]
+            self.scheduler.done_exclusive(slot)
+        elif kind == "reset":
+            self.scheduler.reset_backend("a")
+        self.check()
+
+    def check(self) -> None:
+        self.pending = [d for d in self.pending if not d.called]
+        assert locked(self.scheduler) == set(self.holders)
+        assert self.scheduler.queue_depth == len(self.pending)
+        assert self.scheduler.queue_depth <= self.scheduler.max_queue
+
+    def drain(self) -> None:
+        """Release everything; every waiter is served in the end; nothing stays locked."""
+        for _ in range(1000):
+            if self.exclusive:
+                self.step(("done", 0))
+            elif self.leases:
+                self.step(("release", 0, True))
+            elif self.pending:
+                self.step(("advance", 2.5))  # affinity runs out
+            else:
+                break
+        assert not self.leases and not self.pending and not self.exclusive
+        assert locked(self.scheduler) == set()
+        assert self.scheduler.queue_depth == 0
+        assert self.clock.getDelayedCalls() == []
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(1, 3), st.integers(0, 4), operations)
+def test_property_one_request_per_slot_and_no_lock_left(slots, max_queue, ops):
+    model = Model(slots, max_queue)
+    for op in ops:
+        model.step(op)
+    model.drain()
+
+
+def test_seeded_long_random_sequences():
+    for seed in range(15):
+        rng = random.Random(seed)
+        model = Model(rng.randint(1, 4), rng.randint(0, 6))
+        for _ in range(300):
+            kind = rng.choice(["acquire"] * 4 + ["release"] * 3 + ["cancel", "advance", "exclusive", "done", "reset"])
+            if kind == "acquire":
+                op = (kind, rng.randint(0, 4), rng.randint(1, 12), rng.random() < 0.3)
+            elif kind == "release":
+                op = (kind, rng.randint(0, 50), rng.random() < 0.8)
+            elif kind == "advance":
+                op = (kind, rng.choice([0.0, 0.3, 1.0, 2.5]))
+            elif kind == "reset":
+                op = (kind,)
+            else:
+                op = (kind, rng.randint(0, 50))
+            model.step(op)
+        model.drain()
