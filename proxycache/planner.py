@@ -82,6 +82,7 @@ class SlotView:
 class Request:
     fingerprint: Fingerprint
     small: bool
+    pinned: bool = False  # its saved cache is never evicted from disk
 
 
 @attrs.frozen
@@ -203,3 +204,14 @@ def state_after(small: bool, succeeded: bool) -> SlotState:
     if not succeeded:
         return SlotState.COLD
     return SlotState.COLD if small else SlotState.HOT
+
+
+def fell_short(plan: Plan, request: Request, cache_n: int, prompt_n: int) -> bool:
+    """
+    Did llama.cpp reuse far less than the plan expected?  Then the proxy's map
+    is stale (llama-server restarted, or its own RAM cache moved things).
+    """
+    if plan.decision not in (Decision.HIT, Decision.RESTORE) or not request.fingerprint.blocks:
+        return False
+    expected = (cache_n + prompt_n) * plan.common_blocks / len(request.fingerprint.blocks)
+    return cache_n < 0.5 * expected

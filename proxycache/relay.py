@@ -21,7 +21,7 @@ from proxycache import __version__
 from proxycache.config import Config
 from proxycache.errors import ApiError, error_body, upstream_unavailable
 from proxycache.fingerprint import fingerprint
-from proxycache.planner import Decision, Request, is_small
+from proxycache.planner import Decision, Request, fell_short, is_small
 from proxycache.scheduler import Lease, Outcome, QueueFull, Scheduler
 from proxycache.sse import TimingsTap, timings_of
 from proxycache.upstream import (
@@ -109,6 +109,7 @@ class Proxy:
         observers: list[Any] | None = None,
         stats: Any = None,
         health: Any = None,
+        on_stale: Any = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -119,6 +120,7 @@ class Proxy:
         self.observers = observers or []  # each called with every RequestRecord
         self.stats = stats  # proxycache.stats.Stats: /metrics, /status
         self.health = health  # callable -> (ok, details): /proxycache/health
+        self.on_stale = on_stale or (lambda slot_id: None)  # the slot map looks wrong: look again
 
     def resource(self):
         return self.app.resource()
@@ -197,7 +199,11 @@ class Proxy:
     ) -> bytes:
         fp = fingerprint(shape, self.config.block_words)
         config = self.config
-        wanted = Request(fp, is_small(fp, config.min_prefix_chars, config.min_prefix_words, config.min_prefix_blocks))
+        wanted = Request(
+            fp,
+            is_small(fp, config.min_prefix_chars, config.min_prefix_words, config.min_prefix_blocks),
+            pinned=(request.getHeader(b"x-proxycache-pin") or b"").lower() in (b"1", b"true", b"yes"),
+        )
         if not self.scheduler.slots:
             raise upstream_unavailable("no slots known yet (is llama-server up?)")
         try:
@@ -319,6 +325,12 @@ class Proxy:
         )
         for observer in self.observers:
             observer(record)
+        if outcome.succeeded and fell_short(lease.plan, lease.request, outcome.cache_n, outcome.prompt_n):
+            log.warn(
+                "slot {slot} reused {cache_n} tokens, far below the plan ({blocks} blocks): checking llama-server",
+                slot=str(lease.slot.id), cache_n=outcome.cache_n, blocks=lease.plan.common_blocks,
+            )
+            self.on_stale(lease.slot.id)
 
     # -- the proxy's own pages -----------------------------------------------
 

@@ -46,6 +46,7 @@ class SlotContent:
     fingerprint: Fingerprint = EMPTY
     tokens: int = 0  # tokens llama.cpp holds (prompt + generated), from timings
     saved_key: str | None = None  # the disk entry holding exactly this, if saved since it changed
+    pinned: bool = False  # a client asked to keep this conversation on disk
 
 
 NOTHING = SlotContent()
@@ -179,6 +180,7 @@ class Scheduler:
                 state_after(lease.request.small, True),
                 lease.request.fingerprint,
                 outcome.cache_n + outcome.prompt_n + outcome.predicted_n,
+                pinned=lease.request.pinned,
             )
         else:
             slot.content = SlotContent(SlotState.COLD)
@@ -242,7 +244,9 @@ class Scheduler:
                 # Claim the slot for this conversation at once, so that a follow-up
                 # arriving meanwhile waits for it instead of computing it again elsewhere.
                 slot.content = SlotContent(
-                    state_after(waiter.request.small, True), waiter.request.fingerprint
+                    state_after(waiter.request.small, True),
+                    waiter.request.fingerprint,
+                    pinned=waiter.request.pinned,
                 )
                 granted.append((waiter.deferred, lease))
         finally:

@@ -123,6 +123,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     proxy = Proxy(
         config, reactor, backends, scheduler, tier, [stats.request_done], stats,
         health=lambda: own_health(config, monitor, scheduler, tier),
+        on_stale=lambda slot_id: monitor.check(),
     )
     site = Site(proxy.resource())
     site.displayTracebacks = False

@@ -221,7 +221,7 @@ class DiskTier(Service, SlotPreparer):
             key=key, backend=backend.name, model=model, fingerprint=fp,
             tokens=int(reply.get("n_saved", content.tokens)), bytes=int(reply.get("n_written", 0)),
             created=predecessor.created if predecessor else now, last_used=now,
-            pinned=bool(predecessor and predecessor.pinned),
+            pinned=content.pinned or bool(predecessor and predecessor.pinned),
         )
         try:
             await self.to_thread(write_meta, self.meta_dir, entry)

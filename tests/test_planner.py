@@ -448,7 +448,7 @@ def passing(request: Request, s: SlotView, min_ratio: float) -> int:
     return common
 
 
-SETTINGS = settings(max_examples=200, deadline=None)
+SETTINGS = settings(max_examples=150, deadline=None)
 
 
 @SETTINGS

@@ -121,20 +121,11 @@ def test_cancelling_a_queued_request_removes_it():
     assert scheduler.queue_depth == 1
     assert result(first).check(CancelledError)
     scheduler.release(running, OK)
-    assert lease_of(second).slot.id == A0  # the cancelled one got nothing
+    lease = lease_of(second)
+    assert lease.slot.id == A0  # the cancelled one got nothing
     assert locked(scheduler) == {A0}
-    scheduler.release(lease_of_cached(second), OK)
+    scheduler.release(lease, OK)
     assert locked(scheduler) == set() and scheduler.queue_depth == 0
-
-
-_granted: dict[int, Lease] = {}
-
-
-def lease_of_cached(d: Deferred) -> Lease:
-    """L{lease_of} consumes nothing, but a second call needs the lease kept somewhere."""
-    if id(d) not in _granted:
-        _granted[id(d)] = lease_of(d)
-    return _granted[id(d)]
 
 
 def test_cancelling_a_waiting_follow_up_cancels_its_timer():
@@ -213,6 +204,13 @@ def test_unrelated_request_is_not_held_back_by_a_waiting_follow_up():
     assert lease_of(other).slot.id == A1
 
 
+def test_small_follow_up_does_not_wait_for_its_busy_cold_slot():
+    scheduler = make(2)
+    lease_of(scheduler.acquire(small(4, 1)))
+    lease = lease_of(scheduler.acquire(small(5, 1)))
+    assert lease.slot.id == A1 and lease.plan.decision is Decision.SMALL
+
+
 def test_zero_affinity_never_waits():
     scheduler = make(2, affinity_wait=0.0)
     lease_of(scheduler.acquire(large(10, 1)))
@@ -248,7 +246,7 @@ def test_affinity_timer_firing_an_ulp_early_still_ends_the_wait():
     assert follow_up.called, "still queued although a#0 has been idle since affinity ended"
 
 
-def test_small_follow_up_waits_for_its_cold_slot_and_never_takes_hot():
+def test_small_requests_never_take_hot_while_cold_or_free_idle():
     clock = Clock()
     scheduler = make(3, clock=clock)
     hot = lease_of(scheduler.acquire(large(20, 1)))

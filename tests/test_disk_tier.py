@@ -1,0 +1,206 @@
+"""
+The disk tier against a real llama.cpp server: save before evict, restore on
+demand, restarts of either process, model guard, budget, failures.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conversations import User, close_to_new
+from tests.proxy import ProxyProcess, http
+
+LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
+
+
+def start_proxy(tmp_path, llama, **options):
+    options = {**LIMITS, "write_behind": 0.2, **options}
+    if llama.save_dir is not None:
+        options.setdefault("slot_save_path", str(llama.save_dir))
+    return ProxyProcess(tmp_path, llama.url, **options).start()
+
+
+def wait_for(predicate, timeout=15.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def all_saved(proxy):
+    return all(slot["saved"] or slot["state"] != "hot" for slot in proxy.status()["slots"])
+
+
+def test_four_users_on_two_slots_restore_from_disk(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        client = proxy.client()
+        users = [User(name) for name in ("ana", "ben", "cai", "dee")]
+        for turn in range(4):
+            for user in users:
+                record = user.turn(client)
+                if turn == 0:
+                    assert record["decision"] == "miss"
+                else:
+                    assert record["decision"] in ("restore", "hit"), record
+                    assert close_to_new(record), record
+        assert sum(1 for u in users for r in u.turns[1:] if r["decision"] == "restore") >= 10
+        status = proxy.status()
+        assert status["disk"]["ineffective_restores"] == 0
+        # one conversation, one entry: a file per user, not per turn
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        assert len(list(llama.save_dir.glob("slotcache_*.bin"))) == 4
+        assert len(list((tmp_path / "meta").glob("*.meta"))) == 4
+    finally:
+        proxy.stop()
+
+
+def test_restart_of_the_proxy_between_turns(llama, tmp_path):
+    users = [User(name) for name in ("ana", "ben", "cai")]
+    proxy = start_proxy(tmp_path, llama)
+    for user in users:
+        user.turn(proxy.client())
+    proxy.stop()  # SIGTERM: flushes the hot slots to disk
+
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        for user in users:
+            record = user.turn(proxy.client())
+            assert record["decision"] == "restore", record
+            assert close_to_new(record), record
+    finally:
+        proxy.stop()
+
+
+def test_restart_of_llama_server_between_turns(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        users = [User("ana"), User("ben")]
+        for user in users:
+            user.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        llama.restart()
+        wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1, what="restart noticed")
+        wait_for(lambda: proxy.status()["backends"][0]["up"], what="backend up again")
+        for user in users:
+            record = user.turn(proxy.client())
+            assert record["decision"] == "restore", record
+            assert close_to_new(record), record
+    finally:
+        proxy.stop()
+
+
+def test_cache_of_another_model_is_never_restored(llama_factory, other_model, tmp_path):
+    llama = llama_factory()
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        user = User("ana")
+        user.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        llama.stop()
+        other = llama_factory(model=other_model, port=llama.spec.port, save_dir=str(llama.save_dir))
+        wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1 or not proxy.status()["backends"][0]["up"], what="restart noticed")
+        wait_for(lambda: proxy.status()["backends"][0]["up"], what="backend up again")
+        record = user.turn(proxy.client())
+        assert record["decision"] == "miss"
+        disk = proxy.status()["disk"]
+        assert disk["restores"] == 0 and disk["restore_failures"] == 0
+        assert other.alive
+    finally:
+        proxy.stop()
+
+
+def test_disk_budget_evicts_least_recently_used_and_keeps_pinned(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama, max_cache_entries=2)
+    try:
+        client = proxy.client()
+        pinned_client = proxy.client(default_headers={"X-Proxycache-Pin": "1"})
+        ana, ben, cai, dee = (User(n) for n in ("ana", "ben", "cai", "dee"))
+        ana.turn(pinned_client)
+        for user in (ben, cai, dee):
+            user.turn(client)
+            wait_for(lambda: all_saved(proxy), what="write-behind")
+        metas = {p.stem for p in (tmp_path / "meta").glob("*.meta")}
+        assert len(metas) == 2
+        assert len(list(llama.save_dir.glob("slotcache_*.bin"))) == 2
+        # ana (pinned, oldest) survived; ben and cai (least recently used) went
+        assert ana.turn(pinned_client)["decision"] in ("restore", "hit")
+        assert ben.turn(client)["decision"] == "miss"
+        assert proxy.status()["disk"]["evicted_entries"] >= 2
+    finally:
+        proxy.stop()
+
+
+def test_save_failure_loses_no_request(llama_factory, tmp_path):
+    llama = llama_factory(save_dir=None)  # llama-server answers 501 to saves
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        users = [User(n) for n in ("ana", "ben", "cai")]
+        for turn in range(2):
+            for user in users:
+                record = user.turn(proxy.client())
+                assert record["answer"] is not None
+        disk = proxy.status()["disk"]
+        assert disk["save_failures"] >= 1 and disk["saves"] == 0
+    finally:
+        proxy.stop()
+
+
+def test_restore_failure_recomputes(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        users = [User(n) for n in ("ana", "ben", "cai")]
+        for user in users:
+            user.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        for path in llama.save_dir.glob("slotcache_*.bin"):
+            path.unlink()  # behind the proxy's back
+        record = users[0].turn(proxy.client())  # ana was evicted: the plan is a restore
+        assert record["decision"] == "miss"
+        assert record["cache_n"] == 0 and record["prompt_n"] > 1000
+        assert proxy.status()["disk"]["restore_failures"] == 1
+        assert users[0].turn(proxy.client())["decision"] == "hit"
+    finally:
+        proxy.stop()
+
+
+def test_corrupt_meta_and_half_written_save_are_skipped(llama, tmp_path):
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    (meta / "0123456789abcdef.meta").write_text("{not json")
+    (meta / "fedcba9876543210.meta").write_text('{"version": 999}')
+    (meta / ".0011223344556677.meta.tmp").write_text('{"version": 1, "ke')  # killed mid-write
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        assert http("GET", proxy.url + "/proxycache/health")[0] == 200
+        assert User("ana").turn(proxy.client())["decision"] == "miss"
+        log = proxy.log_text()
+        assert "skipped unreadable cache meta 0123456789abcdef.meta" in log
+        assert "fedcba9876543210.meta" in log
+        assert not (meta / ".0011223344556677.meta.tmp").exists()
+    finally:
+        proxy.stop()
+
+
+def test_kill_during_saves_leaves_an_index_that_loads(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama, write_behind=0.05)
+    users = [User(n) for n in ("ana", "ben", "cai")]
+    for turn in range(2):
+        for user in users:
+            user.turn(proxy.client())
+    proxy.stop(signal.SIGKILL)
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        assert proxy.status()["disk"]["entries"] >= 1
+        record = users[0].turn(proxy.client())
+        assert record["decision"] in ("restore", "miss")
+    finally:
+        proxy.stop()
