@@ -29,6 +29,7 @@ class BackendHealth:
     model: str | None = None  # what a saved cache must have been written by (disk.model_identity)
     max_task_seen: int = -1
     restarts: int = 0
+    slot_context: int | None = None  # n_ctx of one slot
 
 
 def restarted(slots: list[dict[str, Any]], believed_in_use: set[int], max_task_seen: int) -> bool:
@@ -120,9 +121,17 @@ class Monitor(TimerService):
             health.max_task_seen = -1
             health.up = False  # read /props again: it may run another model now
             return
+        contexts = [s["n_ctx"] for s in slots if isinstance(s.get("n_ctx"), int)]
+        if contexts:
+            health.slot_context = min(contexts)
         tasks = [s["id_task"] for s in slots if isinstance(s.get("id_task"), int)]
         if tasks:
             health.max_task_seen = max(health.max_task_seen, max(tasks))
+
+    def slot_context(self) -> int | None:
+        """The smallest slot context among live backends: no request can generate more."""
+        known = [h.slot_context for h in self.health.values() if h.up and h.slot_context]
+        return min(known) if known else None
 
     @property
     def ready(self) -> bool:

@@ -45,6 +45,9 @@ PASSTHROUGH_POST = frozenset(
     {"/v1/embeddings", "/embeddings", "/embedding", "/tokenize", "/detokenize", "/apply-template"}
 )
 SCHEDULED_COMPLETIONS = frozenset({"/v1/completions", "/completions", "/completion"})
+OWN_ROUTES = frozenset(
+    {"/v1/chat/completions", "/chat/completions", "/metrics", "/status", "/proxycache/health", "/dashboard"}
+)
 # Response headers worth relaying from llama.cpp; hop-by-hop ones are not.
 RELAYED_HEADERS = (b"content-type", b"cache-control")
 
@@ -110,6 +113,7 @@ class Proxy:
         stats: Any = None,
         health: Any = None,
         on_stale: Any = None,
+        context_limit: Any = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -121,6 +125,7 @@ class Proxy:
         self.stats = stats  # proxycache.stats.Stats: /metrics, /status
         self.health = health  # callable -> (ok, details): /proxycache/health
         self.on_stale = on_stale or (lambda slot_id: None)  # the slot map looks wrong: look again
+        self.context_limit = context_limit or (lambda: None)  # tokens a slot holds, once known
 
     def resource(self):
         return self.app.resource()
@@ -178,7 +183,7 @@ class Proxy:
     async def chat_completions(self, request: IRequest) -> bytes:
         self._authorize(request)
         body = self._json_body(request)
-        check_chat_request(body)
+        check_chat_request(body, self.context_limit())
         return await self._generate(request, body, "/v1/chat/completions", body)
 
     @app.route("/v1/completions", methods=["POST"])
@@ -374,7 +379,7 @@ class Proxy:
         method = request.method.decode()
         allowed = PASSTHROUGH_GET if method == "GET" else PASSTHROUGH_POST if method == "POST" else frozenset()
         if path not in allowed:
-            if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED_COMPLETIONS:
+            if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED_COMPLETIONS | OWN_ROUTES:
                 raise ApiError(405, f"{method} is not allowed on {path}", "invalid_request_error", "method_not_allowed")
             raise ApiError(404, f"no route {method} {path}", "invalid_request_error", "unknown_route")
         backend = next(iter(self.backends.values()))

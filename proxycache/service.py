@@ -124,6 +124,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         config, reactor, backends, scheduler, tier, [stats.request_done], stats,
         health=lambda: own_health(config, monitor, scheduler, tier),
         on_stale=lambda slot_id: monitor.check(),
+        context_limit=monitor.slot_context,
     )
     site = Site(proxy.resource())
     site.displayTracebacks = False

@@ -1,0 +1,99 @@
+"""
+Bad input gets a clear OpenAI error with the right status, and changes nothing:
+one table, one real daemon, one real llama.cpp server.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.proxy import ProxyProcess, http
+
+GOOD = [{"role": "user", "content": "hello"}]
+
+
+def chat(**fields):
+    return json.dumps({"messages": GOOD, "max_tokens": 2, **fields}).encode()
+
+
+# (name, method, path, raw body, headers, expected status, expected code or None)
+CASES = [
+    ("body not JSON", "POST", "/v1/chat/completions", b"{oops", {}, 400, "invalid_json"),
+    ("JSON not an object", "POST", "/v1/chat/completions", b"[1, 2]", {}, 400, "invalid_json"),
+    ("NaN is not JSON", "POST", "/v1/chat/completions", b'{"messages": NaN}', {}, 400, "invalid_json"),
+    ("wrong content type", "POST", "/v1/chat/completions", chat(), {"Content-Type": "text/plain"}, 415, "unsupported_media_type"),
+    ("body over the limit", "POST", "/v1/chat/completions", chat(pad="x" * 500_000), {}, 413, "body_too_large"),
+    ("messages missing", "POST", "/v1/chat/completions", b'{"max_tokens": 2}', {}, 400, "missing_messages"),
+    ("messages empty", "POST", "/v1/chat/completions", b'{"messages": []}', {}, 400, "invalid_request"),
+    ("messages not a list", "POST", "/v1/chat/completions", b'{"messages": "hi"}', {}, 400, "invalid_request"),
+    ("message not an object", "POST", "/v1/chat/completions", b'{"messages": ["hi"]}', {}, 400, "invalid_request"),
+    ("role missing", "POST", "/v1/chat/completions", b'{"messages": [{"content": "hi"}]}', {}, 400, "invalid_request"),
+    ("role unknown", "POST", "/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', {}, 400, "invalid_request"),
+    ("content a number", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', {}, 400, "invalid_request"),
+    ("content part without type", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"text": "hi"}]}]}', {}, 400, "invalid_request"),
+    ("invalid UTF-8", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400, "invalid_utf8"),
+    ("raw NUL byte", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\x00b"}]}', {}, 400, "invalid_json"),
+    ("lone surrogate", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', {}, 400, "invalid_string"),
+    ("stream not a boolean", "POST", "/v1/chat/completions", chat(stream="yes"), {}, 400, "invalid_request"),
+    ("n above 1", "POST", "/v1/chat/completions", chat(n=3), {}, 400, "unsupported_n"),
+    ("max_tokens negative", "POST", "/v1/chat/completions", chat(max_tokens=-1), {}, 400, "invalid_request"),
+    ("max_tokens huge", "POST", "/v1/chat/completions", chat(max_tokens=10**12), {}, 400, "context_length_exceeded"),
+    ("client names a slot", "POST", "/v1/chat/completions", chat(id_slot=1), {}, 400, "slot_not_allowed"),
+    ("unknown route", "GET", "/v2/everything", None, {}, 404, "unknown_route"),
+    ("wrong method", "GET", "/v1/chat/completions", None, {}, 405, None),
+    ("wrong method on a passthrough", "DELETE", "/tokenize", None, {}, 405, "method_not_allowed"),
+    ("slot save by a client", "POST", "/slots/0?action=save", b'{"filename": "../../etc/passwd"}', {}, 403, "slots_forbidden"),
+    ("slot restore by a client", "POST", "/slots/1?action=restore", b'{"filename": "slotcache_0.bin"}', {}, 403, "slots_forbidden"),
+]
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory, tiny_model):
+    from proxycache.embedded import LlamaServerSpec, free_port
+    from tests.llama import LlamaProcess
+
+    workdir = tmp_path_factory.mktemp("bad-input")
+    llama = LlamaProcess(
+        LlamaServerSpec(model=str(tiny_model), slots=2, ctx_per_slot=4096, save_dir=str(workdir / "saves"), port=free_port(), threads=2),
+        workdir / "llama.log",
+    )
+    proxy = ProxyProcess(workdir, llama.url, max_body_bytes=400_000, slot_save_path=str(workdir / "saves")).start()
+    proxy.client().chat.completions.create(model="any", messages=GOOD, max_tokens=2)  # a known slot map
+    yield proxy, llama
+    proxy.stop()
+    llama.stop()
+
+
+def _slot_map(status):
+    return [(s["slot"], s["state"], s["conversation"], s["tokens"]) for s in status["slots"]]
+
+
+@pytest.mark.parametrize("name, method, path, body, headers, status, code", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(served, name, method, path, body, headers, status, code):
+    proxy, llama = served
+    before = proxy.status()
+    got, response_headers, error = http(method, proxy.url + path, body, headers)
+    assert got == status, error
+    assert response_headers["Content-Type"].startswith("application/json")
+    assert set(error["error"]) == {"message", "type", "code"}
+    assert error["error"]["message"]
+    if code is not None:
+        assert error["error"]["code"] == code
+    after = proxy.status()
+    assert not any(slot["busy"] for slot in after["slots"])
+    assert _slot_map(after) == _slot_map(before)
+    assert after["totals"]["requests"] == before["totals"]["requests"]
+
+
+def test_images_pass_through_and_fingerprint_on_text(served):
+    proxy, _ = served
+    image = "data:image/png;base64," + "iVBORw0KGgo" * 20000
+    content = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": image}}]
+    status, _, body = http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+    # The proxy passes the image on (a vision model would answer); the text-only
+    # test model refuses it, and llama.cpp's status and message come through.
+    assert status == 500
+    assert "image input is not supported" in body["error"]["message"]
+    assert not any(slot["busy"] for slot in proxy.status()["slots"])
