@@ -24,7 +24,7 @@ from proxycache.fingerprint import Fingerprint
 log = Logger()
 
 META_VERSION = 1
-KEY_PATTERN = re.compile(r"^[0-9a-f]{8,64}$")
+KEY_PATTERN = re.compile(r"\A[0-9a-f]{8,64}\Z")  # not "$": it also matches before a final "\n"
 
 
 def bin_name(key: str) -> str:
@@ -69,6 +69,8 @@ class MetaEntry:
 
     @classmethod
     def from_json(cls, data: dict) -> "MetaEntry":
+        if not isinstance(data, dict):
+            raise ValueError(f"meta is a JSON {type(data).__name__}, not an object")
         if data.get("version") != META_VERSION:
             raise ValueError(f"meta format version {data.get('version')!r}, expected {META_VERSION}")
         key = data["key"]
@@ -83,8 +85,8 @@ class MetaEntry:
             bytes=int(data["bytes"]),
             created=float(data["created"]),
             last_used=float(data["last_used"]),
-            pinned=bool(data.get("pinned", False)),
-            ineffective=bool(data.get("ineffective", False)),
+            pinned=data.get("pinned") is True,
+            ineffective=data.get("ineffective") is True,
         )
 
 
@@ -209,6 +211,8 @@ def load_index(meta_dir: Path, save_dir: Path | None) -> Loaded:
         for path in sorted(meta_dir.glob("*.meta")):
             try:
                 entry = MetaEntry.from_json(json.loads(path.read_text()))
+                if path.stem != entry.key:
+                    raise ValueError(f"names key {entry.key}")
             except (OSError, ValueError, KeyError, TypeError) as e:
                 skipped.append(f"{path.name}: {e}")
                 continue

@@ -164,39 +164,36 @@ def plan(
     """
     idle = [s for s in slots if not s.busy]
     match = best_match(request, slots, min_ratio)
-    if match is not None:
+
+    def disk_beats(found: tuple[SlotView, int, float] | None) -> bool:
+        return not request.small and disk is not None and (found is None or disk.common_blocks > found[1])
+
+    if match is not None and match[0].busy:
+        # Waiting pays for a large prefix only: a small one is cheaper to recompute.
+        if affinity and not request.small and not disk_beats(match):
+            slot, common, ratio = match
+            return Plan(Decision.WAIT, slot.id, common, ratio)
+        match = best_match(request, idle, min_ratio)  # the best prefix actually available
+    if disk_beats(match):
+        target = target_slot([s for s in idle if s.id.backend == disk.backend])
+        if target is not None:
+            return Plan(
+                Decision.RESTORE,
+                target.id,
+                disk.common_blocks,
+                disk.similarity,
+                evicts=target.state is SlotState.HOT,
+                restore=disk,
+            )
+    if match is not None:  # also when the restore cannot happen: a partial prefix beats none
         slot, common, ratio = match
-        if disk is None or disk.common_blocks <= common:
-            if slot.busy:
-                # Waiting pays for a large prefix only: a small one is cheaper to recompute.
-                if affinity and not request.small:
-                    return Plan(Decision.WAIT, slot.id, common, ratio)
-                match = best_match(request, idle, min_ratio)
-            if match is not None:
-                slot, common, ratio = match
-                return Plan(Decision.HIT, slot.id, common, ratio)
+        return Plan(Decision.HIT, slot.id, common, ratio)
 
-    if request.small:
-        target = target_slot(idle)
-        if target is None:
-            return None
-        return Plan(Decision.SMALL, target.id, evicts=target.state is SlotState.HOT)
-
-    candidates = [s for s in idle if disk is None or s.id.backend == disk.backend]
-    target = target_slot(candidates) if disk is not None else None
-    if target is not None:
-        return Plan(
-            Decision.RESTORE,
-            target.id,
-            disk.common_blocks,
-            disk.similarity,
-            evicts=target.state is SlotState.HOT,
-            restore=disk,
-        )
     target = target_slot(idle)
     if target is None:
         return None
-    return Plan(Decision.MISS, target.id, evicts=target.state is SlotState.HOT)
+    decision = Decision.SMALL if request.small else Decision.MISS
+    return Plan(decision, target.id, evicts=target.state is SlotState.HOT)
 
 
 def state_after(small: bool, succeeded: bool) -> SlotState:

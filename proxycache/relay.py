@@ -299,7 +299,7 @@ class Proxy:
             tap.feed(data)
 
         try:
-            await pipe_body(response, relay, self.clock, self.config.stream_idle_timeout)
+            await pipe_body(response, relay, self.clock, self.config.stream_idle_timeout, request)
         except UPSTREAM_FAILURES as e:
             # Headers are gone already: end the stream with an error event the SDKs understand.
             error = {"error": {"message": f"llama-server broke off the stream: {e}", "type": "server_error", "code": "upstream_error"}}
@@ -398,7 +398,7 @@ class Proxy:
             for value in response.headers.getRawHeaders(name, []):
                 request.setHeader(name, value)
         try:
-            await pipe_body(response, request.write, self.clock, self.config.stream_idle_timeout)
+            await pipe_body(response, request.write, self.clock, self.config.stream_idle_timeout, request)
         except UPSTREAM_FAILURES as e:
             log.warn("passthrough {path} broken off: {error}", path=path, error=e)
         return b""

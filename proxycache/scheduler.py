@@ -126,11 +126,13 @@ class Scheduler:
         self.slots: dict[SlotId, Slot] = {}
         self._queue: list[_Waiter] = []
         self._pumping = False
+        self._counts: dict[str, int] = {}  # declared slots per backend
 
     # -- the slot map -------------------------------------------------------
 
     def set_backend_slots(self, backend: str, count: int) -> None:
         """(Re)declare C{backend}'s slots; existing slot state is kept where the index survives."""
+        self._counts[backend] = count
         for index in range(count):
             slot_id = SlotId(backend, index)
             self.slots.setdefault(slot_id, Slot(slot_id))
@@ -145,6 +147,7 @@ class Scheduler:
             if slot.id.backend == backend:
                 slot.forget()
         log.warn("slot map of {backend} reset", backend=backend)
+        self.pump()
 
     def views(self) -> list[SlotView]:
         return [slot.view() for slot in self.slots.values()]
@@ -185,27 +188,30 @@ class Scheduler:
         else:
             slot.content = SlotContent(SlotState.COLD)
         slot.lock.release()
+        self._retire_if_gone(slot)
         self.pump()
 
+    def _retire_if_gone(self, slot: Slot) -> None:
+        """A slot beyond its backend's declared count was kept only while busy."""
+        declared = self._counts.get(slot.id.backend)
+        if declared is not None and slot.id.index >= declared and not slot.busy:
+            self.slots.pop(slot.id, None)
+
     def try_exclusive(self, slot: Slot) -> bool:
-        """Take an idle slot's lock for maintenance (save); False if busy. Release with L{done_exclusive}."""
-        if slot.busy or self._wanted(slot):
+        """
+        Take an idle slot's lock for maintenance (a background save); False if
+        busy.  An idle slot is never wanted by the queue: L{pump} would have
+        handed it out already.  Release with L{done_exclusive}.
+        """
+        if slot.busy:
             return False
         slot.lock.acquire()
         return True
 
     def done_exclusive(self, slot: Slot) -> None:
         slot.lock.release()
+        self._retire_if_gone(slot)
         self.pump()
-
-    def _wanted(self, slot: Slot) -> bool:
-        """Someone in the queue is waiting for exactly this slot."""
-        views = self.views()
-        for waiter in self._queue:
-            decided = self._plan_for(waiter, views)
-            if decided is not None and decided.slot == slot.id:
-                return True
-        return False
 
     # -- the queue ----------------------------------------------------------
 
@@ -255,7 +261,9 @@ class Scheduler:
             deferred.callback(lease)
 
     def _wake_at_affinity_end(self, waiter: _Waiter) -> None:
-        if waiter.timer is None:
+        # Re-arm a timer that already fired: its delay was computed from a later
+        # "now" than the enqueue, so it may fire a float step before affinity_until.
+        if waiter.timer is None or not waiter.timer.active():
             delay = max(0.0, waiter.affinity_until - self.clock.seconds())
             waiter.timer = self.clock.callLater(delay, self.pump)
 

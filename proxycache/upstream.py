@@ -18,7 +18,7 @@ from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
 from twisted.web._newclient import ResponseNeverReceived, RequestTransmissionFailed
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -51,16 +51,25 @@ class StreamStalled(UpstreamError):
 
 class _BodyPipe(Protocol):
     def __init__(
-        self, on_data: Callable[[bytes], None], clock: IReactorTime, idle_timeout: float
+        self,
+        on_data: Callable[[bytes], None],
+        clock: IReactorTime,
+        idle_timeout: float,
+        consumer: IConsumer | None = None,
     ) -> None:
         self.on_data = on_data
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.consumer = consumer
         self.done: Deferred[None] = Deferred(self._cancel)
         self._idle = None
 
     def connectionMade(self) -> None:
         self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
+        if self.consumer is not None:
+            # Back-pressure: a client that reads slowly pauses llama.cpp's
+            # connection instead of piling its output up in our memory.
+            self.consumer.registerProducer(self.transport, True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle is not None and self._idle.active():
@@ -70,6 +79,9 @@ class _BodyPipe(Protocol):
     def connectionLost(self, reason: Failure) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
+        if self.consumer is not None:
+            self.consumer.unregisterProducer()
+            self.consumer = None
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -97,9 +109,13 @@ def pipe_body(
     on_data: Callable[[bytes], None],
     clock: IReactorTime,
     idle_timeout: float,
+    consumer: IConsumer | None = None,
 ) -> "Deferred[None]":
-    """Feed C{response}'s body to C{on_data}; cancelling closes the upstream connection."""
-    pipe = _BodyPipe(on_data, clock, idle_timeout)
+    """
+    Feed C{response}'s body to C{on_data}; cancelling closes the upstream
+    connection.  With C{consumer}, the upstream is paused while it is.
+    """
+    pipe = _BodyPipe(on_data, clock, idle_timeout, consumer)
     response.deliverBody(pipe)
     return pipe.done
 

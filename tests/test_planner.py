@@ -290,11 +290,6 @@ def test_small_request_never_restores():
     assert p.decision is Decision.SMALL and p.restore is None
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="planner bug: a disk entry longer than the idle slot match, with no idle slot "
-    "on the disk entry's backend, ends in a MISS instead of the idle partial HIT",
-)
 def test_disk_unrestorable_keeps_the_idle_slot_hit():
     request = large(fp(50, 55))
     slots = [
@@ -306,11 +301,6 @@ def test_disk_unrestorable_keeps_the_idle_slot_hit():
     assert p.decision is Decision.HIT and p.slot == SlotId("a", 0) and p.common_blocks == 10
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="planner bug: with affinity off, disk is compared against the busy slot's match, "
-    "not the idle one actually used, so a 5-block HIT beats a 40-block restore",
-)
 def test_affinity_over_disk_beats_the_idle_match_restores():
     request = large(fp(50, 55))
     slots = [
