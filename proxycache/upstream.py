@@ -16,13 +16,13 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError, DNSLookupError
 from twisted.web._newclient import ResponseNeverReceived, RequestTransmissionFailed
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.client import HTTPConnectionPool, ResponseDone
+from twisted.web.client import Agent, HTTPConnectionPool, ResponseDone
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
 
@@ -80,8 +80,9 @@ class _BodyPipe(Protocol):
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         if self.consumer is not None:
-            self.consumer.unregisterProducer()
-            self.consumer = None
+            consumer, self.consumer = self.consumer, None
+            if getattr(consumer, "channel", True) is not None:  # a finished request has none
+                consumer.unregisterProducer()
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):
@@ -135,6 +136,7 @@ class Backend:
     clock: IReactorTime
     api_key: str | None = None
     idle_timeout: float = 300.0
+    fresh_client: HTTPClient | None = None  # a new connection per request, for retries
 
     @classmethod
     def create(cls, reactor: Any, url: str, api_key: str | None, pool_size: int, idle_timeout: float) -> "Backend":
@@ -143,10 +145,10 @@ class Backend:
         pool.maxPersistentPerHost = pool_size
         pool.retryAutomatically = False
         pool._factory.noisy = False  # no "Starting factory" line per connection
-        from twisted.web.client import Agent
 
         client = HTTPClient(Agent(reactor, pool=pool))
-        return cls(url, client, reactor, api_key, idle_timeout)
+        fresh = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        return cls(url, client, reactor, api_key, idle_timeout, fresh)
 
     @property
     def name(self) -> str:
@@ -168,13 +170,42 @@ class Backend:
         timeout: float | None = None,
     ) -> "Deferred[IResponse]":
         """A request whose body is left unread (stream it with L{pipe_body})."""
-        d = self.client.request(
-            method, self.url + path, data=body, headers=self.headers(headers), unbuffered=True
-        )
-        if timeout:
-            # Unlike treq's timeout=, this tells a timeout (TimeoutError) from a cancel.
-            d.addTimeout(timeout, self.clock)
-        return d
+        def send(client: HTTPClient) -> Deferred:
+            return client.request(
+                method, self.url + path, data=body, headers=self.headers(headers), unbuffered=True
+            )
+
+        def retry_if_stale(failure: Failure) -> Any:
+            # llama.cpp's HTTP server closes idle keep-alive connections (and after a
+            # number of requests); a request that meets such a closing pooled connection
+            # was never read, so it is sent once more on a new one.
+            if failure.check(ResponseNeverReceived, RequestTransmissionFailed) and all(
+                reason.check(ConnectionDone) for reason in failure.value.reasons
+            ):
+                return send(self.fresh_client)
+            return failure
+
+        d = send(self.client).addErrback(retry_if_stale)
+        if not timeout:
+            return d
+        # Unlike treq's timeout= (and addTimeout, which the Agent's own cancel
+        # error slips past), this tells a timeout from a client's cancel.
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self.clock.callLater(timeout, expire)
+
+        def settle(result):
+            if timer.active():
+                timer.cancel()
+            if timed_out and isinstance(result, Failure):
+                raise TimeoutError(f"no response headers from llama-server in {timeout:g} s")
+            return result
+
+        return d.addBoth(settle)
 
     async def call(
         self, method: str, path: str, payload: Any = None, timeout: float = 10.0

@@ -86,3 +86,18 @@ def llama_factory(
 def llama(llama_factory: Callable[..., LlamaProcess]) -> LlamaProcess:
     """A 2-slot server on the tiny model (8192 tokens a slot)."""
     return llama_factory()
+
+
+@pytest.fixture(scope="module")
+def module_llama(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaProcess]:
+    """One 2-slot tiny-model server shared by a module's tests (for tests that change nothing)."""
+    workdir = tmp_path_factory.mktemp("llama-module")
+    process = LlamaProcess(
+        LlamaServerSpec(
+            model=str(tiny_model), slots=2, ctx_per_slot=4096, save_dir=str(workdir / "saves"),
+            port=free_port(), threads=2, binary=os.environ.get("LLAMA_SERVER_BIN") or None,
+        ),
+        workdir / "llama.log",
+    )
+    yield process
+    process.stop()

@@ -50,20 +50,12 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def served(tmp_path_factory, tiny_model):
-    from proxycache.embedded import LlamaServerSpec, free_port
-    from tests.llama import LlamaProcess
-
+def served(tmp_path_factory, module_llama):
     workdir = tmp_path_factory.mktemp("bad-input")
-    llama = LlamaProcess(
-        LlamaServerSpec(model=str(tiny_model), slots=2, ctx_per_slot=4096, save_dir=str(workdir / "saves"), port=free_port(), threads=2),
-        workdir / "llama.log",
-    )
-    proxy = ProxyProcess(workdir, llama.url, max_body_bytes=400_000, slot_save_path=str(workdir / "saves")).start()
+    proxy = ProxyProcess(workdir, module_llama.url, max_body_bytes=400_000, slot_save_path=str(module_llama.save_dir)).start()
     proxy.client().chat.completions.create(model="any", messages=GOOD, max_tokens=2)  # a known slot map
-    yield proxy, llama
+    yield proxy, module_llama
     proxy.stop()
-    llama.stop()
 
 
 def _slot_map(status):

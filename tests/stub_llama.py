@@ -1,0 +1,81 @@
+"""
+A misbehaving stand-in for llama-server, for the faults a real one will not
+produce on demand: slow headers, stalled bodies, odd errors.  The behaviour is
+chosen by the last message's content.  (Real-server tests cover the rest.)
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+PROPS = {"total_slots": 2, "model_path": "stub.gguf", "build_info": "stub"}
+SLOTS = [{"id": 0, "n_ctx": 4096, "is_processing": False}, {"id": 1, "n_ctx": 4096, "is_processing": False}]
+CHUNK = b'data: {"choices":[{"index":0,"delta":{"content":"x"}}],"object":"chat.completion.chunk"}\n\n'
+
+
+class _Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def _json(self, status, body):
+        raw = json.dumps(body).encode()
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(raw)))
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def do_GET(self):
+        if self.path == "/props":
+            self._json(200, PROPS)
+        elif self.path == "/slots":
+            self._json(200, SLOTS)
+        elif self.path == "/v1/models":
+            self._json(200, {"data": [{"id": "stub", "meta": {"n_params": 1}}]})
+        else:
+            self._json(404, {"error": {"message": "not found"}})
+
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        self.server.requests.append(body)
+        behaviour = body["messages"][-1]["content"]
+        if behaviour == "slow-headers":
+            time.sleep(3)
+            self._json(200, {"choices": []})
+        elif behaviour == "error-503":
+            self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
+        elif behaviour == "error-418":
+            self._json(418, {"error": {"code": 418, "message": "teapot", "type": "odd_error"}})
+        elif behaviour in ("stall-stream", "stall-body"):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream" if behaviour == "stall-stream" else "application/json")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            first = CHUNK if behaviour == "stall-stream" else b'{"choices": ['
+            self.wfile.write(b"%x\r\n%s\r\n" % (len(first), first))
+            self.wfile.flush()
+            time.sleep(3)
+        else:
+            self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]})
+
+
+class StubLlama:
+    def __init__(self) -> None:
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.server.daemon_threads = True
+        self.server.requests = []
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    @property
+    def requests(self) -> list:
+        return self.server.requests
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -1,0 +1,38 @@
+"""
+A tiny run of the benchmark's workload driver through the real daemon: the
+driver works and records everything the report needs.  Not the benchmark.
+"""
+
+from __future__ import annotations
+
+from bench.workload import Workload, oracle_prefill, run
+from tests.proxy import ProxyProcess
+
+# Thresholds scaled to ~300-token contexts, so turns are not "small" requests.
+LIMITS = dict(min_prefix_chars=200, min_prefix_words=30, min_prefix_blocks=2)
+
+
+def test_workload_driver_records_every_request(llama, tmp_path):
+    proxy = ProxyProcess(tmp_path, llama.url, slot_save_path=str(llama.save_dir), **LIMITS).start()
+    try:
+        workload = Workload(users=2, context_tokens=300, turns=2, question_tokens=40,
+                            answer_tokens=4, side_calls=1, side_tokens=60)
+        records = run(proxy.url + "/v1", workload)
+    finally:
+        proxy.stop()
+
+    assert [(r.user, r.turn, r.kind) for r in records] == [
+        (user, turn, kind) for turn in range(2) for user in range(2) for kind in ("turn", "side")
+    ]
+    for r in records:
+        assert r.error is None, r
+        assert 0 < r.ttft <= r.seconds, r
+        assert r.prompt_n is not None and r.cache_n is not None, r
+        assert r.prompt_tokens >= r.prompt_n + r.cache_n - 1 > 0, r
+        assert r.completion_tokens, r
+        assert r.decision in ("hit", "miss", "restore", "small"), r
+        assert r.slot is not None, r
+    turns = [r for r in records if r.kind == "turn"]
+    assert [r.decision for r in turns[:2]] == ["miss", "miss"]
+    assert all(r.cache_n > 300 for r in turns[2:]), turns  # each user's context was reused
+    assert 0 < oracle_prefill(records) <= sum(r.prompt_tokens for r in records)

@@ -1,0 +1,130 @@
+"""
+Upstream and client faults: the daemon answers clearly, frees the slot and
+keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+
+import pytest
+
+from tests.proxy import ProxyProcess, http
+from tests.stub_llama import StubLlama
+
+HELLO = [{"role": "user", "content": "hello there"}]
+
+
+@pytest.fixture
+def stub():
+    server = StubLlama()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def stub_proxy(stub, tmp_path):
+    proxy = ProxyProcess(tmp_path, stub.url, first_byte_timeout=1, stream_idle_timeout=1).start()
+    yield proxy
+    proxy.stop()
+
+
+def ask(proxy, content, stream=False):
+    return http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "stream": stream}, timeout=20)
+
+
+def assert_all_free(proxy):
+    status = proxy.status()
+    assert status["queue_depth"] == 0
+    assert not any(slot["busy"] for slot in status["slots"])
+
+
+def test_slow_first_byte_is_a_504(stub_proxy):
+    status, _, body = ask(stub_proxy, "slow-headers")
+    assert status == 504 and body["error"]["code"] == "upstream_timeout"
+    assert_all_free(stub_proxy)
+    assert ask(stub_proxy, "fine")[0] == 200
+
+
+def test_stalled_body_is_a_504(stub_proxy):
+    status, _, body = ask(stub_proxy, "stall-body")
+    # headers were not sent to the client yet for a non-stream request
+    assert status == 504 and body["error"]["code"] == "upstream_timeout"
+    assert_all_free(stub_proxy)
+
+
+def test_stalled_stream_ends_with_an_error_event(stub_proxy):
+    status, headers, raw = ask(stub_proxy, "stall-stream", stream=True)
+    assert status == 200
+    text = raw.decode()
+    events = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert json.loads(events[0])["choices"]
+    error = json.loads(events[-2])["error"]
+    assert "no data from llama-server" in error["message"]
+    assert events[-1] == "[DONE]" and text.count("[DONE]") == 1
+    assert_all_free(stub_proxy)
+
+
+@pytest.mark.parametrize("content, status, kind", [("error-503", 503, "unavailable_error"), ("error-418", 418, "odd_error")])
+def test_upstream_errors_keep_status_and_body(stub_proxy, content, status, kind):
+    got, _, body = ask(stub_proxy, content)
+    assert got == status and body["error"]["type"] == kind
+    assert_all_free(stub_proxy)
+
+
+def test_llama_server_killed_mid_stream(llama, tmp_path):
+    proxy = ProxyProcess(tmp_path, llama.url).start()
+    try:
+        connection = socket.create_connection(("127.0.0.1", proxy.port))
+        body = json.dumps({"messages": HELLO, "max_tokens": 6000, "stream": True, "ignore_eos": True}).encode()
+        connection.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )
+        received = connection.recv(65536)
+        assert b"200 OK" in received
+        llama.kill()
+        connection.settimeout(10)
+        while b"0\r\n\r\n" not in received[-16:]:
+            chunk = connection.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        text = received.decode(errors="replace")
+        assert "llama-server broke off the stream" in text
+        assert text.count("data: [DONE]") == 1
+        assert_all_free(proxy)
+        status, _, error = http("POST", proxy.url + "/v1/chat/completions", {"messages": HELLO})
+        assert status == 503 and error["error"]["code"] == "upstream_unavailable"
+    finally:
+        proxy.stop()
+
+
+def test_slow_reader_holds_back_only_its_own_slot(llama, tmp_path):
+    proxy = ProxyProcess(tmp_path, llama.url).start()
+    try:
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", proxy.port))
+        # n_probs makes each event ~2 kB: far more than the socket buffers hold
+        body = json.dumps({"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True}).encode()
+        stalled.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + b"Content-Length: %d\r\n\r\n" % len(body) + body
+        )  # and never read
+        time.sleep(1)
+        started = time.monotonic()
+        for i in range(5):
+            status, _, _ = http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": f"other {i}"}], "max_tokens": 8})
+            assert status == 200
+        assert time.monotonic() - started < 10
+        busy = [slot for slot in proxy.status()["slots"] if slot["busy"]]
+        assert len(busy) == 1  # only the stalled reader's slot
+        # back-pressure: llama.cpp was paused, not left generating into our memory
+        assert llama.metrics()["llamacpp:tokens_predicted_total"] < 8000
+        assert any(slot["is_processing"] for slot in llama.slots())
+        stalled.close()
+    finally:
+        proxy.stop()

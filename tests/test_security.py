@@ -1,0 +1,92 @@
+"""
+Who may talk to the proxy, and what a client can never do.
+"""
+
+from __future__ import annotations
+
+import re
+
+import openai
+import pytest
+
+from proxycache.config import Config
+from tests.conversations import User
+from tests.proxy import ProxyProcess, http
+
+HELLO = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
+
+
+def test_listens_on_loopback_unless_told_otherwise():
+    assert Config.load({}, {}).listen == "tcp:8081:interface=127.0.0.1"
+
+
+@pytest.fixture(scope="module")
+def keyed_proxy(module_llama, tmp_path_factory):
+    proxy = ProxyProcess(tmp_path_factory.mktemp("keyed"), module_llama.url, api_keys="team-a-key,team-b-key").start()
+    yield proxy
+    proxy.stop()
+
+
+@pytest.mark.parametrize("path, method, body", [
+    ("/v1/chat/completions", "POST", HELLO),
+    ("/v1/models", "GET", None),
+    ("/tokenize", "POST", {"content": "x"}),
+    ("/status", "GET", None),
+    ("/metrics", "GET", None),
+])
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic team-a-key", "Bearer team-a-keyX"])
+def test_api_key_required(keyed_proxy, path, method, body, authorization):
+    headers = {"Authorization": authorization} if authorization else {}
+    status, response_headers, error = http(method, keyed_proxy.url + path, body, headers)
+    assert status == 401
+    assert error["error"]["code"] == "invalid_api_key"
+    assert response_headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_right_keys_are_let_in(keyed_proxy):
+    for key in ("team-a-key", "team-b-key"):
+        completion = keyed_proxy.client(api_key=key).chat.completions.create(
+            model="any", messages=HELLO["messages"], max_tokens=2
+        )
+        assert completion.choices
+    assert http("GET", keyed_proxy.url + "/status", headers={"Authorization": "Bearer team-b-key"})[0] == 200
+    with pytest.raises(openai.AuthenticationError):
+        keyed_proxy.client(api_key="nope").chat.completions.create(model="any", messages=HELLO["messages"])
+    # the page itself holds no data; its /status calls need the key
+    assert http("GET", keyed_proxy.url + "/")[0] == 200
+    assert http("GET", keyed_proxy.url + "/proxycache/health")[0] == 200
+
+
+def test_upstream_api_key_is_forwarded(llama_factory, tmp_path):
+    llama = llama_factory(api_key="llama-secret")
+    without = ProxyProcess(tmp_path / "without", llama.url).start(wait_ready=False)
+    try:
+        status, _, error = http("POST", without.url + "/v1/chat/completions", HELLO)
+        assert status == 503  # it cannot even read the slot count
+    finally:
+        without.stop()
+    proxy = ProxyProcess(tmp_path / "with", llama.url, upstream_api_key="llama-secret").start()
+    try:
+        assert proxy.client().chat.completions.create(model="any", messages=HELLO["messages"], max_tokens=2).choices
+    finally:
+        proxy.stop()
+
+
+def test_cache_files_are_never_named_from_client_text(llama, tmp_path):
+    proxy = ProxyProcess(
+        tmp_path, llama.url, slot_save_path=str(llama.save_dir), write_behind=0.1,
+        min_prefix_chars=100, min_prefix_words=20, min_prefix_blocks=2,
+    ).start()
+    try:
+        for name in ("../../etc/passwd", "slotcache_x.bin", "a/b\\c", "\u2603 snow"):
+            user = User(name, context_words=100)
+            user.turn(proxy.client(default_headers={"X-Proxycache-Pin": "1"}))
+        import time
+
+        time.sleep(1)
+        names = [p.name for p in llama.save_dir.iterdir()]
+        metas = [p.name for p in (tmp_path / "meta").iterdir()]
+        assert names and all(re.fullmatch(r"slotcache_[0-9a-f]{16}\.bin", n) for n in names)
+        assert metas and all(re.fullmatch(r"[0-9a-f]{16}\.meta", n) for n in metas)
+    finally:
+        proxy.stop()
