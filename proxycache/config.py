@@ -20,29 +20,43 @@ class ConfigError(ValueError):
     """A setting has a value that cannot be used; the message says which and why."""
 
 
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError("must be a whole number") from None
+
+
 def _positive_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 1:
         raise ValueError("must be at least 1")
     return value
 
 
 def _non_negative_int(text: str) -> int:
-    value = int(text)
+    value = _int(text)
     if value < 0:
         raise ValueError("must be 0 or more")
     return value
 
 
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError("must be a number") from None
+
+
 def _ratio(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if not 0.0 < value <= 1.0:
         raise ValueError("must be in (0, 1]")
     return value
 
 
 def _seconds(text: str) -> float:
-    value = float(text)
+    value = _float(text)
     if value <= 0:
         raise ValueError("must be a positive number of seconds")
     return value
@@ -140,6 +154,10 @@ SETTINGS: tuple[Setting, ...] = (
             "key sent to llama-server when it runs with --api-key"),
     Setting("health_interval", "HEALTH_INTERVAL", 5.0, _seconds,
             "seconds between checks of llama-server's health and slots"),
+    Setting("grace", "GRACE_SECONDS", 30.0, _seconds,
+            "on stop, how long requests in flight may take to finish"),
+    Setting("log_prompts", "LOG_PROMPTS", False, _flag,
+            "log the start of each request's last message (debugging only: private text)"),
     Setting("llama_model", "LLAMA_MODEL", None, _optional_text,
             "GGUF to serve with an embedded llama.cpp (xllamacpp)"),
     Setting("demo", "PROXYCACHE_DEMO", False, _flag,
@@ -176,6 +194,8 @@ class Config:
     api_keys: tuple[str, ...]
     upstream_api_key: str | None
     health_interval: float
+    grace: float
+    log_prompts: bool
     llama_model: str | None
     demo: bool
     ctx_per_slot: int
@@ -189,36 +209,76 @@ class Config:
         cls,
         options: Mapping[str, str | None] | None = None,
         environ: Mapping[str, str] | None = None,
+        file: Mapping[str, str] | None = None,
     ) -> "Config":
         """
         Build a config; C{options} (by setting name) win over C{environ}, which
-        wins over the defaults.
+        wins over C{file} (see L{read_config_file}), which wins over the defaults.
 
         @raise ConfigError: naming the first setting whose value is unusable.
         """
-        options = options or {}
-        environ = os.environ if environ is None else environ
-        values: dict[str, Any] = {}
-        for setting in SETTINGS:
-            raw, source = options.get(setting.name), f"--{setting.option}"
-            if raw is None:
-                raw, source = environ.get(setting.env), setting.env
-            if raw is None:
-                values[setting.name] = setting.default
-                continue
-            try:
-                values[setting.name] = setting.parse(str(raw))
-            except ValueError as e:
-                raise ConfigError(f"{source}={raw!r}: {e}") from None
-        if values["meta_dir"] is None:
-            values["meta_dir"] = str(Path(_default_state_dir()) / "meta")
-        return cls(**values)
+        return cls(**{name: value for name, (value, _) in resolve(options, environ, file).items()})
 
     @classmethod
     def for_tests(cls, **overrides: Any) -> "Config":
         """Defaults (ignoring the environment) with C{overrides}."""
         return attrs.evolve(cls.load({}, {}), **overrides)
 
+
+def resolve(
+    options: Mapping[str, str | None] | None,
+    environ: Mapping[str, str] | None,
+    file: Mapping[str, str] | None,
+) -> dict[str, tuple[Any, str]]:
+    """Every setting's value and where it came from ("option", "env", "file" or "default")."""
+    options = options or {}
+    environ = os.environ if environ is None else environ
+    file = file or {}
+    resolved: dict[str, tuple[Any, str]] = {}
+    for setting in SETTINGS:
+        for raw, source, label in (
+            (options.get(setting.name), "option", f"--{setting.option}"),
+            (environ.get(setting.env), "env", setting.env),
+            (file.get(setting.name), "file", f"{setting.name} in the config file"),
+        ):
+            if raw is not None:
+                try:
+                    resolved[setting.name] = (setting.parse(str(raw)), source)
+                except ValueError as e:
+                    raise ConfigError(f"{label}={raw!r}: {e}") from None
+                break
+        else:
+            resolved[setting.name] = (setting.default, "default")
+    if resolved["meta_dir"][0] is None:
+        resolved["meta_dir"] = (str(Path(_default_state_dir()) / "meta"), "default")
+    return resolved
+
+
+def read_config_file(path: str) -> dict[str, str]:
+    """
+    The C{[proxycache]} section of an INI file, keyed by setting name; keys may
+    be written as setting names, option names or environment variable names.
+    """
+    import configparser
+
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as f:
+            parser.read_file(f)
+    except (OSError, configparser.Error) as e:
+        raise ConfigError(f"config file {path}: {e}") from None
+    if not parser.has_section("proxycache"):
+        raise ConfigError(f"config file {path}: no [proxycache] section")
+    by_alias = {}
+    for setting in SETTINGS:
+        for alias in (setting.name, setting.option, setting.env.lower()):
+            by_alias[alias] = setting.name
+    values = {}
+    for key, value in parser.items("proxycache"):
+        if key not in by_alias:
+            raise ConfigError(f"config file {path}: unknown setting {key!r}")
+        values[by_alias[key]] = value
+    return values
 
 def setting(name: str) -> Setting:
     return _BY_NAME[name]

@@ -164,8 +164,12 @@ class Fingerprint:
     @classmethod
     def from_hex(cls, text: str, chars: int, words: int) -> "Fingerprint":
         """The inverse of L{to_hex}."""
-        if len(text) % _HEX_PER_BLOCK or not _HEX.fullmatch(text):
-            raise ValueError("fingerprint hex must be hex digits, 16 per block")
+        if not isinstance(text, str):
+            raise TypeError(f"fingerprint hex must be a str, not {type(text).__name__}")
+        if len(text) % _HEX_PER_BLOCK:
+            raise ValueError("fingerprint hex length is not a multiple of 16")
+        if not _HEX.fullmatch(text):
+            raise ValueError(f"invalid literal for fingerprint hex: {text[:40]!r}")
         data = bytes.fromhex(text)
         return cls(struct.unpack(f">{len(data) // _HASH_BYTES}Q", data), chars, words)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import attrs
 from klein import Klein
-from twisted.internet.defer import TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
@@ -126,6 +126,9 @@ class Proxy:
         self.health = health  # callable -> (ok, details): /proxycache/health
         self.on_stale = on_stale or (lambda slot_id: None)  # the slot map looks wrong: look again
         self.context_limit = context_limit or (lambda: None)  # tokens a slot holds, once known
+        self.draining = False
+        self._in_flight = 0
+        self._idle_waiters: list[Deferred[None]] = []
 
     def resource(self):
         return self.app.resource()
@@ -204,13 +207,43 @@ class Proxy:
     ) -> bytes:
         fp = fingerprint(shape, self.config.block_words)
         config = self.config
+        if config.log_prompts:  # off by default: prompts are private on a shared box
+            messages = shape.get("messages") or [{}]
+            last = messages[-1] if isinstance(messages[-1], dict) else {}
+            log.info("prompt ({words} words) ends with: {text!r}", words=fp.words, text=str(last.get("content"))[-200:])
         wanted = Request(
             fp,
             is_small(fp, config.min_prefix_chars, config.min_prefix_words, config.min_prefix_blocks),
             pinned=(request.getHeader(b"x-proxycache-pin") or b"").lower() in (b"1", b"true", b"yes"),
         )
+        if self.draining:
+            raise ApiError(503, "proxycache is shutting down", "server_error", "shutting_down", (("Retry-After", "10"),))
         if not self.scheduler.slots:
             raise upstream_unavailable("no slots known yet (is llama-server up?)")
+        self._in_flight += 1
+        try:
+            return await self._leased(request, body, path, wanted)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for waiter in waiters:
+                    waiter.callback(None)
+
+    async def drain(self, grace: float) -> int:
+        """
+        Refuse new generations and wait up to C{grace} seconds for those in
+        flight (queued ones included).  Returns how many were still running.
+        """
+        self.draining = True
+        if self._in_flight:
+            idle: Deferred[None] = Deferred()
+            self._idle_waiters.append(idle)
+            idle.addTimeout(grace, self.clock).addErrback(lambda f: f.trap(TimeoutError))
+            await idle
+        return self._in_flight
+
+    async def _leased(self, request: IRequest, body: dict[str, Any], path: str, wanted: Request) -> bytes:
         try:
             lease = await self.scheduler.acquire(wanted)
         except QueueFull:

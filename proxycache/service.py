@@ -4,17 +4,21 @@ C{twistd proxycache}: options and the service tree.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
 
 from twisted.application import strports
-from twisted.application.service import IService, MultiService
+from twisted.application.service import IService, MultiService, Service
+from twisted.logger import Logger
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.python import usage
 
 from proxycache import __version__
-from proxycache.config import SETTINGS, Config, ConfigError
+
+log = Logger()
+from proxycache.config import SETTINGS, Config, ConfigError, _flag, read_config_file, resolve
 
 
 def _describe(setting) -> str:
@@ -33,15 +37,16 @@ class Options(usage.Options):
     longdesc = (
         "Routes OpenAI Chat Completions to the llama.cpp slot whose cached prompt "
         "matches best, saving and restoring slot caches on disk. Each option can "
-        "also be set by the environment variable named in its help."
+        "also be set by the environment variable named in its help, or in the "
+        "[proxycache] section of a --config file; options win over the "
+        "environment, which wins over the file."
     )
-    optFlags = [
-        ["demo", None, _describe(next(s for s in SETTINGS if s.name == "demo"))],
+    optFlags = [[s.option, None, _describe(s)] for s in SETTINGS if s.parse is _flag] + [
         ["version", None, "print the version and exit"],
-        ["print-config", None, "print the effective configuration and exit"],
+        ["print-config", None, "print the effective configuration, with where each value came from, and exit"],
     ]
-    optParameters = [
-        [s.option, None, None, _describe(s)] for s in SETTINGS if s.name != "demo"
+    optParameters = [[s.option, None, None, _describe(s)] for s in SETTINGS if s.parse is not _flag] + [
+        ["config", None, None, "INI file with a [proxycache] section [env PROXYCACHE_CONFIG]"],
     ]
 
     config: Config
@@ -51,16 +56,23 @@ class Options(usage.Options):
         sys.exit(0)
 
     def postOptions(self) -> None:
-        given = {s.name: self[s.option] for s in SETTINGS if s.name != "demo"}
-        if self["demo"]:
-            given["demo"] = "true"
+        given = {
+            s.name: ("true" if self[s.option] else None) if s.parse is _flag else self[s.option]
+            for s in SETTINGS
+        }
+        path = self["config"] or os.environ.get("PROXYCACHE_CONFIG")
         try:
-            self.config = Config.load(given)
+            file = read_config_file(path) if path else {}
+            resolved = resolve(given, os.environ, file)
+            self.config = Config(**{name: value for name, (value, _) in resolved.items()})
         except ConfigError as e:
             raise usage.UsageError(str(e))
         if self["print-config"]:
             for setting in SETTINGS:
-                print(f"{setting.option} = {getattr(self.config, setting.name)!r}")
+                value, source = resolved[setting.name]
+                if setting.name in ("api_keys", "upstream_api_key") and value:
+                    value = "(set)"
+                print(f"{setting.option} = {value!r}  [{source}]")
             sys.exit(0)
 
 
@@ -87,6 +99,32 @@ class OrderedServices(MultiService):
     async def _stop_in_reverse(self) -> None:
         for service in reversed(list(self)):
             await maybeDeferred(service.stopService)
+
+
+class DrainService(Service):
+    """
+    On stop (after the port closed): let requests in flight finish, up to the
+    grace period; a second SIGTERM or SIGINT meanwhile exits at once.
+    """
+
+    def __init__(self, proxy: Any, grace: float) -> None:
+        self.proxy = proxy
+        self.grace = grace
+
+    def stopService(self) -> Deferred:
+        super().stopService()
+        return Deferred.fromCoroutine(self._drain())
+
+    async def _drain(self) -> None:
+        import signal
+
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(signum, lambda *_: os._exit(1))
+        if self.proxy._in_flight:
+            log.info("waiting up to {grace:g}s for {n} requests in flight", grace=self.grace, n=self.proxy._in_flight)
+        left = await self.proxy.drain(self.grace)
+        if left:
+            log.warn("stopping with {n} requests still running after the grace period", n=left)
 
 
 def build(config: Config, reactor: Any) -> MultiService:
@@ -126,6 +164,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         on_stale=lambda slot_id: monitor.check(),
         context_limit=monitor.slot_context,
     )
+    DrainService(proxy, config.grace).setServiceParent(top)
     site = Site(proxy.resource())
     site.displayTracebacks = False
     strports.service(config.listen, site).setServiceParent(top)
