@@ -280,8 +280,7 @@ class EmbeddedLlamaService(Service):
             self.log.error("llama.cpp: {line}", line=line)
         elif level == ["W"]:
             self.log.warn("llama.cpp: {line}", line=line)
-        else:
-            self.log.debug("llama.cpp: {line}", line=line)
+        # llama.cpp's info lines (a dozen per request) are left out of the daemon's log.
 
     def _ended(self, reason: Failure) -> None:
         self.exit = reason
