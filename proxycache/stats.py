@@ -60,9 +60,8 @@ class Stats:
         self.requests[(record.decision.value, str(record.status))] += 1
         self.prefill_tokens += record.prompt_n
         self.cached_tokens += record.cache_n
-        if record.prompt_n and record.prompt_ms:
-            self.seconds_saved += record.cache_n * record.prompt_ms / 1000 / record.prompt_n
-        elif self.tier is not None:
+        if self.tier is not None:
+            # at the measured prefill speed (a per-request ratio is useless when prompt_n is 1)
             self.seconds_saved += record.cache_n / self.tier.speeds.prefill_tokens_per_second
         if record.status == 0 or record.status >= 500:
             self.upstream_errors += 1
