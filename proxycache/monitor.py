@@ -51,6 +51,8 @@ def settings_warnings(props: dict[str, Any], configured_slots: int | None) -> li
         warnings.append(
             f"--slots is {configured_slots} but llama-server has {total} slots; using {total}"
         )
+    if props.get("endpoint_slots") is False:
+        warnings.append("llama-server runs with --no-slots: restarts and busy slots cannot be checked")
     return warnings
 
 

@@ -109,8 +109,11 @@ class DiskTier(Service, SlotPreparer):
         loaded = await self.to_thread(load_index, self.meta_dir, self.save_dir)
         for entry in loaded.entries:
             self.index.entries[entry.key] = entry
-        for problem in loaded.skipped:
-            log.warn("skipped unreadable cache meta {problem}", problem=problem)
+        if loaded.skipped:  # one line, however many (an old format leaves many)
+            log.warn(
+                "skipped {n} unreadable cache metas (they will not be restored): {some}",
+                n=len(loaded.skipped), some="; ".join(loaded.skipped[:3]) + ("; ..." if len(loaded.skipped) > 3 else ""),
+            )
         if loaded.missing:
             log.warn("dropped {n} cache metas whose .bin is gone", n=len(loaded.missing))
         if loaded.stray:
@@ -214,7 +217,8 @@ class DiskTier(Service, SlotPreparer):
             reply = await backend.slot_action(slot.id.index, "save", bin_name(key), self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             self.counters.save_failures += 1
-            log.warn("saving slot {slot} failed: {error}", slot=str(slot.id), error=e)
+            hint = " (llama-server runs without --slot-save-path: nothing can be saved)" if " 501 " in str(e) else ""
+            log.warn("saving slot {slot} failed: {error}{hint}", slot=str(slot.id), error=e, hint=hint)
             return None
         now = self.clock.seconds()
         entry = MetaEntry(

@@ -171,3 +171,23 @@ def test_queue_limit_gives_429_with_retry_after(llama, tmp_path):
             s.close()
     finally:
         proxy.stop()
+
+
+def test_two_backends_behind_one_proxy(llama_factory, tmp_path):
+    first, second = llama_factory(slots=1), llama_factory(slots=1)
+    proxy = ProxyProcess(tmp_path, f"{first.url},{second.url}", **LIMITS).start()
+    try:
+        client = proxy.client()
+        alice, bob = User("alice"), User("bob")
+        for turn in range(3):
+            for user in (alice, bob):
+                record = user.turn(client)
+                if turn:
+                    assert record["decision"] == "hit" and close_to_new(record), record
+        backends = {s["backend"] for s in proxy.status()["slots"]}
+        assert backends == {first.url, second.url}
+        # each conversation stayed on its own backend's slot
+        assert first.metrics()["llamacpp:prompt_tokens_total"] > 0
+        assert second.metrics()["llamacpp:prompt_tokens_total"] > 0
+    finally:
+        proxy.stop()
