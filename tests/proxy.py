@@ -114,3 +114,17 @@ class ProxyProcess:
         import openai
 
         return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0, **kwargs)
+
+
+def send_raw_chat(sock: "socket.socket", body: dict | bytes) -> "socket.socket":
+    """Write a chat request on a plain socket (to disconnect or stall at will); returns it."""
+    raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+    sock.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxycache\r\nContent-Type: application/json\r\n"
+        + b"Content-Length: %d\r\n\r\n" % len(raw) + raw
+    )
+    return sock
+
+
+def open_raw_chat(port: int, body: dict | bytes) -> "socket.socket":
+    return send_raw_chat(socket.create_connection(("127.0.0.1", port)), body)

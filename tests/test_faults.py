@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.proxy import ProxyProcess, http
+from tests.proxy import ProxyProcess, http, open_raw_chat, send_raw_chat
 from tests.stub_llama import StubLlama
 
 HELLO = [{"role": "user", "content": "hello there"}]
@@ -77,12 +77,7 @@ def test_upstream_errors_keep_status_and_body(stub_proxy, content, status, kind)
 def test_llama_server_killed_mid_stream(llama, tmp_path):
     proxy = ProxyProcess(tmp_path, llama.url).start()
     try:
-        connection = socket.create_connection(("127.0.0.1", proxy.port))
-        body = json.dumps({"messages": HELLO, "max_tokens": 6000, "stream": True, "ignore_eos": True}).encode()
-        connection.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )
+        connection = open_raw_chat(proxy.port, {"messages": HELLO, "max_tokens": 6000, "stream": True, "ignore_eos": True})
         received = connection.recv(65536)
         assert b"200 OK" in received
         llama.kill()
@@ -109,11 +104,8 @@ def test_slow_reader_holds_back_only_its_own_slot(llama, tmp_path):
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", proxy.port))
         # n_probs makes each event ~2 kB: far more than the socket buffers hold
-        body = json.dumps({"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True}).encode()
-        stalled.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + b"Content-Length: %d\r\n\r\n" % len(body) + body
-        )  # and never read
+        send_raw_chat(stalled, {"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True})
+        # and never read
         time.sleep(1)
         started = time.monotonic()
         for i in range(5):

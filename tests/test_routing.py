@@ -6,13 +6,12 @@ LRU eviction, concurrency.
 from __future__ import annotations
 
 import concurrent.futures
-import socket
 import time
 
 import pytest
 
 from tests.conversations import User, close_to_new
-from tests.proxy import ProxyProcess, http
+from tests.proxy import ProxyProcess, http, open_raw_chat
 
 # Thresholds scaled to the test conversations (~3k tokens), not IDE defaults.
 LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
@@ -127,12 +126,7 @@ def test_cancelled_requests_leave_no_lock(proxy, llama):
         + b'"}],"max_tokens":3000,"stream":true,"ignore_eos":true}'
     )
     for _ in range(6):  # 2 run, 4 queue
-        s = socket.create_connection(("127.0.0.1", proxy.port))
-        s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-            + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
-        sockets.append(s)
+        sockets.append(open_raw_chat(proxy.port, body))
     time.sleep(0.5)
     assert proxy.status()["queue_depth"] == 4
     for s in sockets:
@@ -154,14 +148,7 @@ def test_queue_limit_gives_429_with_retry_after(llama, tmp_path):
     proxy = start_proxy(tmp_path, llama, max_queue=1)
     try:
         body = b'{"messages":[{"role":"user","content":"go on"}],"max_tokens":3000,"stream":true,"ignore_eos":true}'
-        sockets = []
-        for _ in range(3):  # 2 run, 1 queues
-            s = socket.create_connection(("127.0.0.1", proxy.port))
-            s.sendall(
-                b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-            )
-            sockets.append(s)
+        sockets = [open_raw_chat(proxy.port, body) for _ in range(3)]  # 2 run, 1 queues
         time.sleep(0.5)
         status, headers, error = http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
         assert status == 429
