@@ -205,3 +205,35 @@ def test_kill_during_saves_leaves_an_index_that_loads(llama, tmp_path):
         assert record["decision"] in ("restore", "miss")
     finally:
         proxy.stop()
+
+
+def test_a_restore_that_does_not_take_is_detected_and_not_repeated(llama_factory, tmp_path):
+    # without llama-server's own RAM cache, which would otherwise quietly repair the slot
+    llama = llama_factory(cache_ram_mib=0)
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        ana, ben, cai, dee = (User(n) for n in ("ana", "ben", "cai", "dee"))
+        for user in (ana, ben):
+            user.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        # Swap the two files behind the proxy's back: ana's entry now loads ben's KV,
+        # as a restore into an SWA model without --swa-full "succeeds" and reuses nothing.
+        files = sorted(llama.save_dir.glob("slotcache_*.bin"))
+        assert len(files) == 2
+        a, b = files
+        swap = a.with_suffix(".swap")
+        a.rename(swap), b.rename(a), swap.rename(b)
+        for user in (cai, dee):  # evict ana and ben (already saved: not saved again)
+            user.turn(proxy.client())
+        record = ana.turn(proxy.client())
+        assert record["decision"] == "restore"
+        assert record["cache_n"] < 100  # llama.cpp found little of ana's prompt in ben's cache
+        assert record["answer"] is not None
+        disk = proxy.status()["disk"]
+        assert disk["ineffective_restores"] == 1
+        assert "did not take" in proxy.log_text()
+        # ben's entry (holding ana's KV) is restored once more and also fails; it is never retried
+        assert ben.turn(proxy.client())["decision"] == "restore"
+        assert proxy.status()["disk"]["ineffective_restores"] == 2
+    finally:
+        proxy.stop()

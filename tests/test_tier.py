@@ -1,0 +1,53 @@
+"""
+The disk tier's pure parts: whether a restore pays, the verify rule.
+"""
+
+from __future__ import annotations
+
+from proxycache.disk import MetaEntry
+from proxycache.fingerprint import Fingerprint
+from proxycache.planner import Decision, Plan, Request, SlotId, fell_short
+from proxycache.tier import Speeds
+
+
+def entry(tokens: int, size: int, blocks: int = 10) -> MetaEntry:
+    fp = Fingerprint(tuple(range(1, blocks + 1)), chars=blocks * 100, words=blocks * 16)
+    return MetaEntry("0123456789abcdef", "b", "m", fp, tokens, size, 0.0, 0.0)
+
+
+def test_restoring_a_long_prefix_pays():
+    speeds = Speeds(read_bytes_per_second=400e6, prefill_tokens_per_second=1000)
+    assert speeds.restore_pays(entry(30_000, 120_000_000), common_blocks=10)  # 0.35 s vs 30 s
+
+
+def test_recomputing_a_tiny_prefix_is_cheaper():
+    speeds = Speeds(read_bytes_per_second=400e6, prefill_tokens_per_second=5000)
+    assert not speeds.restore_pays(entry(100, 400_000), common_blocks=10)  # 0.05 s vs 0.02 s
+
+
+def test_only_the_shared_part_counts():
+    speeds = Speeds(read_bytes_per_second=100e6, prefill_tokens_per_second=1000)
+    big = entry(10_000, 100_000_000)
+    assert speeds.restore_pays(big, common_blocks=10)  # 1 s vs 10 s
+    assert not speeds.restore_pays(big, common_blocks=1)  # 1 s vs 1 s
+
+
+def test_speeds_follow_measurements():
+    speeds = Speeds(read_bytes_per_second=100e6, prefill_tokens_per_second=100)
+    for _ in range(20):
+        speeds.observe_prefill(2000, 1000.0)  # 2000 tok/s
+        speeds.observe_restore(200_000_000, 500.0)  # 400 MB/s
+    assert 1900 < speeds.prefill_tokens_per_second < 2100
+    assert 390e6 < speeds.read_bytes_per_second < 410e6
+    speeds.observe_prefill(1, 50.0)  # a one-token prompt says nothing about prefill speed
+    assert 1900 < speeds.prefill_tokens_per_second < 2100
+
+
+def test_fell_short_flags_a_stale_slot_map():
+    fp = Fingerprint(tuple(range(1, 11)), 1000, 160)
+    hit = Plan(Decision.HIT, SlotId("b", 0), common_blocks=9)
+    request = Request(fp, small=False)
+    assert not fell_short(hit, request, cache_n=900, prompt_n=100)
+    assert fell_short(hit, request, cache_n=0, prompt_n=1000)
+    miss = Plan(Decision.MISS, SlotId("b", 0))
+    assert not fell_short(miss, request, cache_n=0, prompt_n=1000)
