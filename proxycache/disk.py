@@ -158,11 +158,26 @@ class Index:
                 found = entry
         return found
 
-    def over_budget(self, max_bytes: int, max_entries: int, pinned: frozenset[str]) -> list[MetaEntry]:
-        """Least recently used unpinned entries to drop so the index fits its budget."""
+    def over_budget(
+        self,
+        max_bytes: int,
+        max_entries: int,
+        pinned: frozenset[str],
+        current_models: frozenset[str] = frozenset(),
+    ) -> list[MetaEntry]:
+        """
+        Unpinned entries to drop so the index fits its budget: first those no
+        running backend can restore (another model or llama.cpp build, or an
+        ineffective restore), then the least recently used.
+        """
         victims: list[MetaEntry] = []
         count, size = len(self.entries), self.total_bytes
-        for entry in sorted(self.entries.values(), key=lambda e: e.last_used):
+
+        def retire_order(entry: MetaEntry) -> tuple[bool, float]:
+            restorable = not entry.ineffective and (not current_models or entry.model in current_models)
+            return restorable, entry.last_used
+
+        for entry in sorted(self.entries.values(), key=retire_order):
             if not ((max_entries and count > max_entries) or (max_bytes and size > max_bytes)):
                 break
             if entry.pinned or entry.key in pinned:

@@ -318,7 +318,10 @@ class DiskTier(Service, SlotPreparer):
         await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
 
     async def _enforce_budget(self) -> None:
-        for victim in self.index.over_budget(self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned):
+        victims = self.index.over_budget(
+            self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned, frozenset(self.models.values())
+        )
+        for victim in victims:
             self.counters.evicted_entries += 1
             log.info("disk budget: dropping cache {key} ({mb:.1f} MB)", key=victim.key, mb=victim.bytes / 1e6)
             await self._drop(victim)

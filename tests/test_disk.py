@@ -393,3 +393,18 @@ def test_model_identity_depends_on_file_build_and_shape_only():
     assert base != model_identity(props, {"data": [{"meta": {"n_vocab": 101, "n_embd": 64}}]})
     assert model_identity(props, None) == model_identity(props, {"data": "nonsense"})
     assert len(base) == 16 and int(base, 16) >= 0
+
+
+def test_over_budget_retires_entries_no_backend_can_restore_first():
+    def make(key, model, last_used, ineffective=False):
+        fp = Fingerprint((int(key, 16),), 100, 16)
+        return MetaEntry(key, "b", model, fp, 10, 100, 0.0, last_used, ineffective=ineffective)
+
+    index = Index({e.key: e for e in (
+        make("aaaaaaaaaaaaaaa1", "current", 1.0),
+        make("aaaaaaaaaaaaaaa2", "old-build", 5.0),
+        make("aaaaaaaaaaaaaaa3", "current", 3.0, ineffective=True),
+        make("aaaaaaaaaaaaaaa4", "current", 4.0),
+    )})
+    victims = index.over_budget(0, 2, frozenset(), frozenset({"current"}))
+    assert [v.key for v in victims] == ["aaaaaaaaaaaaaaa3", "aaaaaaaaaaaaaaa2"]
