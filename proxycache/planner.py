@@ -212,3 +212,11 @@ def fell_short(plan: Plan, request: Request, cache_n: int, prompt_n: int) -> boo
         return False
     expected = (cache_n + prompt_n) * plan.common_blocks / len(request.fingerprint.blocks)
     return cache_n < 0.5 * expected
+
+
+def reused_unplanned(plan: Plan, cache_n: int, prompt_n: int) -> bool:
+    """
+    llama.cpp reused much more than the plan could have: its own prompt cache
+    (--cache-ram) moved a conversation into this slot behind the proxy's back.
+    """
+    return plan.decision in (Decision.MISS, Decision.SMALL) and cache_n >= 256 and cache_n > prompt_n

@@ -21,7 +21,7 @@ from proxycache import __version__
 from proxycache.config import Config
 from proxycache.errors import ApiError, error_body, upstream_unavailable
 from proxycache.fingerprint import fingerprint
-from proxycache.planner import Decision, Request, fell_short, is_small
+from proxycache.planner import Decision, Request, fell_short, is_small, reused_unplanned
 from proxycache.scheduler import Lease, Outcome, QueueFull, Scheduler
 from proxycache.sse import TimingsTap, timings_of
 from proxycache.upstream import (
@@ -127,6 +127,7 @@ class Proxy:
         self.on_stale = on_stale or (lambda slot_id: None)  # the slot map looks wrong: look again
         self.context_limit = context_limit or (lambda: None)  # tokens a slot holds, once known
         self.draining = False
+        self._noticed_ram_cache: set[str] = set()
         self._in_flight = 0
         self._idle_waiters: list[Deferred[None]] = []
 
@@ -363,6 +364,15 @@ class Proxy:
         )
         for observer in self.observers:
             observer(record)
+        if outcome.succeeded and reused_unplanned(lease.plan, outcome.cache_n, outcome.prompt_n):
+            if lease.slot.id.backend not in self._noticed_ram_cache:
+                self._noticed_ram_cache.add(lease.slot.id.backend)
+                log.info(
+                    "llama-server {backend} reused {cache_n} tokens the proxy did not place there: its own "
+                    "prompt cache (--cache-ram) is active and moves conversations between slots; proxycache "
+                    "follows what timings report (said once)",
+                    backend=lease.slot.id.backend, cache_n=outcome.cache_n,
+                )
         if outcome.succeeded and fell_short(lease.plan, lease.request, outcome.cache_n, outcome.prompt_n):
             log.warn(
                 "slot {slot} reused {cache_n} tokens, far below the plan ({blocks} blocks): checking llama-server",

@@ -118,3 +118,22 @@ def test_json_logs_for_log_shippers(llama, tmp_path):
     records = [json.loads(line) for line in (tmp_path / "proxy.json").read_text().splitlines() if line.strip()]
     request_lines = [r for r in records if r.get("log_namespace") == "proxycache.relay"]
     assert request_lines and request_lines[0]["decision"] in ("miss", "small")
+
+
+def test_logfile_rotates_on_sigusr1(llama, tmp_path):
+    import signal
+    import time
+
+    proxy = ProxyProcess(tmp_path, llama.url).start()
+    try:
+        proxy.process.send_signal(signal.SIGUSR1)
+        rotated = proxy.log_path.with_name(proxy.log_path.name + ".1")
+        deadline = time.monotonic() + 10
+        while not rotated.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert rotated.exists()
+        http("GET", proxy.url + "/proxycache/health")
+        time.sleep(0.2)
+        assert "GET /proxycache/health" in proxy.log_text()  # the new file is written
+    finally:
+        proxy.stop()

@@ -51,3 +51,12 @@ def test_fell_short_flags_a_stale_slot_map():
     assert fell_short(hit, request, cache_n=0, prompt_n=1000)
     miss = Plan(Decision.MISS, SlotId("b", 0))
     assert not fell_short(miss, request, cache_n=0, prompt_n=1000)
+
+
+def test_reused_unplanned_spots_llama_servers_own_cache():
+    from proxycache.planner import reused_unplanned
+
+    miss = Plan(Decision.MISS, SlotId("b", 0))
+    assert reused_unplanned(miss, cache_n=3000, prompt_n=40)
+    assert not reused_unplanned(miss, cache_n=10, prompt_n=3000)
+    assert not reused_unplanned(Plan(Decision.HIT, SlotId("b", 0), 9), cache_n=3000, prompt_n=40)
