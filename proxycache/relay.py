@@ -67,6 +67,10 @@ class SlotPreparer:
     def released(self, lease: Lease, outcome: Outcome) -> None:
         return None
 
+    def settling(self, lease: Lease) -> Deferred | None:
+        """Preparation still running after its request ended (cancelled): release after it."""
+        return None
+
 
 @attrs.define(eq=False)
 class _Progress:
@@ -264,9 +268,16 @@ class Proxy:
             if not outcome.succeeded and progress.answered:
                 outcome = attrs.evolve(outcome, succeeded=progress.status == 200)
             finished = self.clock.seconds()
-            self.scheduler.release(lease, outcome)
-            self.preparer.released(lease, outcome)
+            settling = self.preparer.settling(lease)
+            if settling is None:
+                self._release(lease, outcome)
+            else:  # cancelled during a save or restore: the slot is released when it ends
+                settling.addBoth(lambda _: self._release(lease, outcome))
             self._record(lease, outcome, progress, started, finished)
+
+    def _release(self, lease: Lease, outcome: Outcome) -> None:
+        self.scheduler.release(lease, outcome)
+        self.preparer.released(lease, outcome)
 
     def _lease_headers(self, request: IRequest, lease: Lease, decision: Decision) -> None:
         plan = lease.plan

@@ -20,6 +20,7 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from proxycache.config import Config
 from proxycache.disk import Index, MetaEntry, bin_name, load_index, remove_entry_files, write_meta
@@ -95,6 +96,7 @@ class DiskTier(Service, SlotPreparer):
         self.pinned = frozenset(config.pinned_keys)
         self._restored: dict[Any, _Restored] = {}
         self._write_behind: dict[Any, IDelayedCall] = {}
+        self._settling: dict[Any, Deferred] = {}
         self.loaded: Deferred = Deferred()
         self.observers: list[Callable[[str, float, int], None]] = []  # (action, seconds, bytes)
         scheduler.disk_lookup = self.lookup
@@ -153,6 +155,19 @@ class DiskTier(Service, SlotPreparer):
     # -- around a request ---------------------------------------------------
 
     async def prepare(self, lease: Lease) -> Decision:
+        # A client that goes away must not abort a save or restore half-way: the
+        # evicted cache would be lost, and llama.cpp would still be busy with the
+        # action when the slot is handed on.  So the work runs to its end, and
+        # the relay releases the slot only once it has (L{settling}).
+        work = Deferred.fromCoroutine(self._prepare(lease))
+        self._settling[lease.slot.id] = work
+        return await _shielded(work)
+
+    def settling(self, lease: Lease) -> Deferred | None:
+        work = self._settling.pop(lease.slot.id, None)
+        return None if work is None or work.called else work
+
+    async def _prepare(self, lease: Lease) -> Decision:
         previous = lease.previous
         if (
             lease.plan.decision is not Decision.HIT
@@ -325,3 +340,17 @@ class DiskTier(Service, SlotPreparer):
             self.counters.evicted_entries += 1
             log.info("disk budget: dropping cache {key} ({mb:.1f} MB)", key=victim.key, mb=victim.bytes / 1e6)
             await self._drop(victim)
+
+
+def _shielded(work: Deferred) -> Deferred:
+    """Fires with C{work}'s result; cancelling it leaves C{work} running."""
+    shield: Deferred = Deferred()
+
+    def forward(result: Any) -> None:
+        if not shield.called:
+            shield.callback(result)  # a Failure errbacks
+        elif isinstance(result, Failure):
+            log.failure("slot preparation failed after its request was cancelled", result)
+
+    work.addBoth(forward)
+    return shield

@@ -42,7 +42,17 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-        self.server.requests.append(body)
+        self.server.requests.append((self.path, body))
+        if self.path.startswith("/slots/"):
+            # a slow save or restore, to cancel a request in the middle of it
+            time.sleep(self.server.slot_action_seconds)
+            self.server.actions_done.append(self.path)
+            self._json(200, {"id_slot": 0, "filename": body.get("filename"), "n_saved": 1000, "n_written": 4096,
+                             "n_restored": 1000, "n_read": 4096, "timings": {"save_ms": 1.0, "restore_ms": 1.0}})
+            return
+        for slot in SLOTS:
+            if slot["id"] == body.get("id_slot"):
+                slot["id_task"] = slot.get("id_task", 0) + 1
         behaviour = body["messages"][-1]["content"]
         if behaviour == "slow-headers":
             time.sleep(3)
@@ -61,7 +71,9 @@ class _Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             time.sleep(3)
         else:
-            self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}]})
+            prompt_n = len(json.dumps(body["messages"]))
+            self._json(200, {"choices": [{"index": 0, "message": {"role": "assistant", "content": "ok"}}],
+                             "timings": {"cache_n": 0, "prompt_n": prompt_n, "prompt_ms": 1.0, "predicted_n": 1}})
 
 
 class StubLlama:
@@ -69,12 +81,18 @@ class StubLlama:
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
         self.server.daemon_threads = True
         self.server.requests = []
+        self.server.actions_done = []
+        self.server.slot_action_seconds = 1.5
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
     @property
     def requests(self) -> list:
         return self.server.requests
+
+    @property
+    def actions_done(self) -> list:
+        return self.server.actions_done
 
     def close(self) -> None:
         self.server.shutdown()
