@@ -137,3 +137,47 @@ def test_logfile_rotates_on_sigusr1(llama, tmp_path):
         assert "GET /proxycache/health" in proxy.log_text()  # the new file is written
     finally:
         proxy.stop()
+
+
+def _read_all(sock) -> bytes:
+    sock.settimeout(60)
+    data = b""
+    while True:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+
+
+def test_sigterm_lets_requests_in_flight_finish(llama, tmp_path):
+    import signal
+
+    from tests.proxy import open_raw_chat
+
+    proxy = ProxyProcess(tmp_path, llama.url).start()
+    sock = open_raw_chat(proxy.port, {"messages": [{"role": "user", "content": "go"}], "max_tokens": 300, "stream": True, "ignore_eos": True})
+    first = sock.recv(65536)
+    assert b"200 OK" in first
+    proxy.process.send_signal(signal.SIGTERM)
+    body = (first + _read_all(sock)).decode(errors="replace")
+    assert body.count("data: [DONE]") == 1  # the stream ran to its end
+    assert '"finish_reason":"length"' in body
+    assert proxy.process.wait(30) in (0, -15)
+    assert "waiting up to 30s for 1 requests in flight" in proxy.log_text()
+
+
+def test_a_second_signal_exits_at_once(llama, tmp_path):
+    import signal
+    import time
+
+    from tests.proxy import open_raw_chat
+
+    proxy = ProxyProcess(tmp_path, llama.url, grace=600).start()
+    sock = open_raw_chat(proxy.port, {"messages": [{"role": "user", "content": "go"}], "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True})
+    assert b"200 OK" in sock.recv(4096)  # and never read more: the stream cannot finish
+    proxy.process.send_signal(signal.SIGTERM)
+    time.sleep(1)
+    assert proxy.process.poll() is None  # draining, up to 600 s
+    proxy.process.send_signal(signal.SIGTERM)
+    assert proxy.process.wait(10) == 1
+    sock.close()
