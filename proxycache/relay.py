@@ -132,7 +132,7 @@ class Proxy:
         self.context_limit = context_limit or (lambda: None)  # tokens a slot holds, once known
         self.draining = False
         self._noticed_ram_cache: set[str] = set()
-        self._in_flight = 0
+        self._in_flight: set[IRequest] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
     def resource(self):
@@ -225,20 +225,28 @@ class Proxy:
             raise ApiError(503, "proxycache is shutting down", "server_error", "shutting_down", (("Retry-After", "10"),))
         if not self.scheduler.slots:
             raise upstream_unavailable("no slots known yet (is llama-server up?)")
-        self._in_flight += 1
-        try:
-            return await self._leased(request, body, path, wanted)
-        finally:
-            self._in_flight -= 1
-            if not self._in_flight:
-                waiters, self._idle_waiters = self._idle_waiters, []
-                for waiter in waiters:
-                    waiter.callback(None)
+        # In flight until the response is finished (or the client gone), not
+        # merely until this handler returns: a drain must not cut the last bytes.
+        self._in_flight.add(request)
+        request.notifyFinish().addBoth(lambda _: self._finished(request))
+        return await self._leased(request, body, path, wanted)
+
+    def _finished(self, request: IRequest) -> None:
+        self._in_flight.discard(request)
+        if not self._in_flight:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.callback(None)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._in_flight)
 
     async def drain(self, grace: float) -> int:
         """
         Refuse new generations and wait up to C{grace} seconds for those in
-        flight (queued ones included).  Returns how many were still running.
+        flight (queued ones included) to be answered.  Returns how many were
+        still running.
         """
         self.draining = True
         if self._in_flight:
@@ -246,7 +254,7 @@ class Proxy:
             self._idle_waiters.append(idle)
             idle.addTimeout(grace, self.clock).addErrback(lambda f: f.trap(TimeoutError))
             await idle
-        return self._in_flight
+        return len(self._in_flight)
 
     async def _leased(self, request: IRequest, body: dict[str, Any], path: str, wanted: Request) -> bytes:
         try:

@@ -120,11 +120,17 @@ class DrainService(Service):
 
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: os._exit(1))
-        if self.proxy._in_flight:
-            log.info("waiting up to {grace:g}s for {n} requests in flight", grace=self.grace, n=self.proxy._in_flight)
+        if self.proxy.in_flight:
+            log.info("waiting up to {grace:g}s for {n} requests in flight", grace=self.grace, n=self.proxy.in_flight)
         left = await self.proxy.drain(self.grace)
         if left:
             log.warn("stopping with {n} requests still running after the grace period", n=left)
+        # Let the transports hand their last buffered bytes to the kernel before
+        # the reactor drops every connection.
+        from twisted.internet import reactor
+        from twisted.internet.task import deferLater
+
+        await deferLater(reactor, 0.2, lambda: None)
 
 
 def build(config: Config, reactor: Any) -> MultiService:

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
@@ -129,9 +129,19 @@ class DiskTier(Service, SlotPreparer):
                 timer.cancel()
         return Deferred.fromCoroutine(self.flush())
 
-    async def flush(self) -> None:
-        """Save every idle hot slot whose content changed since its last save."""
+    async def flush(self, wait: float = 30.0) -> None:
+        """
+        Save every hot slot whose content changed since its last save, waiting
+        up to C{wait} seconds for a slot still busy (a background save, or a
+        request the drain let finish).
+        """
         for slot in list(self.scheduler.slots.values()):
+            try:
+                await slot.lock.acquire().addTimeout(wait, self.clock)
+            except TimeoutError:
+                log.warn("slot {slot} stayed busy: not saved on stop", slot=str(slot.id))
+                continue
+            slot.lock.release()
             await self._save_idle(slot)
 
     def backend_up(self, backend: Backend, model: str) -> None:

@@ -16,7 +16,13 @@ import attrs
 import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionDone, ConnectionRefusedError, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionDone,
+    ConnectionLost,
+    ConnectionRefusedError,
+    DNSLookupError,
+)
 from twisted.web._newclient import ResponseNeverReceived, RequestTransmissionFailed
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.protocol import Protocol
@@ -178,9 +184,11 @@ class Backend:
         def retry_if_stale(failure: Failure) -> Any:
             # llama.cpp's HTTP server closes idle keep-alive connections (and after a
             # number of requests); a request that meets such a closing pooled connection
-            # was never read, so it is sent once more on a new one.
+            # got no answer, so it is sent once more on a new connection.  (A slot
+            # action is idempotent; a generation that llama.cpp did start is aborted
+            # by it when the connection drops.)
             if failure.check(ResponseNeverReceived, RequestTransmissionFailed) and all(
-                reason.check(ConnectionDone) for reason in failure.value.reasons
+                reason.check(ConnectionDone, ConnectionLost) for reason in failure.value.reasons
             ):
                 return send(self.fresh_client)
             return failure
