@@ -165,8 +165,13 @@ def plan(
     idle = [s for s in slots if not s.busy]
     match = best_match(request, slots, min_ratio)
 
+    # A restore needs an idle slot on the backend that wrote the cache.
+    restore_target = None
+    if disk is not None and not request.small:
+        restore_target = target_slot([s for s in idle if s.id.backend == disk.backend])
+
     def disk_beats(found: tuple[SlotView, int, float] | None) -> bool:
-        return not request.small and disk is not None and (found is None or disk.common_blocks > found[1])
+        return restore_target is not None and (found is None or disk.common_blocks > found[1])
 
     if match is not None and match[0].busy:
         # Waiting pays for a large prefix only: a small one is cheaper to recompute.
@@ -175,16 +180,14 @@ def plan(
             return Plan(Decision.WAIT, slot.id, common, ratio)
         match = best_match(request, idle, min_ratio)  # the best prefix actually available
     if disk_beats(match):
-        target = target_slot([s for s in idle if s.id.backend == disk.backend])
-        if target is not None:
-            return Plan(
-                Decision.RESTORE,
-                target.id,
-                disk.common_blocks,
-                disk.similarity,
-                evicts=target.state is SlotState.HOT,
-                restore=disk,
-            )
+        return Plan(
+            Decision.RESTORE,
+            restore_target.id,
+            disk.common_blocks,
+            disk.similarity,
+            evicts=restore_target.state is SlotState.HOT,
+            restore=disk,
+        )
     if match is not None:  # also when the restore cannot happen: a partial prefix beats none
         slot, common, ratio = match
         return Plan(Decision.HIT, slot.id, common, ratio)

@@ -277,10 +277,15 @@ def test_disk_without_any_slot_match_restores():
     assert p.decision is Decision.RESTORE and p.common_blocks == 1
 
 
-def test_disk_backend_with_nothing_idle_falls_back_to_a_miss():
+def test_disk_backend_with_nothing_idle_waits_then_falls_back_to_a_miss():
     request = large(fp(50, 55))
     slots = [slot(0, FREE, backend="a"), slot(0, HOT, fp(3), busy=True, backend="b")]
-    p = plan(request, slots, min_ratio=0.0, disk=DiskMatch("deadbeef", "b", 40, 1.0))
+    disk = DiskMatch("deadbeef", "b", 40, 1.0)
+    # the restore cannot happen yet: wait for the busy slot of that backend ...
+    waiting = plan(request, slots, min_ratio=0.0, disk=disk)
+    assert waiting.decision is Decision.WAIT and waiting.slot == SlotId("b", 0)
+    # ... until affinity runs out: then compute from scratch on the free slot
+    p = plan(request, slots, min_ratio=0.0, disk=disk, affinity=False)
     assert p.decision is Decision.MISS and p.slot == SlotId("a", 0) and p.restore is None
 
 
