@@ -38,6 +38,11 @@ WORDS = (
 ).split()
 
 
+# Token ids of proxycache.tinymodel's vocabulary: <unk> <s> </s>, then bytes 0x00..0xFF.
+END_OF_STREAM = 2
+BYTE_TOKEN_BASE = 3
+
+
 @attrs.frozen(kw_only=True)
 class Workload:
     """The shape of the traffic; sizes are in tokens (= bytes for the generated models)."""
@@ -52,11 +57,22 @@ class Workload:
     concurrency: int = 1
     seed: int = 0
     model: str = "any"
+    # Ban non-ASCII bytes and end-of-stream through logit_bias, by the token ids of
+    # proxycache's generated models.  Their random weights mostly emit bytes that
+    # are not UTF-8, which llama.cpp holds back until the stream ends: without
+    # this, the first chunk (TTFT) would come only after the whole answer.
+    ascii_answers: bool = False
+
+    def sampling(self) -> dict[str, Any]:
+        if not self.ascii_answers:
+            return {}
+        banned = [END_OF_STREAM] + [BYTE_TOKEN_BASE + b for b in range(0x80, 0x100)]
+        return {"logit_bias": {str(token): -100 for token in banned}}
 
     def final_tokens(self) -> int:
         """About how many tokens a conversation holds after its last turn (template included)."""
-        per_turn = self.question_tokens + self.answer_tokens * 4 + 32  # an answer re-sent may grow (U+FFFD)
-        return self.context_tokens + 64 + self.turns * per_turn
+        answer = self.answer_tokens if self.ascii_answers else self.answer_tokens * 3  # U+FFFD is 3 bytes
+        return self.context_tokens + 64 + self.turns * (self.question_tokens + answer + 32)
 
 
 @attrs.frozen(kw_only=True)
@@ -69,6 +85,7 @@ class Record:
     seconds: float  # seconds to the end of the stream
     prompt_n: int | None  # prompt tokens llama.cpp computed
     cache_n: int | None  # prompt tokens llama.cpp reused
+    prompt_ms: float | None  # llama.cpp's time computing them
     prompt_tokens: int | None  # the whole prompt (usage, else prompt_n + cache_n)
     completion_tokens: int | None
     decision: str | None  # x-proxycache-decision
@@ -148,7 +165,7 @@ def _record(user: int, turn: int, kind: str, t0: float, started: float, reply: _
         prompt_tokens = prompt_n + (cache_n or 0)
     return Record(
         user=user, turn=turn, kind=kind, started=started - t0, ttft=reply.ttft, seconds=reply.seconds,
-        prompt_n=prompt_n, cache_n=cache_n, prompt_tokens=prompt_tokens,
+        prompt_n=prompt_n, cache_n=cache_n, prompt_ms=timings.get("prompt_ms"), prompt_tokens=prompt_tokens,
         completion_tokens=usage.get("completion_tokens", timings.get("predicted_n")),
         decision=reply.headers.get("x-proxycache-decision"), slot=reply.headers.get("x-proxycache-slot"),
     )
@@ -157,7 +174,7 @@ def _record(user: int, turn: int, kind: str, t0: float, started: float, reply: _
 def _failed(user: int, turn: int, kind: str, t0: float, started: float, error: Exception) -> Record:
     return Record(
         user=user, turn=turn, kind=kind, started=started - t0, ttft=None,
-        seconds=time.perf_counter() - started, prompt_n=None, cache_n=None, prompt_tokens=None,
+        seconds=time.perf_counter() - started, prompt_n=None, cache_n=None, prompt_ms=None, prompt_tokens=None,
         completion_tokens=None, decision=None, slot=None, error=f"{type(error).__name__}: {error}",
     )
 
@@ -194,7 +211,8 @@ def run(
         conversation.messages.append({"role": "user", "content": question})
         started = time.perf_counter()
         try:
-            reply = stream_chat(client, workload.model, conversation.messages, workload.answer_tokens)
+            reply = stream_chat(client, workload.model, conversation.messages, workload.answer_tokens,
+                                **workload.sampling())
         except Exception as e:
             conversation.messages.pop()  # the question goes unanswered; the next turn asks again
             keep(_failed(conversation.user, turn, "turn", t0, started, e))
@@ -204,7 +222,7 @@ def run(
         for _ in range(workload.side_calls):
             started = time.perf_counter()
             try:
-                side = stream_chat(client, workload.model, conversation.side_messages(), 8)
+                side = stream_chat(client, workload.model, conversation.side_messages(), 8, **workload.sampling())
             except Exception as e:
                 keep(_failed(conversation.user, turn, "side", t0, started, e))
                 continue
@@ -226,7 +244,7 @@ def oracle_prefill(records: list[Record]) -> int:
     and every side call in full.
     """
     total = 0
-    previous: dict[int, int] = {}
+    previous: dict[int, int] = {}  # user -> prompt tokens of their previous turn
     for record in sorted(records, key=lambda r: (r.user, r.turn, r.kind != "turn", r.started)):
         if record.prompt_tokens is None:
             continue
@@ -243,7 +261,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-url", required=True, help="OpenAI base URL, e.g. http://127.0.0.1:8081/v1")
     parser.add_argument("--api-key", default="unused")
     for field in attrs.fields(Workload):
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(field.default), default=field.default)
+        option = f"--{field.name.replace('_', '-')}"
+        if isinstance(field.default, bool):
+            parser.add_argument(option, action="store_true")
+        else:
+            parser.add_argument(option, type=type(field.default), default=field.default)
     args = parser.parse_args(argv)
     workload = Workload(**{f.name: getattr(args, f.name) for f in attrs.fields(Workload)})
     records = run(args.base_url, workload, api_key=args.api_key,

@@ -23,7 +23,9 @@ Choice order for a request (L{plan}):
      the request, among those whose similarity passes the threshold (a small
      request only considers COLD ones).  If that slot is busy, a large request
      that still has affinity time waits for it rather than recompute elsewhere;
-  2. a saved disk entry that shares more blocks than any slot: restore it;
+  2. a saved disk entry that shares more blocks than any idle slot: restore it
+     into an idle slot of the backend that wrote it (chosen as in 3); if that
+     backend has none idle, the entry is left for later;
   3. an idle FREE slot, else the least recently used idle COLD slot, else the
      least recently used idle HOT slot, whose cache is evicted (saved first by
      the disk tier: L{Plan.evicts});

@@ -16,7 +16,7 @@ def test_workload_driver_records_every_request(llama, tmp_path):
     proxy = ProxyProcess(tmp_path, llama.url, slot_save_path=str(llama.save_dir), **LIMITS).start()
     try:
         workload = Workload(users=2, context_tokens=300, turns=2, question_tokens=40,
-                            answer_tokens=4, side_calls=1, side_tokens=60)
+                            answer_tokens=4, side_calls=1, side_tokens=60, ascii_answers=True)
         records = run(proxy.url + "/v1", workload)
     finally:
         proxy.stop()
@@ -27,7 +27,7 @@ def test_workload_driver_records_every_request(llama, tmp_path):
     for r in records:
         assert r.error is None, r
         assert 0 < r.ttft <= r.seconds, r
-        assert r.prompt_n is not None and r.cache_n is not None, r
+        assert r.prompt_n is not None and r.cache_n is not None and r.prompt_ms is not None, r
         assert r.prompt_tokens >= r.prompt_n + r.cache_n - 1 > 0, r
         assert r.completion_tokens, r
         assert r.decision in ("hit", "miss", "restore", "small"), r
