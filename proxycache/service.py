@@ -149,7 +149,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         config = _start_embedded(config, top)
     pool_size = max(8, 4 * (config.slots or 8)) + 4
     backends = [
-        Backend.create(reactor, url, config.upstream_api_key, pool_size, config.stream_idle_timeout)
+        Backend.create(reactor, url, config.upstream_api_key, pool_size)
         for url in config.llama_url
     ]
     scheduler = Scheduler(

@@ -141,11 +141,10 @@ class Backend:
     client: HTTPClient
     clock: IReactorTime
     api_key: str | None = None
-    idle_timeout: float = 300.0
     fresh_client: HTTPClient | None = None  # a new connection per request, for retries
 
     @classmethod
-    def create(cls, reactor: Any, url: str, api_key: str | None, pool_size: int, idle_timeout: float) -> "Backend":
+    def create(cls, reactor: Any, url: str, api_key: str | None, pool_size: int) -> "Backend":
         pool = HTTPConnectionPool(reactor, persistent=True)
         # Default is 2: one connection per concurrent request to one backend is needed.
         pool.maxPersistentPerHost = pool_size
@@ -154,7 +153,7 @@ class Backend:
 
         client = HTTPClient(Agent(reactor, pool=pool))
         fresh = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
-        return cls(url, client, reactor, api_key, idle_timeout, fresh)
+        return cls(url, client, reactor, api_key, fresh)
 
     @property
     def name(self) -> str:
