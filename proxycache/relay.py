@@ -77,6 +77,9 @@ class _Progress:
     answered: bool = False  # llama.cpp sent response headers: the prompt was processed
     status: int = 0
     decision: Decision | None = None
+    # llama.cpp's timings as soon as they pass by: a client that hangs up right
+    # after the last event must not cost us the truth about the slot.
+    timings: dict[str, Any] = attrs.Factory(dict)
 
 
 @attrs.frozen
@@ -274,7 +277,7 @@ class Proxy:
             return b""
         finally:
             if not outcome.succeeded and progress.answered:
-                outcome = attrs.evolve(outcome, succeeded=progress.status == 200)
+                outcome = _outcome(progress.status == 200, progress.timings)
             finished = self.clock.seconds()
             settling = self.preparer.settling(lease)
             if settling is None:
@@ -324,7 +327,7 @@ class Proxy:
 
         streaming = response.code == 200 and body.get("stream") is True
         if streaming:
-            return await self._relay_stream(request, backend, response)
+            return await self._relay_stream(request, response, progress)
         try:
             raw = await read_body(response, self.clock, self.config.stream_idle_timeout)
         except StreamStalled as e:
@@ -335,17 +338,18 @@ class Proxy:
             decoded = json.loads(raw)
         except ValueError:
             decoded = None
-        timings = timings_of(decoded)
+        timings = progress.timings = timings_of(decoded)
         if timings:
             request.setHeader(b"x-proxycache-cached-tokens", str(timings.get("cache_n", 0)).encode())
             request.setHeader(b"x-proxycache-prompt-tokens", str(timings.get("prompt_n", 0)).encode())
         request.write(raw)
         return _outcome(response.code == 200, timings)
 
-    async def _relay_stream(self, request: IRequest, backend: Backend, response) -> Outcome:
+    async def _relay_stream(self, request: IRequest, response: Any, progress: _Progress) -> Outcome:
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
         tap = TimingsTap()
+        progress.timings = tap.timings
 
         def relay(data: bytes) -> None:
             request.write(data)
@@ -383,7 +387,7 @@ class Proxy:
         )
         for observer in self.observers:
             observer(record)
-        if outcome.succeeded and reused_unplanned(lease.plan, outcome.cache_n, outcome.prompt_n):
+        if outcome.measured and reused_unplanned(lease.plan, outcome.cache_n, outcome.prompt_n):
             if lease.slot.id.backend not in self._noticed_ram_cache:
                 self._noticed_ram_cache.add(lease.slot.id.backend)
                 log.info(
@@ -392,7 +396,7 @@ class Proxy:
                     "follows what timings report (said once)",
                     backend=lease.slot.id.backend, cache_n=outcome.cache_n,
                 )
-        if outcome.succeeded and fell_short(lease.plan, lease.request, outcome.cache_n, outcome.prompt_n):
+        if outcome.measured and fell_short(lease.plan, lease.request, outcome.cache_n, outcome.prompt_n):
             log.warn(
                 "slot {slot} reused {cache_n} tokens, far below the plan ({blocks} blocks): checking llama-server",
                 slot=str(lease.slot.id), cache_n=outcome.cache_n, blocks=lease.plan.common_blocks,
@@ -480,4 +484,5 @@ def _outcome(succeeded: bool, timings: dict[str, Any]) -> Outcome:
     return Outcome(
         succeeded, count("cache_n"), count("prompt_n"), count("predicted_n"),
         float(prompt_ms) if isinstance(prompt_ms, (int, float)) else 0.0,
+        measured="cache_n" in timings,
     )

@@ -94,6 +94,7 @@ class Outcome:
     prompt_n: int = 0
     predicted_n: int = 0
     prompt_ms: float = 0.0
+    measured: bool = False  # llama.cpp's timings were seen: the counts above are real
 
 
 @attrs.define(eq=False)

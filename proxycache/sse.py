@@ -31,7 +31,8 @@ class TimingsTap:
                 except (ValueError, AttributeError):
                     continue
                 if isinstance(timings, dict):
-                    self.timings = timings
+                    self.timings.clear()  # in place: the relay holds on to this dict
+                    self.timings.update(timings)
 
 
 def timings_of(body: Any) -> dict[str, Any]:

@@ -193,7 +193,7 @@ class DiskTier(Service, SlotPreparer):
     def released(self, lease: Lease, outcome: Outcome) -> None:
         self.speeds.observe_prefill(outcome.prompt_n, outcome.prompt_ms)
         restored = self._restored.pop(lease.slot.id, None)
-        if restored is not None and outcome.succeeded:
+        if restored is not None and outcome.measured:
             self._verify(restored, outcome)
         if outcome.succeeded and lease.slot.state is SlotState.HOT:
             self._schedule_write_behind(lease.slot)

@@ -61,6 +61,19 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(503, {"error": {"code": 503, "message": "Loading model", "type": "unavailable_error"}})
         elif behaviour == "error-418":
             self._json(418, {"error": {"code": 418, "message": "teapot", "type": "odd_error"}})
+        elif behaviour == "done-then-linger":
+            # a complete stream whose body llama.cpp is slow to close
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            last = (b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}],'
+                    b'"timings":{"cache_n":4000,"prompt_n":12,"prompt_ms":3.0,"predicted_n":1}}\n\ndata: [DONE]\n\n')
+            for chunk in (CHUNK, last):
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+            self.wfile.flush()
+            time.sleep(2)
+            self.wfile.write(b"0\r\n\r\n")
         elif behaviour in ("stall-stream", "stall-body"):
             self.send_response(200)
             self.send_header("Content-Type", "text/event-stream" if behaviour == "stall-stream" else "application/json")

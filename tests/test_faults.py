@@ -142,3 +142,17 @@ def test_client_gone_during_an_eviction_save(stub, tmp_path):
         assert ask(proxy, "dee " + "word " * 40)[0] == 200
     finally:
         proxy.stop()
+
+
+def test_timings_kept_when_the_client_hangs_up_at_done(stub_proxy):
+    """SDKs close the connection once they read [DONE]: the slot map still learns llama.cpp's timings."""
+    sock = open_raw_chat(stub_proxy.port, {"messages": [{"role": "user", "content": "done-then-linger"}], "stream": True})
+    received = b""
+    while b"data: [DONE]" not in received:
+        received += sock.recv(65536)
+    sock.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not stub_proxy.status()["recent"]:
+        time.sleep(0.05)
+    record = stub_proxy.status()["recent"][0]
+    assert (record["status"], record["cache_n"], record["prompt_n"]) == (200, 4000, 12)

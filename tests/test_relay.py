@@ -221,3 +221,4 @@ def test_embedded_llama_cpp_with_llama_model(tmp_path, tiny_model):
     # the embedded llama.cpp stopped with the daemon
     with pytest.raises(OSError):
         http("GET", backend + "/health", timeout=2)
+
