@@ -162,6 +162,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     tier.setServiceParent(top)
     monitor = Monitor(scheduler, backends, config.health_interval, config.slots, tier.backend_up)
     monitor.setServiceParent(top)
+    tier.on_empty_slot = lambda backend: monitor.check()
     stats = Stats(reactor, scheduler, tier, monitor)
     tier.observers.append(stats.slot_action)
     proxy = Proxy(

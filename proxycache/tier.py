@@ -27,7 +27,7 @@ from proxycache.disk import Index, MetaEntry, bin_name, load_index, remove_entry
 from proxycache.planner import Decision, DiskMatch, Request, SlotState
 from proxycache.relay import SlotPreparer
 from proxycache.scheduler import Lease, Outcome, Scheduler, Slot, SlotContent
-from proxycache.upstream import UPSTREAM_FAILURES, Backend
+from proxycache.upstream import UPSTREAM_FAILURES, Backend, UpstreamError
 
 log = Logger()
 
@@ -98,6 +98,7 @@ class DiskTier(Service, SlotPreparer):
         self._write_behind: dict[Any, IDelayedCall] = {}
         self._settling: dict[Any, Deferred] = {}
         self.loaded: Deferred = Deferred()
+        self.on_empty_slot: Callable[[Backend], Any] = lambda backend: None  # the monitor looks again
         self.observers: list[Callable[[str, float, int], None]] = []  # (action, seconds, bytes)
         scheduler.disk_lookup = self.lookup
 
@@ -213,16 +214,19 @@ class DiskTier(Service, SlotPreparer):
 
     # -- save / restore -----------------------------------------------------
 
-    async def _wait_until_idle(self, backend: Backend, index: int) -> None:
-        """llama.cpp's own view: is_processing can lag a cancelled request."""
+    async def _wait_until_idle(self, backend: Backend, index: int) -> dict | None:
+        """
+        llama.cpp's own view of the slot once it is idle (is_processing can lag
+        a cancelled request); None when llama-server does not show its slots.
+        """
         delay = 0.05
         for _ in range(12):
             status, slots = await backend.call("GET", "/slots", timeout=10)
             if status != 200 or not isinstance(slots, list):
-                return
+                return None
             slot = next((s for s in slots if s.get("id") == index), None)
             if slot is None or not slot.get("is_processing"):
-                return
+                return slot
             await deferLater(self.clock, delay, lambda: None)
             delay = min(delay * 2, 1.0)
         raise TimeoutError(f"slot {index} stayed busy in llama.cpp")
@@ -238,7 +242,12 @@ class DiskTier(Service, SlotPreparer):
         key = predecessor.key if predecessor else fp.key
         started = self.clock.seconds()
         try:
-            await self._wait_until_idle(backend, slot.id.index)
+            seen = await self._wait_until_idle(backend, slot.id.index)
+            if seen is not None and "id_task" not in seen:
+                # Never used since llama-server started: it restarted behind our back, and
+                # saving now would write an empty file over this conversation's cache.
+                self.on_empty_slot(backend)
+                raise UpstreamError(f"slot {slot.id.index} is empty in llama.cpp (restarted?)")
             reply = await backend.slot_action(slot.id.index, "save", bin_name(key), self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             self.counters.save_failures += 1

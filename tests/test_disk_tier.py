@@ -237,3 +237,23 @@ def test_a_restore_that_does_not_take_is_detected_and_not_repeated(llama_factory
         assert proxy.status()["disk"]["ineffective_restores"] == 2
     finally:
         proxy.stop()
+
+
+def test_no_empty_save_over_a_cache_after_an_unnoticed_restart(llama, tmp_path):
+    # the monitor looks rarely here: the background save meets the restarted server first
+    proxy = start_proxy(tmp_path, llama, health_interval=30, write_behind=1.0)
+    try:
+        ana = User("ana")
+        ana.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        (saved,) = llama.save_dir.glob("slotcache_*.bin")
+        size = saved.stat().st_size
+        ana.turn(proxy.client())  # changes the slot: a background save is due in 1 s
+        llama.restart()
+        wait_for(lambda: proxy.status()["disk"]["save_failures"] >= 1, what="the refused save")
+        assert saved.stat().st_size == size  # the first turn's cache is intact
+        wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1, what="restart noticed")
+        record = ana.turn(proxy.client())
+        assert record["decision"] == "restore" and record["cache_n"] > 1000
+    finally:
+        proxy.stop()
