@@ -7,6 +7,7 @@ One command plays the same team workload (bench/workload.py) against:
   proxy-ram       the same with llama-server's default --cache-ram (8192 MiB)
   llama           llama-server alone, default flags (-np S; RAM prompt cache 8192 MiB)
   llama-small     llama-server alone, --cache-ram sized to about two conversations
+  llama-ram0      llama-server alone, --cache-ram 0: its slots only
   proxy-restart   proxy-ram0 with a llama-server restart half-way through
   llama-restart   llama with a restart half-way through
   oracle          only new tokens prefilled after each user's first turn (computed)
@@ -76,6 +77,7 @@ def scenarios(small_cache_mib: int) -> list[Scenario]:
         Scenario("llama", "llama-server alone, default flags", False, None),
         Scenario("llama-small", f"llama-server alone, --cache-ram {small_cache_mib} (~2 conversations)", False,
                  small_cache_mib),
+        Scenario("llama-ram0", "llama-server alone, --cache-ram 0 (slots only)", False, 0),
         Scenario("proxy-restart", f"proxycache (--cache-ram {RECOMMENDED_CACHE_RAM}), llama-server restart half-way",
                  True, RECOMMENDED_CACHE_RAM, restart=True),
         Scenario("llama-restart", "llama-server alone, default flags, restart half-way", False, None, restart=True),
