@@ -71,6 +71,10 @@ class SlotPreparer:
         """Preparation still running after its request ended (cancelled): release after it."""
         return None
 
+    def restored_tokens(self, lease: Lease) -> int:
+        """Tokens loaded from disk into the slot for this request."""
+        return 0
+
 
 @attrs.define(eq=False)
 class _Progress:
@@ -298,6 +302,7 @@ class Proxy:
             b"x-proxycache-decision": decision.value,
             b"x-proxycache-similarity": f"{plan.similarity:.3f}",
             b"x-proxycache-reused-blocks": str(plan.common_blocks),
+            b"x-proxycache-restored-tokens": str(self.preparer.restored_tokens(lease)),
             b"x-proxycache-queue-wait-ms": f"{lease.waited * 1000:.0f}",
             b"x-proxycache-version": __version__,
         }

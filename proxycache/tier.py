@@ -191,6 +191,10 @@ class DiskTier(Service, SlotPreparer):
             return Decision.RESTORE if await self._restore(lease) else Decision.MISS
         return lease.plan.decision
 
+    def restored_tokens(self, lease: Lease) -> int:
+        restored = self._restored.get(lease.slot.id)
+        return restored.n_restored if restored is not None else 0
+
     def released(self, lease: Lease, outcome: Outcome) -> None:
         self.speeds.observe_prefill(outcome.prompt_n, outcome.prompt_ms)
         restored = self._restored.pop(lease.slot.id, None)

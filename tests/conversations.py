@@ -42,6 +42,7 @@ class User:
         record = {
             "user": self.name,
             "decision": raw.headers["x-proxycache-decision"],
+            "restored_tokens": int(raw.headers["x-proxycache-restored-tokens"]),
             "slot": raw.headers["x-proxycache-slot"],
             "cache_n": timings["cache_n"],
             "prompt_n": timings["prompt_n"],

@@ -52,6 +52,8 @@ def test_four_users_on_two_slots_restore_from_disk(llama, tmp_path):
                 else:
                     assert record["decision"] in ("restore", "hit"), record
                     assert close_to_new(record), record
+                    if record["decision"] == "restore":
+                        assert record["restored_tokens"] >= record["cache_n"] > 1000
         assert sum(1 for u in users for r in u.turns[1:] if r["decision"] == "restore") >= 10
         status = proxy.status()
         assert status["disk"]["ineffective_restores"] == 0
