@@ -23,10 +23,14 @@ from proxycache.embedded import LlamaServerSpec, child_env, command, free_port
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 
 
-def call(method: str, url: str, body: Any = None, timeout: float = 60.0) -> tuple[int, Any]:
+def call(
+    method: str, url: str, body: Any = None, timeout: float = 60.0, api_key: str | None = None
+) -> tuple[int, Any]:
     """(status, parsed JSON or text); HTTP errors are returned, not raised."""
     data = None if body is None else json.dumps(body).encode()
     headers = {"Content-Type": "application/json"} if data is not None else {}
+    if api_key:
+        headers["Authorization"] = f"Bearer {api_key}"
     request = urllib.request.Request(url, data, headers, method=method)
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:

@@ -28,7 +28,6 @@ from proxycache.upstream import (
     UPSTREAM_FAILURES,
     Backend,
     StreamStalled,
-    UpstreamError,
     pipe_body,
     read_body,
 )

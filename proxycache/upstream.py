@@ -13,7 +13,6 @@ import json
 from typing import Any, Callable
 
 import attrs
-import treq
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import (

@@ -4,7 +4,6 @@ Synchronous helpers to run a real llama.cpp server from tests.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 import urllib.error
@@ -12,6 +11,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.processes import call, prometheus
 from proxycache.embedded import LlamaServerSpec, child_env, command
 
 
@@ -87,20 +87,7 @@ class LlamaProcess:
 
     def call(self, method: str, path: str, body: Any = None, timeout: float = 60.0) -> tuple[int, Any]:
         """C{(status, parsed JSON or text)}; HTTP errors are returned, not raised."""
-        data = None if body is None else json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"} if data is not None else {}
-        if self.spec.api_key:
-            headers["Authorization"] = f"Bearer {self.spec.api_key}"
-        request = urllib.request.Request(self.url + path, data, headers, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as response:
-                status, raw = response.status, response.read()
-        except urllib.error.HTTPError as e:
-            status, raw = e.code, e.read()
-        try:
-            return status, json.loads(raw)
-        except ValueError:
-            return status, raw.decode("utf-8", "replace")
+        return call(method, self.url + path, body, timeout, self.spec.api_key)
 
     def get_json(self, path: str) -> Any:
         return self._ok(*self.call("GET", path))
@@ -122,12 +109,7 @@ class LlamaProcess:
         status, text = self.call("GET", "/metrics")
         if status != 200:
             raise LlamaHTTPError(status, text)
-        values = {}
-        for line in str(text).splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                values[name.strip()] = float(value)
-        return values
+        return prometheus(str(text))
 
     def _ok(self, status: int, body: Any) -> Any:
         if not 200 <= status < 300:

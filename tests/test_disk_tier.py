@@ -5,12 +5,9 @@ demand, restarts of either process, model guard, budget, failures.
 
 from __future__ import annotations
 
-import os
 import signal
 import time
-from pathlib import Path
 
-import pytest
 
 from tests.conversations import User, close_to_new
 from tests.proxy import ProxyProcess, http

@@ -97,8 +97,6 @@ def test_json_logs_for_log_shippers(llama, tmp_path):
     argv = proxy.argv
     proxy.argv = lambda: [a if not a.startswith("--logfile=") else "--logger=proxycache.logs.json_to_stdout" for a in argv()]
     with open(tmp_path / "proxy.json", "wb") as out:
-        import os
-
         process = subprocess.Popen(proxy.argv(), stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
         proxy.process = process
         try:
