@@ -30,7 +30,10 @@ def proxy(llama, tmp_path):
 
 
 def test_non_streaming_through_openai_sdk(proxy):
-    raw = proxy.client().chat.completions.with_raw_response.create(model="any", messages=MESSAGES, max_tokens=8)
+    # ignore_eos: the random model may otherwise stop at any token
+    raw = proxy.client().chat.completions.with_raw_response.create(
+        model="any", messages=MESSAGES, max_tokens=8, extra_body={"ignore_eos": True}
+    )
     completion = raw.parse()
     assert completion.choices[0].message.role == "assistant"
     assert completion.usage.completion_tokens == 8
@@ -212,7 +215,9 @@ def test_embedded_llama_cpp_with_llama_model(tmp_path, tiny_model):
     proxy = ProxyProcess(tmp_path, None, llama_model=str(tiny_model), slots=2, ctx_per_slot=4096, **SMALL_LIMITS)
     proxy.start(timeout=120)
     try:
-        completion = proxy.client().chat.completions.create(model="any", messages=MESSAGES, max_tokens=4)
+        completion = proxy.client().chat.completions.create(
+            model="any", messages=MESSAGES, max_tokens=4, extra_body={"ignore_eos": True}
+        )
         assert completion.usage.completion_tokens == 4
         backend = proxy.status()["backends"][0]["url"]
     finally:
