@@ -179,3 +179,34 @@ def test_a_second_signal_exits_at_once(llama, tmp_path):
     proxy.process.send_signal(signal.SIGTERM)
     assert proxy.process.wait(10) == 1
     sock.close()
+
+
+def test_plain_install_ships_the_plugin(tmp_path):
+    """A non-editable install (a wheel) carries twisted/plugins/proxycache_plugin.py and twistd finds it."""
+    import os
+    import zipfile
+
+    root = Path(__file__).resolve().parent.parent
+    built = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(root)],
+        capture_output=True, text=True,
+    )
+    assert built.returncode == 0, built.stderr
+    (wheel,) = (tmp_path / "dist").glob("proxycache-*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert "twisted/plugins/proxycache_plugin.py" in names
+    assert "twisted/__init__.py" not in names and "twisted/plugins/__init__.py" not in names
+    assert "proxycache/static/dashboard.html" in names
+    target = tmp_path / "site"
+    installed = subprocess.run(
+        [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
+        capture_output=True, text=True,
+    )
+    assert installed.returncode == 0, installed.stderr
+    env = {**os.environ, "PYTHONPATH": str(target)}
+    result = subprocess.run(
+        [sys.executable, "-c", "import sys, proxycache; print(proxycache.__file__); from twisted.scripts.twistd import run; sys.argv = ['twistd', 'proxycache', '--version']; run()"],
+        capture_output=True, text=True, env=env, cwd=tmp_path,
+    )
+    assert result.stdout.splitlines()[0].startswith(str(target))  # the installed copy, not the checkout
+    assert f"proxycache {__version__}" in result.stdout
