@@ -186,9 +186,14 @@ def test_plain_install_ships_the_plugin(tmp_path):
     import os
     import zipfile
 
-    root = Path(__file__).resolve().parent.parent
+    # build from a copy: setuptools leaves build/ and *.egg-info next to the sources
+    source = tmp_path / "source"
+    shutil.copytree(
+        Path(__file__).resolve().parent.parent, source,
+        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"),
+    )
     built = subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(root)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(source)],
         capture_output=True, text=True,
     )
     assert built.returncode == 0, built.stderr
