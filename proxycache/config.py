@@ -166,7 +166,6 @@ SETTINGS: tuple[Setting, ...] = (
             "context per slot of the embedded llama.cpp"),
 )
 
-_BY_NAME = {s.name: s for s in SETTINGS}
 
 
 @attrs.frozen(kw_only=True)
@@ -219,10 +218,6 @@ class Config:
         """
         return cls(**{name: value for name, (value, _) in resolve(options, environ, file).items()})
 
-    @classmethod
-    def for_tests(cls, **overrides: Any) -> "Config":
-        """Defaults (ignoring the environment) with C{overrides}."""
-        return attrs.evolve(cls.load({}, {}), **overrides)
 
 
 def resolve(
@@ -279,6 +274,3 @@ def read_config_file(path: str) -> dict[str, str]:
             raise ConfigError(f"config file {path}: unknown setting {key!r}")
         values[by_alias[key]] = value
     return values
-
-def setting(name: str) -> Setting:
-    return _BY_NAME[name]

@@ -10,7 +10,7 @@ exactly once (success, upstream error, client disconnect alike).
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock
@@ -268,5 +268,3 @@ class Scheduler:
             delay = max(0.0, waiter.affinity_until - self.clock.seconds())
             waiter.timer = self.clock.callLater(delay, self.pump)
 
-    def busy_slots(self) -> Iterable[Slot]:
-        return (s for s in self.slots.values() if s.busy)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import collections
 from typing import Any, Iterable
 
+import attrs
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
@@ -118,7 +119,7 @@ class Stats:
                 "max_bytes": config.max_cache_bytes or None,
                 "max_entries": config.max_cache_entries or None,
             }
-            disk.update(_counters(self.tier.counters))
+            disk.update(attrs.asdict(self.tier.counters))
         backends = []
         if self.monitor is not None:
             backends = [
@@ -152,11 +153,6 @@ class Stats:
             "history": list(self.history),
         }
 
-
-def _counters(counters: Any) -> dict[str, int]:
-    import attrs
-
-    return attrs.asdict(counters)
 
 
 def _by_decision(requests: collections.Counter) -> dict[str, int]:
