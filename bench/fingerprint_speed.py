@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from proxycache.fingerprint import conversation_text, fingerprint  # noqa: E402
+from proxycache.routing import conversation_text, fingerprint  # noqa: E402
 
 PROSE = (
     "The proxy keeps a map from each llama.cpp slot to the prompt it last held, and "

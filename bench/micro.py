@@ -113,7 +113,7 @@ def conversation_of(tokens: int, turns: int = 20) -> dict[str, Any]:
 
 def fingerprint_time(tokens: int = 60_000, runs: int = 20) -> dict[str, float]:
     """Median seconds of proxycache.fingerprint.fingerprint on a C{tokens}-byte conversation."""
-    from proxycache.fingerprint import conversation_text, fingerprint
+    from proxycache.routing import conversation_text, fingerprint
 
     request = conversation_of(tokens)
     times = []

@@ -5,20 +5,31 @@ C{twistd proxycache}: options and the service tree.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
-from twisted.logger import Logger
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
 from twisted.python import usage
 
 from proxycache import __version__
+from proxycache.config import SETTINGS, Config, ConfigError, _flag, read_config_file, resolve
+
+if TYPE_CHECKING:
+    from proxycache.cache import DiskTier
+    from proxycache.slots import Monitor, Scheduler
+    from proxycache.web._inflight import InFlight
 
 log = Logger()
-from proxycache.config import SETTINGS, Config, ConfigError, _flag, read_config_file, resolve
+
+# On stop, after the drain: time for the last buffered bytes to reach the kernel.
+FLUSH_PAUSE = 0.2
 
 
 def _describe(setting) -> str:
@@ -90,9 +101,7 @@ class OrderedServices(MultiService):
     disk tier flushes while llama.cpp is still up, llama.cpp stops last.
     """
 
-    def stopService(self) -> Deferred:
-        from twisted.application.service import Service
-
+    def stopService(self) -> Deferred[None]:
         Service.stopService(self)
         return Deferred.fromCoroutine(self._stop_in_reverse())
 
@@ -107,84 +116,86 @@ class DrainService(Service):
     grace period; a second SIGTERM or SIGINT meanwhile exits at once.
     """
 
-    def __init__(self, proxy: Any, grace: float) -> None:
-        self.proxy = proxy
+    def __init__(self, in_flight: InFlight, grace: float, clock: IReactorTime) -> None:
+        self.in_flight = in_flight
         self.grace = grace
+        self.clock = clock
 
-    def stopService(self) -> Deferred:
+    def stopService(self) -> Deferred[None]:
         super().stopService()
         return Deferred.fromCoroutine(self._drain())
 
     async def _drain(self) -> None:
-        import signal
-
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: os._exit(1))
-        if self.proxy.in_flight:
-            log.info("waiting up to {grace:g}s for {n} requests in flight", grace=self.grace, n=self.proxy.in_flight)
-        left = await self.proxy.drain(self.grace)
+        if self.in_flight:
+            log.info("waiting up to {grace:g}s for {n} requests in flight", grace=self.grace, n=len(self.in_flight))
+        left = await self.in_flight.drain(self.grace)
         if left:
             log.warn("stopping with {n} requests still running after the grace period", n=left)
         # Let the transports hand their last buffered bytes to the kernel before
         # the reactor drops every connection.
-        from twisted.internet import reactor
-        from twisted.internet.task import deferLater
-
-        await deferLater(reactor, 0.2, lambda: None)
+        await deferLater(self.clock, FLUSH_PAUSE, lambda: None)
 
 
 def build(config: Config, reactor: Any) -> MultiService:
-    """The whole daemon as one service tree (also used by tests with a real reactor)."""
+    """The whole daemon as one service tree, its collaborators passed in, never patched on."""
     from twisted.web.server import Site
 
-    from proxycache.monitor import Monitor
-    from proxycache.relay import Proxy
-    from proxycache.scheduler import Scheduler
+    from proxycache.backend import LlamaServer
+    from proxycache.cache import Catalog, DiskTier
+    from proxycache.slots import Dispatcher, Monitor, Scheduler
     from proxycache.stats import Stats
-    from proxycache.tier import DiskTier
-    from proxycache.upstream import Backend
+    from proxycache.web import Proxy
 
     top = OrderedServices()
     if config.embedded:
         config = _start_embedded(config, top)
     pool_size = max(8, 4 * (config.slots or 8)) + 4
-    backends = [
-        Backend.create(reactor, url, config.upstream_api_key, pool_size)
-        for url in config.llama_url
-    ]
+    backends = [LlamaServer.create(reactor, url, config.upstream_api_key, pool_size) for url in config.llama_url]
+    by_name = {b.name: b for b in backends}
+    catalog = Catalog(min_ratio=config.similarity_min_ratio)
     scheduler = Scheduler(
         reactor,
         min_ratio=config.similarity_min_ratio,
         affinity_wait=config.affinity_wait,
         max_queue=config.max_queue,
+        disk_lookup=catalog.lookup,
     )
-    tier = DiskTier(config, reactor, scheduler, {b.name: b for b in backends})
-    tier.setServiceParent(top)
-    monitor = Monitor(scheduler, backends, config.health_interval, config.slots, tier.backend_up)
-    monitor.setServiceParent(top)
-    tier.on_empty_slot = lambda backend: monitor.check()
-    stats = Stats(reactor, scheduler, tier, monitor)
-    tier.observers.append(stats.slot_action)
-    proxy = Proxy(
-        config, reactor, backends, scheduler, tier, [stats.request_done], stats,
-        health=lambda: own_health(config, monitor, scheduler, tier),
+    monitor = Monitor(
+        reactor, scheduler, backends, config.health_interval, config.slots,
+        on_up=lambda backend, model: catalog.backend_up(backend.name, model),
+    )
+    stats = Stats(
+        reactor, scheduler, catalog, monitor,
+        max_cache_bytes=config.max_cache_bytes, max_cache_entries=config.max_cache_entries,
+    )
+    tier = DiskTier(
+        config, reactor, scheduler, by_name, catalog, on_empty_slot=monitor.check, observers=[stats.slot_action]
+    )
+    dispatcher = Dispatcher(
+        reactor, scheduler, by_name, tier,
+        first_byte_timeout=config.first_byte_timeout,
+        observers=[stats.request_done],
         on_stale=lambda slot_id: monitor.check(),
+    )
+    proxy = Proxy(
+        config, reactor, dispatcher, backends,
+        status=stats.status, metrics=stats.metrics_text,
+        health=lambda: own_health(config, monitor, scheduler, tier),
         context_limit=monitor.slot_context,
     )
-    DrainService(proxy, config.grace).setServiceParent(top)
+    tier.setServiceParent(top)
+    monitor.setServiceParent(top)
+    DrainService(proxy.in_flight, config.grace, reactor).setServiceParent(top)
     site = Site(proxy.resource())
     site.displayTracebacks = False
     strports.service(config.listen, site).setServiceParent(top)
-    top.proxy = proxy  # type: ignore[attr-defined]
-    top.monitor = monitor  # type: ignore[attr-defined]
-    top.tier = tier  # type: ignore[attr-defined]
     return top
 
 
-def own_health(config: Config, monitor: Any, scheduler: Any, tier: Any) -> tuple[bool, dict]:
+def own_health(config: Config, monitor: Monitor, scheduler: Scheduler, tier: DiskTier) -> tuple[bool, dict[str, Any]]:
     """The proxy's own state, apart from llama.cpp's /health."""
-    import os
-
     meta_dir = Path(config.meta_dir)
     checks = {
         "upstream_reachable": monitor.ready,

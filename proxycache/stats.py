@@ -1,7 +1,7 @@
 """
 What the proxy has done, for C{/metrics} (Prometheus), C{/status} and the page.
 
-L{Stats} observes every finished request (L{proxycache.relay.RequestRecord})
+L{Stats} observes every finished request (L{proxycache.slots.RequestRecord})
 and every save/restore; L{Stats.collector} exposes it together with live
 slot, queue and disk state through C{prometheus_client}.
 """
@@ -12,22 +12,36 @@ import collections
 from typing import Any, Iterable
 
 import attrs
-from prometheus_client import CollectorRegistry, Histogram
+from twisted.internet.interfaces import IReactorTime
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from proxycache.planner import Decision, SlotState
+from proxycache.cache import Catalog
+from proxycache.routing import Decision, SlotState
+from proxycache.slots import Monitor, RequestRecord, Scheduler
 
 HISTORY_STEP = 10.0  # seconds per point of the page's chart
 HISTORY_POINTS = 180
 
 
 class Stats:
-    def __init__(self, clock: Any, scheduler: Any, tier: Any, monitor: Any = None) -> None:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        scheduler: Scheduler,
+        catalog: Catalog,
+        monitor: Monitor,
+        *,
+        max_cache_bytes: int = 0,
+        max_cache_entries: int = 0,
+    ) -> None:
         self.clock = clock
         self.scheduler = scheduler
-        self.tier = tier
+        self.catalog = catalog
         self.monitor = monitor
+        self.max_cache_bytes = max_cache_bytes
+        self.max_cache_entries = max_cache_entries
         self.started = clock.seconds()
         self.requests: collections.Counter[tuple[str, str]] = collections.Counter()
         self.prefill_tokens = 0
@@ -57,13 +71,12 @@ class Stats:
 
     # -- observers ----------------------------------------------------------
 
-    def request_done(self, record: Any) -> None:
+    def request_done(self, record: RequestRecord) -> None:
         self.requests[(record.decision.value, str(record.status))] += 1
         self.prefill_tokens += record.prompt_n
         self.cached_tokens += record.cache_n
-        if self.tier is not None:
-            # at the measured prefill speed (a per-request ratio is useless when prompt_n is 1)
-            self.seconds_saved += record.cache_n / self.tier.speeds.prefill_tokens_per_second
+        # at the measured prefill speed (a per-request ratio is useless when prompt_n is 1)
+        self.seconds_saved += record.cache_n / self.catalog.speeds.prefill_tokens_per_second
         if record.status == 0 or record.status >= 500:
             self.upstream_errors += 1
         self.queue_wait.observe(record.waited)
@@ -75,7 +88,7 @@ class Stats:
         self.slot_action_seconds.labels(action).observe(seconds)
         self.slot_action_bytes.labels(action).observe(size)
 
-    def _add_history(self, record: Any) -> None:
+    def _add_history(self, record: RequestRecord) -> None:
         bucket = int(record.at // HISTORY_STEP) * HISTORY_STEP
         if not self.history or self.history[-1]["t"] != bucket:
             self.history.append({"t": bucket, "requests": 0, "hits": 0, "cached_tokens": 0, "prefill_tokens": 0})
@@ -87,6 +100,9 @@ class Stats:
 
     # -- views --------------------------------------------------------------
 
+    def metrics_text(self) -> bytes:
+        return generate_latest(self.registry)
+
     def hit_rate(self) -> float:
         total = sum(self.requests.values())
         hits = sum(n for (decision, _), n in self.requests.items() if decision in ("hit", "restore"))
@@ -96,7 +112,6 @@ class Stats:
         from proxycache import __version__
 
         now = self.clock.seconds()
-        config = self.tier.config if self.tier is not None else None
         slots = [
             {
                 "backend": slot.id.backend,
@@ -111,21 +126,20 @@ class Stats:
             }
             for slot in sorted(self.scheduler.slots.values(), key=lambda s: s.id)
         ]
-        disk = {"entries": 0, "bytes": 0}
-        if self.tier is not None:
-            disk = {
-                "entries": len(self.tier.index),
-                "bytes": self.tier.index.total_bytes,
-                "max_bytes": config.max_cache_bytes or None,
-                "max_entries": config.max_cache_entries or None,
+        disk: dict[str, Any] = {
+            "entries": len(self.catalog.index),
+            "bytes": self.catalog.index.total_bytes,
+            "max_bytes": self.max_cache_bytes or None,
+            "max_entries": self.max_cache_entries or None,
+        }
+        disk.update(attrs.asdict(self.catalog.counters))
+        backends = [
+            {
+                "url": h.backend.url, "up": h.up, "model": h.props.get("model_path"),
+                "build": h.props.get("build_info"), "restarts": h.restarts,
             }
-            disk.update(attrs.asdict(self.tier.counters))
-        backends = []
-        if self.monitor is not None:
-            backends = [
-                {"url": h.backend.url, "up": h.up, "model": h.props.get("model_path"), "build": h.props.get("build_info"), "restarts": h.restarts}
-                for h in self.monitor.health.values()
-            ]
+            for h in self.monitor.health.values()
+        ]
         return {
             "version": __version__,
             "uptime_seconds": round(now - self.started, 1),
@@ -185,12 +199,10 @@ class _Collector(Collector):
             slots.add_metric([state.value], sum(1 for s in stats.scheduler.slots.values() if s.state is state))
         yield slots
         yield GaugeMetricFamily("proxycache_slots_busy", "Slots serving a request or a save", value=sum(1 for s in stats.scheduler.slots.values() if s.busy))
-        tier = stats.tier
-        if tier is None:
-            return
-        c = tier.counters
-        yield GaugeMetricFamily("proxycache_disk_entries", "Saved slot caches in the index", value=len(tier.index))
-        yield GaugeMetricFamily("proxycache_disk_bytes", "Bytes of saved slot caches", value=tier.index.total_bytes)
+        catalog = stats.catalog
+        c = catalog.counters
+        yield GaugeMetricFamily("proxycache_disk_entries", "Saved slot caches in the index", value=len(catalog.index))
+        yield GaugeMetricFamily("proxycache_disk_bytes", "Bytes of saved slot caches", value=catalog.index.total_bytes)
         for name, help_text, value in (
             ("proxycache_slot_saves", "Slot caches saved", c.saves),
             ("proxycache_slot_save_failures", "Slot saves that failed", c.save_failures),

@@ -1,5 +1,5 @@
 """
-The disk tier's index (L{proxycache.disk}): meta round trips, loading and
+The disk tier's index (L{proxycache.cache}): meta round trips, loading and
 reconciling a directory, matching, replacing and evicting entries.
 """
 
@@ -10,17 +10,17 @@ from pathlib import Path
 
 import pytest
 
-from proxycache.disk import (
+from proxycache.cache import (
     META_VERSION,
     Index,
     MetaEntry,
     bin_name,
     load_index,
-    model_identity,
     remove_entry_files,
     write_meta,
 )
-from proxycache.fingerprint import Fingerprint
+from proxycache.backend import model_identity
+from proxycache.routing import Fingerprint
 
 MODEL = "m0del"
 

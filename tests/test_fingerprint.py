@@ -1,5 +1,5 @@
 """
-Tests for L{proxycache.fingerprint}: the stable text rendering of a chat
+Tests for L{proxycache.routing}: the stable text rendering of a chat
 request, the chained block hashes, and the L{Fingerprint} operations.
 """
 
@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxycache.fingerprint import Fingerprint, conversation_text, fingerprint
+from proxycache.routing import Fingerprint, conversation_text, fingerprint
 
 FAST = settings(max_examples=50, deadline=None)
 

@@ -114,7 +114,7 @@ def test_json_logs_for_log_shippers(llama, tmp_path):
         finally:
             proxy.stop()
     records = [json.loads(line) for line in (tmp_path / "proxy.json").read_text().splitlines() if line.strip()]
-    request_lines = [r for r in records if r.get("log_namespace") == "proxycache.relay"]
+    request_lines = [r for r in records if r.get("log_namespace") == "proxycache.slots._dispatch"]
     assert request_lines and request_lines[0]["decision"] in ("miss", "small")
 
 

@@ -1,5 +1,5 @@
 """
-Pure tests of L{proxycache.planner}: one test per rule of the module docstring
+Pure tests of L{proxycache.routing}: one test per rule of the module docstring
 (slot states, transitions, choice order), then hypothesis properties.
 
 Fingerprints are built by hand.  Real block hashes are chained, so once two
@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxycache.fingerprint import Fingerprint
-from proxycache.planner import (
+from proxycache.routing import Fingerprint
+from proxycache.routing import (
     EMPTY,
     Decision,
     DiskMatch,

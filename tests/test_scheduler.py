@@ -1,5 +1,5 @@
 """
-L{proxycache.scheduler.Scheduler} on a L{Clock}: no reactor, no network.
+L{proxycache.slots.Scheduler} on a L{Clock}: no reactor, no network.
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.task import Clock
 
-from proxycache.fingerprint import Fingerprint
-from proxycache.planner import EMPTY, Decision, DiskMatch, Request, SlotId, SlotState
-from proxycache.scheduler import NOTHING, Lease, Outcome, QueueFull, Scheduler, SlotContent
+from proxycache.routing import Fingerprint
+from proxycache.routing import EMPTY, Decision, DiskMatch, Request, SlotId, SlotState
+from proxycache.slots import NOTHING, Lease, Outcome, QueueFull, Scheduler, SlotContent
 
 FREE, COLD, HOT = SlotState.FREE, SlotState.COLD, SlotState.HOT
 A0, A1 = SlotId("a", 0), SlotId("a", 1)

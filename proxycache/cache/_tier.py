@@ -11,59 +11,25 @@ after llama.cpp itself reports the slot idle, with a timeout.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.interfaces import IDelayedCall
-from twisted.internet.task import deferLater
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from proxycache.backend import UPSTREAM_FAILURES, Backend, UpstreamError, never_used
+from proxycache.cache._catalog import Catalog
+from proxycache.cache._files import load_index, remove_entry_files, write_meta
+from proxycache.cache._index import MetaEntry, bin_name
 from proxycache.config import Config
-from proxycache.disk import Index, MetaEntry, bin_name, load_index, remove_entry_files, write_meta
-from proxycache.planner import Decision, DiskMatch, Request, SlotState
-from proxycache.relay import SlotPreparer
-from proxycache.scheduler import Lease, Outcome, Scheduler, Slot, SlotContent
-from proxycache.upstream import UPSTREAM_FAILURES, Backend, UpstreamError
+from proxycache.routing import Decision, SlotId, SlotState, fell_short
+from proxycache.slots import Lease, Outcome, Scheduler, Slot, SlotContent
 
 log = Logger()
-
-
-@attrs.define
-class Speeds:
-    """Running estimates that decide whether a restore beats recomputing."""
-
-    read_bytes_per_second: float = 400e6
-    prefill_tokens_per_second: float = 300.0
-
-    def observe_restore(self, n_read: int, restore_ms: float) -> None:
-        if n_read > 1_000_000 and restore_ms > 0:
-            self.read_bytes_per_second = 0.7 * self.read_bytes_per_second + 0.3 * n_read / (restore_ms / 1000)
-
-    def observe_prefill(self, prompt_n: int, prompt_ms: float) -> None:
-        if prompt_n >= 256 and prompt_ms > 0:
-            self.prefill_tokens_per_second = 0.7 * self.prefill_tokens_per_second + 0.3 * prompt_n / (prompt_ms / 1000)
-
-    def restore_pays(self, entry: MetaEntry, common_blocks: int) -> bool:
-        reused_tokens = entry.tokens * common_blocks / max(1, len(entry.fingerprint.blocks))
-        recompute = reused_tokens / self.prefill_tokens_per_second
-        restore = entry.bytes / self.read_bytes_per_second + 0.05  # plus a round trip or two
-        return restore < recompute
-
-
-@attrs.define
-class Counters:
-    saves: int = 0
-    save_failures: int = 0
-    saved_bytes: int = 0
-    restores: int = 0
-    restore_failures: int = 0
-    restored_tokens: int = 0
-    ineffective_restores: int = 0
-    evicted_entries: int = 0
 
 
 @attrs.frozen
@@ -73,34 +39,39 @@ class _Restored:
     common_blocks: int
 
 
-class DiskTier(Service, SlotPreparer):
+class DiskTier(Service):
+    """The cache tier: implements L{proxycache.slots.SlotPreparer} for the dispatcher."""
+
     def __init__(
         self,
         config: Config,
-        clock: Any,
+        clock: IReactorTime,
         scheduler: Scheduler,
-        backends: dict[str, Backend],
-        to_thread: Callable[..., Deferred] = deferToThread,
+        backends: Mapping[str, Backend],
+        catalog: Catalog,
+        *,
+        on_empty_slot: Callable[[], Any] = lambda: None,
+        observers: Sequence[Callable[[str, float, int], None]] = (),
+        to_thread: Callable[..., Deferred[Any]] = deferToThread,
     ) -> None:
         self.config = config
         self.clock = clock
         self.scheduler = scheduler
         self.backends = backends
+        self.catalog = catalog
+        self.index = catalog.index
+        self.speeds = catalog.speeds
+        self.counters = catalog.counters
+        self.on_empty_slot = on_empty_slot  # llama-server looks restarted: the monitor looks again
+        self.observers = list(observers)  # (action, seconds, bytes) of every save and restore
         self.to_thread = to_thread
         self.meta_dir = Path(config.meta_dir)
         self.save_dir = Path(config.slot_save_path) if config.slot_save_path else None
-        self.index = Index()
-        self.models: dict[str, str] = {}  # backend name -> model identity, once it is up
-        self.speeds = Speeds()
-        self.counters = Counters()
         self.pinned = frozenset(config.pinned_keys)
-        self._restored: dict[Any, _Restored] = {}
-        self._write_behind: dict[Any, IDelayedCall] = {}
-        self._settling: dict[Any, Deferred] = {}
-        self.loaded: Deferred = Deferred()
-        self.on_empty_slot: Callable[[Backend], Any] = lambda backend: None  # the monitor looks again
-        self.observers: list[Callable[[str, float, int], None]] = []  # (action, seconds, bytes)
-        scheduler.disk_lookup = self.lookup
+        self._restored: dict[SlotId, _Restored] = {}
+        self._write_behind: dict[SlotId, IDelayedCall] = {}
+        self._settling: dict[SlotId, Deferred[Decision]] = {}
+        self.loaded: Deferred[None] = Deferred()
 
     # -- service ------------------------------------------------------------
 
@@ -145,24 +116,6 @@ class DiskTier(Service, SlotPreparer):
             slot.lock.release()
             await self._save_idle(slot)
 
-    def backend_up(self, backend: Backend, model: str) -> None:
-        self.models[backend.name] = model
-
-    # -- planning -----------------------------------------------------------
-
-    def lookup(self, request: Request) -> DiskMatch | None:
-        best = None
-        for backend, model in self.models.items():
-            found = self.index.best(request.fingerprint, model, [backend], self.config.similarity_min_ratio)
-            if found and (best is None or found[1] > best[1]):
-                best = found
-        if best is None:
-            return None
-        entry, common, ratio = best
-        if not self.speeds.restore_pays(entry, common):
-            return None
-        return DiskMatch(entry.key, entry.backend, common, ratio)
-
     # -- around a request ---------------------------------------------------
 
     async def prepare(self, lease: Lease) -> Decision:
@@ -199,46 +152,27 @@ class DiskTier(Service, SlotPreparer):
         self.speeds.observe_prefill(outcome.prompt_n, outcome.prompt_ms)
         restored = self._restored.pop(lease.slot.id, None)
         if restored is not None and outcome.measured:
-            self._verify(restored, outcome)
+            self._verify(lease, restored, outcome)
         if outcome.succeeded and lease.slot.state is SlotState.HOT:
             self._schedule_write_behind(lease.slot)
 
-    def _verify(self, restored: _Restored, outcome: Outcome) -> None:
-        entry = restored.entry
-        expected = restored.n_restored * restored.common_blocks / max(1, len(entry.fingerprint.blocks))
-        if outcome.cache_n >= 0.5 * expected:
+    def _verify(self, lease: Lease, restored: _Restored, outcome: Outcome) -> None:
+        if not fell_short(lease.plan, lease.request, outcome.cache_n, outcome.prompt_n):
             return
         self.counters.ineffective_restores += 1
         log.warn(
-            "restore of {key} did not take (cache_n={cache_n}, expected about {expected:.0f}); "
+            "restore of {key} did not take (cache_n={cache_n} of {total} prompt tokens); "
             "it will not be restored again (SWA/hybrid model without --swa-full?)",
-            key=entry.key, cache_n=outcome.cache_n, expected=expected,
+            key=restored.entry.key, cache_n=outcome.cache_n, total=outcome.cache_n + outcome.prompt_n,
         )
-        self._replace(attrs.evolve(entry, ineffective=True))
+        self._replace(attrs.evolve(restored.entry, ineffective=True))
 
     # -- save / restore -----------------------------------------------------
-
-    async def _wait_until_idle(self, backend: Backend, index: int) -> dict | None:
-        """
-        llama.cpp's own view of the slot once it is idle (is_processing can lag
-        a cancelled request); None when llama-server does not show its slots.
-        """
-        delay = 0.05
-        for _ in range(12):
-            status, slots = await backend.call("GET", "/slots", timeout=10)
-            if status != 200 or not isinstance(slots, list):
-                return None
-            slot = next((s for s in slots if s.get("id") == index), None)
-            if slot is None or not slot.get("is_processing"):
-                return slot
-            await deferLater(self.clock, delay, lambda: None)
-            delay = min(delay * 2, 1.0)
-        raise TimeoutError(f"slot {index} stayed busy in llama.cpp")
 
     async def save(self, slot: Slot, content: SlotContent) -> str | None:
         """Save what C{slot} holds (C{content}); the caller holds its lock.  Returns the entry key."""
         backend = self.backends[slot.id.backend]
-        model = self.models.get(backend.name)
+        model = self.catalog.models.get(backend.name)
         fp = content.fingerprint
         if model is None or not fp.blocks:
             return None
@@ -246,11 +180,11 @@ class DiskTier(Service, SlotPreparer):
         key = predecessor.key if predecessor else fp.key
         started = self.clock.seconds()
         try:
-            seen = await self._wait_until_idle(backend, slot.id.index)
-            if seen is not None and "id_task" not in seen:
+            seen = await backend.wait_until_idle(slot.id.index)
+            if never_used(seen):
                 # Never used since llama-server started: it restarted behind our back, and
                 # saving now would write an empty file over this conversation's cache.
-                self.on_empty_slot(backend)
+                self.on_empty_slot()
                 raise UpstreamError(f"slot {slot.id.index} is empty in llama.cpp (restarted?)")
             reply = await backend.slot_action(slot.id.index, "save", bin_name(key), self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
@@ -293,7 +227,7 @@ class DiskTier(Service, SlotPreparer):
         backend = self.backends[slot.id.backend]
         started = self.clock.seconds()
         try:
-            await self._wait_until_idle(backend, slot.id.index)
+            await backend.wait_until_idle(slot.id.index)
             reply = await backend.slot_action(slot.id.index, "restore", entry.filename, self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             # llama.cpp clears the slot when a restore fails: the request recomputes.
@@ -357,7 +291,7 @@ class DiskTier(Service, SlotPreparer):
 
     async def _enforce_budget(self) -> None:
         victims = self.index.over_budget(
-            self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned, frozenset(self.models.values())
+            self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned, frozenset(self.catalog.models.values())
         )
         for victim in victims:
             self.counters.evicted_entries += 1

@@ -8,14 +8,15 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import attrs
-from twisted.application.internet import TimerService
+from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from proxycache.disk import model_identity
-from proxycache.planner import SlotState
-from proxycache.scheduler import Scheduler
-from proxycache.upstream import UPSTREAM_FAILURES, Backend
+from proxycache.backend import UPSTREAM_FAILURES, Backend, restarted, settings_warnings
+from proxycache.routing import SlotState
+from proxycache.slots._scheduler import Scheduler
 
 log = Logger()
 
@@ -26,53 +27,52 @@ class BackendHealth:
     configured_slots: int | None
     up: bool = False
     props: dict[str, Any] = attrs.field(factory=dict)
-    model: str | None = None  # what a saved cache must have been written by (disk.model_identity)
+    model: str | None = None  # what a saved cache must have been written by (backend.model_identity)
     max_task_seen: int = -1
     restarts: int = 0
     slot_context: int | None = None  # n_ctx of one slot
 
 
-def restarted(slots: list[dict[str, Any]], believed_in_use: set[int], max_task_seen: int) -> bool:
+# While a backend is down, look again this often, so start-up and recovery are quick.
+DOWN_INTERVAL = 0.5
+
+
+class Monitor(Service):
     """
-    Did llama-server restart since we last looked?  A slot we believe holds a
-    prompt but that llama.cpp reports as never used (no C{id_task}), or task ids
-    that went backwards, both mean a new process.
+    Polls every backend's C{/props} and C{/slots} every C{interval} seconds.
+    One failed check, whatever it raised, marks that backend down and the
+    loop goes on: a monitor that stops would never see a restart again.
     """
-    tasks = [s["id_task"] for s in slots if isinstance(s.get("id_task"), int)]
-    if tasks and max(tasks) < max_task_seen:
-        return True
-    return any("id_task" not in s for s in slots if s.get("id") in believed_in_use)
-
-
-def settings_warnings(props: dict[str, Any], configured_slots: int | None) -> list[str]:
-    warnings = []
-    total = props.get("total_slots")
-    if configured_slots is not None and total is not None and total != configured_slots:
-        warnings.append(
-            f"--slots is {configured_slots} but llama-server has {total} slots; using {total}"
-        )
-    if props.get("endpoint_slots") is False:
-        warnings.append("llama-server runs with --no-slots: restarts and busy slots cannot be checked")
-    return warnings
-
-
-class Monitor(TimerService):
-    """Polls every backend's C{/props} and C{/slots} every C{interval} seconds."""
 
     def __init__(
         self,
+        clock: IReactorTime,
         scheduler: Scheduler,
         backends: list[Backend],
         interval: float,
         configured_slots: int | None,
         on_up: Callable[[Backend, str], Any] = lambda backend, model: None,
     ) -> None:
-        super().__init__(interval, self.check)
+        self.clock = clock
         self.scheduler = scheduler
+        self.interval = interval
         self.health = {b.name: BackendHealth(b, configured_slots) for b in backends}
         self.on_up = on_up
+        self._loop: LoopingCall | None = None
 
-    def check(self) -> Deferred:
+    def startService(self) -> None:
+        super().startService()
+        self._loop = LoopingCall(self.check)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=True)
+
+    def stopService(self) -> Deferred[None] | None:
+        super().stopService()
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return None
+
+    def check(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._check_all())
 
     async def _check_all(self) -> None:
@@ -83,34 +83,34 @@ class Monitor(TimerService):
                 if health.up:
                     log.warn("llama-server {url} is down: {error}", url=health.backend.url, error=e)
                 health.up = False
-        loop = getattr(self, "_loop", None)
-        if loop is not None:
-            # Look again soon while a backend is down, so start-up and recovery are quick.
+            except Exception:
+                log.failure("checking llama-server {url} failed", url=health.backend.url)
+                health.up = False
+        if self._loop is not None:
             all_up = all(h.up for h in self.health.values())
-            loop.interval = self.step if all_up else min(self.step, 0.5)
+            self._loop.interval = self.interval if all_up else min(self.interval, DOWN_INTERVAL)
 
     async def _check(self, health: BackendHealth) -> None:
         backend = health.backend
         if not health.up:
-            status, props = await backend.call("GET", "/props")
-            if status != 200 or not isinstance(props, dict):
-                log.warn("llama-server {url}: /props answered {status}", url=backend.url, status=status)
+            described = await backend.describe()
+            if described is None:
+                log.warn("llama-server {url}: /props did not answer", url=backend.url)
                 return
-            health.props = props
+            props = health.props = described.props
             for warning in settings_warnings(props, health.configured_slots):
                 log.warn("{url}: {warning}", url=backend.url, warning=warning)
-            total = props.get("total_slots") or health.configured_slots or 1
+            total = described.total_slots or health.configured_slots or 1
             log.info(
                 "llama-server {url} is up: {total} slots, model {model}, build {build}",
                 url=backend.url, total=total, model=props.get("model_path"), build=props.get("build_info"),
             )
-            _, models = await backend.call("GET", "/v1/models")
-            health.model = model_identity(props, models)
+            health.model = described.model
             health.up = True
-            self.on_up(backend, health.model)
+            self.on_up(backend, described.model)
             self.scheduler.set_backend_slots(backend.name, int(total))
-        status, slots = await backend.call("GET", "/slots")
-        if status != 200 or not isinstance(slots, list):
+        slots = await backend.slots()
+        if slots is None:
             return  # --no-slots: restarts are then only seen through failed requests
         in_use = {
             s.id.index for s in self.scheduler.slots.values()

@@ -17,8 +17,8 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from proxycache.fingerprint import Fingerprint
-from proxycache.planner import (
+from proxycache.routing import (
+    Fingerprint,
     EMPTY,
     Decision,
     DiskMatch,

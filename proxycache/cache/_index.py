@@ -1,11 +1,10 @@
 """
-The disk tier's index: one small C{<key>.meta} JSON file per saved slot cache.
+The disk tier's index: what each saved slot cache holds.
 
 llama-server writes the KV file itself (C{slotcache_<key>.bin} under its
-C{--slot-save-path}); the proxy keeps only these descriptors.  The index is
-pure bookkeeping (which entry matches a request, which to evict, which a new
-save replaces); the file functions at the bottom are blocking and are called
-from a thread.
+C{--slot-save-path}); the proxy keeps one small C{<key>.meta} descriptor per
+file (L{proxycache.cache._files}).  The index is pure bookkeeping: which entry
+matches a request, which to evict, which a new save replaces.  No I/O here.
 """
 
 from __future__ import annotations
@@ -17,11 +16,8 @@ from pathlib import Path
 from typing import Iterable, Iterator
 
 import attrs
-from twisted.logger import Logger
 
-from proxycache.fingerprint import Fingerprint
-
-log = Logger()
+from proxycache.routing import Fingerprint
 
 META_VERSION = 1
 KEY_PATTERN = re.compile(r"\A[0-9a-f]{8,64}\Z")  # not "$": it also matches before a final "\n"
@@ -88,27 +84,6 @@ class MetaEntry:
             pinned=data.get("pinned") is True,
             ineffective=data.get("ineffective") is True,
         )
-
-
-def model_identity(props: dict, models: dict | None) -> str:
-    """
-    What must match for a saved KV file to be restorable: the weights' shape and
-    file, and the llama.cpp build (its KV file format can change between builds).
-    """
-    meta = {}
-    if isinstance(models, dict):
-        for model in models.get("data") or []:
-            if isinstance(model, dict) and isinstance(model.get("meta"), dict):
-                meta = model["meta"]
-                break
-    facts = {
-        "model_path": os.path.basename(str(props.get("model_path", ""))),
-        "build_info": props.get("build_info"),
-        "meta": {k: meta.get(k) for k in ("vocab_type", "n_vocab", "n_ctx_train", "n_embd", "n_params", "size")},
-    }
-    import hashlib
-
-    return hashlib.blake2b(json.dumps(facts, sort_keys=True).encode(), digest_size=8).hexdigest()
 
 
 @attrs.define
@@ -185,61 +160,3 @@ class Index:
             victims.append(entry)
             count, size = count - 1, size - entry.bytes
         return victims
-
-
-# -- blocking file work (run in a thread) ------------------------------------
-
-
-def write_meta(directory: Path, entry: MetaEntry) -> None:
-    """Atomically: a reader sees the old meta or the new one, never half of one."""
-    directory.mkdir(parents=True, exist_ok=True)
-    final = directory / f"{entry.key}.meta"
-    temporary = directory / f".{entry.key}.meta.tmp"
-    with open(temporary, "w") as f:
-        json.dump(entry.to_json(), f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(temporary, final)
-
-
-def remove_entry_files(meta_dir: Path, save_dir: Path | None, key: str) -> None:
-    for path in [meta_dir / f"{key}.meta"] + ([save_dir / bin_name(key)] if save_dir else []):
-        try:
-            path.unlink()
-        except FileNotFoundError:
-            pass
-
-
-@attrs.frozen
-class Loaded:
-    entries: list[MetaEntry]
-    skipped: list[str]  # meta files that could not be read, with why
-    missing: list[str]  # keys whose .bin is gone (dropped)
-    stray: list[str]  # slotcache files with no meta
-
-
-def load_index(meta_dir: Path, save_dir: Path | None) -> Loaded:
-    """Read every meta; reconcile with the save directory when it is visible."""
-    entries, skipped, missing = [], [], []
-    meta_dir.mkdir(parents=True, exist_ok=True)
-    if meta_dir.is_dir():
-        for path in sorted(meta_dir.glob("*.meta")):
-            try:
-                entry = MetaEntry.from_json(json.loads(path.read_text()))
-                if path.stem != entry.key:
-                    raise ValueError(f"names key {entry.key}")
-            except (OSError, ValueError, KeyError, TypeError) as e:
-                skipped.append(f"{path.name}: {e}")
-                continue
-            if save_dir is not None and not (save_dir / entry.filename).exists():
-                missing.append(entry.key)
-                path.unlink(missing_ok=True)
-                continue
-            entries.append(entry)
-        for leftover in meta_dir.glob(".*.meta.tmp"):
-            leftover.unlink(missing_ok=True)  # a save killed half-way
-    stray = []
-    if save_dir is not None and save_dir.is_dir():
-        known = {e.filename for e in entries}
-        stray = sorted(p.name for p in save_dir.glob("slotcache_*.bin") if p.name not in known)
-    return Loaded(entries, skipped, missing, stray)

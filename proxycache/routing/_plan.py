@@ -39,7 +39,7 @@ from typing import Iterable, Sequence
 
 import attrs
 
-from proxycache.fingerprint import Fingerprint
+from proxycache.routing._fingerprint import Fingerprint
 
 EMPTY = Fingerprint(blocks=(), chars=0, words=0)
 
@@ -206,22 +206,3 @@ def state_after(small: bool, succeeded: bool) -> SlotState:
     if not succeeded:
         return SlotState.COLD
     return SlotState.COLD if small else SlotState.HOT
-
-
-def fell_short(plan: Plan, request: Request, cache_n: int, prompt_n: int) -> bool:
-    """
-    Did llama.cpp reuse far less than the plan expected?  Then the proxy's map
-    is stale (llama-server restarted, or its own RAM cache moved things).
-    """
-    if plan.decision not in (Decision.HIT, Decision.RESTORE) or not request.fingerprint.blocks:
-        return False
-    expected = (cache_n + prompt_n) * plan.common_blocks / len(request.fingerprint.blocks)
-    return cache_n < 0.5 * expected
-
-
-def reused_unplanned(plan: Plan, cache_n: int, prompt_n: int) -> bool:
-    """
-    llama.cpp reused much more than the plan could have: its own prompt cache
-    (--cache-ram) moved a conversation into this slot behind the proxy's back.
-    """
-    return plan.decision in (Decision.MISS, Decision.SMALL) and cache_n >= 256 and cache_n > prompt_n

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxycache.errors import bad_request
+from proxycache.web._errors import bad_request
 
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 

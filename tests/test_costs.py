@@ -1,35 +1,33 @@
 """
-The disk tier's pure parts: whether a restore pays, the verify rule.
+The routing layer's cost model and reconciliation: whether a restore pays,
+and whether llama.cpp reused what the plan expected.
 """
 
 from __future__ import annotations
 
-from proxycache.disk import MetaEntry
-from proxycache.fingerprint import Fingerprint
-from proxycache.planner import Decision, Plan, Request, SlotId, fell_short
-from proxycache.tier import Speeds
+from proxycache.routing import Decision, DiskMatch, Fingerprint, Plan, Request, SlotId, Speeds, fell_short
 
 
-def entry(tokens: int, size: int, blocks: int = 10) -> MetaEntry:
-    fp = Fingerprint(tuple(range(1, blocks + 1)), chars=blocks * 100, words=blocks * 16)
-    return MetaEntry("0123456789abcdef", "b", "m", fp, tokens, size, 0.0, 0.0)
+def entry(tokens: int, size: int, blocks: int = 10) -> tuple[int, int, int]:
+    """A saved cache of C{tokens} in C{size} bytes over C{blocks} blocks."""
+    return tokens, size, blocks
 
 
 def test_restoring_a_long_prefix_pays():
     speeds = Speeds(read_bytes_per_second=400e6, prefill_tokens_per_second=1000)
-    assert speeds.restore_pays(entry(30_000, 120_000_000), common_blocks=10)  # 0.35 s vs 30 s
+    assert speeds.restore_pays(*entry(30_000, 120_000_000), common_blocks=10)  # 0.35 s vs 30 s
 
 
 def test_recomputing_a_tiny_prefix_is_cheaper():
     speeds = Speeds(read_bytes_per_second=400e6, prefill_tokens_per_second=5000)
-    assert not speeds.restore_pays(entry(100, 400_000), common_blocks=10)  # 0.05 s vs 0.02 s
+    assert not speeds.restore_pays(*entry(100, 400_000), common_blocks=10)  # 0.05 s vs 0.02 s
 
 
 def test_only_the_shared_part_counts():
     speeds = Speeds(read_bytes_per_second=100e6, prefill_tokens_per_second=1000)
     big = entry(10_000, 100_000_000)
-    assert speeds.restore_pays(big, common_blocks=10)  # 1 s vs 10 s
-    assert not speeds.restore_pays(big, common_blocks=1)  # 1 s vs 1 s
+    assert speeds.restore_pays(*big, common_blocks=10)  # 1 s vs 10 s
+    assert not speeds.restore_pays(*big, common_blocks=1)  # 1 s vs 1 s
 
 
 def test_speeds_follow_measurements():
@@ -54,9 +52,19 @@ def test_fell_short_flags_a_stale_slot_map():
 
 
 def test_reused_unplanned_spots_llama_servers_own_cache():
-    from proxycache.planner import reused_unplanned
+    from proxycache.routing import reused_unplanned
 
     miss = Plan(Decision.MISS, SlotId("b", 0))
     assert reused_unplanned(miss, cache_n=3000, prompt_n=40)
     assert not reused_unplanned(miss, cache_n=10, prompt_n=3000)
     assert not reused_unplanned(Plan(Decision.HIT, SlotId("b", 0), 9), cache_n=3000, prompt_n=40)
+
+
+def test_a_restore_after_a_long_reply_is_judged_on_the_prompt_it_serves():
+    # The entry holds 1000 prompt tokens and a 3000-token reply (n_restored = 4000); the next
+    # prompt shares the 1000 prompt tokens (and the reply, re-tokenized differently): llama.cpp
+    # reuses 1000 and computes 3100.  That is a good restore, not an ineffective one.
+    fp = Fingerprint(tuple(range(1, 11)), 1000, 160)
+    restore = Plan(Decision.RESTORE, SlotId("b", 0), common_blocks=3, restore=DiskMatch("ab" * 8, "b", 3, 1.0))
+    assert not fell_short(restore, Request(fp, small=False), cache_n=1000, prompt_n=3100)
+    assert fell_short(restore, Request(fp, small=False), cache_n=1, prompt_n=4100)

@@ -1,0 +1,133 @@
+"""
+HTTP plumbing towards llama-server: failures told apart, and response bodies
+streamed so that they can be cancelled.
+
+Cancelling C{treq.collect} does not close the connection, so bodies are piped
+through L{_BodyPipe}, whose Deferred's canceller stops the transport: llama.cpp
+sees the connection close and stops generating, freeing its slot.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionDone, ConnectionLost, DNSLookupError
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.client import RequestTransmissionFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
+from twisted.web.http import PotentialDataLoss
+from twisted.web.iweb import IResponse
+
+log = Logger()
+
+
+class UpstreamError(Exception):
+    """llama-server could not be reached or broke off a response."""
+
+
+# Every way a request to llama-server fails when the server is down, slow, gone
+# or cuts a reply short: one tuple, caught wherever llama-server is called.
+UPSTREAM_FAILURES = (
+    ConnectError,  # refused, no route, ...
+    DNSLookupError,  # also what a cancelled connection attempt to a host name ends with
+    ConnectionClosed,
+    TimeoutError,
+    ResponseFailed,  # includes ResponseNeverReceived: the reply was cut inside its headers
+    RequestTransmissionFailed,
+    UpstreamError,
+)
+
+
+def is_stale_connection(failure: Failure) -> bool:
+    """
+    The request met a pooled connection llama.cpp was closing, and got no
+    answer: safe to send once more on a new connection.
+    """
+    return bool(failure.check(ResponseNeverReceived, RequestTransmissionFailed)) and all(
+        reason.check(ConnectionDone, ConnectionLost) for reason in failure.value.reasons
+    )
+
+
+class StreamStalled(UpstreamError):
+    """No body bytes arrived for longer than the idle timeout."""
+
+
+class _BodyPipe(Protocol):
+    def __init__(
+        self,
+        on_data: Callable[[bytes], None],
+        clock: IReactorTime,
+        idle_timeout: float,
+        consumer: IConsumer | None = None,
+    ) -> None:
+        self.on_data = on_data
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.consumer = consumer
+        self.done: Deferred[None] = Deferred(self._cancel)
+        self._idle = None
+
+    def connectionMade(self) -> None:
+        self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
+        if self.consumer is not None:
+            # Back-pressure: a client that reads slowly pauses llama.cpp's
+            # connection instead of piling its output up in our memory.
+            self.consumer.registerProducer(self.transport, True)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.reset(self.idle_timeout)
+        self.on_data(data)
+
+    def connectionLost(self, reason: Failure) -> None:
+        if self._idle is not None and self._idle.active():
+            self._idle.cancel()
+        if self.consumer is not None:
+            consumer, self.consumer = self.consumer, None
+            if getattr(consumer, "channel", True) is not None:  # a finished request has none
+                consumer.unregisterProducer()
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(Failure(UpstreamError(f"response broken off: {reason.value}")))
+
+    def _stop(self) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def _cancel(self, _: Deferred) -> None:
+        self._stop()
+
+    def _stalled(self) -> None:
+        self._stop()
+        if not self.done.called:
+            self.done.errback(
+                Failure(StreamStalled(f"no data from llama-server for {self.idle_timeout:g} s"))
+            )
+
+
+def pipe_body(
+    response: IResponse,
+    on_data: Callable[[bytes], None],
+    clock: IReactorTime,
+    idle_timeout: float,
+    consumer: IConsumer | None = None,
+) -> "Deferred[None]":
+    """
+    Feed C{response}'s body to C{on_data}; cancelling closes the upstream
+    connection.  With C{consumer}, the upstream is paused while it is.
+    """
+    pipe = _BodyPipe(on_data, clock, idle_timeout, consumer)
+    response.deliverBody(pipe)
+    return pipe.done
+
+
+async def read_body(response: IResponse, clock: IReactorTime, idle_timeout: float) -> bytes:
+    chunks: list[bytes] = []
+    await pipe_body(response, chunks.append, clock, idle_timeout)
+    return b"".join(chunks)

@@ -1,0 +1,202 @@
+"""
+One llama-server, and every llama.cpp specific of talking to it: how a
+request is pinned to a slot, slot actions, C{/slots}, C{/props}.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.iweb import IResponse
+
+from proxycache.backend._http import UPSTREAM_FAILURES, UpstreamError, is_stale_connection, read_body
+from proxycache.backend._identity import model_identity
+
+# How long llama.cpp may keep reporting a slot busy after the proxy released
+# it (is_processing lags a cancelled request): polls, doubling from the first.
+IDLE_POLLS = 12
+IDLE_FIRST_DELAY = 0.05
+IDLE_MAX_DELAY = 1.0
+
+
+@attrs.frozen
+class Description:
+    """What a llama-server said about itself when it came up."""
+
+    props: dict[str, Any]
+    total_slots: int | None
+    model: str  # L{model_identity}: what a saved cache must have been written by
+
+
+@attrs.define(eq=False)
+class LlamaServer:
+    """One llama-server, named by its base URL."""
+
+    url: str
+    client: HTTPClient
+    clock: IReactorTime
+    api_key: str | None = None
+    fresh_client: HTTPClient | None = None  # a new connection per request, for retries
+
+    @classmethod
+    def create(cls, reactor: Any, url: str, api_key: str | None, pool_size: int) -> "LlamaServer":
+        pool = HTTPConnectionPool(reactor, persistent=True)
+        # Default is 2: one connection per concurrent request to one backend is needed.
+        pool.maxPersistentPerHost = pool_size
+        pool.retryAutomatically = False
+        client = HTTPClient(Agent(reactor, pool=pool))
+        fresh = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        return cls(url, client, reactor, api_key, fresh)
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def _headers(self, extra: dict[bytes, list[bytes]] | None = None) -> dict[bytes, list[bytes]]:
+        headers = dict(extra or {})
+        if self.api_key:
+            headers[b"authorization"] = [b"Bearer " + self.api_key.encode()]
+        return headers
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers: dict[bytes, list[bytes]] | None = None,
+        timeout: float | None = None,
+    ) -> "Deferred[IResponse]":
+        """A request whose body is left unread (stream it with L{pipe_body})."""
+
+        def send(client: HTTPClient | None) -> "Deferred[IResponse]":
+            assert client is not None
+            return client.request(method, self.url + path, data=body, headers=self._headers(headers), unbuffered=True)
+
+        def retry_if_stale(failure: Failure) -> Any:
+            # llama.cpp's HTTP server closes idle keep-alive connections (and after
+            # every streamed response); a generation that llama.cpp did start is
+            # aborted by it when the connection drops, so one retry is safe.
+            return send(self.fresh_client) if is_stale_connection(failure) else failure
+
+        d = send(self.client).addErrback(retry_if_stale)
+        if not timeout:
+            return d
+        # Unlike treq's timeout= (and addTimeout, which the Agent's own cancel
+        # error slips past), this tells a timeout from a client's cancel.
+        timed_out = []
+
+        def expire() -> None:
+            timed_out.append(True)
+            d.cancel()
+
+        timer = self.clock.callLater(timeout, expire)
+
+        def settle(result: Any) -> Any:
+            if timer.active():
+                timer.cancel()
+            if timed_out and isinstance(result, Failure):
+                raise TimeoutError(f"no response headers from llama-server in {timeout:g} s")
+            return result
+
+        return d.addBoth(settle)
+
+    def generate(self, path: str, body: dict[str, Any], slot: int, timeout: float) -> "Deferred[IResponse]":
+        """Send a generating request to slot C{slot}, keeping its prompt cached there."""
+        payload = dict(body, id_slot=slot, cache_prompt=True)
+        return self.request(
+            "POST", path, body=json.dumps(payload).encode(),
+            headers={b"content-type": [b"application/json"]}, timeout=timeout,
+        )
+
+    async def call(self, method: str, path: str, payload: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+        """A JSON call: returns (status, decoded body or None)."""
+        body = None if payload is None else json.dumps(payload).encode()
+        headers = {b"content-type": [b"application/json"]} if body is not None else None
+        try:
+            response = await self.request(method, path, body=body, headers=headers, timeout=timeout)
+            raw = await read_body(response, self.clock, timeout)
+        except UPSTREAM_FAILURES as e:
+            raise UpstreamError(f"{method} {path}: {e}") from e
+        try:
+            return response.code, json.loads(raw) if raw else None
+        except ValueError:
+            return response.code, None
+
+    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
+        """C{POST /slots/{index}?action=...}; raises L{UpstreamError} unless llama.cpp says 200."""
+        payload = {} if filename is None else {"filename": filename}
+        status, reply = await self.call("POST", f"/slots/{index}?action={action}", payload, timeout)
+        if status != 200:
+            message = (reply or {}).get("error", {}).get("message") if isinstance(reply, dict) else None
+            raise UpstreamError(f"slot {index} {action} failed: {status} {message or reply}")
+        return reply if isinstance(reply, dict) else {}
+
+    async def slots(self) -> list[dict[str, Any]] | None:
+        """C{GET /slots}; None when llama-server does not show them (C{--no-slots})."""
+        status, slots = await self.call("GET", "/slots")
+        return slots if status == 200 and isinstance(slots, list) else None
+
+    async def describe(self) -> Description | None:
+        """C{/props} and the model's identity; None when C{/props} does not answer."""
+        status, props = await self.call("GET", "/props")
+        if status != 200 or not isinstance(props, dict):
+            return None
+        _, models = await self.call("GET", "/v1/models")
+        total = props.get("total_slots")
+        return Description(props, total if isinstance(total, int) else None, model_identity(props, models))
+
+    async def wait_until_idle(self, index: int) -> dict[str, Any] | None:
+        """
+        llama.cpp's own view of slot C{index} once it is idle (llama.cpp defers
+        an action on a busy slot and resumes only one deferred task per slot
+        release); None when llama-server does not show its slots.
+        """
+        delay = IDLE_FIRST_DELAY
+        for _ in range(IDLE_POLLS):
+            slots = await self.slots()
+            if slots is None:
+                return None
+            slot = next((s for s in slots if s.get("id") == index), None)
+            if slot is None or not slot.get("is_processing"):
+                return slot
+            await deferLater(self.clock, delay, lambda: None)
+            delay = min(delay * 2, IDLE_MAX_DELAY)
+        raise TimeoutError(f"slot {index} stayed busy in llama.cpp")
+
+
+def never_used(slot: dict[str, Any] | None) -> bool:
+    """llama.cpp shows no task for a slot that served nothing since it started."""
+    return slot is not None and "id_task" not in slot
+
+
+def restarted(slots: list[dict[str, Any]], believed_in_use: set[int], max_task_seen: int) -> bool:
+    """
+    Did llama-server restart since we last looked?  A slot we believe holds a
+    prompt but that llama.cpp reports as never used (no C{id_task}), or task ids
+    that went backwards, both mean a new process.
+    """
+    tasks = [s["id_task"] for s in slots if isinstance(s.get("id_task"), int)]
+    if tasks and max(tasks) < max_task_seen:
+        return True
+    return any("id_task" not in s for s in slots if s.get("id") in believed_in_use)
+
+
+def settings_warnings(props: dict[str, Any], configured_slots: int | None) -> list[str]:
+    warnings = []
+    total = props.get("total_slots")
+    if configured_slots is not None and total is not None and total != configured_slots:
+        warnings.append(
+            f"--slots is {configured_slots} but llama-server has {total} slots; using {total}"
+        )
+    if props.get("endpoint_slots") is False:
+        warnings.append("llama-server runs with --no-slots: restarts and busy slots cannot be checked")
+    return warnings

@@ -1,0 +1,15 @@
+"""
+The disk tier: an index of saved slot caches (pure), the C{.meta} files
+behind it (blocking, run in a thread), and the service that saves, restores
+and keeps the budget.
+"""
+
+from proxycache.cache._catalog import Catalog, Counters
+from proxycache.cache._files import Loaded, load_index, remove_entry_files, write_meta
+from proxycache.cache._index import KEY_PATTERN, META_VERSION, Index, MetaEntry, bin_name
+from proxycache.cache._tier import DiskTier
+
+__all__ = [
+    "KEY_PATTERN", "META_VERSION", "Catalog", "Counters", "DiskTier", "Index", "Loaded", "MetaEntry", "bin_name",
+    "load_index", "remove_entry_files", "write_meta",
+]

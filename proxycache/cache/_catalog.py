@@ -1,0 +1,52 @@
+"""
+What the disk tier knows, apart from how it acts: the index of saved caches,
+which model each backend runs, the measured speeds, and counters.  The
+scheduler plans against it (L{Catalog.lookup}); the status page reads it.
+
+Pure code: no I/O, no Twisted.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+from proxycache.cache._index import Index
+from proxycache.routing import DiskMatch, Request, Speeds
+
+
+@attrs.define
+class Counters:
+    saves: int = 0
+    save_failures: int = 0
+    saved_bytes: int = 0
+    restores: int = 0
+    restore_failures: int = 0
+    restored_tokens: int = 0
+    ineffective_restores: int = 0
+    evicted_entries: int = 0
+
+
+@attrs.define
+class Catalog:
+    min_ratio: float
+    index: Index = attrs.Factory(Index)
+    models: dict[str, str] = attrs.Factory(dict)  # backend name -> model identity, once it is up
+    speeds: Speeds = attrs.Factory(Speeds)
+    counters: Counters = attrs.Factory(Counters)
+
+    def backend_up(self, backend: str, model: str) -> None:
+        self.models[backend] = model
+
+    def lookup(self, request: Request) -> DiskMatch | None:
+        """The saved cache worth restoring for C{request}, if any."""
+        best = None
+        for backend, model in self.models.items():
+            found = self.index.best(request.fingerprint, model, [backend], self.min_ratio)
+            if found and (best is None or found[1] > best[1]):
+                best = found
+        if best is None:
+            return None
+        entry, common, ratio = best
+        if not self.speeds.restore_pays(entry.tokens, entry.bytes, len(entry.fingerprint.blocks), common):
+            return None
+        return DiskMatch(entry.key, entry.backend, common, ratio)

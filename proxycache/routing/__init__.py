@@ -1,0 +1,29 @@
+"""
+Pure routing logic: fingerprints, the plan, the cost model, and the check of a
+plan against what llama.cpp reports.  No I/O and no Twisted import.
+"""
+
+from proxycache.routing._costs import Speeds
+from proxycache.routing._fingerprint import Fingerprint, conversation_text, fingerprint
+from proxycache.routing._plan import (
+    EMPTY,
+    Decision,
+    DiskMatch,
+    Plan,
+    Request,
+    SlotId,
+    SlotState,
+    SlotView,
+    best_match,
+    is_small,
+    plan,
+    state_after,
+    target_slot,
+)
+from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unplanned
+
+__all__ = [
+    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "Plan", "Request", "SlotId", "SlotState", "SlotView",
+    "Speeds", "best_match", "conversation_text", "expected_reuse", "fell_short", "fingerprint", "is_small",
+    "plan", "reused_unplanned", "state_after", "target_slot",
+]

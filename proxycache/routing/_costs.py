@@ -1,0 +1,44 @@
+"""
+The cost model: does restoring a saved cache beat recomputing its prefix?
+
+Pure code: no I/O, no Twisted.
+"""
+
+from __future__ import annotations
+
+import attrs
+
+# Running estimates move this far towards each new measurement.
+SMOOTHING = 0.3
+# Measurements smaller than these are dominated by fixed costs: ignored.
+MIN_MEASURED_READ_BYTES = 1_000_000
+MIN_MEASURED_PREFILL_TOKENS = 256
+# A restore costs a round trip or two on top of reading the file.
+RESTORE_OVERHEAD_SECONDS = 0.05
+
+
+@attrs.define
+class Speeds:
+    """Running estimates that decide whether a restore beats recomputing."""
+
+    read_bytes_per_second: float = 400e6
+    prefill_tokens_per_second: float = 300.0
+
+    def observe_restore(self, n_read: int, restore_ms: float) -> None:
+        if n_read > MIN_MEASURED_READ_BYTES and restore_ms > 0:
+            self.read_bytes_per_second = _smoothed(self.read_bytes_per_second, n_read / (restore_ms / 1000))
+
+    def observe_prefill(self, prompt_n: int, prompt_ms: float) -> None:
+        if prompt_n >= MIN_MEASURED_PREFILL_TOKENS and prompt_ms > 0:
+            self.prefill_tokens_per_second = _smoothed(self.prefill_tokens_per_second, prompt_n / (prompt_ms / 1000))
+
+    def restore_pays(self, tokens: int, size: int, blocks: int, common_blocks: int) -> bool:
+        """Restoring C{size} bytes holding C{tokens} over C{blocks} blocks, C{common_blocks} of them wanted."""
+        reused_tokens = tokens * common_blocks / max(1, blocks)
+        recompute = reused_tokens / self.prefill_tokens_per_second
+        restore = size / self.read_bytes_per_second + RESTORE_OVERHEAD_SECONDS
+        return restore < recompute
+
+
+def _smoothed(estimate: float, measured: float) -> float:
+    return (1 - SMOOTHING) * estimate + SMOOTHING * measured

@@ -1,0 +1,20 @@
+"""
+Slots: who holds which llama.cpp slot (the scheduler), the one place a
+request's lease lives (the dispatcher), and the watch on each backend.
+"""
+
+from proxycache.slots._dispatch import (
+    Dispatcher,
+    Exchange,
+    NoCache,
+    Progress,
+    RequestRecord,
+    SlotPreparer,
+)
+from proxycache.slots._monitor import BackendHealth, Monitor
+from proxycache.slots._scheduler import NOTHING, Lease, Outcome, QueueFull, Scheduler, Slot, SlotContent
+
+__all__ = [
+    "NOTHING", "BackendHealth", "Dispatcher", "Exchange", "Lease", "Monitor", "NoCache", "Outcome", "Progress",
+    "QueueFull", "RequestRecord", "Scheduler", "Slot", "SlotContent", "SlotPreparer",
+]

@@ -1,0 +1,215 @@
+"""
+One request's lease, from acquire to release: the only place that does so.
+
+The dispatcher takes a slot from the scheduler, lets the cache tier prepare
+it (save what it evicts, restore a saved cache), sends the request to the
+slot's backend, hands the response to the client's L{Exchange}, then releases
+the slot, records what happened and checks the plan against llama.cpp's
+timings.  Every path (success, upstream error, client gone) releases once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Protocol, Sequence
+
+import attrs
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.web.iweb import IResponse
+
+from proxycache.backend import Backend
+from proxycache.routing import Decision, Request, SlotId, fell_short, reused_unplanned
+from proxycache.slots._scheduler import Lease, Outcome, Scheduler
+
+log = Logger()
+
+
+class SlotPreparer(Protocol):
+    """The cache tier, as the dispatcher sees it."""
+
+    async def prepare(self, lease: Lease) -> Decision:
+        """
+        With the slot's lock held, before the request is sent: save what the
+        lease evicts, restore a saved cache.  Returns the decision carried out
+        (a failed restore is a miss).
+        """
+
+    def settling(self, lease: Lease) -> "Deferred[Any] | None":
+        """Preparation still running after its request ended (cancelled): release after it."""
+
+    def restored_tokens(self, lease: Lease) -> int:
+        """Tokens loaded from disk into the slot for this request."""
+
+    def released(self, lease: Lease, outcome: Outcome) -> None:
+        """The slot was released with C{outcome}."""
+
+
+class NoCache:
+    """No disk tier: every plan is carried out as it is."""
+
+    async def prepare(self, lease: Lease) -> Decision:
+        return lease.plan.decision
+
+    def settling(self, lease: Lease) -> "Deferred[Any] | None":
+        return None
+
+    def restored_tokens(self, lease: Lease) -> int:
+        return 0
+
+    def released(self, lease: Lease, outcome: Outcome) -> None:
+        return None
+
+
+@attrs.define(eq=False)
+class Progress:
+    """How far one request got; the dispatcher reads it when the request ends."""
+
+    answered: bool = False  # llama.cpp sent response headers: the prompt was processed
+    status: int = 0
+    decision: Decision | None = None
+    # llama.cpp's timings as soon as they pass by: a client that hangs up right
+    # after the last event must not cost us the truth about the slot.
+    timings: dict[str, Any] = attrs.Factory(dict)
+    failed: bool = False  # the body broke off: the slot's content is uncertain
+
+
+class Exchange(Protocol):
+    """One client's request, as the HTTP layer serves it."""
+
+    def begin(self, lease: Lease, decision: Decision, restored_tokens: int) -> None:
+        """The slot is ready and the request is about to be sent."""
+
+    async def deliver(self, response: IResponse, progress: Progress) -> None:
+        """Relay llama.cpp's response to the client, filling C{progress.timings}."""
+
+
+@attrs.frozen
+class RequestRecord:
+    """One finished request, as logs, metrics and the status page see it."""
+
+    at: float
+    decision: Decision
+    slot: str
+    status: int  # 0: no response from llama-server
+    similarity: float
+    blocks: int
+    cache_n: int
+    prompt_n: int
+    predicted_n: int
+    prompt_ms: float
+    waited: float
+    seconds: float
+
+
+class Dispatcher:
+    def __init__(
+        self,
+        clock: IReactorTime,
+        scheduler: Scheduler,
+        backends: Mapping[str, Backend],
+        cache: SlotPreparer,
+        *,
+        first_byte_timeout: float,
+        observers: Sequence[Callable[[RequestRecord], None]] = (),
+        on_stale: Callable[[SlotId], Any] = lambda slot_id: None,
+    ) -> None:
+        self.clock = clock
+        self.scheduler = scheduler
+        self.backends = backends
+        self.cache = cache
+        self.first_byte_timeout = first_byte_timeout
+        self.observers = list(observers)
+        self.on_stale = on_stale  # the slot map looks wrong: look at llama-server again
+        self._noticed_ram_cache: set[str] = set()
+
+    async def dispatch(self, wanted: Request, path: str, body: dict[str, Any], exchange: Exchange) -> None:
+        """
+        Serve C{body} on C{path} through a leased slot.
+
+        @raise QueueFull: every slot is busy and the queue is full.
+        @raise TimeoutError: llama-server sent no headers in time.
+        @raise UPSTREAM_FAILURES: llama-server could not be reached.
+        """
+        lease = await self.scheduler.acquire(wanted)
+        started = self.clock.seconds()
+        progress = Progress()
+        try:
+            progress.decision = _shown(lease, await self.cache.prepare(lease))
+            exchange.begin(lease, progress.decision, self.cache.restored_tokens(lease))
+            backend = self.backends[lease.slot.id.backend]
+            response = await backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
+            progress.answered, progress.status = True, response.code
+            await exchange.deliver(response, progress)
+        finally:
+            outcome = _outcome(progress)
+            settling = self.cache.settling(lease)
+            if settling is None:
+                self._release(lease, outcome)
+            else:  # cancelled during a save or restore: the slot is released when it ends
+                settling.addBoth(lambda _: self._release(lease, outcome))
+            self._record(lease, outcome, progress, started, self.clock.seconds())
+
+    def _release(self, lease: Lease, outcome: Outcome) -> None:
+        self.scheduler.release(lease, outcome)
+        self.cache.released(lease, outcome)
+
+    def _record(self, lease: Lease, outcome: Outcome, progress: Progress, started: float, finished: float) -> None:
+        decision = progress.decision or _shown(lease, lease.plan.decision)
+        record = RequestRecord(
+            at=finished, decision=decision, slot=str(lease.slot.id.index), status=progress.status,
+            similarity=lease.plan.similarity, blocks=len(lease.request.fingerprint.blocks),
+            cache_n=outcome.cache_n, prompt_n=outcome.prompt_n, predicted_n=outcome.predicted_n,
+            prompt_ms=outcome.prompt_ms, waited=lease.waited, seconds=finished - started,
+        )
+        log.info(
+            "{decision} slot={slot} status={status} similarity={similarity:.2f} blocks={blocks} "
+            "cache_n={cache_n} prompt_n={prompt_n} predicted_n={predicted_n} prompt_ms={prompt_ms:.0f} "
+            "wait={wait:.3f}s took={took:.3f}s",
+            decision=decision.value, slot=str(lease.slot.id), status=progress.status or "-",
+            similarity=record.similarity, blocks=record.blocks, cache_n=record.cache_n,
+            prompt_n=record.prompt_n, predicted_n=record.predicted_n, prompt_ms=record.prompt_ms,
+            wait=record.waited, took=record.seconds,
+        )
+        for observer in self.observers:
+            observer(record)
+        if not outcome.measured:
+            return
+        backend = lease.slot.id.backend
+        if reused_unplanned(lease.plan, outcome.cache_n, outcome.prompt_n) and backend not in self._noticed_ram_cache:
+            self._noticed_ram_cache.add(backend)
+            log.info(
+                "llama-server {backend} reused {cache_n} tokens the proxy did not place there: its own "
+                "prompt cache (--cache-ram) is active and moves conversations between slots; proxycache "
+                "follows what timings report (said once)",
+                backend=backend, cache_n=outcome.cache_n,
+            )
+        if fell_short(lease.plan, lease.request, outcome.cache_n, outcome.prompt_n):
+            log.warn(
+                "slot {slot} reused {cache_n} tokens, far below the plan ({blocks} blocks): checking llama-server",
+                slot=str(lease.slot.id), cache_n=outcome.cache_n, blocks=lease.plan.common_blocks,
+            )
+            self.on_stale(lease.slot.id)
+
+
+def _shown(lease: Lease, decision: Decision) -> Decision:
+    """A small request computed from scratch is reported as 'small', not 'miss'."""
+    return Decision.SMALL if lease.request.small and decision is Decision.MISS else decision
+
+
+def _outcome(progress: Progress) -> Outcome:
+    """What the slot holds now, from how far the request got."""
+    if not progress.answered or progress.failed:
+        return Outcome(succeeded=False)
+    timings = progress.timings
+
+    def count(name: str) -> int:
+        value = timings.get(name, 0)
+        return int(value) if isinstance(value, (int, float)) else 0
+
+    prompt_ms = timings.get("prompt_ms", 0.0)
+    return Outcome(
+        progress.status == 200, count("cache_n"), count("prompt_n"), count("predicted_n"),
+        float(prompt_ms) if isinstance(prompt_ms, (int, float)) else 0.0,
+        measured="cache_n" in timings,
+    )

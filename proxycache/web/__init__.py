@@ -1,0 +1,9 @@
+"""
+The HTTP layer: routes, auth, errors, passthrough and pages.  It parses,
+calls the dispatcher and writes; it decides nothing about slots.
+"""
+
+from proxycache.web._app import Proxy
+from proxycache.web._errors import ApiError
+
+__all__ = ["ApiError", "Proxy"]

@@ -1,0 +1,105 @@
+"""
+One client's generating request as the dispatcher serves it: the proxy's
+headers, then llama.cpp's response relayed (streamed or whole).
+"""
+
+from __future__ import annotations
+
+import json
+
+from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.web.iweb import IRequest, IResponse
+
+from proxycache import __version__
+from proxycache.backend import UPSTREAM_FAILURES, StreamStalled, TimingsTap, pipe_body, read_body, timings_of
+from proxycache.routing import Decision
+from proxycache.slots import Lease, Progress
+from proxycache.web._errors import ApiError
+
+# Response headers worth relaying from llama.cpp; hop-by-hop ones are not.
+RELAYED_HEADERS = (b"content-type", b"cache-control")
+
+
+def relay_headers(response: IResponse, request: IRequest) -> None:
+    request.setResponseCode(response.code)
+    for name in RELAYED_HEADERS:
+        for value in response.headers.getRawHeaders(name, []):
+            request.setHeader(name, value)
+
+
+class ClientExchange:
+    def __init__(
+        self,
+        request: IRequest,
+        clock: IReactorTime,
+        idle_timeout: float,
+        streaming: bool,
+        backend_numbers: dict[str, int],
+    ) -> None:
+        self.request = request
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.streaming = streaming
+        self.backend_numbers = backend_numbers
+
+    def begin(self, lease: Lease, decision: Decision, restored_tokens: int) -> None:
+        plan = lease.plan
+        headers = {
+            b"x-proxycache-slot": str(lease.slot.id.index),
+            b"x-proxycache-backend": str(self.backend_numbers.get(lease.slot.id.backend, 0)),
+            b"x-proxycache-decision": decision.value,
+            b"x-proxycache-similarity": f"{plan.similarity:.3f}",
+            b"x-proxycache-reused-blocks": str(plan.common_blocks),
+            b"x-proxycache-restored-tokens": str(restored_tokens),
+            b"x-proxycache-queue-wait-ms": f"{lease.waited * 1000:.0f}",
+            b"x-proxycache-version": __version__,
+        }
+        for name, value in headers.items():
+            self.request.setHeader(name, value.encode())
+
+    async def deliver(self, response: IResponse, progress: Progress) -> None:
+        relay_headers(response, self.request)
+        if self.streaming and response.code == 200:
+            await self._stream(response, progress)
+        else:
+            await self._whole(response, progress)
+
+    async def _whole(self, response: IResponse, progress: Progress) -> None:
+        try:
+            raw = await read_body(response, self.clock, self.idle_timeout)
+        except StreamStalled as e:
+            raise ApiError(504, str(e), "server_error", "upstream_timeout")
+        except UPSTREAM_FAILURES as e:
+            raise ApiError(502, f"llama-server broke off the response: {e}", "server_error", "upstream_error")
+        try:
+            decoded = json.loads(raw)
+        except ValueError:
+            decoded = None
+        timings = progress.timings = timings_of(decoded)
+        if timings:
+            self.request.setHeader(b"x-proxycache-cached-tokens", str(timings.get("cache_n", 0)).encode())
+            self.request.setHeader(b"x-proxycache-prompt-tokens", str(timings.get("prompt_n", 0)).encode())
+        self.request.write(raw)
+
+    async def _stream(self, response: IResponse, progress: Progress) -> None:
+        request = self.request
+        request.setHeader(b"cache-control", b"no-cache")
+        request.setHeader(b"x-accel-buffering", b"no")
+        tap = TimingsTap()
+        progress.timings = tap.timings
+
+        def relay(data: bytes) -> None:
+            request.write(data)
+            tap.feed(data)
+
+        consumer = IConsumer(request)
+        try:
+            await pipe_body(response, relay, self.clock, self.idle_timeout, consumer)
+        except UPSTREAM_FAILURES as e:
+            # Headers are gone already: end the stream with an error event the SDKs understand.
+            progress.failed = True
+            error = {"error": {"message": f"llama-server broke off the stream: {e}", "type": "server_error",
+                               "code": "upstream_error"}}
+            request.write(b"data: " + json.dumps(error).encode() + b"\n\n")
+            if not tap.done:
+                request.write(b"data: [DONE]\n\n")
