@@ -142,7 +142,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     """The whole daemon as one service tree, its collaborators passed in, never patched on."""
     from twisted.web.server import Site
 
-    from proxycache.backend import LlamaServer
+    from proxycache.backend import Backend, LlamaServer
     from proxycache.cache import Catalog, DiskTier
     from proxycache.slots import Dispatcher, Monitor, Scheduler
     from proxycache.stats import Stats
@@ -152,7 +152,9 @@ def build(config: Config, reactor: Any) -> MultiService:
     if config.embedded:
         config = _start_embedded(config, top)
     pool_size = max(8, 4 * (config.slots or 8)) + 4
-    backends = [LlamaServer.create(reactor, url, config.upstream_api_key, pool_size) for url in config.llama_url]
+    backends: list[Backend] = [
+        LlamaServer.create(reactor, url, config.upstream_api_key, pool_size) for url in config.llama_url
+    ]
     by_name = {b.name: b for b in backends}
     catalog = Catalog(min_ratio=config.similarity_min_ratio)
     scheduler = Scheduler(

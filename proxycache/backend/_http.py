@@ -13,8 +13,8 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionDone, ConnectionLost, DNSLookupError
-from twisted.internet.interfaces import IConsumer, IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
@@ -68,21 +68,21 @@ class _BodyPipe(Protocol):
         self.idle_timeout = idle_timeout
         self.consumer = consumer
         self.done: Deferred[None] = Deferred(self._cancel)
-        self._idle = None
+        self._idle: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
         if self.consumer is not None:
             # Back-pressure: a client that reads slowly pauses llama.cpp's
             # connection instead of piling its output up in our memory.
-            self.consumer.registerProducer(self.transport, True)
+            self.consumer.registerProducer(self._producer(), True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.reset(self.idle_timeout)
         self.on_data(data)
 
-    def connectionLost(self, reason: Failure) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
         if self.consumer is not None:
@@ -96,9 +96,13 @@ class _BodyPipe(Protocol):
         else:
             self.done.errback(Failure(UpstreamError(f"response broken off: {reason.value}")))
 
+    def _producer(self) -> IPushProducer:
+        # The response's body transport: it pauses, resumes and stops the connection.
+        return IPushProducer(self.transport)
+
     def _stop(self) -> None:
         if self.transport is not None:
-            self.transport.stopProducing()
+            self._producer().stopProducing()
 
     def _cancel(self, _: Deferred) -> None:
         self._stop()

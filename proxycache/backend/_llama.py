@@ -6,7 +6,7 @@ request is pinned to a slot, slot actions, C{/slots}, C{/props}.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import attrs
 from treq.client import HTTPClient
@@ -15,6 +15,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
+from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from proxycache.backend._http import UPSTREAM_FAILURES, UpstreamError, is_stale_connection, read_body
@@ -79,7 +80,10 @@ class LlamaServer:
 
         def send(client: HTTPClient | None) -> "Deferred[IResponse]":
             assert client is not None
-            return client.request(method, self.url + path, data=body, headers=self._headers(headers), unbuffered=True)
+            sent = client.request(
+                method, self.url + path, data=body, headers=Headers(self._headers(headers)), unbuffered=True
+            )
+            return cast("Deferred[IResponse]", sent)
 
         def retry_if_stale(failure: Failure) -> Any:
             # llama.cpp's HTTP server closes idle keep-alive connections (and after

@@ -221,7 +221,7 @@ class DiskTier(Service):
     async def _restore(self, lease: Lease) -> bool:
         match = lease.plan.restore
         entry = self.index.entries.get(match.key) if match else None
-        if entry is None:
+        if match is None or entry is None:
             return False
         slot = lease.slot
         backend = self.backends[slot.id.backend]

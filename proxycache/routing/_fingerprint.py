@@ -182,12 +182,12 @@ def _block_bytes(text: str, block_words: int) -> tuple[list[bytes], int]:
         full = len(words) - len(words) % block_words
         join = b" ".join
         return [join(words[i : i + block_words]) for i in range(0, full, block_words)], len(words)
-    words = text.split()
-    full = len(words) - len(words) % block_words
-    join = " ".join
+    unicode_words = text.split()
+    full = len(unicode_words) - len(unicode_words) % block_words
     return [
-        join(words[i : i + block_words]).encode("utf-8", "surrogatepass") for i in range(0, full, block_words)
-    ], len(words)
+        " ".join(unicode_words[i : i + block_words]).encode("utf-8", "surrogatepass")
+        for i in range(0, full, block_words)
+    ], len(unicode_words)
 
 
 def fingerprint(request: dict, block_words: int = 16) -> Fingerprint:
@@ -197,7 +197,7 @@ def fingerprint(request: dict, block_words: int = 16) -> Fingerprint:
     text = conversation_text(request)
     chunks, words = _block_bytes(text, block_words)
     blake2b = hashlib.blake2b
-    digests = []
+    digests: list[bytes] = []
     append = digests.append
     previous = b""
     for chunk in chunks:

@@ -143,12 +143,13 @@ class Dispatcher:
             await exchange.deliver(response, progress)
         finally:
             outcome = _outcome(progress)
+            finished = self.clock.seconds()  # before the release hands the slot on
             settling = self.cache.settling(lease)
             if settling is None:
                 self._release(lease, outcome)
             else:  # cancelled during a save or restore: the slot is released when it ends
                 settling.addBoth(lambda _: self._release(lease, outcome))
-            self._record(lease, outcome, progress, started, self.clock.seconds())
+            self._record(lease, outcome, progress, started, finished)
 
     def _release(self, lease: Lease, outcome: Outcome) -> None:
         self.scheduler.release(lease, outcome)

@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
+from twisted.web.server import Request as HTTPRequest
 
 from proxycache import __version__
 from proxycache.backend import UPSTREAM_FAILURES, Backend, pipe_body
@@ -117,7 +118,7 @@ class Proxy:
 
     @app.route("/v1/chat/completions", methods=["POST"])
     @app.route("/chat/completions", methods=["POST"])
-    async def chat_completions(self, request: IRequest) -> bytes:
+    async def chat_completions(self, request: HTTPRequest) -> bytes:
         self._authorize(request)
         body = self._json_body(request)
         check_chat_request(body, self.context_limit())
@@ -126,7 +127,7 @@ class Proxy:
     @app.route("/v1/completions", methods=["POST"])
     @app.route("/completions", methods=["POST"])
     @app.route("/completion", methods=["POST"])
-    async def completions(self, request: IRequest) -> bytes:
+    async def completions(self, request: HTTPRequest) -> bytes:
         self._authorize(request)
         body = self._json_body(request)
         if "id_slot" in body:
@@ -136,7 +137,7 @@ class Proxy:
         shape = {"messages": [{"role": "prompt", "content": text}]}
         return await self._generate(request, body, request.path.decode(), shape)
 
-    async def _generate(self, request: IRequest, body: dict[str, Any], path: str, shape: dict[str, Any]) -> bytes:
+    async def _generate(self, request: HTTPRequest, body: dict[str, Any], path: str, shape: dict[str, Any]) -> bytes:
         config = self.config
         fp = fingerprint(shape, config.block_words)
         if config.log_prompts:  # off by default: prompts are private on a shared box

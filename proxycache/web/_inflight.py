@@ -7,24 +7,24 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
-from twisted.web.iweb import IRequest
+from twisted.web.server import Request
 
 
 class InFlight:
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self.draining = False
-        self._requests: set[IRequest] = set()
+        self._requests: set[Request] = set()
         self._idle_waiters: list[Deferred[None]] = []
 
     def __len__(self) -> int:
         return len(self._requests)
 
-    def track(self, request: IRequest) -> None:
+    def track(self, request: Request) -> None:
         self._requests.add(request)
         request.notifyFinish().addBoth(lambda _: self._finished(request))
 
-    def _finished(self, request: IRequest) -> None:
+    def _finished(self, request: Request) -> None:
         self._requests.discard(request)
         if not self._requests:
             waiters, self._idle_waiters = self._idle_waiters, []
