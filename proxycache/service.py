@@ -146,7 +146,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     from proxycache.cache import Catalog, DiskTier
     from proxycache.slots import Dispatcher, Monitor, Scheduler
     from proxycache.stats import Stats
-    from proxycache.web import Proxy
+    from proxycache.web import GuardedRequests, Proxy
 
     top = OrderedServices()
     if config.embedded:
@@ -190,7 +190,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     tier.setServiceParent(top)
     monitor.setServiceParent(top)
     DrainService(proxy.in_flight, config.grace, reactor).setServiceParent(top)
-    site = Site(proxy.resource())
+    site = Site(proxy.resource(), requestFactory=GuardedRequests(config.max_body_bytes, config.api_keys))
     site.displayTracebacks = False
     strports.service(config.listen, site).setServiceParent(top)
     return top

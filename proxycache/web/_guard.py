@@ -1,0 +1,113 @@
+"""
+Refuse a request body on its headers.
+
+Twisted reads a whole request body (to a temporary file when large) before
+any handler runs, so a check in the handler comes after a 300 MiB upload has
+been stored.  L{GuardedRequest} decides as soon as the headers are in: an
+over-limit C{Content-Length} answers 413 and a body without a valid API key
+401, and the connection is closed without reading the body; a chunked body
+is cut off as soon as it passes the limit.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from twisted.logger import Logger
+from twisted.web.http import RESPONSES
+from twisted.web.iweb import INonQueuedRequestFactory
+from twisted.web.server import Request
+from zope.interface import implementer
+
+from proxycache.web._auth import authorize
+from proxycache.web._errors import ApiError
+
+log = Logger()
+
+
+class _Discard:
+    """Where a refused body goes."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return 0
+
+    def read(self, size: int = -1) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+def _error_body(request: Request, error: ApiError) -> bytes:
+    if request.requestHeaders.hasHeader(b"anthropic-version"):  # every Anthropic client sends it
+        kind = "authentication_error" if error.status == 401 else "request_too_large"
+        return json.dumps({"type": "error", "error": {"type": kind, "message": error.message}}).encode()
+    return error.body()
+
+
+class GuardedRequest(Request):
+    def __init__(self, *args: Any, max_body_bytes: int, api_keys: tuple[str, ...], **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_body_bytes = max_body_bytes
+        self.api_keys = api_keys
+        self.refused = False
+        self._received = 0
+
+    def gotLength(self, length: int | None) -> None:
+        chunked = length is None and self.requestHeaders.hasHeader(b"transfer-encoding")
+        has_body = chunked or bool(length)
+        if length is not None and length > self.max_body_bytes:
+            self._refuse(_too_large(self.max_body_bytes))
+        elif has_body:
+            try:
+                authorize(self, self.api_keys)
+            except ApiError as e:
+                self._refuse(e)
+        if not self.refused:
+            super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:
+        if self.refused:
+            return
+        self._received += len(data)
+        if self._received > self.max_body_bytes:  # chunked: no length was announced
+            self._refuse(_too_large(self.max_body_bytes))
+            return
+        super().handleContentChunk(data)
+
+    def process(self) -> None:
+        if not self.refused:
+            super().process()
+
+    def _refuse(self, error: ApiError) -> None:
+        self.refused = True
+        self.content = _Discard()  # type: ignore[assignment]
+        body = _error_body(self, error)
+        head = [f"HTTP/1.1 {error.status} {RESPONSES[error.status].decode()}".encode(),
+                b"Content-Type: application/json", b"Content-Length: %d" % len(body), b"Connection: close"]
+        head += [f"{name}: {value}".encode() for name, value in error.headers]
+        log.info("refused a request on its headers: {status} {message}", status=error.status, message=error.message)
+        assert self.channel is not None and self.channel.transport is not None
+        self.channel.transport.write(b"\r\n".join(head) + b"\r\n\r\n" + body)
+        self.channel.loseConnection()
+
+
+def _too_large(limit: int) -> ApiError:
+    return ApiError(413, f"request body is larger than {limit} bytes", "invalid_request_error", "body_too_large")
+
+
+@implementer(INonQueuedRequestFactory)
+@attrs.frozen
+class GuardedRequests:
+    """A C{Site.requestFactory} of L{GuardedRequest}s."""
+
+    max_body_bytes: int
+    api_keys: tuple[str, ...]
+
+    def __call__(self, channel: Any) -> GuardedRequest:
+        return GuardedRequest(channel, max_body_bytes=self.max_body_bytes, api_keys=self.api_keys)
