@@ -1,0 +1,110 @@
+"""
+In-process stand-ins for the Twisted layers' tests: a backend implementing
+L{proxycache.backend.Backend} whose replies the test controls, and a client
+exchange that records what it was told.  (Real-server tests prove the rest.)
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import attrs
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
+from twisted.web.client import ResponseDone
+from twisted.web.http_headers import Headers
+
+from proxycache.backend import Description, UpstreamError
+from proxycache.routing import Decision
+from proxycache.slots import Lease, Progress
+
+
+@attrs.define
+class FakeResponse:
+    """Enough of an C{IResponse} for the dispatcher and the exchange."""
+
+    code: int = 200
+    body: bytes = b"{}"
+    headers: Headers = attrs.Factory(lambda: Headers({b"content-type": [b"application/json"]}))
+
+    def deliverBody(self, protocol: Any) -> None:
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(self.body)
+        protocol.connectionLost(Failure(ResponseDone()))
+
+
+@attrs.define
+class FakeBackend:
+    url: str = "http://fake"
+    props: dict[str, Any] = attrs.Factory(lambda: {"total_slots": 2, "model_path": "fake.gguf"})
+    slot_list: list[dict[str, Any]] | None = attrs.Factory(
+        lambda: [{"id": 0, "n_ctx": 4096, "is_processing": False}, {"id": 1, "n_ctx": 4096, "is_processing": False}]
+    )
+    model: str = "model-a"
+    sent: list[tuple[str, dict[str, Any], int]] = attrs.Factory(list)
+    pending: list[Deferred[Any]] = attrs.Factory(list)
+    fail_with: Exception | None = None
+    describe_error: Exception | None = None
+    slots_error: Exception | None = None
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def request(self, method: str, path: str, **kwargs: Any) -> Deferred[Any]:
+        return succeed(FakeResponse())
+
+    def generate(self, path: str, body: dict[str, Any], slot: int, timeout: float) -> Deferred[Any]:
+        self.sent.append((path, body, slot))
+        if self.fail_with is not None:
+            d: Deferred[Any] = Deferred()
+            d.errback(self.fail_with)
+            return d
+        answer: Deferred[Any] = Deferred()
+        self.pending.append(answer)
+        return answer
+
+    async def call(self, method: str, path: str, payload: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
+        return 200, {}
+
+    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
+        raise UpstreamError("no slot actions here")
+
+    async def slots(self) -> list[dict[str, Any]] | None:
+        if self.slots_error is not None:
+            raise self.slots_error
+        return self.slot_list
+
+    async def describe(self) -> Description | None:
+        if self.describe_error is not None:
+            raise self.describe_error
+        return Description(self.props, self.props.get("total_slots"), self.model)
+
+    async def wait_until_idle(self, index: int) -> dict[str, Any] | None:
+        return None
+
+
+@attrs.define
+class RecordingExchange:
+    """Records C{begin}; C{deliver} sets the timings given, or raises C{error}."""
+
+    timings: dict[str, Any] = attrs.Factory(lambda: {"cache_n": 10, "prompt_n": 5, "predicted_n": 2})
+    error: Exception | None = None
+    begun: list[tuple[Lease, Decision, int]] = attrs.Factory(list)
+    delivered: list[Any] = attrs.Factory(list)
+
+    def begin(self, lease: Lease, decision: Decision, restored_tokens: int) -> None:
+        self.begun.append((lease, decision, restored_tokens))
+
+    async def deliver(self, response: Any, progress: Progress) -> None:
+        self.delivered.append(response)
+        if self.error is not None:
+            raise self.error
+        progress.timings = dict(self.timings)
+
+
+def chat_response(timings: dict[str, Any] | None = None) -> FakeResponse:
+    body = {"choices": [{"message": {"role": "assistant", "content": "x"}}], "timings": timings or {}}
+    return FakeResponse(200, json.dumps(body).encode())

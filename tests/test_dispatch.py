@@ -1,0 +1,146 @@
+"""
+L{proxycache.slots.Dispatcher} in-process: a fake backend, a L{Clock}, no
+network.  One lease per request, released exactly once on every path.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+
+from proxycache.routing import Decision, Fingerprint, Request, SlotId, SlotState
+from proxycache.slots import Dispatcher, NoCache, Outcome, RequestRecord, Scheduler
+from tests.fakes import FakeBackend, FakeResponse, RecordingExchange
+
+
+def wanted(conversation: int, blocks: int = 20) -> Request:
+    return Request(Fingerprint(tuple(conversation * 10**6 + i for i in range(blocks)), blocks * 100, blocks * 16),
+                   small=False)
+
+
+class _TickingClock(Clock):
+    """Time moves on a little at every look, as a real clock's does."""
+
+    def seconds(self) -> float:
+        self.rightNow += 1e-6
+        return self.rightNow
+
+
+class _SlowCache(NoCache):
+    """A cache tier whose preparation is still running when its request ends."""
+
+    def __init__(self) -> None:
+        self.work: Deferred[None] = Deferred()
+        self.released_with: list[Outcome] = []
+
+    def settling(self, lease: Any) -> Deferred[None] | None:
+        return None if self.work.called else self.work
+
+    def released(self, lease: Any, outcome: Outcome) -> None:
+        self.released_with.append(outcome)
+
+
+class DispatcherTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = _TickingClock()
+        self.backend = FakeBackend()
+        self.scheduler = Scheduler(self.clock, min_ratio=0.5, affinity_wait=5.0, max_queue=4)
+        self.scheduler.set_backend_slots(self.backend.name, 2)
+        self.records: list[RequestRecord] = []
+        self.stale: list[SlotId] = []
+        self.cache: Any = NoCache()
+
+    def dispatcher(self) -> Dispatcher:
+        return Dispatcher(
+            self.clock, self.scheduler, {self.backend.name: self.backend}, self.cache,
+            first_byte_timeout=30, observers=[self.records.append], on_stale=self.stale.append,
+        )
+
+    def busy(self) -> int:
+        return sum(1 for s in self.scheduler.slots.values() if s.busy)
+
+    def test_success_pins_the_slot_and_releases_it_hot(self) -> None:
+        exchange = RecordingExchange()
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/v1/chat/completions", {"x": 1}, exchange))
+        self.assertEqual(self.busy(), 1)
+        path, body, slot = self.backend.sent[0]
+        self.assertEqual((path, body), ("/v1/chat/completions", {"x": 1}))
+        self.backend.pending[0].callback(FakeResponse())
+        self.successResultOf(d)
+        self.assertEqual(self.busy(), 0)
+        self.assertEqual(exchange.begun[0][1], Decision.MISS)
+        released = self.scheduler.slots[SlotId(self.backend.name, slot)]
+        self.assertIs(released.state, SlotState.HOT)
+        self.assertEqual(released.content.tokens, 17)
+        [record] = self.records
+        self.assertEqual((record.status, record.cache_n, record.prompt_n), (200, 10, 5))
+
+    def test_upstream_refusal_releases_the_slot_cold(self) -> None:
+        self.backend.fail_with = ConnectionRefusedError()
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        self.failureResultOf(d, ConnectionRefusedError)
+        self.assertEqual(self.busy(), 0)
+        self.assertTrue(all(s.state is SlotState.COLD for s in self.scheduler.slots.values() if s.last_used))
+        self.assertEqual(self.records[0].status, 0)
+
+    def test_client_gone_while_waiting_for_headers_releases_once(self) -> None:
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.busy(), 0)
+        self.assertEqual(len(self.records), 1)
+
+    def test_a_broken_delivery_still_releases(self) -> None:
+        exchange = RecordingExchange(error=TimeoutError("stalled"))
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, exchange))
+        self.backend.pending[0].callback(FakeResponse())
+        self.failureResultOf(d, TimeoutError)
+        self.assertEqual(self.busy(), 0)
+
+    def test_release_waits_for_a_preparation_still_running(self) -> None:
+        self.cache = _SlowCache()
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.busy(), 1, "released under a save or restore still running in llama.cpp")
+        self.cache.work.callback(None)
+        self.assertEqual(self.busy(), 0)
+        self.assertEqual(len(self.cache.released_with), 1)
+
+    def test_a_request_is_recorded_as_ending_before_the_next_one_starts(self) -> None:
+        dispatcher = self.dispatcher()
+        first = Deferred.fromCoroutine(dispatcher.dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        second = Deferred.fromCoroutine(dispatcher.dispatch(wanted(2), "/p", {}, RecordingExchange()))
+        third = Deferred.fromCoroutine(dispatcher.dispatch(wanted(3), "/p", {}, RecordingExchange()))
+        self.assertEqual(len(self.backend.pending), 2)  # the third waits in the queue
+        self.clock.advance(1)
+        self.backend.pending[0].callback(FakeResponse())  # the third starts on the released slot
+        self.clock.advance(1)
+        for pending in self.backend.pending[1:]:
+            pending.callback(FakeResponse())
+        for d in (first, second, third):
+            self.successResultOf(d)
+        by_slot: dict[str, list[RequestRecord]] = {}
+        for record in self.records:
+            by_slot.setdefault(record.slot, []).append(record)
+        for records in by_slot.values():
+            spans = sorted((r.at - r.seconds, r.at) for r in records)
+            for (_, end), (start, _) in zip(spans, spans[1:]):
+                self.assertLessEqual(end, start)
+
+    def test_a_hit_far_below_its_plan_asks_for_a_fresh_look(self) -> None:
+        dispatcher = self.dispatcher()
+        d = Deferred.fromCoroutine(dispatcher.dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        self.backend.pending[0].callback(FakeResponse())
+        self.successResultOf(d)
+        # The same conversation again is a hit; llama.cpp reusing nothing means the map is stale.
+        exchange = RecordingExchange(timings={"cache_n": 0, "prompt_n": 400})
+        d = Deferred.fromCoroutine(dispatcher.dispatch(wanted(1, 25), "/p", {}, exchange))
+        self.assertEqual(exchange.begun[0][1], Decision.HIT)
+        self.backend.pending[1].callback(FakeResponse())
+        self.successResultOf(d)
+        self.assertEqual(len(self.stale), 1)

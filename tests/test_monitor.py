@@ -1,0 +1,65 @@
+"""
+L{proxycache.slots.Monitor} on a L{Clock} with a fake backend: it learns the
+slots, notices restarts, and no single failure stops it.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.task import Clock
+from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
+
+from proxycache.routing import Fingerprint, SlotState
+from proxycache.slots import Monitor, Scheduler, SlotContent
+from tests.fakes import FakeBackend
+
+INTERVAL = 5.0
+
+
+class MonitorTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = FakeBackend()
+        self.scheduler = Scheduler(self.clock, min_ratio=0.5, affinity_wait=5.0, max_queue=4)
+        self.ups: list[tuple[str, str]] = []
+        self.monitor = Monitor(
+            self.clock, self.scheduler, [self.backend], INTERVAL, None,
+            on_up=lambda backend, model: self.ups.append((backend.name, model)),
+        )
+        self.monitor.startService()
+        self.addCleanup(self.monitor.stopService)
+
+    def health(self):
+        return self.monitor.health[self.backend.name]
+
+    def test_learns_slots_and_model_when_the_backend_comes_up(self) -> None:
+        self.assertEqual(len(self.scheduler.slots), 2)
+        self.assertEqual(self.ups, [(self.backend.name, "model-a")])
+        self.assertTrue(self.monitor.ready)
+        self.assertEqual(self.monitor.slot_context(), 4096)
+
+    def test_a_reply_cut_inside_its_headers_does_not_stop_the_loop(self) -> None:
+        self.backend.slots_error = ResponseNeverReceived([])
+        self.clock.advance(INTERVAL)
+        self.assertFalse(self.health().up)
+        self.backend.slots_error = None
+        self.clock.advance(INTERVAL)
+        self.assertTrue(self.health().up, "the monitor stopped polling after one failure")
+
+    def test_an_unexpected_error_is_logged_and_the_loop_goes_on(self) -> None:
+        self.backend.slots_error = KeyError("odd reply")
+        self.clock.advance(INTERVAL)
+        self.assertEqual(len(self.flushLoggedErrors(KeyError)), 1)
+        self.assertFalse(self.health().up)
+        self.backend.slots_error = None
+        self.clock.advance(min(INTERVAL, 0.5))  # looks again soon while a backend is down
+        self.assertTrue(self.health().up)
+
+    def test_a_restart_empties_the_slot_map(self) -> None:
+        slot = next(iter(self.scheduler.slots.values()))
+        slot.content = SlotContent(SlotState.HOT, Fingerprint((1, 2, 3), 300, 48), tokens=99)
+        self.backend.slot_list = [{"id": 0, "n_ctx": 4096, "is_processing": False},
+                                  {"id": 1, "n_ctx": 4096, "is_processing": False}]  # no id_task: never used
+        self.clock.advance(INTERVAL)
+        self.assertIs(slot.state, SlotState.FREE)
+        self.assertEqual(self.health().restarts, 1)
