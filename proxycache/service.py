@@ -163,6 +163,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         affinity_wait=config.affinity_wait,
         max_queue=config.max_queue,
         disk_lookup=catalog.lookup,
+        fim_slots=config.fim_slots,
     )
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,

@@ -13,16 +13,26 @@ from pathlib import Path
 
 import attrs
 
+# Hermes-style tools: llama.cpp (run with --jinja) sees that the template renders
+# `tools` and `tool_calls`, and parses <tool_call> JSON out of the answer.
 CHAT_TEMPLATE = (
+    "{% if tools %}<|system|>\n<tools>\n{% for tool in tools %}{{ tool | tojson }}\n{% endfor %}</tools>\n"
+    "Call a tool as <tool_call>{\"name\": ..., \"arguments\": ...}</tool_call>\n{% endif %}"
     "{% for message in messages %}"
     "<|{{ message['role'] }}|>\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% elif message['content'] %}{% for part in message['content'] %}"
     "{% if part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}"
-    "{% endif %}\n"
+    "{% endif %}"
+    "{% if message['tool_calls'] %}{% for call in message['tool_calls'] %}"
+    "<tool_call>{\"name\": \"{{ call['function']['name'] }}\", "
+    "\"arguments\": {{ call['function']['arguments'] | tojson }}}</tool_call>"
+    "{% endfor %}{% endif %}\n"
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# Fill-in-the-middle control tokens, so that llama.cpp's /infill works.
+FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 
 @attrs.frozen
@@ -40,7 +50,7 @@ class ModelShape:
     def filename(self) -> str:
         return (
             f"tiny-llama-e{self.embedding}-l{self.layers}-h{self.heads}"
-            f"-f{self.feed_forward}-s{self.seed}-v2.gguf"
+            f"-f{self.feed_forward}-s{self.seed}-v3.gguf"
         )
 
 
@@ -65,6 +75,9 @@ def _vocabulary() -> tuple[list[bytes], list[int]]:
     # SentencePiece writes spaces as U+2581: one token for it keeps a space one token.
     tokens.append("\u2581".encode())
     types.append(gguf.TokenType.NORMAL)
+    for token in FIM_TOKENS:
+        tokens.append(token.encode())
+        types.append(gguf.TokenType.CONTROL)
     return tokens, [int(t) for t in types]
 
 
@@ -104,6 +117,10 @@ def write_model(path: Path, shape: ModelShape = TINY) -> Path:
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_chat_template(CHAT_TEMPLATE)
+    fim = len(tokens) - len(FIM_TOKENS)  # the FIM tokens end the vocabulary
+    for offset, key in enumerate((gguf.Keys.Tokenizer.FIM_PRE_ID, gguf.Keys.Tokenizer.FIM_SUF_ID,
+                                  gguf.Keys.Tokenizer.FIM_MID_ID)):
+        writer.add_uint32(key, fim + offset)
 
     writer.add_tensor("token_embd.weight", weights(vocab, e))
     writer.add_tensor("output_norm.weight", np.ones(e, dtype=np.float32))

@@ -4,7 +4,7 @@ plan against what llama.cpp reports.  No I/O and no Twisted import.
 """
 
 from proxycache.routing._costs import Speeds
-from proxycache.routing._fingerprint import Fingerprint, conversation_text, fingerprint
+from proxycache.routing._fingerprint import Fingerprint, conversation_text, fingerprint, fingerprint_text
 from proxycache.routing._plan import (
     EMPTY,
     Decision,
@@ -24,6 +24,6 @@ from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unp
 
 __all__ = [
     "EMPTY", "Decision", "DiskMatch", "Fingerprint", "Plan", "Request", "SlotId", "SlotState", "SlotView",
-    "Speeds", "best_match", "conversation_text", "expected_reuse", "fell_short", "fingerprint", "is_small",
+    "Speeds", "best_match", "conversation_text", "expected_reuse", "fell_short", "fingerprint", "fingerprint_text", "is_small",
     "plan", "reused_unplanned", "state_after", "target_slot",
 ]

@@ -25,7 +25,7 @@ from typing import Any
 
 import attrs
 
-__all__ = ["Fingerprint", "conversation_text", "fingerprint"]
+__all__ = ["Fingerprint", "conversation_text", "fingerprint", "fingerprint_text"]
 
 _HASH_BYTES = 8
 _HEX_PER_BLOCK = 2 * _HASH_BYTES
@@ -192,9 +192,13 @@ def _block_bytes(text: str, block_words: int) -> tuple[list[bytes], int]:
 
 def fingerprint(request: dict, block_words: int = 16) -> Fingerprint:
     """Fingerprint C{request}: chained blake2b hashes of its full blocks of C{block_words} words."""
+    return fingerprint_text(conversation_text(request), block_words)
+
+
+def fingerprint_text(text: str, block_words: int = 16) -> Fingerprint:
+    """Fingerprint already rendered C{text} (see L{proxycache.routing._render})."""
     if block_words < 1:
         raise ValueError(f"block_words must be at least 1, not {block_words}")
-    text = conversation_text(request)
     chunks, words = _block_bytes(text, block_words)
     blake2b = hashlib.blake2b
     digests: list[bytes] = []

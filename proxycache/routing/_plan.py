@@ -85,6 +85,7 @@ class Request:
     fingerprint: Fingerprint
     small: bool
     pinned: bool = False  # its saved cache is never evicted from disk
+    kind: str = "chat"  # slot class: "fim" requests (editor completions) keep to their own slots
 
 
 @attrs.frozen

@@ -118,8 +118,11 @@ class Scheduler:
         affinity_wait: float,
         max_queue: int,
         disk_lookup: DiskLookup | None = None,
+        fim_slots: int | None = None,
     ) -> None:
         self.clock = clock
+        self.fim_slots = fim_slots  # slots per backend kept for "fim" requests; None: 1 from 3 slots up
+        self._fim_seen = False  # by default, slots are kept for FIM from the first FIM request on
         self.min_ratio = min_ratio
         self.affinity_wait = affinity_wait
         self.max_queue = max_queue
@@ -166,6 +169,7 @@ class Scheduler:
 
         @raise QueueFull: the request would have to wait and the queue is full.
         """
+        self._fim_seen |= request.kind == "fim"
         now = self.clock.seconds()
         waiter = _Waiter(request, None, now, now + self.affinity_wait)  # type: ignore[arg-type]
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
@@ -222,7 +226,17 @@ class Scheduler:
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
 
+    def slot_class(self, slot_id: SlotId) -> str:
+        """"fim" or "chat" when the backend's last slots are kept for FIM requests; "any" when shared."""
+        count = self._counts.get(slot_id.backend, 0)
+        kept = self.fim_slots if self.fim_slots is not None else (1 if count >= 3 and self._fim_seen else 0)
+        if not 0 < kept < count:
+            return "any"
+        return "fim" if slot_id.index >= count - kept else "chat"
+
     def _plan_for(self, waiter: _Waiter, views: Sequence[SlotView]) -> Plan | None:
+        kind = waiter.request.kind
+        views = [view for view in views if self.slot_class(view.id) in ("any", kind)]
         affinity = self.clock.seconds() < waiter.affinity_until
         disk = None if waiter.request.small else self.disk_lookup(waiter.request)
         return plan(

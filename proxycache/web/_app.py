@@ -21,13 +21,16 @@ from twisted.web.server import Request as HTTPRequest
 from proxycache import __version__
 from proxycache.backend import UPSTREAM_FAILURES, Backend, pipe_body
 from proxycache.config import Config
-from proxycache.routing import Request, fingerprint, is_small
+from proxycache.routing import Request, fingerprint_text, is_small
 from proxycache.slots import Dispatcher, QueueFull
+from proxycache.web._apis import APIS, BY_ROUTE, PASSTHROUGH_BY_ROUTE, Api, error_shape
 from proxycache.web._auth import authorize
-from proxycache.web._errors import ApiError, error_body, upstream_unavailable
+from proxycache.web._cors import CorsResource
+from proxycache.web._errors import ApiError, upstream_unavailable
 from proxycache.web._exchange import ClientExchange, relay_headers
 from proxycache.web._inflight import InFlight
-from proxycache.web._validate import check_chat_request, parse_json_object
+from proxycache.web._fanout import serve_choices
+from proxycache.web._validate import choices_wanted, parse_json_object
 
 log = Logger()
 
@@ -35,14 +38,12 @@ _DASHBOARD = Path(__file__).parent.parent / "static" / "dashboard.html"
 
 # llama.cpp endpoints clients may use directly. Generating ones go through the
 # scheduler like chat, so they cannot land on (and overwrite) a hot slot.
-PASSTHROUGH_GET = frozenset({"/v1/models", "/models", "/health", "/props"})
+PASSTHROUGH_GET = frozenset({"/v1/models", "/models", "/health", "/v1/health", "/props"})
 PASSTHROUGH_POST = frozenset(
     {"/v1/embeddings", "/embeddings", "/embedding", "/tokenize", "/detokenize", "/apply-template"}
-)
-SCHEDULED_COMPLETIONS = frozenset({"/v1/completions", "/completions", "/completion"})
-OWN_ROUTES = frozenset(
-    {"/v1/chat/completions", "/chat/completions", "/metrics", "/status", "/proxycache/health", "/dashboard"}
-)
+) | frozenset(PASSTHROUGH_BY_ROUTE)
+SCHEDULED = frozenset(BY_ROUTE)
+OWN_ROUTES = frozenset({"/metrics", "/status", "/proxycache/health", "/dashboard"})
 PIN_HEADER_VALUES = (b"1", b"true", b"yes")
 
 
@@ -79,7 +80,8 @@ class Proxy:
         self.in_flight = InFlight(clock)
 
     def resource(self) -> Any:
-        return self.app.resource()
+        resource = self.app.resource()
+        return CorsResource(resource, self.config.cors_origins) if self.config.cors_origins else resource
 
     # -- errors and auth ----------------------------------------------------
 
@@ -88,12 +90,13 @@ class Proxy:
         error: ApiError = failure.value
         for name, value in error.headers:
             request.setHeader(name.encode(), value.encode())
-        return _json_response(request, error.status, error.body())
+        return _json_response(request, error.status, error_shape(request.path.decode("utf-8", "replace")).body(error))
 
     @app.handle_errors(Exception)
     def _unexpected(self, request: IRequest, failure: Failure) -> bytes:
         log.failure("unexpected error on {path}", failure, path=request.path)
-        return _json_response(request, 500, error_body("internal error in proxycache", "server_error", "internal_error"))
+        error = ApiError(500, "internal error in proxycache", "server_error", "internal_error")
+        return _json_response(request, 500, error_shape(request.path.decode("utf-8", "replace")).body(error))
 
     def _authorize(self, request: IRequest) -> None:
         authorize(request, self.config.api_keys)
@@ -109,54 +112,59 @@ class Proxy:
         return body
 
     def _json_body(self, request: IRequest) -> dict[str, Any]:
-        content_type = (request.getHeader(b"content-type") or b"application/json").lower()
-        if not content_type.split(b";")[0].strip() in (b"application/json", b""):
-            raise ApiError(415, "Content-Type must be application/json", "invalid_request_error", "unsupported_media_type")
+        # A JSON body is taken whatever its Content-Type, as llama.cpp does (curl -d sends a form type).
         return parse_json_object(self._read_body(request))
 
     # -- generating routes --------------------------------------------------
 
-    @app.route("/v1/chat/completions", methods=["POST"])
-    @app.route("/chat/completions", methods=["POST"])
-    async def chat_completions(self, request: HTTPRequest) -> bytes:
+    async def generating(self, request: HTTPRequest) -> bytes:
+        path = request.path.decode()
+        api = BY_ROUTE[path]
         self._authorize(request)
         body = self._json_body(request)
-        check_chat_request(body, self.context_limit())
-        return await self._generate(request, body, "/v1/chat/completions", body)
+        api.validate(body)
+        wanted = choices_wanted(body, api.choices) if api.choices else 1
+        if wanted > 1:
+            return await serve_choices(self, request, api, body, wanted)
+        return await self._generate(request, api, body)
 
-    @app.route("/v1/completions", methods=["POST"])
-    @app.route("/completions", methods=["POST"])
-    @app.route("/completion", methods=["POST"])
-    async def completions(self, request: HTTPRequest) -> bytes:
-        self._authorize(request)
-        body = self._json_body(request)
-        if "id_slot" in body:
-            raise ApiError(400, "'id_slot' is chosen by the proxy and cannot be set by clients", code="slot_not_allowed")
-        prompt = body.get("prompt")
-        text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-        shape = {"messages": [{"role": "prompt", "content": text}]}
-        return await self._generate(request, body, request.path.decode(), shape)
+    for _route in APIS[::-1]:
+        for _path in _route.routes[::-1]:
+            generating = app.route(_path, methods=["POST"])(generating)
+    del _route, _path
 
-    async def _generate(self, request: HTTPRequest, body: dict[str, Any], path: str, shape: dict[str, Any]) -> bytes:
+    def wanted(self, request: IRequest, api: Api, body: dict[str, Any]) -> Request:
+        """The routing request for C{body}: its fingerprint, size and slot class."""
         config = self.config
-        fp = fingerprint(shape, config.block_words)
+        text = api.render(body)
+        fp = fingerprint_text(text, config.block_words)
         if config.log_prompts:  # off by default: prompts are private on a shared box
-            messages = shape.get("messages") or [{}]
-            last = messages[-1] if isinstance(messages[-1], dict) else {}
-            log.info("prompt ({words} words) ends with: {text!r}", words=fp.words, text=str(last.get("content"))[-200:])
-        wanted = Request(
+            log.info("{api} prompt ({words} words) ends with: {text!r}", api=api.name, words=fp.words, text=text[-200:])
+        return Request(
             fp,
             is_small(fp, config.min_prefix_chars, config.min_prefix_words, config.min_prefix_blocks),
             pinned=(request.getHeader(b"x-proxycache-pin") or b"").lower() in PIN_HEADER_VALUES,
+            kind=api.kind,
         )
+
+    def check_ready(self) -> None:
         if self.in_flight.draining:
             raise ApiError(503, "proxycache is shutting down", "server_error", "shutting_down", (("Retry-After", "10"),))
         if not self.dispatcher.scheduler.slots:
             raise upstream_unavailable("no slots known yet (is llama-server up?)")
+
+    async def _generate(self, request: HTTPRequest, api: Api, body: dict[str, Any]) -> bytes:
+        wanted = self.wanted(request, api, body)
+        self.check_ready()
         self.in_flight.track(request)
         exchange = ClientExchange(
-            request, self.clock, config.stream_idle_timeout, body.get("stream") is True, self.backend_numbers
+            request, self.clock, self.config.stream_idle_timeout, body.get("stream") is True, self.backend_numbers, api
         )
+        await self.dispatch(wanted, api.upstream_path(request.path.decode()), body, exchange)
+        return b""
+
+    async def dispatch(self, wanted: Request, path: str, body: dict[str, Any], exchange: Any) -> None:
+        """The dispatcher's failures as API errors."""
         try:
             await self.dispatcher.dispatch(wanted, path, body, exchange)
         except QueueFull:
@@ -168,7 +176,6 @@ class Proxy:
             raise ApiError(504, "llama-server did not answer in time", "server_error", "upstream_timeout")
         except UPSTREAM_FAILURES as e:
             raise upstream_unavailable(str(e))
-        return b""
 
     # -- the proxy's own pages -----------------------------------------------
 
@@ -214,9 +221,11 @@ class Proxy:
         self._authorize(request)
         path = request.path.decode("utf-8", "replace")
         method = request.method.decode()
+        if method == "HEAD":  # a GET whose body twisted.web leaves out
+            method = "GET"
         allowed = PASSTHROUGH_GET if method == "GET" else PASSTHROUGH_POST if method == "POST" else frozenset()
         if path not in allowed:
-            if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED_COMPLETIONS | OWN_ROUTES:
+            if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED | OWN_ROUTES:
                 raise ApiError(405, f"{method} is not allowed on {path}", "invalid_request_error", "method_not_allowed")
             raise ApiError(404, f"no route {method} {path}", "invalid_request_error", "unknown_route")
         backend = self.backends[0]

@@ -12,10 +12,12 @@ from proxycache.web._errors import ApiError
 
 
 def presented_key(request: IRequest) -> bytes:
-    """The key a client sent: C{Authorization: Bearer KEY}."""
+    """The key a client sent: C{Authorization: Bearer KEY}, or C{X-Api-Key: KEY} (Anthropic's clients)."""
     header = request.getHeader(b"authorization") or b""
     scheme, _, token = header.partition(b" ")
-    return token.strip() if scheme.lower() == b"bearer" else b""
+    if scheme.lower() == b"bearer" and token.strip():
+        return token.strip()
+    return (request.getHeader(b"x-api-key") or b"").strip()
 
 
 def authorize(request: IRequest, keys: tuple[str, ...]) -> None:

@@ -6,14 +6,16 @@ headers, then llama.cpp's response relayed (streamed or whole).
 from __future__ import annotations
 
 import json
+from typing import Any, Callable
 
 from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.web.iweb import IRequest, IResponse
 
 from proxycache import __version__
-from proxycache.backend import UPSTREAM_FAILURES, StreamStalled, TimingsTap, pipe_body, read_body, timings_of
+from proxycache.backend import UPSTREAM_FAILURES, StreamStalled, pipe_body, read_body
 from proxycache.routing import Decision
 from proxycache.slots import Lease, Progress
+from proxycache.web._apis import CHAT, Api
 from proxycache.web._errors import ApiError
 
 # Response headers worth relaying from llama.cpp; hop-by-hop ones are not.
@@ -27,6 +29,41 @@ def relay_headers(response: IResponse, request: IRequest) -> None:
             request.setHeader(name, value)
 
 
+class UsageTap:
+    """
+    Fed every relayed chunk of a stream; keeps llama.cpp's cache counts from
+    the C{data:} lines that carry them (merged: a Messages stream has its input
+    counts at the start and its output count at the end), and whether the
+    API's end marker went by.
+    """
+
+    END_MARKERS = (b"[DONE]", b'"type":"message_stop"', b'"type":"response.completed"')
+
+    def __init__(self, counts: Callable[[Any], dict[str, Any]], markers: tuple[bytes, ...]) -> None:
+        self.counts = counts
+        self.markers = markers
+        self._partial = b""
+        self.timings: dict[str, Any] = {}
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        lines = (self._partial + data).split(b"\n")
+        self._partial = lines.pop()
+        for line in lines:
+            if not line.startswith(b"data:"):
+                continue
+            payload = line[5:].strip()
+            if any(marker in payload for marker in self.END_MARKERS):
+                self.done = True
+            if not any(marker in payload for marker in self.markers):
+                continue
+            try:
+                found = self.counts(json.loads(payload))
+            except ValueError:
+                continue
+            self.timings.update(found)  # in place: the dispatcher holds on to this dict
+
+
 class ClientExchange:
     def __init__(
         self,
@@ -35,7 +72,9 @@ class ClientExchange:
         idle_timeout: float,
         streaming: bool,
         backend_numbers: dict[str, int],
+        api: Api = CHAT,
     ) -> None:
+        self.api = api
         self.request = request
         self.clock = clock
         self.idle_timeout = idle_timeout
@@ -75,7 +114,9 @@ class ClientExchange:
             decoded = json.loads(raw)
         except ValueError:
             decoded = None
-        timings = progress.timings = timings_of(decoded)
+        timings = progress.timings = self.api.counts(decoded)
+        if response.code != 200:
+            raw = self.api.errors.convert(raw)
         if timings:
             self.request.setHeader(b"x-proxycache-cached-tokens", str(timings.get("cache_n", 0)).encode())
             self.request.setHeader(b"x-proxycache-prompt-tokens", str(timings.get("prompt_n", 0)).encode())
@@ -85,7 +126,7 @@ class ClientExchange:
         request = self.request
         request.setHeader(b"cache-control", b"no-cache")
         request.setHeader(b"x-accel-buffering", b"no")
-        tap = TimingsTap()
+        tap = UsageTap(self.api.counts, self.api.markers)
         progress.timings = tap.timings
 
         def relay(data: bytes) -> None:
@@ -98,8 +139,4 @@ class ClientExchange:
         except UPSTREAM_FAILURES as e:
             # Headers are gone already: end the stream with an error event the SDKs understand.
             progress.failed = True
-            error = {"error": {"message": f"llama-server broke off the stream: {e}", "type": "server_error",
-                               "code": "upstream_error"}}
-            request.write(b"data: " + json.dumps(error).encode() + b"\n\n")
-            if not tap.done:
-                request.write(b"data: [DONE]\n\n")
+            request.write(self.api.errors.stream_error(f"llama-server broke off the stream: {e}", tap.done))

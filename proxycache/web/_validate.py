@@ -12,7 +12,8 @@ from typing import Any
 
 from proxycache.web._errors import bad_request
 
-ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+# llama.cpp takes any role; these are the ones chat templates know (ipython: Llama 3 tool results).
+ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "ipython"})
 
 
 def _reject_constant(name: str) -> Any:
@@ -67,7 +68,41 @@ def _check_content(content: Any, where: str) -> None:
             raise bad_request(f"{where}.content[{i}].text must be a string")
 
 
-def check_chat_request(body: dict[str, Any], max_tokens_limit: int | None = None) -> None:
+def check_stream(body: dict[str, Any]) -> None:
+    if "stream" in body and not isinstance(body["stream"], bool):
+        raise bad_request("'stream' must be true or false")
+
+
+def check_no_slot(body: dict[str, Any]) -> None:
+    if "id_slot" in body:
+        raise bad_request("'id_slot' is chosen by the proxy and cannot be set by clients", "slot_not_allowed")
+
+
+def choices_wanted(body: dict[str, Any], fields: tuple[str, ...]) -> int:
+    """
+    How many choices a request asks for (C{n} or C{n_cmpl}).  llama.cpp runs
+    the extra ones on other slots than the one the proxy pinned, overwriting
+    their caches unseen: the proxy serves them one after another on its slot,
+    which a stream cannot do.
+    """
+    wanted = 1
+    for field in fields:
+        value = body.get(field)
+        if value is None:
+            continue
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise bad_request(f"'{field}' must be a positive integer")
+        wanted = max(wanted, value)
+    if wanted > 1 and body.get("stream") is True:
+        raise bad_request(
+            f"streaming more than one choice ({wanted}) is not supported through proxycache: llama.cpp would "
+            "generate the extra choices on other slots and overwrite their caches; ask for one choice per request",
+            "unsupported_n",
+        )
+    return wanted
+
+
+def check_chat_request(body: dict[str, Any]) -> None:
     """
     @raise ApiError: 400 naming the first problem found.
     """
@@ -88,21 +123,46 @@ def check_chat_request(body: dict[str, Any], max_tokens_limit: int | None = None
         if role not in ROLES:
             raise bad_request(f"{where}.role {role!r} is not one of {', '.join(sorted(ROLES))}")
         _check_content(message.get("content"), where)
-    if "stream" in body and not isinstance(body["stream"], bool):
-        raise bad_request("'stream' must be true or false")
-    n = body.get("n", 1)
-    if not isinstance(n, int) or isinstance(n, bool) or n != 1:
-        raise bad_request("only n = 1 is supported: each choice would need its own slot", "unsupported_n")
+    check_stream(body)
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
-        if value is None:
-            continue
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise bad_request(f"'{field}' must be a positive integer")
-        if max_tokens_limit is not None and value > max_tokens_limit:
-            raise bad_request(
-                f"'{field}' {value} exceeds the context of a slot ({max_tokens_limit} tokens)",
-                "context_length_exceeded",
-            )
-    if "id_slot" in body:
-        raise bad_request("'id_slot' is chosen by the proxy and cannot be set by clients", "slot_not_allowed")
+        # Larger than a slot's context is fine: llama.cpp stops at the context, as it does without the proxy.
+        if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+            raise bad_request(f"'{field}' must be an integer")
+    check_no_slot(body)
+
+
+def check_completion_request(body: dict[str, Any]) -> None:
+    check_stream(body)
+    check_no_slot(body)
+
+
+def check_messages_request(body: dict[str, Any]) -> None:
+    """An Anthropic Messages body: what the proxy itself needs to route it."""
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise bad_request("'messages' is required and must be an array", "missing_messages")
+    check_stream(body)
+    check_no_slot(body)
+
+
+def check_responses_request(body: dict[str, Any]) -> None:
+    """An OpenAI Responses body; the proxy keeps no responses, so it cannot continue one."""
+    if "input" not in body:
+        raise bad_request("'input' is required", "missing_input")
+    if body.get("previous_response_id"):
+        raise bad_request(
+            "'previous_response_id' is not supported: neither llama.cpp nor proxycache stores responses; "
+            "send the whole conversation in 'input' (the proxy reuses its cached prefix)",
+            "previous_response_id_not_supported",
+        )
+    check_stream(body)
+    check_no_slot(body)
+
+
+def check_infill_request(body: dict[str, Any]) -> None:
+    extra = body.get("input_extra")
+    if extra is not None and (not isinstance(extra, list) or not all(isinstance(c, dict) for c in extra)):
+        raise bad_request("'input_extra' must be an array of {filename, text} objects")
+    check_stream(body)
+    check_no_slot(body)

@@ -1,0 +1,79 @@
+"""
+The client APIs the proxy serves, one L{Api} each.
+
+Adding an API is adding one row: the routes it answers, the llama.cpp path
+it is sent to, its checks, how its body renders to fingerprint text (in the
+order llama.cpp builds the prompt, L{proxycache.routing._render}), its slot
+class, how its errors look and where llama.cpp's cache counts are in its
+answers.  Every generating API goes through the dispatcher the same way.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import attrs
+
+from proxycache.routing import _render
+from proxycache.web import _validate
+from proxycache.web._shapes import (
+    ANTHROPIC,
+    OPENAI,
+    RESPONSES,
+    ErrorShape,
+    anthropic_counts,
+    llama_timings,
+    responses_counts,
+)
+
+
+@attrs.frozen
+class Api:
+    name: str
+    routes: tuple[str, ...]
+    upstream: str | None  # the llama.cpp path; None: the route's own path
+    validate: Callable[[dict[str, Any]], None]  # raises ApiError
+    render: Callable[[dict[str, Any]], str]  # fingerprint text
+    kind: str = "chat"  # slot class: "chat", or "fim" for editor completions (see --fim-slots)
+    errors: ErrorShape = OPENAI
+    counts: Callable[[Any], dict[str, Any]] = llama_timings  # cache counts out of an answer or event
+    markers: tuple[bytes, ...] = (b'"timings"',)  # stream lines worth decoding for counts
+    choices: tuple[str, ...] = ()  # fields asking for several choices (served one by one)
+    passthrough: tuple[str, ...] = ()  # non-generating routes of this API, relayed to llama.cpp as they are
+
+    def upstream_path(self, route: str) -> str:
+        return self.upstream or route
+
+
+CHAT = Api(
+    "chat", ("/v1/chat/completions", "/chat/completions"), "/v1/chat/completions",
+    _validate.check_chat_request, _render.chat_text, choices=("n", "n_cmpl"),
+    passthrough=("/v1/chat/completions/input_tokens",),
+)
+COMPLETIONS = Api(
+    "completions", ("/v1/completions", "/completions", "/completion"), None,
+    _validate.check_completion_request, _render.completion_text, choices=("n", "n_cmpl"),
+)
+MESSAGES = Api(
+    "messages", ("/v1/messages",), "/v1/messages",
+    _validate.check_messages_request, _render.messages_text, errors=ANTHROPIC,
+    counts=anthropic_counts, markers=(b'"usage"', b'"timings"'), passthrough=("/v1/messages/count_tokens",),
+)
+RESPONSES_API = Api(
+    "responses", ("/v1/responses", "/responses"), "/v1/responses",
+    _validate.check_responses_request, _render.responses_text, errors=RESPONSES,
+    counts=responses_counts, markers=(b'"timings"',), passthrough=("/v1/responses/input_tokens",),
+)
+INFILL = Api(
+    "infill", ("/infill",), "/infill", _validate.check_infill_request, _render.infill_text, kind="fim",
+)
+
+APIS: tuple[Api, ...] = (CHAT, COMPLETIONS, MESSAGES, RESPONSES_API, INFILL)
+BY_ROUTE: dict[str, Api] = {route: api for api in APIS for route in api.routes}
+PASSTHROUGH_BY_ROUTE: dict[str, Api] = {route: api for api in APIS for route in api.passthrough}
+
+
+def error_shape(path: str) -> ErrorShape:
+    """The error shape of whatever API C{path} belongs to (OpenAI's for the rest)."""
+    api = BY_ROUTE.get(path) or PASSTHROUGH_BY_ROUTE.get(path)
+    return api.errors if api is not None else OPENAI
