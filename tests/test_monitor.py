@@ -63,3 +63,11 @@ class MonitorTests(SynchronousTestCase):
         self.clock.advance(INTERVAL)
         self.assertIs(slot.state, SlotState.FREE)
         self.assertEqual(self.health().restarts, 1)
+
+    def test_a_slot_whose_request_never_reached_llama_cpp_is_no_restart(self) -> None:
+        slot = next(iter(self.scheduler.slots.values()))
+        slot.content = SlotContent(SlotState.COLD)  # released after a failure: llama.cpp ran nothing there
+        self.backend.slot_list = [{"id": 0, "n_ctx": 4096, "is_processing": False},
+                                  {"id": 1, "n_ctx": 4096, "is_processing": False, "id_task": 3}]
+        self.clock.advance(INTERVAL)
+        self.assertEqual(self.health().restarts, 0)

@@ -15,7 +15,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, restarted, settings_warnings
-from proxycache.routing import SlotState
 from proxycache.slots._scheduler import Scheduler
 
 log = Logger()
@@ -112,9 +111,11 @@ class Monitor(Service):
         slots = await backend.slots()
         if slots is None:
             return  # --no-slots: restarts are then only seen through failed requests
+        # Only slots llama.cpp is known to have processed (it reported tokens): a slot whose
+        # request failed before llama.cpp ran it has no task there, and that is no restart.
         in_use = {
             s.id.index for s in self.scheduler.slots.values()
-            if s.id.backend == backend.name and s.state is not SlotState.FREE and not s.busy
+            if s.id.backend == backend.name and s.content.tokens > 0 and not s.busy
         }
         if restarted(slots, in_use, health.max_task_seen):
             health.restarts += 1
