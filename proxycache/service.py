@@ -181,6 +181,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         first_byte_timeout=config.first_byte_timeout,
         observers=[stats.request_done],
         on_stale=lambda slot_id: monitor.check(),
+        on_unreachable=monitor.take_out,
     )
     proxy = Proxy(
         config, reactor, dispatcher, backends,

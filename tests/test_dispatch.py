@@ -144,3 +144,28 @@ class DispatcherTests(SynchronousTestCase):
         self.backend.pending[1].callback(FakeResponse())
         self.successResultOf(d)
         self.assertEqual(len(self.stale), 1)
+
+
+class FailoverTests(SynchronousTestCase):
+    def test_a_request_to_a_dead_backend_goes_elsewhere(self) -> None:
+        clock = Clock()
+        dead, alive = FakeBackend(url="http://a-dead"), FakeBackend(url="http://b-alive")
+        dead.fail_with = ConnectionRefusedError()
+        scheduler = Scheduler(clock, min_ratio=0.5, affinity_wait=5.0, max_queue=4)
+        scheduler.set_backend_slots(dead.name, 1)
+        taken_out: list[str] = []
+
+        def take_out(name: str) -> None:
+            taken_out.append(name)
+            scheduler.set_backend_slots(name, 0)
+
+        dispatcher = Dispatcher(clock, scheduler, {b.name: b for b in (dead, alive)}, NoCache(),
+                                first_byte_timeout=30, on_unreachable=take_out)
+        scheduler.set_backend_slots(alive.name, 1)
+        # The free slot of the dead backend is planned first (it sorts first): the request must not fail.
+        exchange = RecordingExchange()
+        d = Deferred.fromCoroutine(dispatcher.dispatch(wanted(1), "/p", {}, exchange))
+        self.assertEqual(taken_out, ["http://a-dead"])
+        alive.pending[0].callback(FakeResponse())
+        self.successResultOf(d)
+        self.assertEqual([lease.slot.id.backend for lease, _, _ in exchange.begun], ["http://a-dead", "http://b-alive"])

@@ -14,6 +14,7 @@ from proxycache.slots import Monitor, Scheduler, SlotContent
 from tests.fakes import FakeBackend
 
 INTERVAL = 5.0
+DOWN_INTERVAL = 0.5
 
 
 class MonitorTests(SynchronousTestCase):
@@ -71,3 +72,37 @@ class MonitorTests(SynchronousTestCase):
                                   {"id": 1, "n_ctx": 4096, "is_processing": False, "id_task": 3}]
         self.clock.advance(INTERVAL)
         self.assertEqual(self.health().restarts, 0)
+
+
+class TakeOutTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.backend = FakeBackend()
+        self.scheduler = Scheduler(self.clock, min_ratio=0.5, affinity_wait=5.0, max_queue=4)
+        self.monitor = Monitor(self.clock, self.scheduler, [self.backend], INTERVAL, None)
+        self.monitor.startService()
+        self.addCleanup(self.monitor.stopService)
+
+    def test_nobody_listening_takes_the_slots_out_at_once_and_they_come_back(self) -> None:
+        from proxycache.backend import UpstreamError
+        from twisted.internet.error import ConnectionRefusedError
+
+        self.assertEqual(len(self.scheduler.slots), 2)
+        gone = UpstreamError("GET /slots: refused")
+        gone.__cause__ = ConnectionRefusedError()
+        self.backend.slots_error = gone
+        self.clock.advance(INTERVAL)
+        self.assertEqual(self.scheduler.slots, {})
+        self.backend.slots_error = None
+        self.clock.advance(INTERVAL)
+        self.assertEqual(len(self.scheduler.slots), 2)
+
+    def test_a_slow_reply_keeps_the_slots_until_it_happens_again_and_again(self) -> None:
+        from twisted.internet.defer import TimeoutError
+
+        self.backend.slots_error = TimeoutError("busy with a long prefill")
+        self.clock.advance(INTERVAL)
+        self.assertEqual(len(self.scheduler.slots), 2)
+        self.clock.advance(DOWN_INTERVAL)
+        self.clock.advance(DOWN_INTERVAL)
+        self.assertEqual(self.scheduler.slots, {})

@@ -2,7 +2,7 @@
 The llama.cpp backend: every llama-server specific behind L{Backend}.
 """
 
-from proxycache.backend._http import UPSTREAM_FAILURES, StreamStalled, UpstreamError, pipe_body, read_body
+from proxycache.backend._http import UPSTREAM_FAILURES, StreamStalled, UpstreamError, pipe_body, read_body, unreachable
 from proxycache.backend._identity import model_identity
 from proxycache.backend._llama import Description, LlamaServer, never_used, restarted, settings_warnings
 from proxycache.backend._protocol import Backend
@@ -10,5 +10,5 @@ from proxycache.backend._timings import TimingsTap, timings_of
 
 __all__ = [
     "UPSTREAM_FAILURES", "Backend", "Description", "LlamaServer", "StreamStalled", "TimingsTap", "UpstreamError",
-    "model_identity", "never_used", "pipe_body", "read_body", "restarted", "settings_warnings", "timings_of",
+    "model_identity", "never_used", "pipe_body", "read_body", "restarted", "settings_warnings", "timings_of", "unreachable",
 ]

@@ -41,6 +41,15 @@ UPSTREAM_FAILURES = (
 )
 
 
+def unreachable(error: BaseException | None) -> bool:
+    """Nobody listens there (as opposed to a slow or broken reply): the server is gone."""
+    while error is not None:
+        if isinstance(error, (ConnectError, DNSLookupError)):
+            return True
+        error = error.__cause__
+    return False
+
+
 def is_stale_connection(failure: Failure) -> bool:
     """
     The request met a pooled connection llama.cpp was closing, and got no

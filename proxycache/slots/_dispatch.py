@@ -18,7 +18,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
-from proxycache.backend import Backend
+from proxycache.backend import UPSTREAM_FAILURES, Backend, unreachable
 from proxycache.routing import Decision, Request, SlotId, fell_short, reused_unplanned
 from proxycache.slots._scheduler import Lease, Outcome, Scheduler
 
@@ -113,6 +113,7 @@ class Dispatcher:
         first_byte_timeout: float,
         observers: Sequence[Callable[[RequestRecord], None]] = (),
         on_stale: Callable[[SlotId], Any] = lambda slot_id: None,
+        on_unreachable: Callable[[str], Any] = lambda backend: None,
     ) -> None:
         self.clock = clock
         self.scheduler = scheduler
@@ -121,6 +122,7 @@ class Dispatcher:
         self.first_byte_timeout = first_byte_timeout
         self.observers = list(observers)
         self.on_stale = on_stale  # the slot map looks wrong: look at llama-server again
+        self.on_unreachable = on_unreachable  # nobody listens at a backend: take it out of the map
         self._noticed_ram_cache: set[str] = set()
 
     async def dispatch(self, wanted: Request, path: str, body: dict[str, Any], exchange: Exchange) -> None:
@@ -131,6 +133,17 @@ class Dispatcher:
         @raise TimeoutError: llama-server sent no headers in time.
         @raise UPSTREAM_FAILURES: llama-server could not be reached.
         """
+        try:
+            await self._dispatch_once(wanted, path, body, exchange)
+        except _Unreachable as gone:
+            # Nothing reached llama.cpp, so nothing was sent to the client: once more, elsewhere.
+            log.warn("llama-server {backend} is unreachable; sending the request elsewhere", backend=gone.backend)
+            self.on_unreachable(gone.backend)
+            await self._dispatch_once(wanted, path, body, exchange, retry=False)
+
+    async def _dispatch_once(
+        self, wanted: Request, path: str, body: dict[str, Any], exchange: Exchange, retry: bool = True
+    ) -> None:
         lease = await self.scheduler.acquire(wanted)
         started = self.clock.seconds()
         progress = Progress()
@@ -138,7 +151,12 @@ class Dispatcher:
             progress.decision = _shown(lease, await self.cache.prepare(lease))
             exchange.begin(lease, progress.decision, self.cache.restored_tokens(lease))
             backend = self.backends[lease.slot.id.backend]
-            response = await backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
+            try:
+                response = await backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
+            except UPSTREAM_FAILURES as e:
+                if retry and unreachable(e):
+                    raise _Unreachable(lease.slot.id.backend) from e
+                raise
             progress.answered, progress.status = True, response.code
             await exchange.deliver(response, progress)
         finally:
@@ -191,6 +209,12 @@ class Dispatcher:
                 slot=str(lease.slot.id), cache_n=outcome.cache_n, blocks=lease.plan.common_blocks,
             )
             self.on_stale(lease.slot.id)
+
+
+class _Unreachable(Exception):
+    def __init__(self, backend: str) -> None:
+        super().__init__(backend)
+        self.backend = backend
 
 
 def _shown(lease: Lease, decision: Decision) -> Decision:

@@ -14,7 +14,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from proxycache.backend import UPSTREAM_FAILURES, Backend, restarted, settings_warnings
+from proxycache.backend import UPSTREAM_FAILURES, Backend, restarted, settings_warnings, unreachable
 from proxycache.slots._scheduler import Scheduler
 
 log = Logger()
@@ -30,10 +30,14 @@ class BackendHealth:
     max_task_seen: int = -1
     restarts: int = 0
     slot_context: int | None = None  # n_ctx of one slot
+    failures: int = 0  # checks failed in a row
 
 
 # While a backend is down, look again this often, so start-up and recovery are quick.
 DOWN_INTERVAL = 0.5
+# A busy llama-server can be slow to answer /slots during a long prefill: only this many
+# failed checks in a row (or nobody listening at all) take its slots out of the map.
+DOWN_AFTER_FAILURES = 3
 
 
 class Monitor(Service):
@@ -81,10 +85,12 @@ class Monitor(Service):
             except UPSTREAM_FAILURES as e:
                 if health.up:
                     log.warn("llama-server {url} is down: {error}", url=health.backend.url, error=e)
-                health.up = False
+                self._failed(health, gone=unreachable(e))
             except Exception:
                 log.failure("checking llama-server {url} failed", url=health.backend.url)
-                health.up = False
+                self._failed(health, gone=False)
+            else:
+                health.failures = 0
         if self._loop is not None:
             all_up = all(h.up for h in self.health.values())
             self._loop.interval = self.interval if all_up else min(self.interval, DOWN_INTERVAL)
@@ -130,6 +136,24 @@ class Monitor(Service):
         tasks = [s["id_task"] for s in slots if isinstance(s.get("id_task"), int)]
         if tasks:
             health.max_task_seen = max(health.max_task_seen, max(tasks))
+
+    def _failed(self, health: BackendHealth, gone: bool) -> None:
+        health.up = False
+        health.failures += 1
+        if gone or health.failures >= DOWN_AFTER_FAILURES:
+            self.take_out(health.backend.name)
+
+    def take_out(self, name: str) -> None:
+        """
+        Stop planning on backend C{name}: its idle slots leave the map at once, busy
+        ones when released; queued requests go elsewhere.  It rejoins when it answers.
+        """
+        health = self.health[name]
+        health.up = False
+        if any(slot_id.backend == name for slot_id in self.scheduler.slots):
+            log.warn("llama-server {url} is unreachable: its slots are out of the map until it answers",
+                     url=health.backend.url)
+            self.scheduler.set_backend_slots(name, 0)
 
     def slot_context(self) -> int | None:
         """The smallest slot context among live backends: no request can generate more."""
