@@ -188,6 +188,7 @@ def build(config: Config, reactor: Any) -> MultiService:
         status=stats.status, metrics=stats.metrics_text,
         health=lambda: own_health(config, monitor, scheduler, tier),
         context_limit=monitor.slot_context,
+        healthy_backend=monitor.healthy,
     )
     tier.setServiceParent(top)
     monitor.setServiceParent(top)

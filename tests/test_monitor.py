@@ -106,3 +106,15 @@ class TakeOutTests(SynchronousTestCase):
         self.clock.advance(DOWN_INTERVAL)
         self.clock.advance(DOWN_INTERVAL)
         self.assertEqual(self.scheduler.slots, {})
+
+    def test_passthrough_goes_to_a_backend_that_answers(self) -> None:
+        from twisted.internet.error import ConnectionRefusedError
+
+        from proxycache.backend import UpstreamError
+
+        self.assertIs(self.monitor.healthy(), self.backend)
+        gone = UpstreamError("refused")
+        gone.__cause__ = ConnectionRefusedError()
+        self.backend.slots_error = gone
+        self.clock.advance(INTERVAL)
+        self.assertIsNone(self.monitor.healthy())

@@ -160,6 +160,12 @@ class Monitor(Service):
         known = [h.slot_context for h in self.health.values() if h.up and h.slot_context]
         return min(known) if known else None
 
+    def healthy(self) -> Backend | None:
+        """A backend that answered its last check, the least loaded first; None if none did."""
+        up = [h.backend for h in self.health.values() if h.up]
+        busy = {b.name: sum(1 for s in self.scheduler.slots.values() if s.id.backend == b.name and s.busy) for b in up}
+        return min(up, key=lambda b: busy[b.name], default=None)
+
     @property
     def ready(self) -> bool:
         return any(h.up for h in self.health.values())

@@ -67,6 +67,7 @@ class Proxy:
         metrics: Callable[[], bytes],
         health: Callable[[], tuple[bool, dict[str, Any]]],
         context_limit: Callable[[], int | None] = lambda: None,
+        healthy_backend: Callable[[], Backend | None] = lambda: None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -77,6 +78,7 @@ class Proxy:
         self.metrics_text = metrics  # /metrics
         self.health = health  # /proxycache/health: (ok, details)
         self.context_limit = context_limit  # tokens a slot holds, once known
+        self.healthy_backend = healthy_backend  # where passthrough requests go
         self.in_flight = InFlight(clock)
 
     def resource(self) -> Any:
@@ -228,7 +230,7 @@ class Proxy:
             if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED | OWN_ROUTES:
                 raise ApiError(405, f"{method} is not allowed on {path}", "invalid_request_error", "method_not_allowed")
             raise ApiError(404, f"no route {method} {path}", "invalid_request_error", "unknown_route")
-        backend = self.backends[0]
+        backend = self.healthy_backend() or self.backends[0]
         query = request.uri.partition(b"?")[2]
         target = path + ("?" + query.decode("ascii", "replace") if query else "")
         body = self._read_body(request) if method == "POST" else None
