@@ -164,6 +164,8 @@ SETTINGS: tuple[Setting, ...] = (
             "serve a generated random-weight model with an embedded llama.cpp"),
     Setting("ctx_per_slot", "CTX_PER_SLOT", 16384, _positive_int,
             "context per slot of the embedded llama.cpp"),
+    Setting("admin_keys", "PROXY_ADMIN_KEYS", (), _words,
+            "keys allowed to add, drain and remove backends at run time (none = no admin routes)"),
     Setting("fim_slots", "FIM_SLOTS", None, _non_negative_int,
             "slots per llama-server kept for /infill (default: 1 with 3 slots or more, else 0 = shared)"),
     Setting("cors_origins", "CORS_ORIGINS", (), _words,
@@ -202,6 +204,7 @@ class Config:
     llama_model: str | None
     demo: bool
     ctx_per_slot: int
+    admin_keys: tuple[str, ...]
     fim_slots: int | None = None
     cors_origins: tuple[str, ...] = ()
 

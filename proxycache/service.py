@@ -8,7 +8,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
@@ -23,7 +23,7 @@ from proxycache.config import SETTINGS, Config, ConfigError, _flag, read_config_
 
 if TYPE_CHECKING:
     from proxycache.cache import DiskTier
-    from proxycache.slots import Monitor, Scheduler
+    from proxycache.slots import Fleet, Monitor, Scheduler
     from proxycache.web._inflight import InFlight
 
 log = Logger()
@@ -66,15 +66,22 @@ class Options(usage.Options):
         print(f"proxycache {__version__}")
         sys.exit(0)
 
-    def postOptions(self) -> None:
+    def _resolve(self) -> dict[str, tuple[Any, str]]:
         given = {
             s.name: ("true" if self[s.option] else None) if s.parse is _flag else self[s.option]
             for s in SETTINGS
         }
         path = self["config"] or os.environ.get("PROXYCACHE_CONFIG")
+        file = read_config_file(path) if path else {}
+        return resolve(given, os.environ, file)
+
+    def reread(self) -> Config:
+        """The configuration as the options, the environment and the file say now (for SIGHUP)."""
+        return Config(**{name: value for name, (value, _) in self._resolve().items()})
+
+    def postOptions(self) -> None:
         try:
-            file = read_config_file(path) if path else {}
-            resolved = resolve(given, os.environ, file)
+            resolved = self._resolve()
             self.config = Config(**{name: value for name, (value, _) in resolved.items()})
         except ConfigError as e:
             raise usage.UsageError(str(e))
@@ -90,8 +97,9 @@ class Options(usage.Options):
 def makeService(options: Any) -> IService:
     from twisted.internet import reactor
 
-    config: Config = options.config if hasattr(options, "config") else options
-    return build(config, reactor)
+    if isinstance(options, Config):
+        return build(options, reactor)
+    return build(options.config, reactor, reread=options.reread)
 
 
 class OrderedServices(MultiService):
@@ -138,15 +146,44 @@ class DrainService(Service):
         await deferLater(self.clock, FLUSH_PAUSE, lambda: None)
 
 
-def build(config: Config, reactor: Any) -> MultiService:
+class ReloadOnHangup(Service):
+    """SIGHUP re-reads the configuration and makes the fleet of backends what it now names."""
+
+    def __init__(self, reread: Callable[[], Config], fleet: Fleet, reactor: Any) -> None:
+        self.reread = reread
+        self.fleet = fleet
+        self.reactor = reactor
+
+    def startService(self) -> None:
+        super().startService()
+        signal.signal(signal.SIGHUP, lambda *_: self.reactor.callFromThread(self.reload))
+
+    def reload(self) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._reload())
+
+    async def _reload(self) -> None:
+        try:
+            urls = list(self.reread().llama_url)
+        except ConfigError as e:
+            log.warn("SIGHUP: configuration not reloaded: {error}", error=e)
+            return
+        log.info("SIGHUP: backends are now {urls} (other settings need a restart)", urls=", ".join(urls))
+        try:
+            await self.fleet.reconcile(urls)
+        except Exception:
+            log.failure("SIGHUP: changing the backends failed")
+
+
+def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = None) -> MultiService:
     """The whole daemon as one service tree, its collaborators passed in, never patched on."""
     from twisted.web.server import Site
 
     from proxycache.backend import Backend, LlamaServer
     from proxycache.cache import Catalog, DiskTier
-    from proxycache.slots import Dispatcher, Monitor, Scheduler
+    from proxycache.slots import Dispatcher, Fleet, Monitor, Scheduler
     from proxycache.stats import Stats
     from proxycache.web import GuardedRequests, Proxy
+    from proxycache.web._admin import Admin
 
     top = OrderedServices()
     if config.embedded:
@@ -183,17 +220,27 @@ def build(config: Config, reactor: Any) -> MultiService:
         on_stale=lambda slot_id: monitor.check(),
         on_unreachable=monitor.take_out,
     )
+    fleet = Fleet(
+        by_name, scheduler, monitor,
+        connect=lambda url: LlamaServer.create(reactor, url, config.upstream_api_key, pool_size),
+        save_hot_slots=lambda name: tier.flush(backend=name),
+    )
     proxy = Proxy(
-        config, reactor, dispatcher, backends,
+        config, reactor, dispatcher, by_name,
         status=stats.status, metrics=stats.metrics_text,
         health=lambda: own_health(config, monitor, scheduler, tier),
         context_limit=monitor.slot_context,
         healthy_backend=monitor.healthy,
+        admin=Admin(fleet, config.admin_keys),
     )
     tier.setServiceParent(top)
     monitor.setServiceParent(top)
     DrainService(proxy.in_flight, config.grace, reactor).setServiceParent(top)
-    site = Site(proxy.resource(), requestFactory=GuardedRequests(config.max_body_bytes, config.api_keys))
+    if reread is not None:
+        ReloadOnHangup(reread, fleet, reactor).setServiceParent(top)
+    site = Site(proxy.resource(), requestFactory=GuardedRequests(
+        config.max_body_bytes, config.api_keys + config.admin_keys if config.api_keys else ()
+    ))
     site.displayTracebacks = False
     strports.service(config.listen, site).setServiceParent(top)
     return top

@@ -33,7 +33,7 @@ class ProxyTests(SynchronousTestCase):
         dispatcher = Dispatcher(self.clock, self.scheduler, {self.backend.name: self.backend}, NoCache(),
                                 first_byte_timeout=30)
         proxy = Proxy(
-            config, self.clock, dispatcher, [self.backend],
+            config, self.clock, dispatcher, {self.backend.name: self.backend},
             status=lambda: {"ok": True}, metrics=lambda: b"# metrics\n", health=lambda: (True, {}),
         )
         return StubTreq(proxy.resource())

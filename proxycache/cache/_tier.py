@@ -101,13 +101,13 @@ class DiskTier(Service):
                 timer.cancel()
         return Deferred.fromCoroutine(self.flush())
 
-    async def flush(self, wait: float = 30.0) -> None:
+    async def flush(self, wait: float = 30.0, backend: str | None = None) -> None:
         """
-        Save every hot slot whose content changed since its last save, waiting
-        up to C{wait} seconds for a slot still busy (a background save, or a
-        request the drain let finish).
+        Save every hot slot (of C{backend}, or all) whose content changed since
+        its last save, waiting up to C{wait} seconds for a slot still busy (a
+        background save, or a request the drain let finish).
         """
-        for slot in list(self.scheduler.slots.values()):
+        for slot in [s for s in self.scheduler.slots.values() if backend in (None, s.id.backend)]:
             try:
                 await slot.lock.acquire().addTimeout(wait, self.clock)
             except TimeoutError:

@@ -11,10 +11,11 @@ from proxycache.slots._dispatch import (
     RequestRecord,
     SlotPreparer,
 )
+from proxycache.slots._fleet import Fleet
 from proxycache.slots._monitor import BackendHealth, Monitor
 from proxycache.slots._scheduler import NOTHING, Lease, Outcome, QueueFull, Scheduler, Slot, SlotContent
 
 __all__ = [
-    "NOTHING", "BackendHealth", "Dispatcher", "Exchange", "Lease", "Monitor", "NoCache", "Outcome", "Progress",
+    "NOTHING", "BackendHealth", "Dispatcher", "Exchange", "Fleet", "Lease", "Monitor", "NoCache", "Outcome", "Progress",
     "QueueFull", "RequestRecord", "Scheduler", "Slot", "SlotContent", "SlotPreparer",
 ]

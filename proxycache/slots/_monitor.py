@@ -59,6 +59,7 @@ class Monitor(Service):
         self.clock = clock
         self.scheduler = scheduler
         self.interval = interval
+        self.configured_slots = configured_slots
         self.health = {b.name: BackendHealth(b, configured_slots) for b in backends}
         self.on_up = on_up
         self._loop: LoopingCall | None = None
@@ -75,11 +76,19 @@ class Monitor(Service):
             self._loop.stop()
         return None
 
+    def watch(self, backend: Backend) -> None:
+        self.health[backend.name] = BackendHealth(backend, self.configured_slots)
+        if self.running:
+            self.check()
+
+    def unwatch(self, name: str) -> None:
+        self.health.pop(name, None)
+
     def check(self) -> Deferred[None]:
         return Deferred.fromCoroutine(self._check_all())
 
     async def _check_all(self) -> None:
-        for health in self.health.values():
+        for health in list(self.health.values()):
             try:
                 await self._check(health)
             except UPSTREAM_FAILURES as e:
@@ -110,6 +119,8 @@ class Monitor(Service):
                 "llama-server {url} is up: {total} slots, model {model}, build {build}",
                 url=backend.url, total=total, model=props.get("model_path"), build=props.get("build_info"),
             )
+            if self.health.get(backend.name) is not health:
+                return  # removed while we asked
             health.model = described.model
             health.up = True
             self.on_up(backend, described.model)

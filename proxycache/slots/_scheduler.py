@@ -130,6 +130,7 @@ class Scheduler:
         self.slots: dict[SlotId, Slot] = {}
         self._queue: list[_Waiter] = []
         self._pumping = False
+        self.closed: set[str] = set()  # backends being drained: no new leases there
         self._counts: dict[str, int] = {}  # declared slots per backend
 
     # -- the slot map -------------------------------------------------------
@@ -143,6 +144,11 @@ class Scheduler:
         for slot_id in [s for s in self.slots if s.backend == backend and s.index >= count]:
             if not self.slots[slot_id].busy:
                 del self.slots[slot_id]
+        self.pump()
+
+    def close_backend(self, backend: str) -> None:
+        """Grant no new lease on C{backend}; waiters are planned elsewhere."""
+        self.closed.add(backend)
         self.pump()
 
     def reset_backend(self, backend: str) -> None:
@@ -236,7 +242,10 @@ class Scheduler:
 
     def _plan_for(self, waiter: _Waiter, views: Sequence[SlotView]) -> Plan | None:
         kind = waiter.request.kind
-        views = [view for view in views if self.slot_class(view.id) in ("any", kind)]
+        views = [
+            view for view in views
+            if self.slot_class(view.id) in ("any", kind) and view.id.backend not in self.closed
+        ]
         affinity = self.clock.seconds() < waiter.affinity_until
         disk = None if waiter.request.small else self.disk_lookup(waiter.request)
         return plan(

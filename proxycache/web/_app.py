@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 from klein import Klein
 from twisted.internet.defer import TimeoutError
@@ -61,25 +61,31 @@ class Proxy:
         config: Config,
         clock: IReactorTime,
         dispatcher: Dispatcher,
-        backends: list[Backend],
+        backends: Mapping[str, Backend],
         *,
         status: Callable[[], dict[str, Any]],
         metrics: Callable[[], bytes],
         health: Callable[[], tuple[bool, dict[str, Any]]],
         context_limit: Callable[[], int | None] = lambda: None,
         healthy_backend: Callable[[], Backend | None] = lambda: None,
+        admin: Any = None,
     ) -> None:
         self.config = config
         self.clock = clock
         self.dispatcher = dispatcher
-        self.backends = backends
-        self.backend_numbers = {b.name: i for i, b in enumerate(backends)}
+        self.backends = backends  # by name; changes when backends are added or removed
         self.status_of = status  # /status
         self.metrics_text = metrics  # /metrics
         self.health = health  # /proxycache/health: (ok, details)
         self.context_limit = context_limit  # tokens a slot holds, once known
         self.healthy_backend = healthy_backend  # where passthrough requests go
+        self.admin = admin  # web._admin.Admin: /proxycache/backends
         self.in_flight = InFlight(clock)
+
+    @property
+    def backend_numbers(self) -> dict[str, int]:
+        """Each backend's number, as the X-Proxycache-Backend header shows it."""
+        return {name: i for i, name in enumerate(self.backends)}
 
     def resource(self) -> Any:
         resource = self.app.resource()
@@ -194,6 +200,12 @@ class Proxy:
         self._authorize(request)
         return _json_response(request, 200, json.dumps(self.status_of()).encode())
 
+    @app.route("/proxycache/backends", branch=True)
+    def backends_admin(self, request: IRequest) -> Any:
+        if self.admin is None:
+            raise ApiError(404, "no run-time backend management here", "invalid_request_error", "unknown_route")
+        return self.admin.resource()
+
     @app.route("/proxycache/health", methods=["GET"])
     def own_health(self, request: IRequest) -> bytes:
         ok, details = self.health()
@@ -230,7 +242,9 @@ class Proxy:
             if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED | OWN_ROUTES:
                 raise ApiError(405, f"{method} is not allowed on {path}", "invalid_request_error", "method_not_allowed")
             raise ApiError(404, f"no route {method} {path}", "invalid_request_error", "unknown_route")
-        backend = self.healthy_backend() or self.backends[0]
+        backend = self.healthy_backend() or next(iter(self.backends.values()), None)
+        if backend is None:
+            raise upstream_unavailable("no backend configured")
         query = request.uri.partition(b"?")[2]
         target = path + ("?" + query.decode("ascii", "replace") if query else "")
         body = self._read_body(request) if method == "POST" else None
