@@ -13,9 +13,6 @@ Only with C{--admin-keys}, and only for those keys: a client key cannot change t
 from __future__ import annotations
 
 import json
-from typing import Any
-
-from klein import Klein
 from twisted.web.iweb import IRequest
 
 from proxycache.slots import Fleet
@@ -25,8 +22,6 @@ from proxycache.web._validate import parse_json_object
 
 
 class Admin:
-    app = Klein()
-
     def __init__(self, fleet: Fleet, admin_keys: tuple[str, ...]) -> None:
         self.fleet = fleet
         self.admin_keys = admin_keys
@@ -63,28 +58,21 @@ class Admin:
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"backends": backends}).encode()
 
-    @app.route("/", methods=["GET"])
     def list_backends(self, request: IRequest) -> bytes:
         self._authorize(request)
         return self._listing(request)
 
-    @app.route("/", methods=["POST"])
     def add(self, request: IRequest) -> bytes:
         self._authorize(request)
         self.fleet.add(self._url(request))
         return self._listing(request)
 
-    @app.route("/drain", methods=["POST"])
     async def drain(self, request: IRequest) -> bytes:
         self._authorize(request)
         await self.fleet.drain(self._named(self._url(request)))
         return self._listing(request)
 
-    @app.route("/", methods=["DELETE"])
     async def remove(self, request: IRequest) -> bytes:
         self._authorize(request)
         await self.fleet.remove(self._named(self._url(request)))
         return self._listing(request)
-
-    def resource(self) -> Any:
-        return self.app.resource()

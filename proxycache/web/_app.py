@@ -23,6 +23,7 @@ from proxycache.backend import UPSTREAM_FAILURES, Backend, pipe_body
 from proxycache.config import Config
 from proxycache.routing import Request, fingerprint_text, is_small
 from proxycache.slots import Dispatcher, QueueFull
+from proxycache.web._admin import Admin
 from proxycache.web._apis import APIS, BY_ROUTE, PASSTHROUGH_BY_ROUTE, Api, error_shape
 from proxycache.web._auth import authorize
 from proxycache.web._cors import CorsResource
@@ -68,7 +69,7 @@ class Proxy:
         health: Callable[[], tuple[bool, dict[str, Any]]],
         context_limit: Callable[[], int | None] = lambda: None,
         healthy_backend: Callable[[], Backend | None] = lambda: None,
-        admin: Any = None,
+        admin: Admin | None = None,
     ) -> None:
         self.config = config
         self.clock = clock
@@ -200,11 +201,28 @@ class Proxy:
         self._authorize(request)
         return _json_response(request, 200, json.dumps(self.status_of()).encode())
 
-    @app.route("/proxycache/backends", branch=True)
-    def backends_admin(self, request: IRequest) -> Any:
+    # -- run-time backends (web._admin) -------------------------------------
+
+    def _admin(self) -> Admin:
         if self.admin is None:
             raise ApiError(404, "no run-time backend management here", "invalid_request_error", "unknown_route")
-        return self.admin.resource()
+        return self.admin
+
+    @app.route("/proxycache/backends", methods=["GET"])
+    def list_backends(self, request: IRequest) -> bytes:
+        return self._admin().list_backends(request)
+
+    @app.route("/proxycache/backends", methods=["POST"])
+    def add_backend(self, request: IRequest) -> bytes:
+        return self._admin().add(request)
+
+    @app.route("/proxycache/backends/drain", methods=["POST"])
+    async def drain_backend(self, request: IRequest) -> bytes:
+        return await self._admin().drain(request)
+
+    @app.route("/proxycache/backends", methods=["DELETE"])
+    async def remove_backend(self, request: IRequest) -> bytes:
+        return await self._admin().remove(request)
 
     @app.route("/proxycache/health", methods=["GET"])
     def own_health(self, request: IRequest) -> bytes:

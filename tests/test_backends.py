@@ -1,0 +1,110 @@
+"""
+Several llama.cpp servers behind one proxy, changed at run time: added through
+the admin route or SIGHUP, drained, and one killed under a running team.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+
+import pytest
+
+from tests.conversations import User
+from tests.proxy import ProxyProcess, http
+
+ADMIN = {"Authorization": "Bearer admin-key"}
+LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
+
+
+def backends(proxy: ProxyProcess) -> dict[str, dict]:
+    status, _, body = http("GET", proxy.url + "/proxycache/backends", headers=ADMIN)
+    assert status == 200, body
+    return {b["url"]: b for b in body["backends"]}
+
+
+def wait_until(predicate, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.1)
+
+
+def served_by(proxy: ProxyProcess, users: list[User]) -> list[str]:
+    client = proxy.client()
+    backends_seen = []
+    for user in users:
+        raw_client = client.chat.completions.with_raw_response
+        user.messages.append({"role": "user", "content": "next"})
+        raw = raw_client.create(model="any", messages=user.messages, max_tokens=2)
+        user.messages.append({"role": "assistant", "content": raw.parse().choices[0].message.content or ""})
+        backends_seen.append(raw.headers["x-proxycache-backend"])
+    return backends_seen
+
+
+def test_admin_routes_need_an_admin_key(llama, tmp_path):
+    proxy = ProxyProcess(tmp_path, llama.url, api_keys="client-key", admin_keys="admin-key").start()
+    try:
+        client_key = {"Authorization": "Bearer client-key"}
+        assert http("GET", proxy.url + "/proxycache/backends", headers=client_key)[0] == 401
+        status = http("POST", proxy.url + "/proxycache/backends", {"url": "http://127.0.0.1:9"}, client_key)[0]
+        assert status == 401
+        assert list(backends(proxy)) == [llama.url]
+    finally:
+        proxy.stop()
+
+
+def test_add_drain_and_remove_at_run_time(llama_factory, tmp_path):
+    first, second = llama_factory(), llama_factory()
+    proxy = ProxyProcess(tmp_path, first.url, admin_keys="admin-key", **LIMITS).start()
+    try:
+        users = [User(f"u{i}", context_words=60) for i in range(4)]
+        assert set(served_by(proxy, users)) == {"0"}
+        status, _, listing = http("POST", proxy.url + "/proxycache/backends", {"url": second.url}, ADMIN)
+        assert status == 200, listing
+        wait_until(lambda: backends(proxy)[second.url]["up"] and backends(proxy)[second.url]["slots"] == 2)
+        more = [User(f"v{i}", context_words=60) for i in range(4)]
+        assert "1" in served_by(proxy, more)  # new conversations spread to the added backend
+
+        saves_before = proxy.status()["disk"]["saves"]
+        status, _, listing = http("POST", proxy.url + "/proxycache/backends/drain", {"url": first.url}, ADMIN)
+        assert status == 200 and backends(proxy)[first.url]["draining"]
+        assert proxy.status()["disk"]["saves"] > saves_before  # its hot slots were saved on the way out
+        assert set(served_by(proxy, [User(f"w{i}", context_words=60) for i in range(3)])) == {"1"}
+
+        status, _, _ = http("DELETE", proxy.url + "/proxycache/backends", {"url": first.url}, ADMIN)
+        assert status == 200 and list(backends(proxy)) == [second.url]
+    finally:
+        proxy.stop()
+
+
+def test_sighup_reloads_the_backend_list(llama_factory, tmp_path):
+    first, second = llama_factory(), llama_factory()
+    ini = tmp_path / "proxycache.ini"
+    ini.write_text(f"[proxycache]\nllama_url = {first.url}\n")
+    proxy = ProxyProcess(tmp_path, None, config=str(ini), admin_keys="admin-key").start()
+    try:
+        ini.write_text(f"[proxycache]\nllama_url = {first.url},{second.url}\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: second.url in backends(proxy) and backends(proxy)[second.url]["up"])
+        ini.write_text(f"[proxycache]\nllama_url = {second.url}\n")
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_until(lambda: list(backends(proxy)) == [second.url])
+    finally:
+        proxy.stop()
+
+
+def test_a_killed_backend_leaves_the_team_served(llama_factory, tmp_path):
+    first, second = llama_factory(), llama_factory()
+    proxy = ProxyProcess(tmp_path, f"{first.url},{second.url}", **LIMITS).start()
+    try:
+        wait_until(lambda: len(proxy.status()["slots"]) == 4)
+        users = [User(f"u{i}", context_words=60) for i in range(4)]
+        assert set(served_by(proxy, users)) == {"0", "1"}
+        second.kill()
+        for _ in range(2):  # every turn answered, the first ones after the kill included
+            assert set(served_by(proxy, users)) == {"0"}
+        status = {b["url"]: b for b in proxy.status()["backends"]}
+        assert status[second.url]["up"] is False
+    finally:
+        proxy.stop()
