@@ -18,11 +18,23 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from proxycache.cache import Catalog
-from proxycache.routing import Decision, SlotState
-from proxycache.slots import Monitor, RequestRecord, Scheduler
+from proxycache.routing import MIN_MEASURED_PREFILL_TOKENS, Decision, SlotState
+from proxycache.slots import BackendHealth, Monitor, RequestRecord, Scheduler
 
 HISTORY_STEP = 10.0  # seconds per point of the page's chart
 HISTORY_POINTS = 180
+
+
+@attrs.define
+class BackendTotals:
+    requests: int = 0
+    prefill_tokens: int = 0  # of requests large enough to measure prefill speed by
+    prefill_ms: float = 0.0
+
+    @property
+    def speed(self) -> float | None:
+        """Measured prefill tokens per second, once there is something to measure."""
+        return round(self.prefill_tokens / (self.prefill_ms / 1000), 1) if self.prefill_ms else None
 
 
 class Stats:
@@ -48,6 +60,7 @@ class Stats:
         self.cached_tokens = 0
         self.seconds_saved = 0.0
         self.upstream_errors = 0
+        self.by_backend: dict[str, BackendTotals] = {}
         self.recent: collections.deque = collections.deque(maxlen=50)
         self.history: collections.deque = collections.deque(maxlen=HISTORY_POINTS)
         self.registry = CollectorRegistry(auto_describe=True)
@@ -83,6 +96,11 @@ class Stats:
         self.request_seconds.observe(record.seconds)
         self.recent.appendleft(record)
         self._add_history(record)
+        served = self.by_backend.setdefault(record.backend, BackendTotals())
+        served.requests += 1
+        if record.prompt_n >= MIN_MEASURED_PREFILL_TOKENS and record.prompt_ms > 0:
+            served.prefill_tokens += record.prompt_n
+            served.prefill_ms += record.prompt_ms
 
     def slot_action(self, action: str, seconds: float, size: int) -> None:
         self.slot_action_seconds.labels(action).observe(seconds)
@@ -102,6 +120,18 @@ class Stats:
 
     def metrics_text(self) -> bytes:
         return generate_latest(self.registry)
+
+    def _backend_status(self, health: BackendHealth) -> dict[str, Any]:
+        name = health.backend.name
+        slots = [s for s in self.scheduler.slots.values() if s.id.backend == name]
+        served = self.by_backend.get(name, BackendTotals())
+        return {
+            "url": health.backend.url, "up": health.up, "model": health.props.get("model_path"),
+            "build": health.props.get("build_info"), "restarts": health.restarts,
+            "slots": len(slots), "busy": sum(1 for s in slots if s.busy),
+            "draining": name in self.scheduler.closed, "requests": served.requests,
+            "prefill_tokens_per_second": served.speed,
+        }
 
     def hit_rate(self) -> float:
         total = sum(self.requests.values())
@@ -133,13 +163,7 @@ class Stats:
             "max_entries": self.max_cache_entries or None,
         }
         disk.update(attrs.asdict(self.catalog.counters))
-        backends = [
-            {
-                "url": h.backend.url, "up": h.up, "model": h.props.get("model_path"),
-                "build": h.props.get("build_info"), "restarts": h.restarts,
-            }
-            for h in self.monitor.health.values()
-        ]
+        backends = [self._backend_status(h) for h in self.monitor.health.values()]
         return {
             "version": __version__,
             "uptime_seconds": round(now - self.started, 1),
@@ -198,6 +222,20 @@ class _Collector(Collector):
         for state in SlotState:
             slots.add_metric([state.value], sum(1 for s in stats.scheduler.slots.values() if s.state is state))
         yield slots
+        up = GaugeMetricFamily("proxycache_backend_up", "1 if the backend answered its last check", labels=["backend"])
+        served = CounterMetricFamily("proxycache_backend_requests", "Requests served by each backend",
+                                     labels=["backend"])
+        speed = GaugeMetricFamily("proxycache_backend_prefill_tokens_per_second",
+                                  "Measured prefill speed of each backend", labels=["backend"])
+        for name, health in stats.monitor.health.items():
+            totals = stats.by_backend.get(name, BackendTotals())
+            up.add_metric([health.backend.url], 1.0 if health.up else 0.0)
+            served.add_metric([health.backend.url], totals.requests)
+            if totals.speed is not None:
+                speed.add_metric([health.backend.url], totals.speed)
+        yield up
+        yield served
+        yield speed
         yield GaugeMetricFamily("proxycache_slots_busy", "Slots serving a request or a save", value=sum(1 for s in stats.scheduler.slots.values() if s.busy))
         catalog = stats.catalog
         c = catalog.counters

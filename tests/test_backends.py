@@ -105,6 +105,9 @@ def test_a_killed_backend_leaves_the_team_served(llama_factory, tmp_path):
         for _ in range(2):  # every turn answered, the first ones after the kill included
             assert set(served_by(proxy, users)) == {"0"}
         status = {b["url"]: b for b in proxy.status()["backends"]}
-        assert status[second.url]["up"] is False
+        assert status[second.url]["up"] is False and status[second.url]["slots"] == 0
+        assert status[first.url]["requests"] > status[second.url]["requests"] > 0
+        metrics = http("GET", proxy.url + "/metrics")[2].decode()
+        assert f'proxycache_backend_up{{backend="{second.url}"}} 0.0' in metrics
     finally:
         proxy.stop()

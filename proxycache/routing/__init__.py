@@ -3,7 +3,7 @@ Pure routing logic: fingerprints, the plan, the cost model, and the check of a
 plan against what llama.cpp reports.  No I/O and no Twisted import.
 """
 
-from proxycache.routing._costs import Speeds
+from proxycache.routing._costs import MIN_MEASURED_PREFILL_TOKENS, Speeds
 from proxycache.routing._fingerprint import Fingerprint, conversation_text, fingerprint, fingerprint_text
 from proxycache.routing._plan import (
     EMPTY,
@@ -23,6 +23,7 @@ from proxycache.routing._plan import (
 from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unplanned
 
 __all__ = [
+    "MIN_MEASURED_PREFILL_TOKENS",
     "EMPTY", "Decision", "DiskMatch", "Fingerprint", "Plan", "Request", "SlotId", "SlotState", "SlotView",
     "Speeds", "best_match", "conversation_text", "expected_reuse", "fell_short", "fingerprint", "fingerprint_text", "is_small",
     "plan", "reused_unplanned", "state_after", "target_slot",

@@ -91,6 +91,7 @@ class RequestRecord:
     at: float
     decision: Decision
     slot: str
+    backend: str
     status: int  # 0: no response from llama-server
     similarity: float
     blocks: int
@@ -176,7 +177,8 @@ class Dispatcher:
     def _record(self, lease: Lease, outcome: Outcome, progress: Progress, started: float, finished: float) -> None:
         decision = progress.decision or _shown(lease, lease.plan.decision)
         record = RequestRecord(
-            at=finished, decision=decision, slot=str(lease.slot.id.index), status=progress.status,
+            at=finished, decision=decision, slot=str(lease.slot.id.index), backend=lease.slot.id.backend,
+            status=progress.status,
             similarity=lease.plan.similarity, blocks=len(lease.request.fingerprint.blocks),
             cache_n=outcome.cache_n, prompt_n=outcome.prompt_n, predicted_n=outcome.predicted_n,
             prompt_ms=outcome.prompt_ms, waited=lease.waited, seconds=finished - started,
