@@ -44,6 +44,12 @@ def proxy(llama, tmp_path):
     process.stop()
 
 
+def _latest_slot(llama):
+    """The slot llama.cpp ran its latest task on (C{/slots} C{id_task})."""
+    slots = [slot for slot in llama.slots() if slot.get("id_task") is not None]
+    return max(slots, key=lambda slot: slot["id_task"])["id"]
+
+
 def test_anthropic_messages_conversation_hits_and_streams(proxy):
     client = _anthropic(proxy)  # sends x-api-key
     messages = [{"role": "user", "content": "What does the scheduler do with a busy hot slot?"}]
@@ -52,23 +58,48 @@ def test_anthropic_messages_conversation_hits_and_streams(proxy):
     messages.append({"role": "user", "content": [{"type": "text", "text": "And when the queue is full?"}]})
     decision, usage = _messages_turn(client, messages)
     assert decision == "hit"
-    assert usage.cache_read_input_tokens > 100  # llama.cpp's own Anthropic usage, relayed
+    assert usage.cache_read_input_tokens > 100  # llama.cpp's reuse, as Anthropic usage
     assert usage.input_tokens < 60
     messages.append({"role": "user", "content": "One more thing."})
-    # Raw events rather than the SDK's stream helper: llama.cpp b11549 sometimes leaves out message_start
-    # when the first token is an incomplete UTF-8 sequence (seen with this byte-level model, without the
-    # proxy too), and the helper then fails.
-    with client.messages.with_streaming_response.create(
-        model="any", max_tokens=4, system=SYSTEM, messages=messages, stream=True
-    ) as response:
-        assert response.headers["x-proxycache-decision"] == "hit"
-        events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
-    assert events[-1]["type"] == "message_stop"
-    starts = [e for e in events if e["type"] == "message_start"]
-    if starts:
-        assert starts[0]["message"]["usage"]["cache_read_input_tokens"] > 100
-        status = http("GET", proxy.url + "/status", None, {"x-api-key": KEY})[2]
-        assert status["recent"][0]["cache_n"] > 100  # the Outcome read the counts from the stream's usage
+    with client.messages.stream(model="any", max_tokens=16, system=SYSTEM, messages=messages) as stream:
+        assert stream.response.headers["x-proxycache-decision"] == "hit"
+        texts = list(stream.text_stream)
+        final = stream.get_final_message()
+    assert texts and "".join(texts) == "".join(b.text for b in final.content if b.type == "text")
+    assert final.stop_reason in ("max_tokens", "end_turn") and final.usage.output_tokens > 0
+    assert final.usage.cache_read_input_tokens > 100
+    status = http("GET", proxy.url + "/status", None, {"x-api-key": KEY})[2]
+    assert status["recent"][0]["cache_n"] > 100  # the Outcome read llama.cpp's timings from the stream
+    # create(stream=True): the raw events, in Anthropic's order
+    messages.append({"role": "assistant", "content": [{"type": "text", "text": "".join(texts)}]})
+    messages.append({"role": "user", "content": "Last one."})
+    events = list(client.messages.create(model="any", max_tokens=4, system=SYSTEM, messages=messages, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "message_start" and kinds[-2:] == ["message_delta", "message_stop"]
+    assert events[0].message.usage.cache_read_input_tokens > 100
+    assert events[-2].usage.output_tokens > 0
+
+
+def test_messages_are_pinned_to_the_proxys_slot(proxy, llama):
+    """
+    llama.cpp b11549 ignores id_slot on /v1/messages (it ran a request pinned to slot 0 on slot 1); the proxy
+    sends Messages as chat, so the slot it names is the slot llama.cpp used, turn after turn.
+    """
+    client = _anthropic(proxy)
+    first = [{"role": "user", "content": "First conversation, about the disk tier. " * 10}]
+    second = [{"role": "user", "content": "Second conversation, about the scheduler. " * 10}]
+    slots = []
+    for messages in (first, second, first, second):
+        raw = client.messages.with_raw_response.create(model="any", max_tokens=2, system=SYSTEM, messages=messages)
+        message = raw.parse()
+        assert int(raw.headers["x-proxycache-slot"]) == _latest_slot(llama), llama.slots()
+        slots.append(int(raw.headers["x-proxycache-slot"]))
+        messages.append({"role": "assistant", "content": "".join(b.text for b in message.content if b.type == "text")})
+        messages.append({"role": "user", "content": "Go on."})
+        if len(slots) > 2:
+            assert raw.headers["x-proxycache-decision"] == "hit"
+            assert message.usage.cache_read_input_tokens > 100
+    assert slots[0] != slots[1] and slots[2:] == slots[:2]
 
 
 def test_anthropic_errors_have_anthropic_shape(proxy):
@@ -79,6 +110,10 @@ def test_anthropic_errors_have_anthropic_shape(proxy):
     assert caught.value.body["error"]["type"] == "authentication_error"
     status, _, body = http("POST", proxy.url + "/v1/messages", {"max_tokens": 4}, {"x-api-key": KEY})
     assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
+    # refused by llama.cpp itself (chat's OpenAI error), answered in Anthropic's shape
+    status, _, body = http("POST", proxy.url + "/v1/messages",
+                           {"max_tokens": 4, "messages": [{"role": "user", "content": 123}]}, {"x-api-key": KEY})
+    assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
     status, _, body = http(
         "POST", proxy.url + "/v1/messages/count_tokens",
         {"model": "any", "messages": [{"role": "user", "content": "count me"}]}, {"x-api-key": KEY},
@@ -121,7 +156,7 @@ def test_responses_conversation_hits_and_streams(proxy):
 
 
 def test_evicted_conversations_come_back_from_disk_on_every_api(llama_factory, tmp_path):
-    """Three conversations (Messages, Responses, chat) on two slots: the first comes back as a restore."""
+    """Three conversations (Messages, Responses, chat) on two slots: the evicted ones come back as restores."""
     # No RAM prompt cache: llama.cpp would otherwise empty idle slots itself (--cache-idle-slots).
     llama = llama_factory(cache_ram_mib=0)
     proxy = ProxyProcess(
@@ -134,15 +169,21 @@ def test_evicted_conversations_come_back_from_disk_on_every_api(llama_factory, t
 
 
 def _evicted_comes_back(proxy):
-    # The conversation that comes back is a Responses one: llama.cpp drops id_slot on /v1/messages
-    # (see test_llama_cpp_ignores_id_slot_on_messages), so a Messages request cannot be pinned yet.
     messages_client, openai_client = _anthropic(proxy), proxy.client(api_key=KEY)
+    conversation = [{"role": "user", "content": "Tell me about the slot map. " * 20}]
+    _messages_turn(messages_client, conversation)
     items = [{"role": "user", "content": "Tell me about the disk tier. " * 20}]
     openai_client.responses.create(model="any", instructions=SYSTEM, input=items, max_output_tokens=4)
-    _messages_turn(messages_client, [{"role": "user", "content": "Other project. " * 30}])
     openai_client.chat.completions.create(
         model="any", max_tokens=4, messages=[{"role": "user", "content": "A third project. " * 30}]
     )
+    conversation.append({"role": "user", "content": "And when it is stale?"})
+    raw = messages_client.messages.with_raw_response.create(
+        model="any", max_tokens=4, system=SYSTEM, messages=conversation
+    )
+    status = http("GET", proxy.url + "/status", None, {"x-api-key": KEY})[2]
+    assert raw.headers["x-proxycache-decision"] == "restore", json.dumps(status)
+    assert raw.parse().usage.cache_read_input_tokens > 100
     items.append({"role": "user", "content": "And its budget?"})
     raw = openai_client.responses.with_raw_response.create(
         model="any", instructions=SYSTEM, input=items, max_output_tokens=4
@@ -150,13 +191,6 @@ def _evicted_comes_back(proxy):
     assert raw.headers["x-proxycache-decision"] == "restore", json.dumps(
         http("GET", proxy.url + "/status", None, {"x-api-key": KEY})[2])
     assert raw.parse().usage.input_tokens_details.cached_tokens > 100
-
-
-def test_llama_cpp_ignores_id_slot_on_messages(llama):
-    """llama.cpp b11549's Anthropic conversion keeps no id_slot: a Messages request lands where llama.cpp likes."""
-    llama.post_json("/v1/messages", {"max_tokens": 2, "messages": [{"role": "user", "content": "pin"}], "id_slot": 0})
-    tasks = {slot["id"]: slot.get("id_task") for slot in llama.slots()}
-    assert tasks[0] is None and tasks[1] is not None  # asked for slot 0, ran on slot 1
 
 
 def test_tool_result_turn_is_a_hit(proxy):
@@ -172,6 +206,28 @@ def test_tool_result_turn_is_a_hit(proxy):
     raw = client.chat.completions.with_raw_response.create(model="any", messages=messages, tools=tools, max_tokens=4)
     assert raw.headers["x-proxycache-decision"] == "hit"
     assert raw.parse().model_extra["timings"]["cache_n"] > 100
+
+
+def test_messages_tool_use_round_trip_is_a_hit(proxy):
+    client = _anthropic(proxy)
+    tools = [{"name": "get_weather", "description": "weather of a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    messages = [{"role": "user", "content": "Weather in Lisbon?"}]
+    raw = client.messages.with_raw_response.create(model="any", max_tokens=4, system=SYSTEM, messages=messages,
+                                                   tools=tools)
+    assert raw.parse().type == "message"
+    messages += [
+        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."},
+                                          {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
+                                           "input": {"city": "Lisbon"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                      "content": [{"type": "text", "text": "sunny, 24C"}]}]},
+    ]
+    with client.messages.stream(model="any", max_tokens=4, system=SYSTEM, messages=messages, tools=tools) as stream:
+        assert stream.response.headers["x-proxycache-decision"] == "hit"
+        final = stream.get_final_message()
+    assert final.usage.cache_read_input_tokens > 100
+    assert final.stop_reason in ("max_tokens", "end_turn", "tool_use")
 
 
 def test_several_choices_are_served_on_one_slot(proxy, llama):

@@ -16,7 +16,6 @@ Pure code: no I/O, no Twisted.
 from __future__ import annotations
 
 import json
-import re
 from typing import Any
 
 from proxycache.routing._fingerprint import conversation_text
@@ -24,10 +23,7 @@ from proxycache.routing._fingerprint import conversation_text
 __all__ = ["anthropic_to_chat", "chat_text", "completion_text", "infill_text", "messages_text", "responses_text",
            "responses_to_chat"]
 
-# Claude Code stamps its system prompt with a per-request checksum; llama.cpp
-# blanks it so that the prefix stays cacheable, and so must the fingerprint.
 _BILLING_HEADER = "x-anthropic-billing-header:"
-_CCH = re.compile(r"cch=[^;]*;")
 
 
 def chat_text(body: dict[str, Any]) -> str:
@@ -73,9 +69,34 @@ def _string(value: Any) -> str:
     return value if isinstance(value, str) else "" if value is None else json.dumps(value, sort_keys=True)
 
 
+def _value(source: Any, key: str, default: Any) -> Any:
+    """llama.cpp's C{json_value}: C{source[key]} when it is there and of C{default}'s type, else C{default}."""
+    value = source.get(key) if isinstance(source, dict) else None
+    if value is None:
+        return default
+    if isinstance(default, str):
+        return value if isinstance(value, str) else default
+    if isinstance(default, dict):
+        return value if isinstance(value, dict) else default
+    if isinstance(default, int):
+        return int(value) if isinstance(value, (int, float)) else default
+    return value
+
+
 def _unstamped(text: str) -> str:
-    if text.startswith(_BILLING_HEADER):
-        return _CCH.sub("cch=;", text, count=1)
+    """
+    Claude Code's billing header carries a 5-character checksum per request
+    (C{cch=a5145;}); llama.cpp overwrites it with C{fffff} so that the
+    prefix stays cacheable.
+    """
+    if not text.startswith(_BILLING_HEADER):
+        return text
+    at = text.find("cch=", len(_BILLING_HEADER))
+    if at < 0:
+        return text
+    at += 4
+    if at + 5 < len(text) and text[at + 5] == ";":
+        return text[:at] + "fffff" + text[at + 5:]
     return text
 
 
@@ -83,52 +104,74 @@ def _function_tool(name: Any, description: Any, parameters: Any) -> dict[str, An
     return {"type": "function", "function": {"name": name, "description": description, "parameters": parameters}}
 
 
-def _anthropic_image(block: dict[str, Any]) -> dict[str, Any]:
-    given = block.get("source")
-    source = given if isinstance(given, dict) else {}
-    # The digest covers the payload (data or URL), never the bytes themselves.
-    return {"type": "image_url", "image_url": {"url": source.get("data") or source.get("url") or ""}}
+def _anthropic_image(block: Any) -> dict[str, Any] | None:
+    source = _value(block, "source", {})
+    kind = _value(source, "type", "")
+    if kind == "base64":
+        media = _value(source, "media_type", "image/jpeg")
+        url = f"data:{media};base64,{_value(source, 'data', '')}"
+    elif kind == "url":
+        url = _value(source, "url", "")
+    else:
+        return None
+    return {"type": "image_url", "image_url": {"url": url}}
 
 
-def _tool_result(block: dict[str, Any]) -> dict[str, Any]:
-    content = block.get("content")
+def _tool_result(block: Any) -> dict[str, Any]:
+    content = _value(block, "content", None)
     if isinstance(content, list):
-        parts = [c for c in content if isinstance(c, dict)]
-        if any(c.get("type") == "image" for c in parts):
-            content = [_anthropic_image(c) if c.get("type") == "image" else c for c in parts]
-        else:
-            content = "".join(_string(c.get("text")) for c in parts if c.get("type") == "text")
+        text = ""
+        parts: list[dict[str, Any]] = []
+        images = False
+        for part in content:
+            kind = _value(part, "type", "")
+            if kind == "text":
+                text += _value(part, "text", "")
+                parts.append({"type": "text", "text": _value(part, "text", "")})
+            elif kind == "image":
+                images = True
+                image = _anthropic_image(part)
+                if image is not None:
+                    parts.append(image)
+        content = parts if images else text
     elif not isinstance(content, str):
         content = ""
-    return {"role": "tool", "tool_call_id": _string(block.get("tool_use_id")), "content": content}
+    return {"role": "tool", "tool_call_id": _value(block, "tool_use_id", ""), "content": content}
+
+
+def _tool_arguments(value: Any) -> str:
+    # nlohmann's dump(): compact, keys in the order given, UTF-8 as is.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 def _anthropic_message(message: Any) -> list[Any]:
-    if not isinstance(message, dict) or not isinstance(message.get("content"), list):
-        if isinstance(message, dict) and "content" not in message and message.get("role") == "assistant":
-            return []
+    """One Anthropic message as the chat messages llama.cpp makes of it (content blocks split up)."""
+    if not isinstance(message, dict) or "content" not in message:
+        return [] if _value(message, "role", "") == "assistant" else [message]
+    if not isinstance(message["content"], list):
         return [message]
     text_parts: list[Any] = []
     tool_calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
     reasoning = ""
     for block in message["content"]:
-        kind = block.get("type") if isinstance(block, dict) else None
+        kind = _value(block, "type", "")
         if kind == "text":
-            text_parts.append({"type": "text", "text": _string(block.get("text"))})
+            text_parts.append(block)  # as it is, cache_control and all
         elif kind == "thinking":
-            reasoning += _string(block.get("thinking"))
+            reasoning += _value(block, "thinking", "")
         elif kind == "image":
-            text_parts.append(_anthropic_image(block))
+            image = _anthropic_image(block)
+            if image is not None:
+                text_parts.append(image)
         elif kind == "tool_use":
-            arguments = json.dumps(block.get("input") or {}, sort_keys=True)
-            tool_calls.append({"id": _string(block.get("id")), "type": "function",
-                               "function": {"name": _string(block.get("name")), "arguments": arguments}})
+            tool_calls.append({"id": _value(block, "id", ""), "type": "function", "function": {
+                "name": _value(block, "name", ""), "arguments": _tool_arguments(_value(block, "input", {}))}})
         elif kind == "tool_result":
             results.append(_tool_result(block))
     converted: list[Any] = []
     if text_parts or tool_calls or reasoning:
-        chat: dict[str, Any] = {"role": message.get("role"), "content": text_parts or ""}
+        chat: dict[str, Any] = {"role": _value(message, "role", ""), "content": text_parts or ""}
         if tool_calls:
             chat["tool_calls"] = tool_calls
         if reasoning:
@@ -138,15 +181,23 @@ def _anthropic_message(message: Any) -> list[Any]:
 
 
 def anthropic_to_chat(body: dict[str, Any]) -> dict[str, Any]:
-    """The Chat Completions tools and messages of an Anthropic Messages body."""
+    """
+    An Anthropic Messages body as the Chat Completions body llama.cpp makes of
+    it (C{server_chat_convert_anthropic_to_oai}): the system prompt (a string
+    or text blocks, billing checksum blanked) as a system message, content
+    blocks split into text parts, C{tool_calls} and C{tool} messages,
+    C{thinking} blocks into C{reasoning_content}, tools as functions, and the
+    few parameters llama.cpp passes on.  Everything else is dropped, as
+    llama.cpp drops it.
+    """
     messages: list[Any] = []
     system = body.get("system")
     if isinstance(system, str):
         messages.append({"role": "system", "content": _unstamped(system)})
-    elif isinstance(system, list):
-        text = "".join(
-            _unstamped(_string(b.get("text"))) for b in system if isinstance(b, dict) and b.get("type") == "text"
-        )
+    elif system is not None:
+        text = ""
+        if isinstance(system, list):
+            text = "".join(_unstamped(_value(b, "text", "")) for b in system if _value(b, "type", "") == "text")
         messages.append({"role": "system", "content": text})
     listed = body.get("messages")
     if isinstance(listed, list):
@@ -156,9 +207,29 @@ def anthropic_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     tools = body.get("tools")
     if isinstance(tools, list):
         chat["tools"] = [
-            _function_tool(t.get("name"), t.get("description"), t.get("input_schema"))
-            if isinstance(t, dict) else t for t in tools
+            _function_tool(_value(t, "name", ""), _value(t, "description", ""),
+                           t["input_schema"] if isinstance(t, dict) and "input_schema" in t else {})
+            for t in tools
         ]
+    choice = body.get("tool_choice")
+    if isinstance(choice, dict):
+        kind = _value(choice, "type", "")
+        if kind == "auto":
+            chat["tool_choice"] = "auto"
+        elif kind in ("any", "tool"):
+            chat["tool_choice"] = "required"
+    if "stop_sequences" in body:
+        chat["stop"] = body["stop_sequences"]
+    chat["max_tokens"] = body["max_tokens"] if "max_tokens" in body else 4096
+    for key in ("temperature", "top_p", "top_k", "stream", "chat_template_kwargs"):
+        if key in body:
+            chat[key] = body[key]
+    thinking = _value(body, "thinking", {})
+    if _value(thinking, "type", "") == "enabled":
+        chat["thinking_budget_tokens"] = _value(thinking, "budget_tokens", 10000)
+    user = _value(_value(body, "metadata", {}), "user_id", "")
+    if user:
+        chat["__metadata_user_id"] = user
     return chat
 
 

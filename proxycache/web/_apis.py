@@ -10,21 +10,29 @@ answers.  Every generating API goes through the dispatcher the same way.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import attrs
 
 from proxycache.routing import _render
-from proxycache.web import _validate
+from proxycache.web import _anthropic, _validate
 from proxycache.web._shapes import (
     ANTHROPIC,
     OPENAI,
     RESPONSES,
     ErrorShape,
-    anthropic_counts,
     llama_timings,
     responses_counts,
 )
+
+
+class StreamTranslator(Protocol):
+    """Turns an upstream stream into the client API's, bytes as they come."""
+
+    ended: bool  # the client's stream is complete (its end marker, or an error, was written)
+
+    def feed(self, data: bytes) -> bytes:
+        """The client's bytes that C{data} (the next upstream bytes) completes."""
 
 
 @attrs.frozen
@@ -40,6 +48,11 @@ class Api:
     markers: tuple[bytes, ...] = (b'"timings"',)  # stream lines worth decoding for counts
     choices: tuple[str, ...] = ()  # fields asking for several choices (served one by one)
     passthrough: tuple[str, ...] = ()  # non-generating routes of this API, relayed to llama.cpp as they are
+    # An API the proxy converts itself: the body sent upstream (rendered, fingerprinted and dispatched),
+    # the whole upstream answer back in the client's shape, and a translator of its stream (feed(bytes) -> bytes).
+    translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    answer: Callable[[Any], Any] | None = None
+    stream: Callable[[], StreamTranslator] | None = None
 
     def upstream_path(self, route: str) -> str:
         return self.upstream or route
@@ -54,10 +67,12 @@ COMPLETIONS = Api(
     "completions", ("/v1/completions", "/completions", "/completion"), None,
     _validate.check_completion_request, _render.completion_text, choices=("n", "n_cmpl"),
 )
+# llama.cpp b11549 drops id_slot on /v1/messages: the proxy converts Messages to chat itself (as llama.cpp
+# does) so that the request is pinned, and renders the converted body like any chat body.
 MESSAGES = Api(
-    "messages", ("/v1/messages",), "/v1/messages",
-    _validate.check_messages_request, _render.messages_text, errors=ANTHROPIC,
-    counts=anthropic_counts, markers=(b'"usage"', b'"timings"'), passthrough=("/v1/messages/count_tokens",),
+    "messages", ("/v1/messages",), "/v1/chat/completions",
+    _validate.check_messages_request, _render.chat_text, errors=ANTHROPIC, passthrough=("/v1/messages/count_tokens",),
+    translate=_anthropic.upstream_body, answer=_anthropic.chat_to_message, stream=_anthropic.MessagesStream,
 )
 RESPONSES_API = Api(
     "responses", ("/v1/responses", "/responses"), "/v1/responses",

@@ -163,6 +163,8 @@ class Proxy:
             raise upstream_unavailable("no slots known yet (is llama-server up?)")
 
     async def _generate(self, request: HTTPRequest, api: Api, body: dict[str, Any]) -> bytes:
+        if api.translate is not None:  # an API the proxy converts (Messages): route and send the converted body
+            body = api.translate(body)
         wanted = self.wanted(request, api, body)
         self.check_ready()
         self.in_flight.track(request)

@@ -117,6 +117,8 @@ class ClientExchange:
         timings = progress.timings = self.api.counts(decoded)
         if response.code != 200:
             raw = self.api.errors.convert(raw)
+        elif self.api.answer is not None and isinstance(decoded, dict):
+            raw = json.dumps(self.api.answer(decoded), ensure_ascii=False).encode()
         if timings:
             self.request.setHeader(b"x-proxycache-cached-tokens", str(timings.get("cache_n", 0)).encode())
             self.request.setHeader(b"x-proxycache-prompt-tokens", str(timings.get("prompt_n", 0)).encode())
@@ -128,9 +130,13 @@ class ClientExchange:
         request.setHeader(b"x-accel-buffering", b"no")
         tap = UsageTap(self.api.counts, self.api.markers)
         progress.timings = tap.timings
+        translator = self.api.stream() if self.api.stream is not None else None
 
         def relay(data: bytes) -> None:
-            request.write(data)
+            # Written in the same call as it arrives: the client's back-pressure pauses llama.cpp's stream.
+            out = data if translator is None else translator.feed(data)
+            if out:
+                request.write(out)
             tap.feed(data)
 
         consumer = IConsumer(request)
@@ -139,4 +145,8 @@ class ClientExchange:
         except UPSTREAM_FAILURES as e:
             # Headers are gone already: end the stream with an error event the SDKs understand.
             progress.failed = True
-            request.write(self.api.errors.stream_error(f"llama-server broke off the stream: {e}", tap.done))
+            if translator is None or not translator.ended:
+                request.write(self.api.errors.stream_error(f"llama-server broke off the stream: {e}", tap.done))
+            return
+        if translator is not None and not translator.ended:  # llama.cpp ended the stream without its end marker
+            request.write(self.api.errors.stream_error("llama-server ended the stream early", tap.done))
