@@ -118,3 +118,16 @@ class TakeOutTests(SynchronousTestCase):
         self.backend.slots_error = gone
         self.clock.advance(INTERVAL)
         self.assertIsNone(self.monitor.healthy())
+
+    def test_a_backend_back_from_the_dead_counts_as_restarted(self) -> None:
+        from twisted.internet.error import ConnectionRefusedError
+
+        from proxycache.backend import UpstreamError
+
+        gone = UpstreamError("refused")
+        gone.__cause__ = ConnectionRefusedError()
+        self.backend.slots_error = gone
+        self.clock.advance(INTERVAL)
+        self.backend.slots_error = None
+        self.clock.advance(INTERVAL)
+        self.assertEqual(self.monitor.health[self.backend.name].restarts, 1)

@@ -31,6 +31,7 @@ class BackendHealth:
     restarts: int = 0
     slot_context: int | None = None  # n_ctx of one slot
     failures: int = 0  # checks failed in a row
+    taken_out: bool = False  # its slots left the map: whatever it held is forgotten
 
 
 # While a backend is down, look again this often, so start-up and recovery are quick.
@@ -121,6 +122,11 @@ class Monitor(Service):
             )
             if self.health.get(backend.name) is not health:
                 return  # removed while we asked
+            if health.taken_out:
+                # Nobody listened there a moment ago: a new process (or one that lost its slots to us).
+                health.taken_out = False
+                health.restarts += 1
+                health.max_task_seen = -1
             health.model = described.model
             health.up = True
             self.on_up(backend, described.model)
@@ -161,6 +167,7 @@ class Monitor(Service):
         """
         health = self.health[name]
         health.up = False
+        health.taken_out = True
         if any(slot_id.backend == name for slot_id in self.scheduler.slots):
             log.warn("llama-server {url} is unreachable: its slots are out of the map until it answers",
                      url=health.backend.url)
