@@ -408,3 +408,68 @@ def test_over_budget_retires_entries_no_backend_can_restore_first():
     )})
     victims = index.over_budget(0, 2, frozenset(), frozenset({"current"}))
     assert [v.key for v in victims] == ["aaaaaaaaaaaaaaa3", "aaaaaaaaaaaaaaa2"]
+
+
+# -- concurrent writers, odd files ---------------------------------------------
+
+
+def test_concurrent_writers_of_one_key_never_fail_or_leave_half_a_meta(tmp_path):
+    import threading
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    key = "abcdef0123456789"
+    failures: list[BaseException] = []
+    unparsable: list[str] = []
+    writers = 4
+
+    def write(n: int) -> None:
+        for i in range(300):
+            try:
+                write_meta(meta, entry(fp(40), key=key, last_used=float(n * 1000 + i)))
+            except BaseException as e:  # noqa: BLE001 - counted, not raised
+                failures.append(e)
+
+    def read() -> None:
+        for _ in range(300):
+            try:
+                MetaEntry.from_json(json.loads((meta / f"{key}.meta").read_text()))
+            except FileNotFoundError:
+                pass  # before the first write
+            except ValueError as e:
+                unparsable.append(str(e))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)] + [threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and unparsable == []
+    assert [p.name for p in meta.iterdir()] == [f"{key}.meta"]  # no temporary left behind
+    (loaded,) = load_index(meta, None).entries
+    assert loaded.key == key
+
+
+def test_fifo_and_huge_metas_are_skipped_not_read(tmp_path):
+    import os
+    import threading
+
+    meta, save = dirs(tmp_path)
+    good = saved(meta, save, entry(key="aaaaaaaa"))
+    fifo = meta / "bbbbbbbb.meta"
+    os.mkfifo(fifo)  # reading it would block until a writer comes
+    # A writer waiting for a reader: a loader that opens the FIFO gets EOF instead of hanging this test.
+    writer = threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True)
+    writer.start()
+    huge = meta / "cccccccc.meta"
+    with open(huge, "wb") as f:
+        f.truncate(2 * 1024 * 1024)  # sparse: large, cheap
+    (meta / "dddddddd.meta").mkdir()
+    loaded = load_index(meta, save)
+    assert loaded.entries == [good]
+    reasons = dict(s.split(": ", 1) for s in loaded.skipped)
+    assert set(reasons) == {"bbbbbbbb.meta", "cccccccc.meta", "dddddddd.meta"}
+    assert "not a regular file" in reasons["bbbbbbbb.meta"]
+    assert "bytes" in reasons["cccccccc.meta"]
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+    writer.join(5)
