@@ -473,3 +473,68 @@ def test_fifo_and_huge_metas_are_skipped_not_read(tmp_path):
     assert "bytes" in reasons["cccccccc.meta"]
     os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
     writer.join(5)
+
+
+# -- the lookup maps agree with a scan of every entry ------------------------------------
+
+
+def _scan_best(index: Index, request: Fingerprint, model: str, backends: list[str], min_ratio: float):
+    """The lookup as it was: compare the request with every entry."""
+    best = None
+    for e in index.entries.values():
+        if e.ineffective or e.model != model or e.backend not in backends:
+            continue
+        common = request.common_blocks(e.fingerprint)
+        if common == 0:
+            continue
+        ratio = common / min(len(request.blocks), len(e.fingerprint.blocks))
+        if ratio >= min_ratio and (best is None or (common, e.last_used) > (best[1], best[0].last_used)):
+            best = (e, common, ratio)
+    return best
+
+
+def _chain(root: int, length: int, branch_at: int | None = None, branch: int = 0) -> tuple[int, ...]:
+    """Blocks of a conversation rooted at C{root}, forking to C{branch} after C{branch_at} blocks."""
+    return tuple(
+        hash((root, i)) if branch_at is None or i < branch_at else hash((root, branch_at, branch, i))
+        for i in range(length)
+    )
+
+
+def test_best_and_predecessor_agree_with_a_full_scan():
+    import random
+
+    rng = random.Random(7)
+    index = Index()
+    for i in range(400):
+        root = rng.randrange(4)  # few roots: many entries share a system prompt
+        length = rng.choice([1, 2, 3, 5, 8, 13, 40, 100, 300])
+        branch_at = rng.choice([None, 0, 1, 2, 7, 30, 90])
+        blocks = _chain(root, length, branch_at, rng.randrange(6))
+        index.put(entry(Fingerprint(blocks, 1, 1), backend=rng.choice("ab"), model=rng.choice([MODEL, "old"]),
+                        last_used=float(rng.randrange(50)), ineffective=rng.random() < 0.05))
+    for key in rng.sample(sorted(index.entries), 50):  # removal keeps the maps in step
+        index.remove(key)
+    assert index.total_bytes == sum(e.bytes for e in index.entries.values())
+    for _ in range(400):
+        request = Fingerprint(
+            _chain(rng.randrange(5), rng.choice([1, 3, 8, 50, 120, 400]), rng.choice([None, 1, 5, 60, 200]),
+                   rng.randrange(6)), 1, 1)
+        for min_ratio in (0.0, 0.3, 0.85, 1.0):
+            expected, found = _scan_best(index, request, MODEL, ["a"], min_ratio), index.best(request, MODEL, ["a"], min_ratio)
+            assert (found and found[1:], found and found[0].last_used) == (expected and expected[1:], expected and expected[0].last_used)
+        scan = [e for e in index.entries.values() if e.backend == "b" and e.model == MODEL and e.fingerprint.blocks
+                and request.common_blocks(e.fingerprint) == len(e.fingerprint.blocks)]
+        longest = max((len(e.fingerprint.blocks) for e in scan), default=None)
+        predecessor = index.predecessor(request, "b", MODEL)
+        assert (predecessor and len(predecessor.fingerprint.blocks)) == longest
+
+
+def test_a_lookup_touches_only_entries_that_can_match():
+    index = Index()
+    for i in range(1000):  # a thousand conversations behind one shared first block
+        index.put(entry(Fingerprint((1,) + _chain(i, 200), 1, 1)))
+    request = Fingerprint((1,) + _chain(5, 210), 1, 1)
+    found = index.best(request, MODEL, ["a"], 0.85)
+    assert found is not None and found[1] == 201
+    assert index.touched <= 5

@@ -82,7 +82,7 @@ class DiskTier(Service):
     async def _load(self) -> None:
         loaded = await self.to_thread(load_index, self.meta_dir, self.save_dir)
         for entry in loaded.entries:
-            self.index.entries[entry.key] = entry
+            self.index.put(entry)
         if loaded.skipped:  # one line, however many (an old format leaves many)
             log.warn(
                 "skipped {n} unreadable cache metas (they will not be restored): {some}",
@@ -205,7 +205,7 @@ class DiskTier(Service):
             self.counters.save_failures += 1
             log.warn("writing cache meta {key} failed: {error}", key=key, error=e)
             return None
-        self.index.entries[key] = entry
+        self.index.put(entry)
         self.counters.saves += 1
         self.counters.saved_bytes += entry.bytes
         took = now - started
@@ -281,12 +281,12 @@ class DiskTier(Service):
     # -- the index on disk --------------------------------------------------
 
     def _replace(self, entry: MetaEntry) -> None:
-        self.index.entries[entry.key] = entry
+        self.index.put(entry)
         d = self.to_thread(write_meta, self.meta_dir, entry)
         d.addErrback(lambda f: log.warn("writing cache meta {key} failed: {error}", key=entry.key, error=f.value))
 
     async def _drop(self, entry: MetaEntry) -> None:
-        self.index.entries.pop(entry.key, None)
+        self.index.remove(entry.key)
         await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
 
     async def _enforce_budget(self) -> None:
