@@ -256,3 +256,24 @@ def test_no_empty_save_over_a_cache_after_an_unnoticed_restart(llama, tmp_path):
         assert record["decision"] == "restore" and record["cache_n"] > 1000
     finally:
         proxy.stop()
+
+
+def test_no_save_over_a_cache_of_a_slot_llama_cleared_behind_the_proxys_back(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama, write_behind=1.5)
+    try:
+        ana = User("ana")
+        ana.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        (saved,) = llama.save_dir.glob("slotcache_*.bin")
+        (meta,) = (tmp_path / "meta").glob("*.meta")
+        size, described = saved.stat().st_size, meta.read_text()
+        ana.turn(proxy.client())  # changes the slot: a background save is due in 1.5 s
+        (slot,) = [s["slot"] for s in proxy.status()["slots"] if s["state"] == "hot"]
+        status, reply = llama.call("POST", f"/slots/{slot}?action=erase", {})  # behind the proxy's back
+        assert status == 200 and reply["n_erased"] > 1000
+        wait_for(lambda: proxy.status()["disk"]["save_failures"] >= 1, what="the refused save")
+        assert saved.stat().st_size == size and meta.read_text() == described  # the first turn's cache is intact
+        assert proxy.status()["disk"]["saves"] == 1
+        assert "holds 0 tokens in llama.cpp" in proxy.log_text()
+    finally:
+        proxy.stop()

@@ -24,6 +24,7 @@ class Counters:
     restored_tokens: int = 0
     ineffective_restores: int = 0
     evicted_entries: int = 0
+    stray_files: int = 0  # slot cache files with no meta, found at start
 
 
 @attrs.define

@@ -15,7 +15,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
@@ -30,6 +30,11 @@ from proxycache.routing import Decision, SlotId, SlotState, fell_short
 from proxycache.slots import Lease, Outcome, Scheduler, Slot, SlotContent
 
 log = Logger()
+
+# A save whose slot holds less than this share of the tokens the proxy believes
+# it holds (llama.cpp overwrote or cleared it behind the proxy's back) would put
+# a near-empty file over a good one: refused.
+MIN_SAVED_SHARE = 0.5
 
 
 @attrs.frozen
@@ -71,6 +76,8 @@ class DiskTier(Service):
         self._restored: dict[SlotId, _Restored] = {}
         self._write_behind: dict[SlotId, IDelayedCall] = {}
         self._settling: dict[SlotId, Deferred[Decision]] = {}
+        # One writer per key: a save (file and meta), a meta update, a drop.
+        self._key_locks: dict[str, DeferredLock] = {}
         self.loaded: Deferred[None] = Deferred()
 
     # -- service ------------------------------------------------------------
@@ -90,6 +97,7 @@ class DiskTier(Service):
             )
         if loaded.missing:
             log.warn("dropped {n} cache metas whose .bin is gone", n=len(loaded.missing))
+        self.counters.stray_files = len(loaded.stray)
         if loaded.stray:
             log.warn("{n} slot cache files have no meta (left alone): {names}", n=len(loaded.stray), names=", ".join(loaded.stray[:5]))
         log.info("disk cache index: {n} entries, {mb:.1f} MB", n=len(self.index), mb=self.index.total_bytes / 1e6)
@@ -165,7 +173,7 @@ class DiskTier(Service):
             "it will not be restored again (SWA/hybrid model without --swa-full?)",
             key=restored.entry.key, cache_n=outcome.cache_n, total=outcome.cache_n + outcome.prompt_n,
         )
-        self._replace(attrs.evolve(restored.entry, ineffective=True))
+        self._update(restored.entry, ineffective=True)
 
     # -- save / restore -----------------------------------------------------
 
@@ -178,6 +186,21 @@ class DiskTier(Service):
             return None
         predecessor = self.index.predecessor(fp, backend.name, model)
         key = predecessor.key if predecessor else fp.key
+        lock = await self._lock_key(key)
+        try:
+            entry = await self._save_locked(slot, content, backend, model, key)
+        finally:
+            self._unlock_key(key, lock)
+        if entry is None:
+            return None
+        await self._enforce_budget()
+        return key
+
+    async def _save_locked(
+        self, slot: Slot, content: SlotContent, backend: Backend, model: str, key: str
+    ) -> MetaEntry | None:
+        # What the key holds now, not before the wait for its lock: a drop or another save may have come between.
+        predecessor = self.index.entries.get(key)
         started = self.clock.seconds()
         try:
             seen = await backend.wait_until_idle(slot.id.index)
@@ -186,6 +209,15 @@ class DiskTier(Service):
                 # saving now would write an empty file over this conversation's cache.
                 self.on_empty_slot()
                 raise UpstreamError(f"slot {slot.id.index} is empty in llama.cpp (restarted?)")
+            expected = max(content.tokens, predecessor.tokens if predecessor else 0)
+            held = _tokens_held(seen)
+            if held is not None and held < expected * MIN_SAVED_SHARE:
+                # llama.cpp overwrote or cleared the slot behind the proxy's back (its RAM
+                # cache, an n_cmpl child task, an erase): the file holds more than the slot.
+                self.on_empty_slot()
+                raise UpstreamError(
+                    f"slot {slot.id.index} holds {held} tokens in llama.cpp, {expected} expected: not saved over"
+                )
             reply = await backend.slot_action(slot.id.index, "save", bin_name(key), self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             self.counters.save_failures += 1
@@ -194,7 +226,7 @@ class DiskTier(Service):
             return None
         now = self.clock.seconds()
         entry = MetaEntry(
-            key=key, backend=backend.name, model=model, fingerprint=fp,
+            key=key, backend=backend.name, model=model, fingerprint=content.fingerprint,
             tokens=int(reply.get("n_saved", content.tokens)), bytes=int(reply.get("n_written", 0)),
             created=predecessor.created if predecessor else now, last_used=now,
             pinned=content.pinned or bool(predecessor and predecessor.pinned),
@@ -215,8 +247,7 @@ class DiskTier(Service):
             "saved slot {slot} as {key}: {tokens} tokens, {mb:.1f} MB in {took:.2f}s",
             slot=str(slot.id), key=key, tokens=entry.tokens, mb=entry.bytes / 1e6, took=took,
         )
-        await self._enforce_budget()
-        return key
+        return entry
 
     async def _restore(self, lease: Lease) -> bool:
         match = lease.plan.restore
@@ -226,14 +257,28 @@ class DiskTier(Service):
         slot = lease.slot
         backend = self.backends[slot.id.backend]
         started = self.clock.seconds()
+        lock = await self._lock_key(entry.key)  # not while a save of the same key rewrites the file
+        current = self.index.entries.get(entry.key)
+        if current is None or current.model != entry.model:
+            self._unlock_key(entry.key, lock)
+            return False  # dropped while we waited
+        entry = current
         try:
             await backend.wait_until_idle(slot.id.index)
             reply = await backend.slot_action(slot.id.index, "restore", entry.filename, self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
+            failure: Exception | None = e
+        else:
+            failure = None
+        finally:
+            self._unlock_key(entry.key, lock)
+        if failure is not None:
             # llama.cpp clears the slot when a restore fails: the request recomputes.
             self.counters.restore_failures += 1
-            log.warn("restoring {key} into slot {slot} failed, recomputing: {error}", key=entry.key, slot=str(slot.id), error=e)
-            if "failed to open" in str(e).lower() or "not found" in str(e).lower():
+            log.warn(
+                "restoring {key} into slot {slot} failed, recomputing: {error}", key=entry.key, slot=str(slot.id), error=failure
+            )
+            if "failed to open" in str(failure).lower() or "not found" in str(failure).lower():
                 await self._drop(entry)
             return False
         took = self.clock.seconds() - started
@@ -244,7 +289,7 @@ class DiskTier(Service):
         for observer in self.observers:
             observer("restore", took, int(reply.get("n_read", entry.bytes)))
         self._restored[slot.id] = _Restored(entry, n_restored, match.common_blocks)
-        self._replace(attrs.evolve(entry, last_used=self.clock.seconds()))
+        self._update(entry, last_used=self.clock.seconds())
         (log.info if took >= 1 else log.debug)(
             "restored {key} into slot {slot}: {tokens} tokens in {took:.2f}s",
             key=entry.key, slot=str(slot.id), tokens=n_restored, took=took,
@@ -280,14 +325,49 @@ class DiskTier(Service):
 
     # -- the index on disk --------------------------------------------------
 
-    def _replace(self, entry: MetaEntry) -> None:
-        self.index.put(entry)
-        d = self.to_thread(write_meta, self.meta_dir, entry)
+    async def _lock_key(self, key: str) -> DeferredLock:
+        lock = self._key_locks.setdefault(key, DeferredLock())
+        await lock.acquire()
+        return lock
+
+    def _unlock_key(self, key: str, lock: DeferredLock) -> None:
+        lock.release()
+        if not lock.locked and self._key_locks.get(key) is lock:
+            del self._key_locks[key]
+
+    def _update(self, entry: MetaEntry, **changes: Any) -> None:
+        """
+        Change C{entry} in the index and, in the background, on disk; unless it
+        is no longer the index's entry for its key (dropped, or replaced by a
+        newer save), in which case changing it would undo that.
+        """
+        if self.index.entries.get(entry.key) is not entry:
+            return
+        changed = attrs.evolve(entry, **changes)
+        self.index.put(changed)
+        d = Deferred.fromCoroutine(self._write_current(changed))
         d.addErrback(lambda f: log.warn("writing cache meta {key} failed: {error}", key=entry.key, error=f.value))
 
+    async def _write_current(self, entry: MetaEntry) -> None:
+        lock = await self._lock_key(entry.key)
+        try:
+            # Checked after the wait: a drop or a newer save meanwhile wins.
+            if self.index.entries.get(entry.key) is entry:
+                await self.to_thread(write_meta, self.meta_dir, entry)
+        finally:
+            self._unlock_key(entry.key, lock)
+
     async def _drop(self, entry: MetaEntry) -> None:
+        """Forget C{entry} and delete its files, unless its key holds a newer entry by then."""
+        if self.index.entries.get(entry.key) is not entry:
+            return  # already dropped, or replaced by a newer save: that one stays
         self.index.remove(entry.key)
-        await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
+        lock = await self._lock_key(entry.key)
+        try:
+            if entry.key not in self.index.entries:  # a save of this key while we waited keeps its files
+                await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
+        finally:
+            self._unlock_key(entry.key, lock)
 
     async def _enforce_budget(self) -> None:
         victims = self.index.over_budget(
@@ -297,6 +377,12 @@ class DiskTier(Service):
             self.counters.evicted_entries += 1
             log.info("disk budget: dropping cache {key} ({mb:.1f} MB)", key=victim.key, mb=victim.bytes / 1e6)
             await self._drop(victim)
+
+
+def _tokens_held(slot: dict[str, Any] | None) -> int | None:
+    """The tokens llama.cpp says slot C{slot} (from C{GET /slots}) holds, when it says."""
+    n = (slot or {}).get("n_prompt_tokens")  # b11549: the prompt last processed, 0 after an erase
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _shielded(work: Deferred) -> Deferred:
