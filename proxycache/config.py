@@ -55,6 +55,13 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be in [0, 1]")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = _float(text)
     if value <= 0:
@@ -164,6 +171,10 @@ SETTINGS: tuple[Setting, ...] = (
             "serve a generated random-weight model with an embedded llama.cpp"),
     Setting("ctx_per_slot", "CTX_PER_SLOT", 16384, _positive_int,
             "context per slot of the embedded llama.cpp"),
+    Setting("allow_client_pins", "ALLOW_CLIENT_PINS", False, _flag,
+            "honour clients' X-Proxycache-Pin header (off: only --pinned-keys pin)"),
+    Setting("max_pinned_share", "MAX_PINNED_SHARE", 0.5, _share,
+            "share of the disk budget pinned caches may hold; beyond it the oldest are evictable"),
 )
 
 
@@ -198,6 +209,8 @@ class Config:
     llama_model: str | None
     demo: bool
     ctx_per_slot: int
+    allow_client_pins: bool = False
+    max_pinned_share: float = 0.5
 
     @property
     def embedded(self) -> bool:

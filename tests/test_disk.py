@@ -374,10 +374,25 @@ def test_over_budget_keeps_pinned_entries():
     plain = entry(key="00000003", last_used=3.0)
     newest = entry(key="00000004", last_used=4.0)
     index = index_of(pinned_flag, pinned_key, plain, newest)
-    assert index.over_budget(0, 2, frozenset({"00000002"})) == [plain, newest]
-    assert index.over_budget(0, 3, frozenset({"00000002"})) == [plain]
-    # only pinned ones left over the budget: nothing more to drop
-    assert index.over_budget(0, 1, frozenset({"00000002", "00000003", "00000004"})) == []
+    assert index.over_budget(0, 2, frozenset({"00000002"}), max_pinned_share=1.0) == [plain, newest]
+    assert index.over_budget(0, 3, frozenset({"00000002"}), max_pinned_share=1.0) == [plain]
+    # pins beyond the whole budget: the oldest go, the newest pin stays
+    everything = frozenset({"00000002", "00000003", "00000004"})
+    assert index.over_budget(0, 1, everything, max_pinned_share=1.0) == [pinned_flag, pinned_key, plain]
+
+
+def test_over_budget_gives_pinned_entries_a_bounded_share():
+    pins = [entry(key=f"0000000{i}", last_used=float(i), pinned=True, bytes=100) for i in range(1, 5)]
+    plain = entry(key="0000000a", last_used=9.0, bytes=100)
+    index = index_of(*pins, plain)
+    # 4 entries allowed, pins may hold half: the two oldest pins go before the newer plain entry
+    assert index.over_budget(0, 4, frozenset()) == [pins[0]]
+    assert index.over_budget(0, 3, frozenset()) == [pins[0], pins[1]]
+    assert index.over_budget(250, 0, frozenset()) == [pins[0], pins[1], pins[2]]  # by bytes: 1 pin of 100 fits 125
+    assert index.over_budget(0, 3, frozenset(), max_pinned_share=1.0) == [pins[0], plain]
+    assert index.over_budget(0, 4, frozenset(), max_pinned_share=1.0) == [plain]  # pins fit: the plain one goes
+    # three pins and a budget of one entry: the tier still keeps what it saves last
+    assert index.over_budget(0, 1, frozenset()) == [*pins, plain][:4]
 
 
 # -- model_identity ---------------------------------------------------------------------------

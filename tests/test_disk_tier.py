@@ -5,6 +5,7 @@ demand, restarts of either process, model guard, budget, failures.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -118,7 +119,7 @@ def test_cache_of_another_model_is_never_restored(llama_factory, other_model, tm
 
 
 def test_disk_budget_evicts_least_recently_used_and_keeps_pinned(llama, tmp_path):
-    proxy = start_proxy(tmp_path, llama, max_cache_entries=2)
+    proxy = start_proxy(tmp_path, llama, max_cache_entries=2, env={"ALLOW_CLIENT_PINS": "1"})
     try:
         client = proxy.client()
         pinned_client = proxy.client(default_headers={"X-Proxycache-Pin": "1"})
@@ -275,5 +276,37 @@ def test_no_save_over_a_cache_of_a_slot_llama_cleared_behind_the_proxys_back(lla
         assert saved.stat().st_size == size and meta.read_text() == described  # the first turn's cache is intact
         assert proxy.status()["disk"]["saves"] == 1
         assert "holds 0 tokens in llama.cpp" in proxy.log_text()
+    finally:
+        proxy.stop()
+
+
+def metas(tmp_path):
+    return [json.loads(p.read_text()) for p in (tmp_path / "meta").glob("*.meta")]
+
+
+def test_a_client_pin_is_ignored_unless_the_operator_allows_it(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        User("ana").turn(proxy.client(default_headers={"X-Proxycache-Pin": "1"}))
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        assert [m["pinned"] for m in metas(tmp_path)] == [False]
+    finally:
+        proxy.stop()
+
+
+def test_pins_beyond_their_share_do_not_stop_the_tier(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama, max_cache_entries=1, env={"ALLOW_CLIENT_PINS": "1"})
+    try:
+        pinned_client = proxy.client(default_headers={"X-Proxycache-Pin": "1"})
+        dee = User("dee")
+        for user in (User("ana"), User("ben"), User("cai")):
+            user.turn(pinned_client)
+            wait_for(lambda: all_saved(proxy), what="write-behind")
+        dee.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        # the newest save is kept; the pins, beyond their share of a one-entry budget, went
+        (kept,) = metas(tmp_path)
+        assert kept["pinned"] is False
+        assert proxy.status()["disk"]["entries"] == 1
     finally:
         proxy.stop()

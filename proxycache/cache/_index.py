@@ -223,14 +223,18 @@ class Index:
         max_entries: int,
         pinned: frozenset[str],
         current_models: frozenset[str] = frozenset(),
+        max_pinned_share: float = 0.5,
     ) -> list[MetaEntry]:
         """
-        Unpinned entries to drop so the index fits its budget: first those no
-        running backend can restore (another model or llama.cpp build, or an
-        ineffective restore), then the least recently used.
+        Entries to drop so the index fits its budget: first those no running
+        backend can restore (another model or llama.cpp build, or an
+        ineffective restore), then the least recently used.  Pinned entries are
+        kept while they fit in C{max_pinned_share} of the budget, newest first;
+        older pinned ones beyond that share are evicted like any other.
         """
         victims: list[MetaEntry] = []
         count, size = len(self.entries), self.total_bytes
+        protected = self._protected_pins(max_bytes, max_entries, pinned, max_pinned_share)
 
         def retire_order(entry: MetaEntry) -> tuple[bool, float]:
             restorable = not entry.ineffective and (not current_models or entry.model in current_models)
@@ -239,8 +243,20 @@ class Index:
         for entry in sorted(self.entries.values(), key=retire_order):
             if not ((max_entries and count > max_entries) or (max_bytes and size > max_bytes)):
                 break
-            if entry.pinned or entry.key in pinned:
+            if entry.key in protected:
                 continue
             victims.append(entry)
             count, size = count - 1, size - entry.bytes
         return victims
+
+    def _protected_pins(self, max_bytes: int, max_entries: int, pinned: frozenset[str], share: float) -> set[str]:
+        """The pinned entries within their share of the budget, most recently used first."""
+        protected: set[str] = set()
+        count = size = 0
+        pins = [e for e in self.entries.values() if e.pinned or e.key in pinned]
+        for entry in sorted(pins, key=lambda e: e.last_used, reverse=True):
+            count, size = count + 1, size + entry.bytes
+            if (max_entries and count > share * max_entries) or (max_bytes and size > share * max_bytes):
+                break
+            protected.add(entry.key)
+        return protected

@@ -371,7 +371,8 @@ class DiskTier(Service):
 
     async def _enforce_budget(self) -> None:
         victims = self.index.over_budget(
-            self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned, frozenset(self.catalog.models.values())
+            self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned,
+            frozenset(self.catalog.models.values()), self.config.max_pinned_share,
         )
         for victim in victims:
             self.counters.evicted_entries += 1

@@ -146,7 +146,9 @@ class Proxy:
         wanted = Request(
             fp,
             is_small(fp, config.min_prefix_chars, config.min_prefix_words, config.min_prefix_blocks),
-            pinned=(request.getHeader(b"x-proxycache-pin") or b"").lower() in PIN_HEADER_VALUES,
+            # Pinning exempts a cache from eviction: the operator's call, not any client's.
+            pinned=config.allow_client_pins
+            and (request.getHeader(b"x-proxycache-pin") or b"").lower() in PIN_HEADER_VALUES,
         )
         if self.in_flight.draining:
             raise ApiError(503, "proxycache is shutting down", "server_error", "shutting_down", (("Retry-After", "10"),))
