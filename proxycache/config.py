@@ -79,6 +79,13 @@ def _urls(text: str) -> tuple[str, ...]:
     return urls
 
 
+def _bytes_or_auto(text: str) -> int | None:
+    """A byte count, or "auto" (None): a share of the save directory's free space."""
+    if text.strip().lower() == "auto":
+        return None
+    return _non_negative_int(text)
+
+
 def _words(text: str) -> tuple[str, ...]:
     return tuple(w for w in text.replace(",", " ").split() if w)
 
@@ -147,8 +154,9 @@ SETTINGS: tuple[Setting, ...] = (
             "directory of the proxy's .meta index (default: $XDG_STATE_HOME/proxycache/meta)"),
     Setting("slot_save_path", "SLOT_SAVE_PATH", None, _optional_text,
             "llama-server's --slot-save-path, when this host can see it"),
-    Setting("max_cache_bytes", "MAX_CACHE_BYTES", 0, _non_negative_int,
-            "disk budget for saved caches, 0 = unlimited (needs --slot-save-path)"),
+    Setting("max_cache_bytes", "MAX_CACHE_BYTES", None, _bytes_or_auto,
+            "disk budget for saved caches: bytes, 0 = unlimited, or auto = half the free space at start "
+            "(needs --slot-save-path)"),
     Setting("max_cache_entries", "MAX_CACHE_ENTRIES", 0, _non_negative_int,
             "most saved caches kept, 0 = unlimited"),
     Setting("pinned_keys", "PINNED_KEYS", (), _words,
@@ -197,7 +205,7 @@ class Config:
     slot_action_timeout: float
     meta_dir: str
     slot_save_path: str | None
-    max_cache_bytes: int
+    max_cache_bytes: int | None  # None: auto, chosen at start from the free space
     max_cache_entries: int
     pinned_keys: tuple[str, ...]
     write_behind: float

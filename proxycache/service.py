@@ -37,7 +37,7 @@ def _describe(setting) -> str:
     if isinstance(default, tuple):
         default = ",".join(default) or "none"
     elif default is None:
-        default = "from llama-server" if setting.name == "slots" else "none"
+        default = {"slots": "from llama-server", "max_cache_bytes": "auto"}.get(setting.name, "none")
     return f"{setting.help} [env {setting.env}; default {default}]"
 
 
@@ -83,6 +83,8 @@ class Options(usage.Options):
                 value, source = resolved[setting.name]
                 if setting.name in ("api_keys", "upstream_api_key") and value:
                     value = "(set)"
+                elif setting.name == "max_cache_bytes" and value is None:
+                    value = "auto"
                 print(f"{setting.option} = {value!r}  [{source}]")
             sys.exit(0)
 
@@ -168,7 +170,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     )
     stats = Stats(
         reactor, scheduler, catalog, monitor,
-        max_cache_bytes=config.max_cache_bytes, max_cache_entries=config.max_cache_entries,
+        max_cache_bytes=config.max_cache_bytes or 0, max_cache_entries=config.max_cache_entries,
     )
     tier = DiskTier(
         config, reactor, scheduler, by_name, catalog, on_empty_slot=monitor.check, observers=[stats.slot_action]

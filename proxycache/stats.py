@@ -129,7 +129,7 @@ class Stats:
         disk: dict[str, Any] = {
             "entries": len(self.catalog.index),
             "bytes": self.catalog.index.total_bytes,
-            "max_bytes": self.max_cache_bytes or None,
+            "max_bytes": self.catalog.max_bytes or self.max_cache_bytes or None,
             "max_entries": self.max_cache_entries or None,
         }
         disk.update(attrs.asdict(self.catalog.counters))

@@ -310,3 +310,13 @@ def test_pins_beyond_their_share_do_not_stop_the_tier(llama, tmp_path):
         assert proxy.status()["disk"]["entries"] == 1
     finally:
         proxy.stop()
+
+
+def test_the_daemon_chooses_and_tells_a_disk_budget_by_default(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        max_bytes = wait_for(lambda: proxy.status()["disk"]["max_bytes"], what="a budget")
+        assert max_bytes > 0
+        assert f"disk budget: {max_bytes / 1e9:.2f} GB, chosen at start" in proxy.log_text()
+    finally:
+        proxy.stop()

@@ -24,6 +24,7 @@ class Counters:
     restored_tokens: int = 0
     ineffective_restores: int = 0
     evicted_entries: int = 0
+    saves_skipped_low_space: int = 0  # free space under the headroom
     stray_files: int = 0  # slot cache files with no meta, found at start
 
 
@@ -34,6 +35,7 @@ class Catalog:
     models: dict[str, str] = attrs.Factory(dict)  # backend name -> model identity, once it is up
     speeds: Speeds = attrs.Factory(Speeds)
     counters: Counters = attrs.Factory(Counters)
+    max_bytes: int = 0  # the disk budget in force (chosen at start when automatic), 0 = none
 
     def backend_up(self, backend: str, model: str) -> None:
         self.models[backend] = model

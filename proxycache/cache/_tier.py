@@ -10,6 +10,7 @@ after llama.cpp itself reports the slot idle, with a timeout.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -22,6 +23,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, UpstreamError, never_used
+from proxycache.cache._budget import AUTO_SHARE, auto_budget, headroom
 from proxycache.cache._catalog import Catalog
 from proxycache.cache._files import load_index, remove_entry_files, write_meta
 from proxycache.cache._index import MetaEntry, bin_name
@@ -58,6 +60,7 @@ class DiskTier(Service):
         on_empty_slot: Callable[[], Any] = lambda: None,
         observers: Sequence[Callable[[str, float, int], None]] = (),
         to_thread: Callable[..., Deferred[Any]] = deferToThread,
+        disk_usage: Callable[[str], Any] = shutil.disk_usage,  # blocking: only ever run in to_thread
     ) -> None:
         self.config = config
         self.clock = clock
@@ -70,6 +73,8 @@ class DiskTier(Service):
         self.on_empty_slot = on_empty_slot  # llama-server looks restarted: the monitor looks again
         self.observers = list(observers)  # (action, seconds, bytes) of every save and restore
         self.to_thread = to_thread
+        self.disk_usage = disk_usage
+        self._low_space = False  # logged once per spell of low free space
         self.meta_dir = Path(config.meta_dir)
         self.save_dir = Path(config.slot_save_path) if config.slot_save_path else None
         self.pinned = frozenset(config.pinned_keys)
@@ -101,6 +106,43 @@ class DiskTier(Service):
         if loaded.stray:
             log.warn("{n} slot cache files have no meta (left alone): {names}", n=len(loaded.stray), names=", ".join(loaded.stray[:5]))
         log.info("disk cache index: {n} entries, {mb:.1f} MB", n=len(self.index), mb=self.index.total_bytes / 1e6)
+        await self._choose_budget()
+
+    async def _choose_budget(self) -> None:
+        configured = self.config.max_cache_bytes
+        if configured is not None:
+            self.catalog.max_bytes = configured
+            return
+        if self.save_dir is None:
+            log.info("disk budget: none (llama-server's save directory is not visible here: see --slot-save-path)")
+            return
+        usage = await self.to_thread(_usage, self.disk_usage, self.save_dir)
+        self.catalog.max_bytes = auto_budget(usage.free, usage.total, self.index.total_bytes)
+        log.info(
+            "disk budget: {gb:.2f} GB, chosen at start ({share:.0%} of the {free:.1f} GB free in {dir} "
+            "and the caches already there; --max-cache-bytes sets it)",
+            gb=self.catalog.max_bytes / 1e9, share=AUTO_SHARE, free=usage.free / 1e9, dir=self.save_dir,
+        )
+
+    async def _room_to_save(self) -> bool:
+        """Is there free space beyond the headroom where llama-server writes?  Logged once when not."""
+        if self.save_dir is None:
+            return True
+        try:
+            usage = await self.to_thread(_usage, self.disk_usage, self.save_dir)
+        except OSError:
+            return True  # cannot tell: llama-server's own reply will say
+        if usage.free >= headroom(usage.total):
+            self._low_space = False
+            return True
+        self.counters.saves_skipped_low_space += 1
+        if not self._low_space:
+            self._low_space = True
+            log.warn(
+                "not saving slot caches: {free:.1f} GB free in {dir}, under the {room:.1f} GB left to everything else",
+                free=usage.free / 1e9, dir=self.save_dir, room=headroom(usage.total) / 1e9,
+            )
+        return False
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -183,6 +225,8 @@ class DiskTier(Service):
         model = self.catalog.models.get(backend.name)
         fp = content.fingerprint
         if model is None or not fp.blocks:
+            return None
+        if not await self._room_to_save():
             return None
         predecessor = self.index.predecessor(fp, backend.name, model)
         key = predecessor.key if predecessor else fp.key
@@ -371,13 +415,20 @@ class DiskTier(Service):
 
     async def _enforce_budget(self) -> None:
         victims = self.index.over_budget(
-            self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned,
+            self.catalog.max_bytes, self.config.max_cache_entries, self.pinned,
             frozenset(self.catalog.models.values()), self.config.max_pinned_share,
         )
         for victim in victims:
             self.counters.evicted_entries += 1
             log.info("disk budget: dropping cache {key} ({mb:.1f} MB)", key=victim.key, mb=victim.bytes / 1e6)
             await self._drop(victim)
+
+
+def _usage(disk_usage: Callable[[str], Any], path: Path) -> Any:
+    """Blocking: the disk usage where C{path} is, or would be (its nearest existing parent)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return disk_usage(str(path))
 
 
 def _tokens_held(slot: dict[str, Any] | None) -> int | None:
