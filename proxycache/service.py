@@ -166,7 +166,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     )
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,
-        on_up=lambda backend, model: catalog.backend_up(backend.name, model),
+        on_up=lambda backend, model: tier.backend_up(backend.name, model),  # tier: built below
     )
     stats = Stats(
         reactor, scheduler, catalog, monitor,

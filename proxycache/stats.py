@@ -212,5 +212,6 @@ class _Collector(Collector):
             ("proxycache_restored_tokens", "Tokens loaded by restores", c.restored_tokens),
             ("proxycache_ineffective_restores", "Restores after which llama.cpp recomputed anyway", c.ineffective_restores),
             ("proxycache_disk_evictions", "Saved caches dropped to keep the disk budget", c.evicted_entries),
+            ("proxycache_model_changes", "Backends that came up with other weights or another build", c.model_changes),
         ):
             yield CounterMetricFamily(name, help_text, value=value)

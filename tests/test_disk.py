@@ -398,7 +398,7 @@ def test_over_budget_gives_pinned_entries_a_bounded_share():
 # -- model_identity ---------------------------------------------------------------------------
 
 
-def test_model_identity_depends_on_file_build_and_shape_only():
+def test_model_identity_depends_on_file_name_build_and_shape():
     props = {"model_path": "/models/x.gguf", "build_info": "b1", "total_slots": 2}
     models = {"data": [{"id": "x", "meta": {"n_vocab": 100, "n_embd": 64, "other": 1}}]}
     base = model_identity(props, models)
@@ -553,3 +553,43 @@ def test_a_lookup_touches_only_entries_that_can_match():
     found = index.best(request, MODEL, ["a"], 0.85)
     assert found is not None and found[1] == 201
     assert index.touched <= 5
+
+
+def test_model_identity_depends_on_the_weights():
+    from proxycache.backend._identity import probe_answer
+
+    props = {"model_path": "/models/x.gguf", "build_info": "b1"}
+    models = {"data": [{"id": "x", "meta": {"n_vocab": 100, "n_embd": 64}}]}
+
+    def reply(*pairs):
+        top = [{"id": i, "token": "t", "logprob": lp} for i, lp in pairs]
+        return {"completion_probabilities": [{"id": pairs[0][0], "logprob": pairs[0][1], "top_logprobs": top}]}
+
+    a = probe_answer(reply((46, -5.0368), (82, -5.2163), (27, -5.2255)))
+    # float noise and the order of near-ties do not change the answer; other weights do
+    assert a == probe_answer(reply((82, -5.2161), (46, -5.0371), (27, -5.2249)))
+    b = probe_answer(reply((46, -5.0368), (82, -5.2163), (28, -5.2255)))
+    c = probe_answer(reply((46, -4.2), (82, -5.2163), (27, -5.2255)))
+    assert len({str(a), str(b), str(c)}) == 3
+    assert probe_answer({"error": "nope"}) is None and probe_answer(None) is None
+    base = model_identity(props, models, a, "digest")
+    assert base == model_identity(props, models, probe_answer(reply((82, -5.2161), (46, -5.0371), (27, -5.2249))), "digest")
+    assert base != model_identity(props, models, b, "digest")
+    assert base != model_identity(props, models, a, "other digest")
+    assert base != model_identity(props, models, None, "digest")
+
+
+def test_model_file_digest_sees_other_weights_of_the_same_size(tmp_path):
+    import os
+
+    from proxycache.backend._identity import FILE_SAMPLE_BYTES, file_digest
+
+    big = FILE_SAMPLE_BYTES * 3
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"\0" * (big - 1) + b"A")  # differs only in its last byte
+    b.write_bytes(b"\0" * (big - 1) + b"B")
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    assert a.stat().st_size == b.stat().st_size
+    assert file_digest(str(a)) != file_digest(str(b))
+    assert file_digest(str(a)) == file_digest(str(a))
+    assert file_digest(str(tmp_path / "missing.gguf")) is None

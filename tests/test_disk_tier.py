@@ -320,3 +320,56 @@ def test_the_daemon_chooses_and_tells_a_disk_budget_by_default(llama, tmp_path):
         assert f"disk budget: {max_bytes / 1e9:.2f} GB, chosen at start" in proxy.log_text()
     finally:
         proxy.stop()
+
+
+def same_shape_models(models_dir):
+    """Two generated models of one shape and file size, different weights."""
+    from proxycache.tinymodel import TINY, ensure_model
+
+    import attrs
+
+    a = ensure_model(models_dir, TINY)
+    b = ensure_model(models_dir, attrs.evolve(TINY, seed=TINY.seed + 100))
+    assert a.stat().st_size == b.stat().st_size
+    return a, b
+
+
+def test_the_identity_probe_tells_weights_of_one_shape_apart(llama_factory, models_dir):
+    from proxycache.backend._identity import PROBE_BODY, probe_answer
+
+    a, b = same_shape_models(models_dir)
+    on_a, on_b = llama_factory(model=a), llama_factory(model=b)
+    answer_a = probe_answer(on_a.post_json("/completion", PROBE_BODY))
+    assert answer_a is not None and len(answer_a) == PROBE_BODY["n_probs"]
+    assert answer_a != probe_answer(on_b.post_json("/completion", PROBE_BODY))
+    on_a.chat("something else " * 50)  # what the slots held before does not matter
+    on_a.restart()
+    assert probe_answer(on_a.post_json("/completion", PROBE_BODY)) == answer_a
+
+
+def test_weights_replaced_in_place_are_not_restored(llama_factory, models_dir, tmp_path):
+    import shutil
+
+    a, b = same_shape_models(models_dir)
+    model = tmp_path / "models" / "team.gguf"
+    model.parent.mkdir()
+    shutil.copyfile(a, model)
+    llama = llama_factory(model=model)
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        ana = User("ana")
+        ana.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        llama.stop()
+        shutil.copyfile(b, model)  # same name, same size, other weights
+        llama.start()
+        wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1 or not proxy.status()["backends"][0]["up"],
+                 what="restart noticed")
+        wait_for(lambda: proxy.status()["backends"][0]["up"], what="backend up again")
+        record = ana.turn(proxy.client())
+        assert record["decision"] == "miss", record
+        disk = proxy.status()["disk"]
+        assert disk["restores"] == 0 and disk["model_changes"] == 1
+        assert "1 saved caches of" in proxy.log_text()
+    finally:
+        proxy.stop()

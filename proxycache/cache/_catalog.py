@@ -25,6 +25,7 @@ class Counters:
     ineffective_restores: int = 0
     evicted_entries: int = 0
     saves_skipped_low_space: int = 0  # free space under the headroom
+    model_changes: int = 0  # a backend came up with other weights or another build than before
     stray_files: int = 0  # slot cache files with no meta, found at start
 
 
@@ -37,8 +38,12 @@ class Catalog:
     counters: Counters = attrs.Factory(Counters)
     max_bytes: int = 0  # the disk budget in force (chosen at start when automatic), 0 = none
 
-    def backend_up(self, backend: str, model: str) -> None:
+    def backend_up(self, backend: str, model: str) -> int:
+        """C{backend} runs C{model} now; returns how many of its saved caches another model wrote."""
+        if self.models.get(backend) not in (None, model):
+            self.counters.model_changes += 1
         self.models[backend] = model
+        return sum(1 for e in self.index if e.backend == backend and e.model != model)
 
     def lookup(self, request: Request) -> DiskMatch | None:
         """The saved cache worth restoring for C{request}, if any."""

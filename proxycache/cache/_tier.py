@@ -166,6 +166,16 @@ class DiskTier(Service):
             slot.lock.release()
             await self._save_idle(slot)
 
+    def backend_up(self, backend: str, model: str) -> None:
+        """A backend came up (again) running C{model}; says once what that makes unusable."""
+        unusable = self.catalog.backend_up(backend, model)
+        if unusable:
+            log.warn(
+                "{n} saved caches of {backend} were written by another model or llama.cpp build: "
+                "never restored, and the first to go from the disk budget",
+                n=unusable, backend=backend,
+            )
+
     # -- around a request ---------------------------------------------------
 
     async def prepare(self, lease: Lease) -> Decision:

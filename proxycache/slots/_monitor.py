@@ -10,6 +10,7 @@ from typing import Any, Callable
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
@@ -31,6 +32,9 @@ class BackendHealth:
     max_task_seen: int = -1
     restarts: int = 0
     slot_context: int | None = None  # n_ctx of one slot
+    # The identity probe overwrites an idle slot: ask the weights again only when the
+    # server (re)started or may have (refused connections, still loading), not after a blip.
+    probe_due: bool = True
 
 
 # While a backend is down, look again this often, so start-up and recovery are quick.
@@ -80,6 +84,8 @@ class Monitor(Service):
             try:
                 await self._check(health)
             except UPSTREAM_FAILURES as e:
+                if isinstance(e, ConnectError) or isinstance(e.__cause__, ConnectError):
+                    health.probe_due = True
                 if health.up:
                     log.warn("llama-server {url} is down: {error}", url=health.backend.url, error=e)
                 health.up = False
@@ -93,10 +99,12 @@ class Monitor(Service):
     async def _check(self, health: BackendHealth) -> None:
         backend = health.backend
         if not health.up:
-            described = await backend.describe()
+            described = await backend.describe(probe=health.probe_due)
             if described is None:
                 log.warn("llama-server {url}: /props did not answer", url=backend.url)
+                health.probe_due = True
                 return
+            health.probe_due = False
             props = health.props = described.props
             for warning in settings_warnings(props, health.configured_slots):
                 log.warn("{url}: {warning}", url=backend.url, warning=warning)
@@ -122,6 +130,7 @@ class Monitor(Service):
             self.scheduler.reset_backend(backend.name)
             health.max_task_seen = -1
             health.up = False  # read /props again: it may run another model now
+            health.probe_due = True
             return
         contexts = [s["n_ctx"] for s in slots if isinstance(s.get("n_ctx"), int)]
         if contexts:
