@@ -14,12 +14,15 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.iweb import IResponse
 
 from proxycache.backend._http import UPSTREAM_FAILURES, UpstreamError, is_stale_connection, read_body
 from proxycache.backend._identity import PROBE_BODY, file_digest, model_identity, probe_answer
+
+log = Logger()
 
 # How long llama.cpp may keep reporting a slot busy after the proxy released
 # it (is_processing lags a cancelled request): polls, doubling from the first.
@@ -161,13 +164,24 @@ class LlamaServer:
             return None
         _, models = await self.call("GET", "/v1/models")
         if probe or self._probe is None:
-            status, reply = await self.call("POST", "/completion", PROBE_BODY, PROBE_TIMEOUT)
-            self._probe = probe_answer(reply) if status == 200 else None
+            self._probe = await self._ask_the_weights()
         path = props.get("model_path")
         digest = await self.to_thread(file_digest, path) if isinstance(path, str) and path else None
         total = props.get("total_slots")
         identity = model_identity(props, models, self._probe, digest)
         return Description(props, total if isinstance(total, int) else None, identity)
+
+    async def _ask_the_weights(self) -> list[list[float]] | None:
+        """The probe's answer; None (identity from shape and file only) when it gets none."""
+        try:
+            status, reply = await self.call("POST", "/completion", PROBE_BODY, PROBE_TIMEOUT)
+        except UPSTREAM_FAILURES as e:
+            status, reply = 0, str(e)
+        answer = probe_answer(reply) if status == 200 else None
+        if answer is None:
+            log.warn("llama-server {url}: no answer to the model identity probe ({status}): {reply!r:.200}",
+                     url=self.url, status=status, reply=reply)
+        return answer
 
     async def wait_until_idle(self, index: int) -> dict[str, Any] | None:
         """
