@@ -6,6 +6,7 @@ is never undone by a write that was pending when it happened.
 
 from __future__ import annotations
 
+from collections import namedtuple
 from pathlib import Path
 from typing import Any, Callable
 
@@ -18,6 +19,7 @@ from proxycache.routing import Fingerprint
 from proxycache.slots import Scheduler
 
 MODEL = "m0del"
+Usage = namedtuple("Usage", "total used free")
 
 
 class Threads:
@@ -108,3 +110,34 @@ def test_stray_cache_files_are_counted(tmp_path):
     threads.run_newest_first()
     assert tier.loaded.called
     assert tier.counters.stray_files == 1 and len(tier.index) == 1
+
+
+def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    from proxycache.routing import SlotId, SlotState
+    from proxycache.slots import Slot, SlotContent
+
+    class Broken:
+        name = url = "b"
+
+        async def wait_until_idle(self, index: int) -> dict[str, Any]:
+            raise RuntimeError("something nobody expected")
+
+    tier, threads = make_tier(tmp_path)
+    tier.backends = {"b": Broken()}
+    tier.catalog.backend_up("b", MODEL)
+    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    slot = Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300))
+    tier.scheduler.slots[slot.id] = slot
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        tier._schedule_write_behind(slot)
+        tier.clock.advance(tier.config.write_behind)
+        threads.run_newest_first()  # the free-space check
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not slot.busy
+    (logged,) = [e for e in events if "background save" in e.get("log_format", "")]
+    assert logged["log_failure"].check(RuntimeError)

@@ -354,9 +354,12 @@ class DiskTier(Service):
 
     def _schedule_write_behind(self, slot: Slot) -> None:
         self._cancel_write_behind(slot)
-        self._write_behind[slot.id] = self.clock.callLater(
-            self.config.write_behind, lambda: Deferred.fromCoroutine(self._save_idle(slot))
-        )
+        self._write_behind[slot.id] = self.clock.callLater(self.config.write_behind, self._start_save_idle, slot)
+
+    def _start_save_idle(self, slot: Slot) -> None:
+        # Nobody waits on a background save: whatever it raises is logged here, not left in a Deferred.
+        d = Deferred.fromCoroutine(self._save_idle(slot))
+        d.addErrback(lambda f: log.failure("background save of slot {slot} failed", f, slot=str(slot.id)))
 
     def _cancel_write_behind(self, slot: Slot) -> None:
         timer = self._write_behind.pop(slot.id, None)
