@@ -58,7 +58,8 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/completion":  # the model identity probe
             top = [{"id": i, "token": "x", "logprob": -1.0 - i} for i in range(body.get("n_probs", 0))]
-            self._json(200, {"content": "x", "completion_probabilities": [{"id": 0, "logprob": -1.0, "top_logprobs": top}]})
+            probabilities = [{"id": 0, "logprob": -1.0, "top_logprobs": top}]
+            self._json(200, {"content": "x", "completion_probabilities": probabilities})
             return
         for slot in self.server.slots:
             if slot["id"] == body.get("id_slot"):

@@ -178,6 +178,12 @@ class LlamaServer:
         except UPSTREAM_FAILURES as e:
             status, reply = 0, str(e)
         answer = probe_answer(reply) if status == 200 else None
+        if status == 200 and isinstance(reply, dict) and isinstance(reply.get("id_slot"), int):
+            # Leave the slot as empty as it was: no later prompt should reuse the probe's tokens.
+            try:
+                await self.call("POST", f"/slots/{reply['id_slot']}?action=erase", {})
+            except UPSTREAM_FAILURES:
+                pass
         if answer is None:
             log.warn("llama-server {url}: no answer to the model identity probe ({status}): {reply!r:.200}",
                      url=self.url, status=status, reply=reply)

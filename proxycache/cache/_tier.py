@@ -330,7 +330,8 @@ class DiskTier(Service):
             # llama.cpp clears the slot when a restore fails: the request recomputes.
             self.counters.restore_failures += 1
             log.warn(
-                "restoring {key} into slot {slot} failed, recomputing: {error}", key=entry.key, slot=str(slot.id), error=failure
+                "restoring {key} into slot {slot} failed, recomputing: {error}",
+                key=entry.key, slot=str(slot.id), error=failure,
             )
             if "failed to open" in str(failure).lower() or "not found" in str(failure).lower():
                 await self._drop(entry)
