@@ -55,6 +55,13 @@ def _ratio(text: str) -> float:
     return value
 
 
+def _share(text: str) -> float:
+    value = _float(text)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError("must be in [0, 1]")
+    return value
+
+
 def _seconds(text: str) -> float:
     value = _float(text)
     if value <= 0:
@@ -70,6 +77,13 @@ def _urls(text: str) -> tuple[str, ...]:
         if not url.startswith(("http://", "https://")):
             raise ValueError(f"{url!r} is not an http(s) URL")
     return urls
+
+
+def _bytes_or_auto(text: str) -> int | None:
+    """A byte count, or "auto" (None): a share of the save directory's free space."""
+    if text.strip().lower() == "auto":
+        return None
+    return _non_negative_int(text)
 
 
 def _words(text: str) -> tuple[str, ...]:
@@ -140,8 +154,9 @@ SETTINGS: tuple[Setting, ...] = (
             "directory of the proxy's .meta index (default: $XDG_STATE_HOME/proxycache/meta)"),
     Setting("slot_save_path", "SLOT_SAVE_PATH", None, _optional_text,
             "llama-server's --slot-save-path, when this host can see it"),
-    Setting("max_cache_bytes", "MAX_CACHE_BYTES", 0, _non_negative_int,
-            "disk budget for saved caches, 0 = unlimited (needs --slot-save-path)"),
+    Setting("max_cache_bytes", "MAX_CACHE_BYTES", None, _bytes_or_auto,
+            "disk budget for saved caches: bytes, 0 = unlimited, or auto = half the free space at start "
+            "(needs --slot-save-path)"),
     Setting("max_cache_entries", "MAX_CACHE_ENTRIES", 0, _non_negative_int,
             "most saved caches kept, 0 = unlimited"),
     Setting("pinned_keys", "PINNED_KEYS", (), _words,
@@ -170,6 +185,10 @@ SETTINGS: tuple[Setting, ...] = (
             "slots per llama-server kept for /infill (default: 1 with 3 slots or more, else 0 = shared)"),
     Setting("cors_origins", "CORS_ORIGINS", (), _words,
             "browser origins allowed to call the proxy ('*' for any; none = no CORS headers)"),
+    Setting("allow_client_pins", "ALLOW_CLIENT_PINS", False, _flag,
+            "honour clients' X-Proxycache-Pin header (off: only --pinned-keys pin)"),
+    Setting("max_pinned_share", "MAX_PINNED_SHARE", 0.5, _share,
+            "share of the disk budget pinned caches may hold; beyond it the oldest are evictable"),
 )
 
 
@@ -192,7 +211,7 @@ class Config:
     slot_action_timeout: float
     meta_dir: str
     slot_save_path: str | None
-    max_cache_bytes: int
+    max_cache_bytes: int | None  # None: auto, chosen at start from the free space
     max_cache_entries: int
     pinned_keys: tuple[str, ...]
     write_behind: float
@@ -207,6 +226,8 @@ class Config:
     admin_keys: tuple[str, ...]
     fim_slots: int | None = None
     cors_origins: tuple[str, ...] = ()
+    allow_client_pins: bool = False
+    max_pinned_share: float = 0.5
 
     @property
     def embedded(self) -> bool:

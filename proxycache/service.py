@@ -37,7 +37,7 @@ def _describe(setting) -> str:
     if isinstance(default, tuple):
         default = ",".join(default) or "none"
     elif default is None:
-        default = "from llama-server" if setting.name == "slots" else "none"
+        default = {"slots": "from llama-server", "max_cache_bytes": "auto"}.get(setting.name, "none")
     return f"{setting.help} [env {setting.env}; default {default}]"
 
 
@@ -90,6 +90,8 @@ class Options(usage.Options):
                 value, source = resolved[setting.name]
                 if setting.name in ("api_keys", "upstream_api_key") and value:
                     value = "(set)"
+                elif setting.name == "max_cache_bytes" and value is None:
+                    value = "auto"
                 print(f"{setting.option} = {value!r}  [{source}]")
             sys.exit(0)
 
@@ -204,11 +206,11 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     )
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,
-        on_up=lambda backend, model: catalog.backend_up(backend.name, model),
+        on_up=lambda backend, model: tier.backend_up(backend.name, model),  # tier: built below
     )
     stats = Stats(
         reactor, scheduler, catalog, monitor,
-        max_cache_bytes=config.max_cache_bytes, max_cache_entries=config.max_cache_entries,
+        max_cache_bytes=config.max_cache_bytes or 0, max_cache_entries=config.max_cache_entries,
     )
     tier = DiskTier(
         config, reactor, scheduler, by_name, catalog, on_empty_slot=monitor.check, observers=[stats.slot_action]

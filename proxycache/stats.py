@@ -159,7 +159,7 @@ class Stats:
         disk: dict[str, Any] = {
             "entries": len(self.catalog.index),
             "bytes": self.catalog.index.total_bytes,
-            "max_bytes": self.max_cache_bytes or None,
+            "max_bytes": self.catalog.max_bytes or self.max_cache_bytes or None,
             "max_entries": self.max_cache_entries or None,
         }
         disk.update(attrs.asdict(self.catalog.counters))
@@ -250,5 +250,6 @@ class _Collector(Collector):
             ("proxycache_restored_tokens", "Tokens loaded by restores", c.restored_tokens),
             ("proxycache_ineffective_restores", "Restores after which llama.cpp recomputed anyway", c.ineffective_restores),
             ("proxycache_disk_evictions", "Saved caches dropped to keep the disk budget", c.evicted_entries),
+            ("proxycache_model_changes", "Backends that came up with other weights or another build", c.model_changes),
         ):
             yield CounterMetricFamily(name, help_text, value=value)

@@ -77,7 +77,7 @@ class FakeBackend:
             raise self.slots_error
         return self.slot_list
 
-    async def describe(self) -> Description | None:
+    async def describe(self, probe: bool = True) -> Description | None:
         if self.describe_error is not None:
             raise self.describe_error
         return Description(self.props, self.props.get("total_slots"), self.model)

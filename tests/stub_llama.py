@@ -33,8 +33,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self):
         if self.path == "/props":
             self._json(200, PROPS)
+        elif self.path == "/slots" and self.server.cut_slots > 0:
+            # a reply cut inside its headers, as by a crash or a proxy in between
+            self.server.cut_slots -= 1
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/js")
+            self.wfile.flush()
+            self.close_connection = True
         elif self.path == "/slots":
-            self._json(200, SLOTS)
+            self._json(200, self.server.slots)
         elif self.path == "/v1/models":
             self._json(200, {"data": [{"id": "stub", "meta": {"n_params": 1}}]})
         else:
@@ -50,7 +56,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"id_slot": 0, "filename": body.get("filename"), "n_saved": 1000, "n_written": 4096,
                              "n_restored": 1000, "n_read": 4096, "timings": {"save_ms": 1.0, "restore_ms": 1.0}})
             return
-        for slot in SLOTS:
+        if self.path == "/completion":  # the model identity probe
+            top = [{"id": i, "token": "x", "logprob": -1.0 - i} for i in range(body.get("n_probs", 0))]
+            probabilities = [{"id": 0, "logprob": -1.0, "top_logprobs": top}]
+            self._json(200, {"content": "x", "completion_probabilities": probabilities})
+            return
+        for slot in self.server.slots:
             if slot["id"] == body.get("id_slot"):
                 slot["id_task"] = slot.get("id_task", 0) + 1
         behaviour = body["messages"][-1]["content"]
@@ -96,6 +107,8 @@ class StubLlama:
         self.server.requests = []
         self.server.actions_done = []
         self.server.slot_action_seconds = 1.5
+        self.server.slots = [dict(s) for s in SLOTS]  # this server's own, so that it can "restart"
+        self.server.cut_slots = 0  # the next N GET /slots replies break off inside their headers
         self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -106,6 +119,17 @@ class StubLlama:
     @property
     def actions_done(self) -> list:
         return self.server.actions_done
+
+    def cut_slots_replies(self, n: int) -> None:
+        self.server.cut_slots = n
+
+    @property
+    def slots_cut_pending(self) -> int:
+        return self.server.cut_slots
+
+    def restart(self) -> None:
+        """Look like a new llama-server process: no slot has served a task."""
+        self.server.slots = [dict(s) for s in SLOTS]
 
     def close(self) -> None:
         self.server.shutdown()

@@ -36,3 +36,16 @@ def test_workload_driver_records_every_request(llama, tmp_path):
     assert [r.decision for r in turns[:2]] == ["miss", "miss"]
     assert all(r.cache_n > 300 for r in turns[2:]), turns  # each user's context was reused
     assert 0 < oracle_prefill(records) <= sum(r.prompt_tokens for r in records)
+
+
+def test_index_lookup_bench_runs(capsys):
+    import sys
+
+    from bench import index_lookup
+
+    argv, sys.argv = sys.argv, ["index_lookup", "--entries", "200", "--lookups", "5"]
+    try:
+        index_lookup.main()  # asserts that the maps and the scan agree
+    finally:
+        sys.argv = argv
+    assert "new conversation" in capsys.readouterr().out

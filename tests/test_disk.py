@@ -374,16 +374,31 @@ def test_over_budget_keeps_pinned_entries():
     plain = entry(key="00000003", last_used=3.0)
     newest = entry(key="00000004", last_used=4.0)
     index = index_of(pinned_flag, pinned_key, plain, newest)
-    assert index.over_budget(0, 2, frozenset({"00000002"})) == [plain, newest]
-    assert index.over_budget(0, 3, frozenset({"00000002"})) == [plain]
-    # only pinned ones left over the budget: nothing more to drop
-    assert index.over_budget(0, 1, frozenset({"00000002", "00000003", "00000004"})) == []
+    assert index.over_budget(0, 2, frozenset({"00000002"}), max_pinned_share=1.0) == [plain, newest]
+    assert index.over_budget(0, 3, frozenset({"00000002"}), max_pinned_share=1.0) == [plain]
+    # pins beyond the whole budget: the oldest go, the newest pin stays
+    everything = frozenset({"00000002", "00000003", "00000004"})
+    assert index.over_budget(0, 1, everything, max_pinned_share=1.0) == [pinned_flag, pinned_key, plain]
+
+
+def test_over_budget_gives_pinned_entries_a_bounded_share():
+    pins = [entry(key=f"0000000{i}", last_used=float(i), pinned=True, bytes=100) for i in range(1, 5)]
+    plain = entry(key="0000000a", last_used=9.0, bytes=100)
+    index = index_of(*pins, plain)
+    # 4 entries allowed, pins may hold half: the two oldest pins go before the newer plain entry
+    assert index.over_budget(0, 4, frozenset()) == [pins[0]]
+    assert index.over_budget(0, 3, frozenset()) == [pins[0], pins[1]]
+    assert index.over_budget(250, 0, frozenset()) == [pins[0], pins[1], pins[2]]  # by bytes: 1 pin of 100 fits 125
+    assert index.over_budget(0, 3, frozenset(), max_pinned_share=1.0) == [pins[0], plain]
+    assert index.over_budget(0, 4, frozenset(), max_pinned_share=1.0) == [plain]  # pins fit: the plain one goes
+    # three pins and a budget of one entry: the tier still keeps what it saves last
+    assert index.over_budget(0, 1, frozenset()) == [*pins, plain][:4]
 
 
 # -- model_identity ---------------------------------------------------------------------------
 
 
-def test_model_identity_depends_on_file_build_and_shape_only():
+def test_model_identity_depends_on_file_name_build_and_shape():
     props = {"model_path": "/models/x.gguf", "build_info": "b1", "total_slots": 2}
     models = {"data": [{"id": "x", "meta": {"n_vocab": 100, "n_embd": 64, "other": 1}}]}
     base = model_identity(props, models)
@@ -408,3 +423,176 @@ def test_over_budget_retires_entries_no_backend_can_restore_first():
     )})
     victims = index.over_budget(0, 2, frozenset(), frozenset({"current"}))
     assert [v.key for v in victims] == ["aaaaaaaaaaaaaaa3", "aaaaaaaaaaaaaaa2"]
+
+
+# -- concurrent writers, odd files ---------------------------------------------
+
+
+def test_concurrent_writers_of_one_key_never_fail_or_leave_half_a_meta(tmp_path):
+    import threading
+
+    meta = tmp_path / "meta"
+    meta.mkdir()
+    key = "abcdef0123456789"
+    failures: list[BaseException] = []
+    unparsable: list[str] = []
+    writers = 4
+
+    def write(n: int) -> None:
+        for i in range(300):
+            try:
+                write_meta(meta, entry(fp(40), key=key, last_used=float(n * 1000 + i)))
+            except BaseException as e:  # noqa: BLE001 - counted, not raised
+                failures.append(e)
+
+    def read() -> None:
+        for _ in range(300):
+            try:
+                MetaEntry.from_json(json.loads((meta / f"{key}.meta").read_text()))
+            except FileNotFoundError:
+                pass  # before the first write
+            except ValueError as e:
+                unparsable.append(str(e))
+
+    threads = [threading.Thread(target=write, args=(n,)) for n in range(writers)] + [threading.Thread(target=read)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert failures == [] and unparsable == []
+    assert [p.name for p in meta.iterdir()] == [f"{key}.meta"]  # no temporary left behind
+    (loaded,) = load_index(meta, None).entries
+    assert loaded.key == key
+
+
+def test_fifo_and_huge_metas_are_skipped_not_read(tmp_path):
+    import os
+    import threading
+
+    meta, save = dirs(tmp_path)
+    good = saved(meta, save, entry(key="aaaaaaaa"))
+    fifo = meta / "bbbbbbbb.meta"
+    os.mkfifo(fifo)  # reading it would block until a writer comes
+    # A writer waiting for a reader: a loader that opens the FIFO gets EOF instead of hanging this test.
+    writer = threading.Thread(target=lambda: open(fifo, "wb").close(), daemon=True)
+    writer.start()
+    huge = meta / "cccccccc.meta"
+    with open(huge, "wb") as f:
+        f.truncate(2 * 1024 * 1024)  # sparse: large, cheap
+    (meta / "dddddddd.meta").mkdir()
+    loaded = load_index(meta, save)
+    assert loaded.entries == [good]
+    reasons = dict(s.split(": ", 1) for s in loaded.skipped)
+    assert set(reasons) == {"bbbbbbbb.meta", "cccccccc.meta", "dddddddd.meta"}
+    assert "not a regular file" in reasons["bbbbbbbb.meta"]
+    assert "bytes" in reasons["cccccccc.meta"]
+    os.close(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))  # let the writer go
+    writer.join(5)
+
+
+# -- the lookup maps agree with a scan of every entry ------------------------------------
+
+
+def _scan_best(index: Index, request: Fingerprint, model: str, backends: list[str], min_ratio: float):
+    """The lookup as it was: compare the request with every entry."""
+    best = None
+    for e in index.entries.values():
+        if e.ineffective or e.model != model or e.backend not in backends:
+            continue
+        common = request.common_blocks(e.fingerprint)
+        if common == 0:
+            continue
+        ratio = common / min(len(request.blocks), len(e.fingerprint.blocks))
+        if ratio >= min_ratio and (best is None or (common, e.last_used) > (best[1], best[0].last_used)):
+            best = (e, common, ratio)
+    return best
+
+
+def _chain(root: int, length: int, branch_at: int | None = None, branch: int = 0) -> tuple[int, ...]:
+    """Blocks of a conversation rooted at C{root}, forking to C{branch} after C{branch_at} blocks."""
+    return tuple(
+        hash((root, i)) if branch_at is None or i < branch_at else hash((root, branch_at, branch, i))
+        for i in range(length)
+    )
+
+
+def test_best_and_predecessor_agree_with_a_full_scan():
+    import random
+
+    rng = random.Random(7)
+    index = Index()
+    for i in range(400):
+        root = rng.randrange(4)  # few roots: many entries share a system prompt
+        length = rng.choice([1, 2, 3, 5, 8, 13, 40, 100, 300])
+        branch_at = rng.choice([None, 0, 1, 2, 7, 30, 90])
+        blocks = _chain(root, length, branch_at, rng.randrange(6))
+        index.put(entry(Fingerprint(blocks, 1, 1), backend=rng.choice("ab"), model=rng.choice([MODEL, "old"]),
+                        last_used=float(rng.randrange(50)), ineffective=rng.random() < 0.05))
+    for key in rng.sample(sorted(index.entries), 50):  # removal keeps the maps in step
+        index.remove(key)
+    assert index.total_bytes == sum(e.bytes for e in index.entries.values())
+    for _ in range(400):
+        request = Fingerprint(
+            _chain(rng.randrange(5), rng.choice([1, 3, 8, 50, 120, 400]), rng.choice([None, 1, 5, 60, 200]),
+                   rng.randrange(6)), 1, 1)
+        for min_ratio in (0.0, 0.3, 0.85, 1.0):
+            expected = _scan_best(index, request, MODEL, ["a"], min_ratio)
+            found = index.best(request, MODEL, ["a"], min_ratio)
+            assert (found and found[1:], found and found[0].last_used) == (
+                expected and expected[1:], expected and expected[0].last_used)
+        scan = [e for e in index.entries.values() if e.backend == "b" and e.model == MODEL and e.fingerprint.blocks
+                and request.common_blocks(e.fingerprint) == len(e.fingerprint.blocks)]
+        longest = max((len(e.fingerprint.blocks) for e in scan), default=None)
+        predecessor = index.predecessor(request, "b", MODEL)
+        assert (predecessor and len(predecessor.fingerprint.blocks)) == longest
+
+
+def test_a_lookup_touches_only_entries_that_can_match():
+    index = Index()
+    for i in range(1000):  # a thousand conversations behind one shared first block
+        index.put(entry(Fingerprint((1,) + _chain(i, 200), 1, 1)))
+    request = Fingerprint((1,) + _chain(5, 210), 1, 1)
+    found = index.best(request, MODEL, ["a"], 0.85)
+    assert found is not None and found[1] == 201
+    assert index.touched <= 5
+
+
+def test_model_identity_depends_on_the_weights():
+    from proxycache.backend._identity import probe_answer
+
+    props = {"model_path": "/models/x.gguf", "build_info": "b1"}
+    models = {"data": [{"id": "x", "meta": {"n_vocab": 100, "n_embd": 64}}]}
+
+    def reply(*pairs):
+        top = [{"id": i, "token": "t", "logprob": lp} for i, lp in pairs]
+        return {"completion_probabilities": [{"id": pairs[0][0], "logprob": pairs[0][1], "top_logprobs": top}]}
+
+    a = probe_answer(reply((46, -5.0368), (82, -5.2163), (27, -5.2255)))
+    # float noise and the order of near-ties do not change the answer; other weights do
+    assert a == probe_answer(reply((82, -5.2161), (46, -5.0371), (27, -5.2249)))
+    b = probe_answer(reply((46, -5.0368), (82, -5.2163), (28, -5.2255)))
+    c = probe_answer(reply((46, -4.2), (82, -5.2163), (27, -5.2255)))
+    assert len({str(a), str(b), str(c)}) == 3
+    assert probe_answer({"error": "nope"}) is None and probe_answer(None) is None
+    base = model_identity(props, models, a, "digest")
+    noisy = probe_answer(reply((82, -5.2161), (46, -5.0371), (27, -5.2249)))
+    assert base == model_identity(props, models, noisy, "digest")
+    assert base != model_identity(props, models, b, "digest")
+    assert base != model_identity(props, models, a, "other digest")
+    assert base != model_identity(props, models, None, "digest")
+
+
+def test_model_file_digest_sees_other_weights_of_the_same_size(tmp_path):
+    import os
+
+    from proxycache.backend._identity import FILE_SAMPLE_BYTES, file_digest
+
+    big = FILE_SAMPLE_BYTES * 3
+    a, b = tmp_path / "a.gguf", tmp_path / "b.gguf"
+    a.write_bytes(b"\0" * (big - 1) + b"A")  # differs only in its last byte
+    b.write_bytes(b"\0" * (big - 1) + b"B")
+    os.utime(b, ns=(a.stat().st_atime_ns, a.stat().st_mtime_ns))
+    assert a.stat().st_size == b.stat().st_size
+    assert file_digest(str(a)) != file_digest(str(b))
+    assert file_digest(str(a)) == file_digest(str(a))
+    assert file_digest(str(tmp_path / "missing.gguf")) is None

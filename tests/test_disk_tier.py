@@ -5,6 +5,7 @@ demand, restarts of either process, model guard, budget, failures.
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -118,7 +119,7 @@ def test_cache_of_another_model_is_never_restored(llama_factory, other_model, tm
 
 
 def test_disk_budget_evicts_least_recently_used_and_keeps_pinned(llama, tmp_path):
-    proxy = start_proxy(tmp_path, llama, max_cache_entries=2)
+    proxy = start_proxy(tmp_path, llama, max_cache_entries=2, env={"ALLOW_CLIENT_PINS": "1"})
     try:
         client = proxy.client()
         pinned_client = proxy.client(default_headers={"X-Proxycache-Pin": "1"})
@@ -254,5 +255,121 @@ def test_no_empty_save_over_a_cache_after_an_unnoticed_restart(llama, tmp_path):
         wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1, what="restart noticed")
         record = ana.turn(proxy.client())
         assert record["decision"] == "restore" and record["cache_n"] > 1000
+    finally:
+        proxy.stop()
+
+
+def test_no_save_over_a_cache_of_a_slot_llama_cleared_behind_the_proxys_back(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama, write_behind=1.5)
+    try:
+        ana = User("ana")
+        ana.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        (saved,) = llama.save_dir.glob("slotcache_*.bin")
+        (meta,) = (tmp_path / "meta").glob("*.meta")
+        size, described = saved.stat().st_size, meta.read_text()
+        ana.turn(proxy.client())  # changes the slot: a background save is due in 1.5 s
+        (slot,) = [s["slot"] for s in proxy.status()["slots"] if s["state"] == "hot"]
+        status, reply = llama.call("POST", f"/slots/{slot}?action=erase", {})  # behind the proxy's back
+        assert status == 200 and reply["n_erased"] > 1000
+        wait_for(lambda: proxy.status()["disk"]["save_failures"] >= 1, what="the refused save")
+        assert saved.stat().st_size == size and meta.read_text() == described  # the first turn's cache is intact
+        assert proxy.status()["disk"]["saves"] == 1
+        assert "holds 0 tokens in llama.cpp" in proxy.log_text()
+    finally:
+        proxy.stop()
+
+
+def metas(tmp_path):
+    return [json.loads(p.read_text()) for p in (tmp_path / "meta").glob("*.meta")]
+
+
+def test_a_client_pin_is_ignored_unless_the_operator_allows_it(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        User("ana").turn(proxy.client(default_headers={"X-Proxycache-Pin": "1"}))
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        assert [m["pinned"] for m in metas(tmp_path)] == [False]
+    finally:
+        proxy.stop()
+
+
+def test_pins_beyond_their_share_do_not_stop_the_tier(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama, max_cache_entries=1, env={"ALLOW_CLIENT_PINS": "1"})
+    try:
+        pinned_client = proxy.client(default_headers={"X-Proxycache-Pin": "1"})
+        dee = User("dee")
+        for user in (User("ana"), User("ben"), User("cai")):
+            user.turn(pinned_client)
+            wait_for(lambda: all_saved(proxy), what="write-behind")
+        dee.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        # the newest save is kept; the pins, beyond their share of a one-entry budget, went
+        (kept,) = metas(tmp_path)
+        assert kept["pinned"] is False
+        assert proxy.status()["disk"]["entries"] == 1
+    finally:
+        proxy.stop()
+
+
+def test_the_daemon_chooses_and_tells_a_disk_budget_by_default(llama, tmp_path):
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        max_bytes = wait_for(lambda: proxy.status()["disk"]["max_bytes"], what="a budget")
+        assert max_bytes > 0
+        assert f"disk budget: {max_bytes / 1e9:.2f} GB, chosen at start" in proxy.log_text()
+    finally:
+        proxy.stop()
+
+
+def same_shape_models(models_dir):
+    """Two generated models of one shape and file size, different weights."""
+    from proxycache.tinymodel import TINY, ensure_model
+
+    import attrs
+
+    a = ensure_model(models_dir, TINY)
+    b = ensure_model(models_dir, attrs.evolve(TINY, seed=TINY.seed + 100))
+    assert a.stat().st_size == b.stat().st_size
+    return a, b
+
+
+def test_the_identity_probe_tells_weights_of_one_shape_apart(llama_factory, models_dir):
+    from proxycache.backend._identity import PROBE_BODY, probe_answer
+
+    a, b = same_shape_models(models_dir)
+    on_a, on_b = llama_factory(model=a), llama_factory(model=b)
+    answer_a = probe_answer(on_a.post_json("/completion", PROBE_BODY))
+    assert answer_a is not None and len(answer_a) == PROBE_BODY["n_probs"]
+    assert answer_a != probe_answer(on_b.post_json("/completion", PROBE_BODY))
+    on_a.chat("something else " * 50)  # what the slots held before does not matter
+    on_a.restart()
+    assert probe_answer(on_a.post_json("/completion", PROBE_BODY)) == answer_a
+
+
+def test_weights_replaced_in_place_are_not_restored(llama_factory, models_dir, tmp_path):
+    import shutil
+
+    a, b = same_shape_models(models_dir)
+    model = tmp_path / "models" / "team.gguf"
+    model.parent.mkdir()
+    shutil.copyfile(a, model)
+    llama = llama_factory(model=model)
+    proxy = start_proxy(tmp_path, llama)
+    try:
+        ana = User("ana")
+        ana.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        llama.stop()
+        shutil.copyfile(b, model)  # same name, same size, other weights
+        llama.start()
+        wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1 or not proxy.status()["backends"][0]["up"],
+                 what="restart noticed")
+        wait_for(lambda: proxy.status()["backends"][0]["up"], what="backend up again")
+        record = ana.turn(proxy.client())
+        assert record["decision"] == "miss", record
+        disk = proxy.status()["disk"]
+        assert disk["restores"] == 0 and disk["model_changes"] == 1
+        assert "1 saved caches of" in proxy.log_text()
     finally:
         proxy.stop()

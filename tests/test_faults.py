@@ -156,3 +156,22 @@ def test_timings_kept_when_the_client_hangs_up_at_done(stub_proxy):
         time.sleep(0.05)
     record = stub_proxy.status()["recent"][0]
     assert (record["status"], record["cache_n"], record["prompt_n"]) == (200, 4000, 12)
+
+
+def test_monitor_survives_a_slots_reply_cut_in_its_headers(stub, tmp_path):
+    proxy = ProxyProcess(tmp_path, stub.url, health_interval=0.3).start()
+    try:
+        assert ask(proxy, "fine")[0] == 200  # slot 0 now holds a conversation
+        stub.cut_slots_replies(2)  # two polls in a row break off: the monitor must poll on after each
+        deadline = time.monotonic() + 15
+        while stub.slots_cut_pending and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not stub.slots_cut_pending
+        stub.restart()
+        deadline = time.monotonic() + 15
+        while proxy.status()["backends"][0]["restarts"] < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert proxy.status()["backends"][0]["restarts"] == 1  # still polling: the restart was seen
+        assert ask(proxy, "fine")[0] == 200
+    finally:
+        proxy.stop()

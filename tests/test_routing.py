@@ -174,7 +174,7 @@ def test_two_backends_behind_one_proxy(llama_factory, tmp_path):
         backends = {s["backend"] for s in proxy.status()["slots"]}
         assert backends == {first.url, second.url}
         # each conversation stayed on its own backend's slot
-        assert first.metrics()["llamacpp:prompt_tokens_total"] > 0
-        assert second.metrics()["llamacpp:prompt_tokens_total"] > 0
+        assert first.metrics()["llamacpp:prompt_tokens_total"] > 1000  # more than the identity probe
+        assert second.metrics()["llamacpp:prompt_tokens_total"] > 1000
     finally:
         proxy.stop()

@@ -6,26 +6,31 @@ request is pinned to a slot, slot actions, C{/slots}, C{/props}.
 from __future__ import annotations
 
 import json
-from typing import Any, cast
+from typing import Any, Callable, cast
 
 import attrs
 from treq.client import HTTPClient
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
 from proxycache.backend._http import UPSTREAM_FAILURES, UpstreamError, is_stale_connection, read_body
-from proxycache.backend._identity import model_identity
+from proxycache.backend._identity import PROBE_BODY, file_digest, model_identity, probe_answer
+
+log = Logger()
 
 # How long llama.cpp may keep reporting a slot busy after the proxy released
 # it (is_processing lags a cancelled request): polls, doubling from the first.
 IDLE_POLLS = 12
 IDLE_FIRST_DELAY = 0.05
 IDLE_MAX_DELAY = 1.0
+PROBE_TIMEOUT = 60.0  # one token of a short prompt; a slot may first have to come free
 
 
 @attrs.frozen
@@ -46,6 +51,8 @@ class LlamaServer:
     clock: IReactorTime
     api_key: str | None = None
     fresh_client: HTTPClient | None = None  # a new connection per request, for retries
+    to_thread: Callable[..., Deferred[Any]] = deferToThread
+    _probe: list[list[float]] | None = attrs.field(default=None, init=False)  # the weights' last probe answer
 
     @classmethod
     def create(cls, reactor: Any, url: str, api_key: str | None, pool_size: int) -> "LlamaServer":
@@ -149,14 +156,42 @@ class LlamaServer:
         status, slots = await self.call("GET", "/slots")
         return slots if status == 200 and isinstance(slots, list) else None
 
-    async def describe(self) -> Description | None:
-        """C{/props} and the model's identity; None when C{/props} does not answer."""
+    async def describe(self, probe: bool = True) -> Description | None:
+        """
+        C{/props} and the model's identity; None when C{/props} does not answer.
+        C{probe}: ask the weights (L{PROBE_BODY}) again.  The probe computes
+        a short prompt in some idle slot, overwriting what it held: only when
+        the server just came up (or may have), before the proxy uses its slots.
+        """
         status, props = await self.call("GET", "/props")
         if status != 200 or not isinstance(props, dict):
             return None
         _, models = await self.call("GET", "/v1/models")
+        if probe or self._probe is None:
+            self._probe = await self._ask_the_weights()
+        path = props.get("model_path")
+        digest = await self.to_thread(file_digest, path) if isinstance(path, str) and path else None
         total = props.get("total_slots")
-        return Description(props, total if isinstance(total, int) else None, model_identity(props, models))
+        identity = model_identity(props, models, self._probe, digest)
+        return Description(props, total if isinstance(total, int) else None, identity)
+
+    async def _ask_the_weights(self) -> list[list[float]] | None:
+        """The probe's answer; None (identity from shape and file only) when it gets none."""
+        try:
+            status, reply = await self.call("POST", "/completion", PROBE_BODY, PROBE_TIMEOUT)
+        except UPSTREAM_FAILURES as e:
+            status, reply = 0, str(e)
+        answer = probe_answer(reply) if status == 200 else None
+        if status == 200 and isinstance(reply, dict) and isinstance(reply.get("id_slot"), int):
+            # Leave the slot as empty as it was: no later prompt should reuse the probe's tokens.
+            try:
+                await self.call("POST", f"/slots/{reply['id_slot']}?action=erase", {})
+            except UPSTREAM_FAILURES:
+                pass
+        if answer is None:
+            log.warn("llama-server {url}: no answer to the model identity probe ({status}): {reply!r:.200}",
+                     url=self.url, status=status, reply=reply)
+        return answer
 
     async def wait_until_idle(self, index: int) -> dict[str, Any] | None:
         """

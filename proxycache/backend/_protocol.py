@@ -42,8 +42,8 @@ class Backend(Protocol):
     async def slots(self) -> list[dict[str, Any]] | None:
         """The server's own view of its slots, when it shows them."""
 
-    async def describe(self) -> Description | None:
-        """Properties and model identity, once it answers."""
+    async def describe(self, probe: bool = True) -> Description | None:
+        """Properties and model identity, once it answers; C{probe}: ask the weights again."""
 
     async def wait_until_idle(self, index: int) -> dict[str, Any] | None:
         """Slot C{index} as the server shows it once the server itself reports it idle."""

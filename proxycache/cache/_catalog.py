@@ -24,6 +24,9 @@ class Counters:
     restored_tokens: int = 0
     ineffective_restores: int = 0
     evicted_entries: int = 0
+    saves_skipped_low_space: int = 0  # free space under the headroom
+    model_changes: int = 0  # a backend came up with other weights or another build than before
+    stray_files: int = 0  # slot cache files with no meta, found at start
 
 
 @attrs.define
@@ -33,9 +36,14 @@ class Catalog:
     models: dict[str, str] = attrs.Factory(dict)  # backend name -> model identity, once it is up
     speeds: Speeds = attrs.Factory(Speeds)
     counters: Counters = attrs.Factory(Counters)
+    max_bytes: int = 0  # the disk budget in force (chosen at start when automatic), 0 = none
 
-    def backend_up(self, backend: str, model: str) -> None:
+    def backend_up(self, backend: str, model: str) -> int:
+        """C{backend} runs C{model} now; returns how many of its saved caches another model wrote."""
+        if self.models.get(backend) not in (None, model):
+            self.counters.model_changes += 1
         self.models[backend] = model
+        return sum(1 for e in self.index if e.backend == backend and e.model != model)
 
     def lookup(self, request: Request) -> DiskMatch | None:
         """The saved cache worth restoring for C{request}, if any."""

@@ -23,6 +23,18 @@ META_VERSION = 1
 KEY_PATTERN = re.compile(r"\A[0-9a-f]{8,64}\Z")  # not "$": it also matches before a final "\n"
 
 
+# Length classes are floor(log2(blocks)): far beyond any context.
+_MAX_LENGTH_CLASS = 40
+
+
+def _discard(index: dict, key: object, member: str) -> None:
+    members = index.get(key)
+    if members is not None:
+        members.discard(member)
+        if not members:
+            del index[key]
+
+
 def bin_name(key: str) -> str:
     if not KEY_PATTERN.match(key):
         raise ValueError(f"not a cache key: {key!r}")
@@ -86,11 +98,35 @@ class MetaEntry:
         )
 
 
+def _level(n: int) -> int:
+    """floor(log2(n)) for n >= 1: the sparse positions an entry of n blocks is indexed at."""
+    return n.bit_length() - 1
+
+
 @attrs.define
 class Index:
-    """All known entries, in memory."""
+    """
+    All known entries, in memory.  Read C{entries}; change it only through
+    L{put} and L{remove}, which keep the lookup maps in step.
+
+    Chained block hashes: C{blocks[i]} names the whole prefix of C{i + 1}
+    blocks, so two fingerprints share C{c} leading blocks iff they agree at
+    position C{c - 1}.  Each entry of C{m} blocks is indexed at the positions
+    C{2**k - 1} (k = 0 .. log2 m), by (hash, length class of m), and by its
+    last hash.  A lookup then looks at O(log) positions of the request and only
+    at entries whose length can still pass the ratio, instead of every entry.
+    """
 
     entries: dict[str, MetaEntry] = attrs.field(factory=dict)
+    _at: dict[tuple[int, int], set[str]] = attrs.field(factory=dict, init=False, repr=False)
+    _last: dict[int, set[str]] = attrs.field(factory=dict, init=False, repr=False)
+    _bytes: int = attrs.field(default=0, init=False, repr=False)
+    touched: int = attrs.field(default=0, init=False, repr=False)  # entries compared by lookups (for bench/)
+
+    def __attrs_post_init__(self) -> None:
+        entries, self.entries = self.entries, {}
+        for entry in entries.values():
+            self.put(entry)
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -100,23 +136,73 @@ class Index:
 
     @property
     def total_bytes(self) -> int:
-        return sum(e.bytes for e in self.entries.values())
+        return self._bytes
+
+    def put(self, entry: MetaEntry) -> None:
+        """Add C{entry}, replacing any entry under its key."""
+        self.remove(entry.key)
+        self.entries[entry.key] = entry
+        self._bytes += entry.bytes
+        for position, length_class in self._positions(entry):
+            self._at.setdefault((entry.fingerprint.blocks[position], length_class), set()).add(entry.key)
+        if entry.fingerprint.blocks:
+            self._last.setdefault(entry.fingerprint.blocks[-1], set()).add(entry.key)
+
+    def remove(self, key: str) -> MetaEntry | None:
+        entry = self.entries.pop(key, None)
+        if entry is None:
+            return None
+        self._bytes -= entry.bytes
+        for position, length_class in self._positions(entry):
+            _discard(self._at, (entry.fingerprint.blocks[position], length_class), key)
+        if entry.fingerprint.blocks:
+            _discard(self._last, entry.fingerprint.blocks[-1], key)
+        return entry
+
+    @staticmethod
+    def _positions(entry: MetaEntry) -> Iterator[tuple[int, int]]:
+        m = len(entry.fingerprint.blocks)
+        if m:
+            length_class = _level(m)
+            for k in range(length_class + 1):
+                yield (1 << k) - 1, length_class
 
     def best(
         self, fp: Fingerprint, model: str, backends: Iterable[str], min_ratio: float
     ) -> tuple[MetaEntry, int, float] | None:
         """The restorable entry sharing the most leading blocks with C{fp}: (entry, common, ratio)."""
         allowed = set(backends)
-        best = None
-        for entry in self.entries.values():
-            if entry.ineffective or entry.model != model or entry.backend not in allowed:
-                continue
-            common = fp.common_blocks(entry.fingerprint)
-            if common == 0:
-                continue
-            ratio = common / min(len(fp.blocks), len(entry.fingerprint.blocks))
-            if ratio >= min_ratio and (best is None or (common, entry.last_used) > (best[1], best[0].last_used)):
-                best = (entry, common, ratio)
+        n = len(fp.blocks)
+        if not n or not self.entries or not allowed:
+            return None
+        ratio_floor = max(min_ratio, 1e-9)
+        best: tuple[MetaEntry, int, float] | None = None
+        seen: set[str] = set()
+        for k in range(_level(n), -1, -1):
+            # Entries found at level k share c >= 2**k blocks; those new here share c < 2**(k+1).
+            # Shorter than the request, such an entry passes the ratio only if m <= c / ratio.
+            longest_short = int(((1 << (k + 1)) - 1) / ratio_floor)
+            classes = range(k, _level(max(longest_short, 1)) + 1)
+            if (1 << (k + 1)) - 1 >= min_ratio * n:  # entries as long as the request can pass too
+                classes = range(k, _MAX_LENGTH_CLASS + 1)
+            position = fp.blocks[(1 << k) - 1]
+            for length_class in classes:
+                for key in self._at.get((position, length_class), ()):
+                    if key in seen:
+                        continue
+                    seen.add(key)
+                    entry = self.entries[key]
+                    self.touched += 1
+                    if entry.ineffective or entry.model != model or entry.backend not in allowed:
+                        continue
+                    common = fp.common_blocks(entry.fingerprint)
+                    ratio = common / min(n, len(entry.fingerprint.blocks))
+                    if ratio >= min_ratio and (
+                        best is None or (common, entry.last_used) > (best[1], best[0].last_used)
+                    ):
+                        best = (entry, common, ratio)
+            if best is not None and best[1] >= 1 << k:
+                break  # every entry not seen yet shares fewer blocks
         return best
 
     def predecessor(self, fp: Fingerprint, backend: str, model: str) -> MetaEntry | None:
@@ -124,14 +210,12 @@ class Index:
         An entry that holds an earlier turn of the conversation C{fp} continues
         (its blocks are a prefix of C{fp}): a new save replaces it, under its key.
         """
-        found = None
-        for entry in self.entries.values():
-            if entry.backend != backend or entry.model != model:
-                continue
-            n = len(entry.fingerprint.blocks)
-            if n and fp.common_blocks(entry.fingerprint) == n and (found is None or n > len(found.fingerprint.blocks)):
-                found = entry
-        return found
+        for i in range(len(fp.blocks) - 1, -1, -1):  # longest first
+            for key in self._last.get(fp.blocks[i], ()):
+                entry = self.entries[key]
+                if entry.backend == backend and entry.model == model:
+                    return entry
+        return None
 
     def over_budget(
         self,
@@ -139,14 +223,18 @@ class Index:
         max_entries: int,
         pinned: frozenset[str],
         current_models: frozenset[str] = frozenset(),
+        max_pinned_share: float = 0.5,
     ) -> list[MetaEntry]:
         """
-        Unpinned entries to drop so the index fits its budget: first those no
-        running backend can restore (another model or llama.cpp build, or an
-        ineffective restore), then the least recently used.
+        Entries to drop so the index fits its budget: first those no running
+        backend can restore (another model or llama.cpp build, or an
+        ineffective restore), then the least recently used.  Pinned entries are
+        kept while they fit in C{max_pinned_share} of the budget, newest first;
+        older pinned ones beyond that share are evicted like any other.
         """
         victims: list[MetaEntry] = []
         count, size = len(self.entries), self.total_bytes
+        protected = self._protected_pins(max_bytes, max_entries, pinned, max_pinned_share)
 
         def retire_order(entry: MetaEntry) -> tuple[bool, float]:
             restorable = not entry.ineffective and (not current_models or entry.model in current_models)
@@ -155,8 +243,20 @@ class Index:
         for entry in sorted(self.entries.values(), key=retire_order):
             if not ((max_entries and count > max_entries) or (max_bytes and size > max_bytes)):
                 break
-            if entry.pinned or entry.key in pinned:
+            if entry.key in protected:
                 continue
             victims.append(entry)
             count, size = count - 1, size - entry.bytes
         return victims
+
+    def _protected_pins(self, max_bytes: int, max_entries: int, pinned: frozenset[str], share: float) -> set[str]:
+        """The pinned entries within their share of the budget, most recently used first."""
+        protected: set[str] = set()
+        count = size = 0
+        pins = [e for e in self.entries.values() if e.pinned or e.key in pinned]
+        for entry in sorted(pins, key=lambda e: e.last_used, reverse=True):
+            count, size = count + 1, size + entry.bytes
+            if (max_entries and count > share * max_entries) or (max_bytes and size > share * max_bytes):
+                break
+            protected.add(entry.key)
+        return protected

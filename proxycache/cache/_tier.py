@@ -10,18 +10,20 @@ after llama.cpp itself reports the slot idle, with a timeout.
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from proxycache.backend import UPSTREAM_FAILURES, Backend, UpstreamError, never_used
+from proxycache.backend import UPSTREAM_FAILURES, Backend, UpstreamError, never_used, unreachable
+from proxycache.cache._budget import AUTO_SHARE, auto_budget, headroom
 from proxycache.cache._catalog import Catalog
 from proxycache.cache._files import load_index, remove_entry_files, write_meta
 from proxycache.cache._index import MetaEntry, bin_name
@@ -30,6 +32,11 @@ from proxycache.routing import Decision, SlotId, SlotState, fell_short
 from proxycache.slots import Lease, Outcome, Scheduler, Slot, SlotContent
 
 log = Logger()
+
+# A save whose slot holds less than this share of the tokens the proxy believes
+# it holds (llama.cpp overwrote or cleared it behind the proxy's back) would put
+# a near-empty file over a good one: refused.
+MIN_SAVED_SHARE = 0.5
 
 
 @attrs.frozen
@@ -53,6 +60,7 @@ class DiskTier(Service):
         on_empty_slot: Callable[[], Any] = lambda: None,
         observers: Sequence[Callable[[str, float, int], None]] = (),
         to_thread: Callable[..., Deferred[Any]] = deferToThread,
+        disk_usage: Callable[[str], Any] = shutil.disk_usage,  # blocking: only ever run in to_thread
     ) -> None:
         self.config = config
         self.clock = clock
@@ -65,12 +73,16 @@ class DiskTier(Service):
         self.on_empty_slot = on_empty_slot  # llama-server looks restarted: the monitor looks again
         self.observers = list(observers)  # (action, seconds, bytes) of every save and restore
         self.to_thread = to_thread
+        self.disk_usage = disk_usage
+        self._low_space = False  # logged once per spell of low free space
         self.meta_dir = Path(config.meta_dir)
         self.save_dir = Path(config.slot_save_path) if config.slot_save_path else None
         self.pinned = frozenset(config.pinned_keys)
         self._restored: dict[SlotId, _Restored] = {}
         self._write_behind: dict[SlotId, IDelayedCall] = {}
         self._settling: dict[SlotId, Deferred[Decision]] = {}
+        # One writer per key: a save (file and meta), a meta update, a drop.
+        self._key_locks: dict[str, DeferredLock] = {}
         self.loaded: Deferred[None] = Deferred()
 
     # -- service ------------------------------------------------------------
@@ -82,7 +94,7 @@ class DiskTier(Service):
     async def _load(self) -> None:
         loaded = await self.to_thread(load_index, self.meta_dir, self.save_dir)
         for entry in loaded.entries:
-            self.index.entries[entry.key] = entry
+            self.index.put(entry)
         if loaded.skipped:  # one line, however many (an old format leaves many)
             log.warn(
                 "skipped {n} unreadable cache metas (they will not be restored): {some}",
@@ -90,9 +102,47 @@ class DiskTier(Service):
             )
         if loaded.missing:
             log.warn("dropped {n} cache metas whose .bin is gone", n=len(loaded.missing))
+        self.counters.stray_files = len(loaded.stray)
         if loaded.stray:
             log.warn("{n} slot cache files have no meta (left alone): {names}", n=len(loaded.stray), names=", ".join(loaded.stray[:5]))
         log.info("disk cache index: {n} entries, {mb:.1f} MB", n=len(self.index), mb=self.index.total_bytes / 1e6)
+        await self._choose_budget()
+
+    async def _choose_budget(self) -> None:
+        configured = self.config.max_cache_bytes
+        if configured is not None:
+            self.catalog.max_bytes = configured
+            return
+        if self.save_dir is None:
+            log.info("disk budget: none (llama-server's save directory is not visible here: see --slot-save-path)")
+            return
+        usage = await self.to_thread(_usage, self.disk_usage, self.save_dir)
+        self.catalog.max_bytes = auto_budget(usage.free, usage.total, self.index.total_bytes)
+        log.info(
+            "disk budget: {gb:.2f} GB, chosen at start ({share:.0%} of the {free:.1f} GB free in {dir} "
+            "and the caches already there; --max-cache-bytes sets it)",
+            gb=self.catalog.max_bytes / 1e9, share=AUTO_SHARE, free=usage.free / 1e9, dir=self.save_dir,
+        )
+
+    async def _room_to_save(self) -> bool:
+        """Is there free space beyond the headroom where llama-server writes?  Logged once when not."""
+        if self.save_dir is None:
+            return True
+        try:
+            usage = await self.to_thread(_usage, self.disk_usage, self.save_dir)
+        except OSError:
+            return True  # cannot tell: llama-server's own reply will say
+        if usage.free >= headroom(usage.total):
+            self._low_space = False
+            return True
+        self.counters.saves_skipped_low_space += 1
+        if not self._low_space:
+            self._low_space = True
+            log.warn(
+                "not saving slot caches: {free:.1f} GB free in {dir}, under the {room:.1f} GB left to everything else",
+                free=usage.free / 1e9, dir=self.save_dir, room=headroom(usage.total) / 1e9,
+            )
+        return False
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -115,6 +165,16 @@ class DiskTier(Service):
                 continue
             slot.lock.release()
             await self._save_idle(slot)
+
+    def backend_up(self, backend: str, model: str) -> None:
+        """A backend came up (again) running C{model}; says once what that makes unusable."""
+        unusable = self.catalog.backend_up(backend, model)
+        if unusable:
+            log.warn(
+                "{n} saved caches of {backend} were written by another model or llama.cpp build: "
+                "never restored, and the first to go from the disk budget",
+                n=unusable, backend=backend,
+            )
 
     # -- around a request ---------------------------------------------------
 
@@ -165,7 +225,7 @@ class DiskTier(Service):
             "it will not be restored again (SWA/hybrid model without --swa-full?)",
             key=restored.entry.key, cache_n=outcome.cache_n, total=outcome.cache_n + outcome.prompt_n,
         )
-        self._replace(attrs.evolve(restored.entry, ineffective=True))
+        self._update(restored.entry, ineffective=True)
 
     # -- save / restore -----------------------------------------------------
 
@@ -176,8 +236,25 @@ class DiskTier(Service):
         fp = content.fingerprint
         if model is None or not fp.blocks:
             return None
+        if not await self._room_to_save():
+            return None
         predecessor = self.index.predecessor(fp, backend.name, model)
         key = predecessor.key if predecessor else fp.key
+        lock = await self._lock_key(key)
+        try:
+            entry = await self._save_locked(slot, content, backend, model, key)
+        finally:
+            self._unlock_key(key, lock)
+        if entry is None:
+            return None
+        await self._enforce_budget()
+        return key
+
+    async def _save_locked(
+        self, slot: Slot, content: SlotContent, backend: Backend, model: str, key: str
+    ) -> MetaEntry | None:
+        # What the key holds now, not before the wait for its lock: a drop or another save may have come between.
+        predecessor = self.index.entries.get(key)
         started = self.clock.seconds()
         try:
             seen = await backend.wait_until_idle(slot.id.index)
@@ -186,15 +263,26 @@ class DiskTier(Service):
                 # saving now would write an empty file over this conversation's cache.
                 self.on_empty_slot()
                 raise UpstreamError(f"slot {slot.id.index} is empty in llama.cpp (restarted?)")
+            expected = max(content.tokens, predecessor.tokens if predecessor else 0)
+            held = _tokens_held(seen)
+            if held is not None and held < expected * MIN_SAVED_SHARE:
+                # llama.cpp overwrote or cleared the slot behind the proxy's back (its RAM
+                # cache, an n_cmpl child task, an erase): the file holds more than the slot.
+                self.on_empty_slot()
+                raise UpstreamError(
+                    f"slot {slot.id.index} holds {held} tokens in llama.cpp, {expected} expected: not saved over"
+                )
             reply = await backend.slot_action(slot.id.index, "save", bin_name(key), self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             self.counters.save_failures += 1
             hint = " (llama-server runs without --slot-save-path: nothing can be saved)" if " 501 " in str(e) else ""
             log.warn("saving slot {slot} failed: {error}{hint}", slot=str(slot.id), error=e, hint=hint)
+            if unreachable(e):
+                self.on_empty_slot()  # nobody listens: the monitor takes it out and sees it come back
             return None
         now = self.clock.seconds()
         entry = MetaEntry(
-            key=key, backend=backend.name, model=model, fingerprint=fp,
+            key=key, backend=backend.name, model=model, fingerprint=content.fingerprint,
             tokens=int(reply.get("n_saved", content.tokens)), bytes=int(reply.get("n_written", 0)),
             created=predecessor.created if predecessor else now, last_used=now,
             pinned=content.pinned or bool(predecessor and predecessor.pinned),
@@ -205,7 +293,7 @@ class DiskTier(Service):
             self.counters.save_failures += 1
             log.warn("writing cache meta {key} failed: {error}", key=key, error=e)
             return None
-        self.index.entries[key] = entry
+        self.index.put(entry)
         self.counters.saves += 1
         self.counters.saved_bytes += entry.bytes
         took = now - started
@@ -215,8 +303,7 @@ class DiskTier(Service):
             "saved slot {slot} as {key}: {tokens} tokens, {mb:.1f} MB in {took:.2f}s",
             slot=str(slot.id), key=key, tokens=entry.tokens, mb=entry.bytes / 1e6, took=took,
         )
-        await self._enforce_budget()
-        return key
+        return entry
 
     async def _restore(self, lease: Lease) -> bool:
         match = lease.plan.restore
@@ -226,14 +313,29 @@ class DiskTier(Service):
         slot = lease.slot
         backend = self.backends[slot.id.backend]
         started = self.clock.seconds()
+        lock = await self._lock_key(entry.key)  # not while a save of the same key rewrites the file
+        current = self.index.entries.get(entry.key)
+        if current is None or current.model != entry.model:
+            self._unlock_key(entry.key, lock)
+            return False  # dropped while we waited
+        entry = current
         try:
             await backend.wait_until_idle(slot.id.index)
             reply = await backend.slot_action(slot.id.index, "restore", entry.filename, self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
+            failure: Exception | None = e
+        else:
+            failure = None
+        finally:
+            self._unlock_key(entry.key, lock)
+        if failure is not None:
             # llama.cpp clears the slot when a restore fails: the request recomputes.
             self.counters.restore_failures += 1
-            log.warn("restoring {key} into slot {slot} failed, recomputing: {error}", key=entry.key, slot=str(slot.id), error=e)
-            if "failed to open" in str(e).lower() or "not found" in str(e).lower():
+            log.warn(
+                "restoring {key} into slot {slot} failed, recomputing: {error}",
+                key=entry.key, slot=str(slot.id), error=failure,
+            )
+            if "failed to open" in str(failure).lower() or "not found" in str(failure).lower():
                 await self._drop(entry)
             return False
         took = self.clock.seconds() - started
@@ -244,7 +346,7 @@ class DiskTier(Service):
         for observer in self.observers:
             observer("restore", took, int(reply.get("n_read", entry.bytes)))
         self._restored[slot.id] = _Restored(entry, n_restored, match.common_blocks)
-        self._replace(attrs.evolve(entry, last_used=self.clock.seconds()))
+        self._update(entry, last_used=self.clock.seconds())
         (log.info if took >= 1 else log.debug)(
             "restored {key} into slot {slot}: {tokens} tokens in {took:.2f}s",
             key=entry.key, slot=str(slot.id), tokens=n_restored, took=took,
@@ -255,9 +357,12 @@ class DiskTier(Service):
 
     def _schedule_write_behind(self, slot: Slot) -> None:
         self._cancel_write_behind(slot)
-        self._write_behind[slot.id] = self.clock.callLater(
-            self.config.write_behind, lambda: Deferred.fromCoroutine(self._save_idle(slot))
-        )
+        self._write_behind[slot.id] = self.clock.callLater(self.config.write_behind, self._start_save_idle, slot)
+
+    def _start_save_idle(self, slot: Slot) -> None:
+        # Nobody waits on a background save: whatever it raises is logged here, not left in a Deferred.
+        d = Deferred.fromCoroutine(self._save_idle(slot))
+        d.addErrback(lambda f: log.failure("background save of slot {slot} failed", f, slot=str(slot.id)))
 
     def _cancel_write_behind(self, slot: Slot) -> None:
         timer = self._write_behind.pop(slot.id, None)
@@ -280,23 +385,72 @@ class DiskTier(Service):
 
     # -- the index on disk --------------------------------------------------
 
-    def _replace(self, entry: MetaEntry) -> None:
-        self.index.entries[entry.key] = entry
-        d = self.to_thread(write_meta, self.meta_dir, entry)
+    async def _lock_key(self, key: str) -> DeferredLock:
+        lock = self._key_locks.setdefault(key, DeferredLock())
+        await lock.acquire()
+        return lock
+
+    def _unlock_key(self, key: str, lock: DeferredLock) -> None:
+        lock.release()
+        if not lock.locked and self._key_locks.get(key) is lock:
+            del self._key_locks[key]
+
+    def _update(self, entry: MetaEntry, **changes: Any) -> None:
+        """
+        Change C{entry} in the index and, in the background, on disk; unless it
+        is no longer the index's entry for its key (dropped, or replaced by a
+        newer save), in which case changing it would undo that.
+        """
+        if self.index.entries.get(entry.key) is not entry:
+            return
+        changed = attrs.evolve(entry, **changes)
+        self.index.put(changed)
+        d = Deferred.fromCoroutine(self._write_current(changed))
         d.addErrback(lambda f: log.warn("writing cache meta {key} failed: {error}", key=entry.key, error=f.value))
 
+    async def _write_current(self, entry: MetaEntry) -> None:
+        lock = await self._lock_key(entry.key)
+        try:
+            # Checked after the wait: a drop or a newer save meanwhile wins.
+            if self.index.entries.get(entry.key) is entry:
+                await self.to_thread(write_meta, self.meta_dir, entry)
+        finally:
+            self._unlock_key(entry.key, lock)
+
     async def _drop(self, entry: MetaEntry) -> None:
-        self.index.entries.pop(entry.key, None)
-        await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
+        """Forget C{entry} and delete its files, unless its key holds a newer entry by then."""
+        if self.index.entries.get(entry.key) is not entry:
+            return  # already dropped, or replaced by a newer save: that one stays
+        self.index.remove(entry.key)
+        lock = await self._lock_key(entry.key)
+        try:
+            if entry.key not in self.index.entries:  # a save of this key while we waited keeps its files
+                await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
+        finally:
+            self._unlock_key(entry.key, lock)
 
     async def _enforce_budget(self) -> None:
         victims = self.index.over_budget(
-            self.config.max_cache_bytes, self.config.max_cache_entries, self.pinned, frozenset(self.catalog.models.values())
+            self.catalog.max_bytes, self.config.max_cache_entries, self.pinned,
+            frozenset(self.catalog.models.values()), self.config.max_pinned_share,
         )
         for victim in victims:
             self.counters.evicted_entries += 1
             log.info("disk budget: dropping cache {key} ({mb:.1f} MB)", key=victim.key, mb=victim.bytes / 1e6)
             await self._drop(victim)
+
+
+def _usage(disk_usage: Callable[[str], Any], path: Path) -> Any:
+    """Blocking: the disk usage where C{path} is, or would be (its nearest existing parent)."""
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return disk_usage(str(path))
+
+
+def _tokens_held(slot: dict[str, Any] | None) -> int | None:
+    """The tokens llama.cpp says slot C{slot} (from C{GET /slots}) holds, when it says."""
+    n = (slot or {}).get("n_prompt_tokens")  # b11549: the prompt last processed, 0 after an erase
+    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _shielded(work: Deferred) -> Deferred:

@@ -32,6 +32,9 @@ class BackendHealth:
     slot_context: int | None = None  # n_ctx of one slot
     failures: int = 0  # checks failed in a row
     taken_out: bool = False  # its slots left the map: whatever it held is forgotten
+    # The identity probe overwrites an idle slot: ask the weights again only when the
+    # server (re)started or may have (refused connections, still loading), not after a blip.
+    probe_due: bool = True
 
 
 # While a backend is down, look again this often, so start-up and recovery are quick.
@@ -108,10 +111,12 @@ class Monitor(Service):
     async def _check(self, health: BackendHealth) -> None:
         backend = health.backend
         if not health.up:
-            described = await backend.describe()
+            described = await backend.describe(probe=health.probe_due)
             if described is None:
                 log.warn("llama-server {url}: /props did not answer", url=backend.url)
+                health.probe_due = True
                 return
+            health.probe_due = False
             props = health.props = described.props
             for warning in settings_warnings(props, health.configured_slots):
                 log.warn("{url}: {warning}", url=backend.url, warning=warning)
@@ -146,6 +151,7 @@ class Monitor(Service):
             self.scheduler.reset_backend(backend.name)
             health.max_task_seen = -1
             health.up = False  # read /props again: it may run another model now
+            health.probe_due = True
             return
         contexts = [s["n_ctx"] for s in slots if isinstance(s.get("n_ctx"), int)]
         if contexts:
@@ -168,6 +174,7 @@ class Monitor(Service):
         health = self.health[name]
         health.up = False
         health.taken_out = True
+        health.probe_due = True  # whatever answers there next may run other weights
         if any(slot_id.backend == name for slot_id in self.scheduler.slots):
             log.warn("llama-server {url} is unreachable: its slots are out of the map until it answers",
                      url=health.backend.url)

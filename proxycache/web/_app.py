@@ -152,7 +152,9 @@ class Proxy:
         return Request(
             fp,
             is_small(fp, config.min_prefix_chars, config.min_prefix_words, config.min_prefix_blocks),
-            pinned=(request.getHeader(b"x-proxycache-pin") or b"").lower() in PIN_HEADER_VALUES,
+            # Pinning exempts a cache from eviction: the operator's call, not any client's.
+            pinned=config.allow_client_pins
+            and (request.getHeader(b"x-proxycache-pin") or b"").lower() in PIN_HEADER_VALUES,
             kind=api.kind,
         )
 

@@ -1,0 +1,143 @@
+"""
+The disk tier's writes of one key, in process: a fake thread pool runs the
+blocking file work in the worst order, to show that a drop or a newer save
+is never undone by a write that was pending when it happened.
+"""
+
+from __future__ import annotations
+
+from collections import namedtuple
+from pathlib import Path
+from typing import Any, Callable
+
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
+
+from proxycache.cache import Catalog, DiskTier, MetaEntry, load_index, write_meta
+from proxycache.config import Config
+from proxycache.routing import Fingerprint
+from proxycache.slots import Scheduler
+
+MODEL = "m0del"
+Usage = namedtuple("Usage", "total used free")
+
+
+class Threads:
+    """C{to_thread} whose calls run only when the test says, newest first."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Deferred[Any], Callable[..., Any], tuple[Any, ...]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((d, f, args))
+        return d
+
+    def run_newest_first(self) -> None:
+        while self.pending:
+            d, f, args = self.pending.pop()
+            try:
+                result = f(*args)
+            except Exception as e:  # noqa: BLE001 - handed to the caller's errback
+                d.errback(e)
+            else:
+                d.callback(result)
+
+
+def make_tier(tmp_path: Path) -> tuple[DiskTier, Threads]:
+    config = Config.load({"meta_dir": str(tmp_path / "meta"), "slot_save_path": str(tmp_path / "saves")}, environ={})
+    (tmp_path / "saves").mkdir()
+    clock = Clock()
+    catalog = Catalog(min_ratio=0.85)
+    scheduler = Scheduler(clock, min_ratio=0.85, affinity_wait=1.0, max_queue=4, disk_lookup=catalog.lookup)
+    threads = Threads()
+    return DiskTier(config, clock, scheduler, {}, catalog, to_thread=threads), threads
+
+
+def saved_entry(tier: DiskTier, key: str = "0123456789abcdef", last_used: float = 1.0) -> MetaEntry:
+    entry = MetaEntry(key, "b", MODEL, Fingerprint((1, 2, 3), 300, 48), 100, 4096, 1.0, last_used)
+    write_meta(tier.meta_dir, entry)
+    assert tier.save_dir is not None
+    (tier.save_dir / entry.filename).write_bytes(b"kv")
+    tier.index.put(entry)
+    return entry
+
+
+def test_a_drop_during_a_pending_meta_write_is_not_undone(tmp_path):
+    tier, threads = make_tier(tmp_path)
+    entry = saved_entry(tier)
+    tier._update(entry, last_used=2.0)  # a restore touched it: its meta write waits for a thread
+    updated = tier.index.entries[entry.key]
+    dropped = Deferred.fromCoroutine(tier._drop(updated))  # the budget drops it meanwhile
+    threads.run_newest_first()  # the removal would run before the pending write
+    assert dropped.called
+    assert entry.key not in tier.index.entries
+    assert not (tier.meta_dir / f"{entry.key}.meta").exists()  # no meta came back
+    assert not (tmp_path / "saves" / entry.filename).exists()
+
+
+def test_an_update_of_a_replaced_entry_does_not_undo_the_newer_one(tmp_path):
+    tier, threads = make_tier(tmp_path)
+    old = saved_entry(tier, last_used=1.0)
+    newer = MetaEntry(old.key, "b", MODEL, Fingerprint((1, 2, 3, 4), 400, 64), 150, 5000, 1.0, 3.0)
+    write_meta(tier.meta_dir, newer)
+    tier.index.put(newer)  # a save of the next turn landed while a restore of the old one finished
+    tier._update(old, last_used=2.0)
+    Deferred.fromCoroutine(tier._drop(old))  # a budget decision about the old one
+    threads.run_newest_first()
+    assert tier.index.entries[old.key] is newer
+    assert load_index(tier.meta_dir, tier.save_dir).entries == [newer]
+
+
+def test_a_drop_waits_for_a_write_in_progress_and_skips_a_newer_entry(tmp_path):
+    tier, threads = make_tier(tmp_path)
+    entry = saved_entry(tier)
+    tier._update(entry, last_used=2.0)
+    touched = tier.index.entries[entry.key]
+    tier._update(touched, last_used=3.0)  # a second update queues behind the first
+    latest = tier.index.entries[entry.key]
+    threads.run_newest_first()
+    assert load_index(tier.meta_dir, tier.save_dir).entries == [latest]
+    assert not tier._key_locks  # no lock left behind
+
+
+def test_stray_cache_files_are_counted(tmp_path):
+    tier, threads = make_tier(tmp_path)
+    saved_entry(tier)
+    (tmp_path / "saves" / "slotcache_00000000deadbeef.bin").write_bytes(b"kv")  # no meta
+    tier.index.remove("0123456789abcdef")
+    tier.startService()
+    threads.run_newest_first()
+    assert tier.loaded.called
+    assert tier.counters.stray_files == 1 and len(tier.index) == 1
+
+
+def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(tmp_path):
+    from twisted.logger import globalLogPublisher
+
+    from proxycache.routing import SlotId, SlotState
+    from proxycache.slots import Slot, SlotContent
+
+    class Broken:
+        name = url = "b"
+
+        async def wait_until_idle(self, index: int) -> dict[str, Any]:
+            raise RuntimeError("something nobody expected")
+
+    tier, threads = make_tier(tmp_path)
+    tier.backends = {"b": Broken()}
+    tier.catalog.backend_up("b", MODEL)
+    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    slot = Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300))
+    tier.scheduler.slots[slot.id] = slot
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        tier._schedule_write_behind(slot)
+        tier.clock.advance(tier.config.write_behind)
+        threads.run_newest_first()  # the free-space check
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert not slot.busy
+    (logged,) = [e for e in events if "background save" in e.get("log_format", "")]
+    assert logged["log_failure"].check(RuntimeError)
