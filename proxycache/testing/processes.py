@@ -115,13 +115,20 @@ class _Child:
 class LlamaProcess(_Child):
     """
     A llama.cpp server: the embedded xllamacpp one, or the binary named in the
-    spec. C{start()} returns once C{/health} answers 200.
+    spec. C{start()} returns once C{/health} answers 200. C{argv}, if given,
+    starts it instead of the spec's command line (it must agree with the spec
+    on the port, save directory and key; the key is then not put in the
+    environment).
     """
 
-    def __init__(self, spec: LlamaServerSpec, log_path: Path, timeout: float = 120.0) -> None:
+    def __init__(
+        self, spec: LlamaServerSpec, log_path: Path, timeout: float = 120.0, argv: list[str] | None = None
+    ) -> None:
         self.spec = spec
         self.log_path = Path(log_path)
         self.timeout = timeout
+        self.argv = command(spec) if argv is None else argv
+        self.env = child_env(spec if argv is None else None)  # a given argv says it all
 
     @property
     def url(self) -> str:
@@ -136,7 +143,7 @@ class LlamaProcess(_Child):
             self.save_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:  # stdin stays a pipe: xllamacpp exits when it closes
-            self._spawn(command(self.spec), child_env(), stdout=log)
+            self._spawn(self.argv, self.env, stdout=log)
         self._wait_healthy()
         return self
 
