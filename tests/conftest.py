@@ -54,17 +54,22 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 def llama_engine_of(config: pytest.Config) -> str:
-    if os.environ.get("LLAMA_SERVER_BIN"):
-        return "binary"
-    engine = config.getoption("--llama-engine") or os.environ.get("PROXYCACHE_LLAMA_ENGINE") or "xllamacpp"
+    """The option, else C{binary} if C{LLAMA_SERVER_BIN} names one, else C{PROXYCACHE_LLAMA_ENGINE}."""
+    engine = (
+        config.getoption("--llama-engine")
+        or ("binary" if os.environ.get("LLAMA_SERVER_BIN") else None)
+        or os.environ.get("PROXYCACHE_LLAMA_ENGINE")
+        or "xllamacpp"
+    )
     if engine not in ENGINES:
         raise pytest.UsageError(f"PROXYCACHE_LLAMA_ENGINE={engine!r}: not one of {', '.join(ENGINES)}")
     return engine
 
 
 def pytest_report_header(config: pytest.Config) -> str:
-    binary = os.environ.get("LLAMA_SERVER_BIN")
-    return f"llama engine: {llama_engine_of(config)}" + (f" ({binary})" if binary else "")
+    engine = llama_engine_of(config)
+    binary = os.environ.get("LLAMA_SERVER_BIN") if engine == "binary" else None
+    return f"llama engine: {engine}" + (f" ({binary})" if binary else "")
 
 
 @pytest.fixture(scope="session")
