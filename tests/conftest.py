@@ -45,6 +45,7 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "llama: runs a real llama.cpp server (the --llama-engine one)")
+    llama_engine_of(config)  # a bad PROXYCACHE_LLAMA_ENGINE stops the run here
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
