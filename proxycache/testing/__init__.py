@@ -8,6 +8,7 @@ C{llama-server} binary built from source.
 from proxycache.testing.http import call, free_port, http, prometheus
 from proxycache.testing.processes import (
     TWISTD,
+    ChildProcess,
     LlamaHTTPError,
     LlamaProcess,
     ProxyProcess,
@@ -17,6 +18,7 @@ from proxycache.testing.processes import (
 
 __all__ = [
     "TWISTD",
+    "ChildProcess",
     "LlamaHTTPError",
     "LlamaProcess",
     "ProxyProcess",

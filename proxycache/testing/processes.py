@@ -1,7 +1,8 @@
 """
 Real child processes for tests and benchmarks, driven synchronously (so that
-pytest-twisted tests can use them too): a llama.cpp server (L{LlamaProcess})
-and the daemon, C{twistd -n proxycache} (L{ProxyProcess}).
+pytest-twisted tests can use them too): a llama.cpp server (L{LlamaProcess}),
+the daemon, C{twistd -n proxycache} (L{ProxyProcess}), or any command
+(L{ChildProcess}).
 
 Each child runs in its own session and gets SIGTERM when its parent dies
 (Linux C{PR_SET_PDEATHSIG}), so nothing outlives an interrupted run.
@@ -42,19 +43,63 @@ def _die_with_parent() -> None:
         pass
 
 
-class _Child:
-    """One child process; its output goes to C{log_path} unless told otherwise."""
+class ChildProcess:
+    """
+    A child process: C{argv()} run with C{child_env()} in C{cwd}, its output
+    appended to C{output} (inherited when C{None}); C{log_path} is the log the
+    helpers read (the output unless a subclass says otherwise).
+    """
 
-    log_path: Path
     process: subprocess.Popen[bytes] | None = None
 
-    def _spawn(
-        self, argv: list[str], env: dict[str, str], cwd: Path | None = None, stdout: IO[bytes] | None = None
+    def __init__(
+        self, argv: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
     ) -> None:
+        self._argv = argv
+        self._env = env
+        self.log_path = Path(log_path)
+        self.output: Path | None = self.log_path
+        self.cwd = cwd
+
+    def argv(self) -> list[str]:
+        return self._argv
+
+    def child_env(self) -> dict[str, str]:
+        return dict(os.environ) if self._env is None else self._env
+
+    def spawn(self) -> None:
+        if self.output is None:
+            self._popen(None)
+            return
+        self.output.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.output, "ab") as out:
+            self._popen(out)
+
+    def _popen(self, out: IO[bytes] | None) -> None:
+        # stdin stays a pipe: proxycache.embedded's child exits when it closes
         self.process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=stdout, stderr=subprocess.STDOUT, env=env, cwd=cwd,
-            start_new_session=True, preexec_fn=_die_with_parent,
+            self.argv(), stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=self.child_env(),
+            cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent,
         )
+
+    def wait_for(self, url: str, timeout: float, what: str, interval: float = 0.05) -> None:
+        """Until C{GET url} answers 200; kills the child and raises if it exits or C{timeout} passes."""
+        assert self.process is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                code = self.process.returncode
+                self._close()
+                raise RuntimeError(f"{what} exited with {code}; log {self.log_path}:\n{self.log_tail()}")
+            try:
+                if http("GET", url, timeout=2)[0] == 200:
+                    return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"{what} not ready after {timeout} s; log {self.log_path}:\n{self.log_tail()}")
+            time.sleep(interval)
 
     @property
     def alive(self) -> bool:
@@ -112,7 +157,7 @@ class _Child:
             self.process.stdin.close()
 
 
-class LlamaProcess(_Child):
+class LlamaProcess(ChildProcess):
     """
     A llama.cpp server: the embedded xllamacpp one, or the binary named in the
     spec. C{start()} returns once C{/health} answers 200. C{argv}, if given,
@@ -124,11 +169,10 @@ class LlamaProcess(_Child):
     def __init__(
         self, spec: LlamaServerSpec, log_path: Path, timeout: float = 120.0, argv: list[str] | None = None
     ) -> None:
+        # a given argv says it all: the key is not added to the environment
+        super().__init__(command(spec) if argv is None else argv, log_path, child_env(spec if argv is None else None))
         self.spec = spec
-        self.log_path = Path(log_path)
         self.timeout = timeout
-        self.argv = command(spec) if argv is None else argv
-        self.env = child_env(spec if argv is None else None)  # a given argv says it all
 
     @property
     def url(self) -> str:
@@ -141,10 +185,8 @@ class LlamaProcess(_Child):
     def start(self) -> LlamaProcess:
         if self.save_dir is not None:
             self.save_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.log_path, "ab") as log:  # stdin stays a pipe: xllamacpp exits when it closes
-            self._spawn(self.argv, self.env, stdout=log)
-        self._wait_healthy()
+        self.spawn()
+        self.wait_for(self.url + "/health", self.timeout, f"llama.cpp on {self.url}")
         return self
 
     def restart(self) -> None:
@@ -187,28 +229,8 @@ class LlamaProcess(_Child):
             raise LlamaHTTPError(status, body)
         return body
 
-    def _wait_healthy(self) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + self.timeout
-        while True:
-            if self.process.poll() is not None:
-                code = self.process.returncode
-                self._close()
-                raise RuntimeError(f"llama.cpp exited with {code}; log:\n{self.log_tail()}")
-            try:
-                if http("GET", self.url + "/health", timeout=2)[0] == 200:
-                    return
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(
-                    f"llama.cpp on {self.url} not healthy after {self.timeout} s; log:\n{self.log_tail()}"
-                )
-            time.sleep(0.05)
 
-
-class ProxyProcess(_Child):
+class ProxyProcess(ChildProcess):
     """
     C{twistd -n proxycache} with the given options (C{None} leaves one out), on
     a free port, logging to C{workdir/proxy-<port>.log}. Its environment has no
@@ -226,8 +248,9 @@ class ProxyProcess(_Child):
             **({"llama-url": llama_url} if llama_url else {}),
             **{k.replace("_", "-"): str(v) for k, v in options.items() if v is not None},
         }
+        super().__init__([], workdir / f"proxy-{self.port}.log", cwd=workdir)
+        self.output = None  # twistd writes log_path itself
         self.env = env or {}
-        self.log_path = workdir / f"proxy-{self.port}.log"
 
     def argv(self) -> list[str]:
         flags = [f"--{name}={value}" for name, value in self.options.items()]
@@ -236,9 +259,7 @@ class ProxyProcess(_Child):
     def start(self, wait_ready: bool = True, timeout: float = 60) -> ProxyProcess:
         """Start; return once C{/proxycache/health} answers (200, with C{wait_ready})."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "PROXY"))}
-        env.update(self.env)
-        self._spawn(self.argv(), env, cwd=self.workdir)
+        self.spawn()
         assert self.process is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -253,6 +274,10 @@ class ProxyProcess(_Child):
                 return self
             time.sleep(0.1)
         raise RuntimeError(f"proxycache not ready in {timeout}s:\n{self.log_tail()}")
+
+    def child_env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("LLAMA_", "PROXY"))}
+        return {**env, **self.env}
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30) -> int:
         return super().stop(sig, timeout)
