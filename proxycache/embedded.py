@@ -195,7 +195,12 @@ def main(argv: list[str] | None = None) -> None:
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), daemon=True).start()
+
+    def watch_stdin() -> None:
+        sys.stdin.buffer.read()  # returns at end of file: our parent is gone
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
     while not stop.wait(0.2):  # a timeout, so a signal caught by a native thread is seen
         pass
 
