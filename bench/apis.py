@@ -29,9 +29,10 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.processes import Llama, Proxy, call
-from bench.workload import filler
+from bench.processes import Proxy
 from proxycache.embedded import LlamaServerSpec, free_port
+from proxycache.testing import LlamaProcess, ProxyProcess, call
+from proxycache.testing.workload import filler
 
 FIM_MARKERS_AFTER_PREFIX = 2  # <|fim_suffix|> and <|fim_middle|> follow the prefix: recomputed when it grows
 
@@ -136,11 +137,11 @@ class Bench:
         self.model = ensure_model(Path.home() / ".cache" / "proxycache" / "test-models", TINY)
         self.runs = 0
 
-    def servers(self, slots: int) -> tuple[Llama, Proxy]:
+    def servers(self, slots: int) -> tuple[LlamaProcess, ProxyProcess]:
         self.runs += 1
         directory = self.workdir / f"run{self.runs}"
         saves = directory / "saves"
-        llama = Llama(LlamaServerSpec(
+        llama = LlamaProcess(LlamaServerSpec(
             model=str(self.model), slots=slots, ctx_per_slot=self.args.ctx_per_slot, save_dir=str(saves),
             port=free_port(), threads=self.args.threads, cache_ram_mib=0,
         ), directory / "llama.log").start()

@@ -22,7 +22,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.processes import Child, Proxy, free_port
+from bench.processes import Proxy
+from proxycache.testing import ChildProcess, free_port
 
 # Small requests (below the default 2000-char threshold): the relay and the scheduler, no saves.
 BODY = {"messages": [{"role": "user", "content": "capacity " * 100}], "max_tokens": 8}
@@ -69,8 +70,8 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="proxycache-capacity-") as tmp:
         work = Path(tmp)
         port = free_port()
-        backend = Child([sys.executable, "-m", "bench.fast_backend", str(port), str(args.slots), "64"],
-                        work / "backend.log")
+        backend = ChildProcess([sys.executable, "-m", "bench.fast_backend", str(port), str(args.slots), "64"],
+                               work / "backend.log")
         backend.spawn()
         backend_url = f"http://127.0.0.1:{port}"
         backend.wait_for(backend_url + "/props", 30, "fast backend")

@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.processes import Llama
-from bench.workload import Workload, filler, make_client
+from proxycache.testing import LlamaProcess
+from proxycache.testing.workload import Workload, filler, make_client
 
 
 def drop_page_cache() -> bool:
@@ -146,7 +146,7 @@ def disk_read(directory: Path, size: int = 512 * 1024 * 1024) -> dict[str, Any]:
     return {"bytes": size, "seconds": seconds, "bytes_per_s": size / seconds, "page_cache_dropped": cold}
 
 
-def restore_throughput(llama: Llama, save_dir: Path, slot: int = 0, pause: float = 0.5) -> dict[str, Any]:
+def restore_throughput(llama: LlamaProcess, save_dir: Path, slot: int = 0, pause: float = 0.5) -> dict[str, Any]:
     """
     Restore every saved slot file into C{slot}, from disk (page cache dropped
     first, when allowed) and again warm; bytes/s from llama.cpp's replies.
@@ -163,7 +163,7 @@ def restore_throughput(llama: Llama, save_dir: Path, slot: int = 0, pause: float
             dropped = drop_page_cache() if phase == "cold" else False
             time.sleep(pause)
             started = time.perf_counter()
-            reply = llama.post(f"/slots/{slot}?action=restore", {"filename": name})
+            reply = llama.post_json(f"/slots/{slot}?action=restore", {"filename": name})
             wall = time.perf_counter() - started
             size, ms = int(reply.get("n_read", 0)), float(reply.get("timings", {}).get("restore_ms", 0))
             n_read += size
@@ -177,5 +177,5 @@ def restore_throughput(llama: Llama, save_dir: Path, slot: int = 0, pause: float
             "bytes_per_s_wall": statistics.median(walls) if walls else None,
             "page_cache_dropped": dropped,
         }
-    llama.post(f"/slots/{slot}?action=erase", {})
+    llama.post_json(f"/slots/{slot}?action=erase", {})
     return result

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.workload import Record, oracle_prefill
+from proxycache.testing.workload import Record, oracle_prefill
 
 PROXY_SPEEDUP_TARGET = 15.0
 ORACLE_RATIO_TARGET = 1.05

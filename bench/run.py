@@ -1,7 +1,7 @@
 """
 proxycache against llama-server alone, side by side, on this machine.
 
-One command plays the same team workload (bench/workload.py) against:
+One command plays the same team workload (proxycache/testing/workload.py) against:
 
   proxy-ram0      proxycache in front of llama-server -np S --slot-save-path D --cache-ram 0
   proxy-ram       the same with llama-server's default --cache-ram (8192 MiB)
@@ -40,9 +40,10 @@ from typing import Any
 import attrs
 
 from bench import micro
-from bench.processes import Llama, Proxy, cpu_seconds, wait_until_quiet
-from bench.workload import Conversation, Record, Workload, run
+from bench.processes import Proxy, cpu_seconds, wait_until_quiet
 from proxycache.embedded import LlamaServerSpec, free_port
+from proxycache.testing import LlamaProcess
+from proxycache.testing.workload import Conversation, Record, Workload, run
 from proxycache.tinymodel import BENCH, TINY, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -98,13 +99,13 @@ class Setup:
     def ctx_per_slot(self) -> int:
         return max(4096, math.ceil(self.workload.final_tokens() * 1.2 / 1024) * 1024)
 
-    def llama(self, name: str, model: Path | None = None, save: bool = True, **spec: Any) -> Llama:
+    def llama(self, name: str, model: Path | None = None, save: bool = True, **spec: Any) -> LlamaProcess:
         directory = self.workdir / name
         fields = dict(model=str(model or self.model), slots=self.slots, ctx_per_slot=self.ctx_per_slot,
                       save_dir=str(directory / "saves") if save else None, port=free_port(),
                       threads=self.threads)
         fields.update(spec)
-        return Llama(LlamaServerSpec(**fields), directory / "llama.log")
+        return LlamaProcess(LlamaServerSpec(**fields), directory / "llama.log")
 
 
 def log(message: str) -> None:
@@ -124,9 +125,9 @@ def calibrate(setup: Setup) -> dict[str, Any]:
     llama = setup.llama("calibrate", slots=1).start()
     try:
         messages = Conversation(0, setup.workload).messages + [{"role": "user", "content": "hi"}]
-        reply = llama.post("/v1/chat/completions", {"messages": messages, "max_tokens": 1, "id_slot": 0})
+        reply = llama.post_json("/v1/chat/completions", {"messages": messages, "max_tokens": 1, "id_slot": 0})
         timings = reply["timings"]
-        saved = llama.post("/slots/0?action=save", {"filename": "calibrate.bin"})
+        saved = llama.post_json("/slots/0?action=save", {"filename": "calibrate.bin"})
     finally:
         llama.stop()
     return {

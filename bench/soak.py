@@ -21,8 +21,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench.processes import Llama, Proxy, call
+from bench.processes import Proxy
 from proxycache.embedded import LlamaServerSpec, free_port
+from proxycache.testing import LlamaProcess, call
 from proxycache.tinymodel import TINY, ensure_model
 
 
@@ -69,7 +70,7 @@ def main() -> None:
 
     workdir = Path(tempfile.mkdtemp(prefix="proxycache-soak-"))
     model = ensure_model(Path.home() / ".cache" / "proxycache" / "bench-models", TINY)
-    llama = Llama(LlamaServerSpec(model=str(model), slots=args.slots, ctx_per_slot=4096, save_dir=str(workdir / "saves"), port=free_port(), threads=2), workdir / "llama.log")
+    llama = LlamaProcess(LlamaServerSpec(model=str(model), slots=args.slots, ctx_per_slot=4096, save_dir=str(workdir / "saves"), port=free_port(), threads=2), workdir / "llama.log")
     proxy = Proxy(llama.url, workdir, slot_save_path=str(workdir / "saves"), min_prefix_chars=500, min_prefix_words=80, min_prefix_blocks=4, max_queue=1000)
     outcomes: dict[str, int] = {}
     latencies: list[float] = []

@@ -64,10 +64,18 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+# llama-server reads --api-key from this variable; so does our xllamacpp child.
+API_KEY_ENV = "LLAMA_API_KEY"
+
+
 def command(spec: LlamaServerSpec) -> list[str]:
-    """The argv that starts C{spec}."""
+    """
+    The argv that starts C{spec}. The API key is not in it (any local user can
+    read a command line): L{child_env} passes it.
+    """
     if spec.binary is None:
-        return [sys.executable, "-m", "proxycache.embedded", json.dumps(attrs.asdict(spec))]
+        public = attrs.evolve(spec, api_key=None)
+        return [sys.executable, "-m", "proxycache.embedded", json.dumps(attrs.asdict(public))]
     argv = [
         spec.binary,
         "-m", spec.model,
@@ -90,16 +98,51 @@ def command(spec: LlamaServerSpec) -> list[str]:
         argv.append("--kv-unified" if spec.kv_unified else "--no-kv-unified")
     if spec.slot_prompt_similarity is not None:
         argv += ["--slot-prompt-similarity", str(spec.slot_prompt_similarity)]
-    if spec.api_key is not None:
-        argv += ["--api-key", spec.api_key]
     return argv
 
 
-def child_env() -> dict[str, str]:
-    """Our environment, with this package importable by C{python -m}."""
+def recommended_argv(
+    *,
+    model: str,
+    slots: int,
+    ctx_per_slot: int,
+    save_dir: str,
+    api_key_file: str,
+    port: int = 8080,
+    binary: str = "llama-server",
+) -> list[str]:
+    """
+    The C{llama-server} command line proxycache recommends (README,
+    C{contrib/llama-server.service}): an explicit C{-np} (per-slot KV), a slot
+    save directory, no RAM prompt cache, metrics and slots endpoints, loopback
+    only, and an API key read from a file.
+    """
+    return [
+        binary,
+        "-m", model,
+        "-np", str(slots),
+        "-c", str(slots * ctx_per_slot),
+        "--host", "127.0.0.1",
+        "--port", str(port),
+        "--slots",
+        "--metrics",
+        "--slot-save-path", _with_slash(save_dir),
+        "--cache-ram", "0",
+        "--api-key-file", api_key_file,
+    ]
+
+
+def child_env(spec: LlamaServerSpec | None = None) -> dict[str, str]:
+    """
+    Our environment, with this package importable by C{python -m}, and
+    C{spec}'s API key (or none, whatever ours says) in L{API_KEY_ENV}.
+    """
     env = dict(os.environ)
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    env.pop(API_KEY_ENV, None)
+    if spec is not None and spec.api_key is not None:
+        env[API_KEY_ENV] = spec.api_key
     return env
 
 
@@ -145,13 +188,19 @@ def main(argv: list[str] | None = None) -> None:
     import xllamacpp
 
     spec = LlamaServerSpec(**json.loads((sys.argv[1:] if argv is None else argv)[0]))
+    spec = attrs.evolve(spec, api_key=os.environ.pop(API_KEY_ENV, None) or spec.api_key)
     server = xllamacpp.Server(_params(spec))  # returns once the model is loaded
     print(f"listening {server.listening_address}", flush=True)
 
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
-    threading.Thread(target=lambda: (sys.stdin.buffer.read(), stop.set()), daemon=True).start()
+
+    def watch_stdin() -> None:
+        sys.stdin.buffer.read()  # returns at end of file: our parent is gone
+        stop.set()
+
+    threading.Thread(target=watch_stdin, daemon=True).start()
     while not stop.wait(0.2):  # a timeout, so a signal caught by a native thread is seen
         pass
 
@@ -212,7 +261,7 @@ class EmbeddedLlamaService(Service):
         self.exit = None
         self._stopping = False
         self.transport = self.reactor.spawnProcess(
-            _Child(self), argv[0], argv, env=child_env(), childFDs={0: "w", 1: "r", 2: "r"}
+            _Child(self), argv[0], argv, env=child_env(self.spec), childFDs={0: "w", 1: "r", 2: "r"}
         )
 
     def stopService(self) -> Deferred[None]:

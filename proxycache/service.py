@@ -261,6 +261,8 @@ def own_health(config: Config, monitor: Monitor, scheduler: Scheduler, tier: Dis
 
 
 def _start_embedded(config: Config, parent: MultiService) -> Config:
+    import secrets
+
     import attrs
 
     from proxycache.embedded import EmbeddedLlamaService, LlamaServerSpec, free_port
@@ -274,10 +276,13 @@ def _start_embedded(config: Config, parent: MultiService) -> Config:
     slots = config.slots or 4
     port = free_port()
     save_dir = config.slot_save_path or str(Path(config.meta_dir).parent / "slot-saves")
+    api_key = secrets.token_urlsafe(32)  # no other local user may drive our llama.cpp
     spec = LlamaServerSpec(
-        model=model, slots=slots, ctx_per_slot=config.ctx_per_slot, save_dir=save_dir, port=port
+        model=model, slots=slots, ctx_per_slot=config.ctx_per_slot, save_dir=save_dir, port=port,
+        api_key=api_key, cache_ram_mib=0,
     )
     EmbeddedLlamaService(spec).setServiceParent(parent)
     return attrs.evolve(
-        config, llama_url=(f"http://127.0.0.1:{port}",), slots=slots, slot_save_path=save_dir
+        config, llama_url=(f"http://127.0.0.1:{port}",), slots=slots, slot_save_path=save_dir,
+        upstream_api_key=api_key,
     )

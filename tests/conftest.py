@@ -2,9 +2,15 @@
 Shared fixtures: generated models and real llama.cpp servers (synchronous, so
 that pytest-twisted tests can use them too).
 
-C{LLAMA_SERVER_BIN}: path of a real C{llama-server} to test against instead of
-the embedded xllamacpp one. C{PROXYCACHE_TEST_MODELS}: where generated models
-are kept between runs (default C{~/.cache/proxycache/test-models}).
+Which llama.cpp serves the C{llama*} fixtures: C{--llama-engine=xllamacpp}
+(default; the C{xllamacpp} wheel in a child process) or C{--llama-engine=binary}
+(a C{llama-server} built once from source by L{proxycache.testing.llamabin}),
+also set by C{PROXYCACHE_LLAMA_ENGINE}. C{LLAMA_SERVER_BIN=path} means "the
+binary engine, with this binary". Tests that use a llama.cpp server through
+these fixtures are marked C{llama}: C{pytest -m llama --llama-engine=binary}.
+
+C{PROXYCACHE_TEST_MODELS}: where generated models are kept between runs
+(default C{~/.cache/proxycache/test-models}).
 """
 
 from __future__ import annotations
@@ -21,8 +27,69 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # "from tests.x import" also under a bare `pytest`
     sys.path.insert(0, str(ROOT))
 
-from proxycache.embedded import LlamaServerSpec, free_port  # noqa: E402
-from tests.llama import LlamaProcess  # noqa: E402
+from proxycache.embedded import LlamaServerSpec  # noqa: E402
+from proxycache.testing import LlamaProcess, free_port  # noqa: E402
+
+ENGINES = ("xllamacpp", "binary")
+# Tests using any of these (directly or through another fixture) exercise llama.cpp.
+LLAMA_FIXTURES = frozenset({"llama", "llama_factory", "module_llama", "llama_binary"})
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--llama-engine", choices=ENGINES, default=None,
+        help="llama.cpp for the llama fixtures: the xllamacpp wheel (default) or a llama-server binary "
+        "built from source (env PROXYCACHE_LLAMA_ENGINE; LLAMA_SERVER_BIN=path names a binary)",
+    )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", "llama: runs a real llama.cpp server (the --llama-engine one)")
+    llama_engine_of(config)  # a bad PROXYCACHE_LLAMA_ENGINE stops the run here
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if LLAMA_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.llama)
+
+
+def llama_engine_of(config: pytest.Config) -> str:
+    """The option, else C{binary} if C{LLAMA_SERVER_BIN} names one, else C{PROXYCACHE_LLAMA_ENGINE}."""
+    engine = (
+        config.getoption("--llama-engine")
+        or ("binary" if os.environ.get("LLAMA_SERVER_BIN") else None)
+        or os.environ.get("PROXYCACHE_LLAMA_ENGINE")
+        or "xllamacpp"
+    )
+    if engine not in ENGINES:
+        raise pytest.UsageError(f"PROXYCACHE_LLAMA_ENGINE={engine!r}: not one of {', '.join(ENGINES)}")
+    return engine
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    engine = llama_engine_of(config)
+    binary = os.environ.get("LLAMA_SERVER_BIN") if engine == "binary" else None
+    return f"llama engine: {engine}" + (f" ({binary})" if binary else "")
+
+
+@pytest.fixture(scope="session")
+def llama_engine(pytestconfig: pytest.Config) -> str:
+    """C{"xllamacpp"} or C{"binary"}: which llama.cpp the llama fixtures start."""
+    return llama_engine_of(pytestconfig)
+
+
+@pytest.fixture(scope="session")
+def llama_binary(llama_engine: str) -> str | None:
+    """The llama-server binary the fixtures start, or C{None} for xllamacpp."""
+    if llama_engine == "xllamacpp":
+        return None
+    named = os.environ.get("LLAMA_SERVER_BIN")
+    if named:
+        return named
+    from proxycache.testing.llamabin import ensure_llama_server
+
+    return str(ensure_llama_server())  # built once, then cached under ~/.cache
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +116,7 @@ def other_model(models_dir: Path) -> Path:
 
 @pytest.fixture
 def llama_factory(
-    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, llama_binary: str | None
 ) -> Iterator[Callable[..., LlamaProcess]]:
     """
     C{llama_factory(**spec_overrides) -> LlamaProcess}: a started server on the
@@ -67,7 +134,7 @@ def llama_factory(
             save_dir=str(workdir / "saves"),
             port=free_port(),
             threads=2,
-            binary=os.environ.get("LLAMA_SERVER_BIN") or None,
+            binary=llama_binary,
         )
         fields.update(overrides)
         fields["model"] = str(fields["model"])
@@ -75,7 +142,7 @@ def llama_factory(
             Path(fields["save_dir"]).mkdir(parents=True, exist_ok=True)
         process = LlamaProcess(LlamaServerSpec(**fields), workdir / f"llama-{next(count)}.log")
         started.append(process)
-        return process
+        return process.start()
 
     yield make
     for process in started:
@@ -89,15 +156,17 @@ def llama(llama_factory: Callable[..., LlamaProcess]) -> LlamaProcess:
 
 
 @pytest.fixture(scope="module")
-def module_llama(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaProcess]:
+def module_llama(
+    tiny_model: Path, tmp_path_factory: pytest.TempPathFactory, llama_binary: str | None
+) -> Iterator[LlamaProcess]:
     """One 2-slot tiny-model server shared by a module's tests (for tests that change nothing)."""
     workdir = tmp_path_factory.mktemp("llama-module")
     process = LlamaProcess(
         LlamaServerSpec(
             model=str(tiny_model), slots=2, ctx_per_slot=4096, save_dir=str(workdir / "saves"),
-            port=free_port(), threads=2, binary=os.environ.get("LLAMA_SERVER_BIN") or None,
+            port=free_port(), threads=2, binary=llama_binary,
         ),
         workdir / "llama.log",
-    )
+    ).start()
     yield process
     process.stop()

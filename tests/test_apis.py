@@ -12,7 +12,7 @@ import json
 import anthropic
 import pytest
 
-from tests.proxy import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http
 
 SMALL_LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 KEY = "sk-test-apis"

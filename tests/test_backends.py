@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conversations import User
-from tests.proxy import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)

@@ -9,7 +9,7 @@ import json
 
 import pytest
 
-from tests.proxy import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http
 
 GOOD = [{"role": "user", "content": "hello"}]
 

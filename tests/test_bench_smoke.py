@@ -5,8 +5,8 @@ driver works and records everything the report needs.  Not the benchmark.
 
 from __future__ import annotations
 
-from bench.workload import Workload, oracle_prefill, run
-from tests.proxy import ProxyProcess
+from proxycache.testing import ProxyProcess
+from proxycache.testing.workload import Workload, oracle_prefill, run
 
 # Thresholds scaled to ~300-token contexts, so turns are not "small" requests.
 LIMITS = dict(min_prefix_chars=200, min_prefix_words=30, min_prefix_blocks=2)

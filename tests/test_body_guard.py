@@ -10,7 +10,7 @@ import socket
 
 import pytest
 
-from tests.proxy import ProxyProcess
+from proxycache.testing import ProxyProcess
 
 LIMIT = 64 * 1024
 HUGE = 300 * 1024 * 1024

@@ -13,7 +13,7 @@ import threading
 import pytest
 
 from tests.conversations import User
-from tests.proxy import ProxyProcess
+from proxycache.testing import ProxyProcess
 
 
 def find_chromium() -> str | None:

@@ -11,7 +11,7 @@ import time
 
 
 from tests.conversations import User, close_to_new
-from tests.proxy import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http
 
 LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
 

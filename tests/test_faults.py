@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.proxy import ProxyProcess, http, open_raw_chat, send_raw_chat
+from proxycache.testing import ProxyProcess, http, open_raw_chat, send_raw_chat
 from tests.stub_llama import StubLlama
 
 HELLO = [{"role": "user", "content": "hello there"}]

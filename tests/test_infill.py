@@ -7,7 +7,7 @@ conversation's hot slot.
 from __future__ import annotations
 
 from tests.conversations import User
-from tests.proxy import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http
 
 LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 EXTRA = [

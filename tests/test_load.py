@@ -10,7 +10,7 @@ import concurrent.futures
 import json
 import urllib.request
 
-from tests.proxy import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http
 
 REQUESTS, CLIENTS = 200, 50
 

@@ -14,7 +14,7 @@ import pytest
 
 from proxycache import __version__
 from proxycache.config import Config, ConfigError, read_config_file, resolve
-from tests.proxy import TWISTD, ProxyProcess, http
+from proxycache.testing import TWISTD, ProxyProcess, http
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 
@@ -150,7 +150,7 @@ def _read_all(sock) -> bytes:
 def test_sigterm_lets_requests_in_flight_finish(llama, tmp_path):
     import signal
 
-    from tests.proxy import open_raw_chat
+    from proxycache.testing import open_raw_chat
 
     proxy = ProxyProcess(tmp_path, llama.url).start()
     sock = open_raw_chat(proxy.port, {"messages": [{"role": "user", "content": "go"}], "max_tokens": 300, "stream": True, "ignore_eos": True})
@@ -168,7 +168,7 @@ def test_a_second_signal_exits_at_once(llama, tmp_path):
     import signal
     import time
 
-    from tests.proxy import open_raw_chat
+    from proxycache.testing import open_raw_chat
 
     proxy = ProxyProcess(tmp_path, llama.url, grace=600).start()
     sock = open_raw_chat(proxy.port, {"messages": [{"role": "user", "content": "go"}], "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True})

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.proxy import TWISTD, ProxyProcess, free_port, http
+from proxycache.testing import TWISTD, ProxyProcess, free_port, http
 
 SMALL_LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 MESSAGES = [

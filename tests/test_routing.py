@@ -11,7 +11,7 @@ import time
 import pytest
 
 from tests.conversations import User, close_to_new
-from tests.proxy import ProxyProcess, http, open_raw_chat
+from proxycache.testing import ProxyProcess, http, open_raw_chat
 
 # Thresholds scaled to the test conversations (~3k tokens), not IDE defaults.
 LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)

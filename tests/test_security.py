@@ -11,7 +11,7 @@ import pytest
 
 from proxycache.config import Config
 from tests.conversations import User
-from tests.proxy import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http
 
 HELLO = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 

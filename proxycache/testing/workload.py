@@ -14,7 +14,7 @@ kind (turn/side), ttft, total seconds, llama.cpp's C{timings.prompt_n} and
 C{timings.cache_n} (extra fields of the last stream chunk), the prompt size, and
 proxycache's C{x-proxycache-decision} header when present.
 
-Run alone:  python -m bench.workload --base-url http://127.0.0.1:8081/v1
+Run alone:  python -m proxycache.testing.workload --base-url http://127.0.0.1:8081/v1
 """
 
 from __future__ import annotations

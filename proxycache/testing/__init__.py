@@ -1,0 +1,31 @@
+"""
+Test support for proxycache, importable by tests and benchmarks (like
+C{treq.testing}): real llama.cpp servers and the real daemon as child
+processes, a small synchronous HTTP helper, a Prometheus text parser and a
+C{llama-server} binary built from source.
+"""
+
+from proxycache.testing.http import call, free_port, http, prometheus
+from proxycache.testing.processes import (
+    TWISTD,
+    ChildProcess,
+    LlamaHTTPError,
+    LlamaProcess,
+    ProxyProcess,
+    open_raw_chat,
+    send_raw_chat,
+)
+
+__all__ = [
+    "TWISTD",
+    "ChildProcess",
+    "LlamaHTTPError",
+    "LlamaProcess",
+    "ProxyProcess",
+    "call",
+    "free_port",
+    "http",
+    "open_raw_chat",
+    "prometheus",
+    "send_raw_chat",
+]
