@@ -31,7 +31,7 @@ def send(url: str, i: int) -> dict:
         raw = response.read()
         headers = response.headers
     if stream:
-        events = [json.loads(line[6:]) for line in raw.decode().splitlines() if line.startswith("data: {")]
+        events = [json.loads(line[6:]) for line in raw.decode().split("\n") if line.startswith("data: {")]
         assert raw.decode().count("data: [DONE]") == 1
         usage = next(e["usage"] for e in reversed(events) if e.get("usage"))
     else:

@@ -32,7 +32,7 @@ class UpstreamError(Exception):
 # or cuts a reply short: one tuple, caught wherever llama-server is called.
 UPSTREAM_FAILURES = (
     ConnectError,  # refused, no route, ...
-    DNSLookupError,  # also what a cancelled connection attempt to a host name ends with
+    DNSLookupError,
     ConnectionClosed,
     TimeoutError,
     ResponseFailed,  # includes ResponseNeverReceived: the reply was cut inside its headers
@@ -42,9 +42,12 @@ UPSTREAM_FAILURES = (
 
 
 def unreachable(error: BaseException | None) -> bool:
-    """Nobody listens there (as opposed to a slow or broken reply): the server is gone."""
+    """
+    Nobody listens there (as opposed to a slow or broken reply): the server is gone.
+    Not a DNS failure: a cancelled connection attempt to a host name ends as one too.
+    """
     while error is not None:
-        if isinstance(error, (ConnectError, DNSLookupError)):
+        if isinstance(error, ConnectError):
             return True
         error = error.__cause__
     return False
@@ -81,6 +84,12 @@ class _BodyPipe(Protocol):
 
     def connectionMade(self) -> None:
         self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
+        if self.consumer is not None and getattr(self.consumer, "channel", True) is None:
+            # The client left before the body began: stop llama.cpp instead of relaying to nobody.
+            self.consumer = None
+            self._stop()
+            self.done.errback(Failure(UpstreamError("the client went away")))
+            return
         if self.consumer is not None:
             # Back-pressure: a client that reads slowly pauses llama.cpp's
             # connection instead of piling its output up in our memory.

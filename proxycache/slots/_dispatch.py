@@ -137,9 +137,12 @@ class Dispatcher:
         try:
             await self._dispatch_once(wanted, path, body, exchange)
         except _Unreachable as gone:
+            self.on_unreachable(gone.backend)
+            if not any(slot_id.backend != gone.backend for slot_id in self.scheduler.slots):
+                assert gone.__cause__ is not None
+                raise gone.__cause__  # nowhere else to go: the client hears why
             # Nothing reached llama.cpp, so nothing was sent to the client: once more, elsewhere.
             log.warn("llama-server {backend} is unreachable; sending the request elsewhere", backend=gone.backend)
-            self.on_unreachable(gone.backend)
             await self._dispatch_once(wanted, path, body, exchange, retry=False)
 
     async def _dispatch_once(
