@@ -9,7 +9,9 @@ from proxycache.routing._plan import (
     EMPTY,
     Decision,
     DiskMatch,
+    ForkPays,
     Plan,
+    Relation,
     Request,
     SlotId,
     SlotState,
@@ -17,13 +19,14 @@ from proxycache.routing._plan import (
     best_match,
     is_small,
     plan,
+    relation,
     state_after,
     target_slot,
 )
 from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unplanned
 
 __all__ = [
-    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "Plan", "Request", "SlotId", "SlotState", "SlotView",
+    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "Plan", "Relation", "Request", "SlotId", "SlotState", "SlotView",
     "Speeds", "best_match", "conversation_text", "expected_reuse", "fell_short", "fingerprint", "is_small",
-    "plan", "reused_unplanned", "state_after", "target_slot",
+    "plan", "relation", "reused_unplanned", "state_after", "target_slot",
 ]
