@@ -173,6 +173,7 @@ def build(config: Config, reactor: Any) -> MultiService:
     tier = DiskTier(
         config, reactor, scheduler, by_name, catalog, on_empty_slot=monitor.check, observers=[stats.slot_action]
     )
+    scheduler.fork_pays = tier.fork_pays  # forks of HOT slots are carried out by the disk tier
     dispatcher = Dispatcher(
         reactor, scheduler, by_name, tier,
         first_byte_timeout=config.first_byte_timeout,

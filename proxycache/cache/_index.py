@@ -20,6 +20,9 @@ import attrs
 from proxycache.routing import Fingerprint
 
 META_VERSION = 1
+# An entry whose blocks are a prefix of this many others' holds a prefix many
+# conversations fork from (a team's system prompt): the budget drops it last.
+SHARED_PREFIX_SHARERS = 2
 KEY_PATTERN = re.compile(r"\A[0-9a-f]{8,64}\Z")  # not "$": it also matches before a final "\n"
 
 
@@ -119,19 +122,33 @@ class Index:
                 best = (entry, common, ratio)
         return best
 
-    def predecessor(self, fp: Fingerprint, backend: str, model: str) -> MetaEntry | None:
+    def predecessor(self, fp: Fingerprint, backend: str, model: str, lineage: str | None) -> MetaEntry | None:
         """
-        An entry that holds an earlier turn of the conversation C{fp} continues
-        (its blocks are a prefix of C{fp}): a new save replaces it, under its key.
+        The entry holding an earlier turn of the conversation C{fp} continues: a
+        new save replaces it, under its key.  Only the entry the content came
+        from (C{lineage}: restored from, or last saved as) and whose blocks are
+        a prefix of C{fp}: another conversation's entry that merely shares a
+        prefix (the same system prompt) is never replaced.
         """
-        found = None
-        for entry in self.entries.values():
-            if entry.backend != backend or entry.model != model:
-                continue
+        entry = self.entries.get(lineage) if lineage else None
+        if entry is None or entry.backend != backend or entry.model != model:
+            return None
+        n = len(entry.fingerprint.blocks)
+        return entry if n and fp.common_blocks(entry.fingerprint) == n else None
+
+    def shared_prefixes(self, min_sharers: int = SHARED_PREFIX_SHARERS) -> set[str]:
+        """Keys of entries whose blocks are a prefix of at least C{min_sharers} other entries'."""
+        entries = list(self.entries.values())
+        shared = set()
+        for entry in entries:
             n = len(entry.fingerprint.blocks)
-            if n and fp.common_blocks(entry.fingerprint) == n and (found is None or n > len(found.fingerprint.blocks)):
-                found = entry
-        return found
+            sharers = sum(
+                1 for other in entries
+                if other is not entry and n and other.fingerprint.common_blocks(entry.fingerprint) == n
+            )
+            if sharers >= min_sharers:
+                shared.add(entry.key)
+        return shared
 
     def over_budget(
         self,
@@ -143,14 +160,16 @@ class Index:
         """
         Unpinned entries to drop so the index fits its budget: first those no
         running backend can restore (another model or llama.cpp build, or an
-        ineffective restore), then the least recently used.
+        ineffective restore), then the least recently used, entries holding a
+        prefix of several others (L{shared_prefixes}) last.
         """
         victims: list[MetaEntry] = []
         count, size = len(self.entries), self.total_bytes
+        shared = self.shared_prefixes()
 
-        def retire_order(entry: MetaEntry) -> tuple[bool, float]:
+        def retire_order(entry: MetaEntry) -> tuple[bool, bool, float]:
             restorable = not entry.ineffective and (not current_models or entry.model in current_models)
-            return restorable, entry.last_used
+            return restorable, restorable and entry.key in shared, entry.last_used
 
         for entry in sorted(self.entries.values(), key=retire_order):
             if not ((max_entries and count > max_entries) or (max_bytes and size > max_bytes)):

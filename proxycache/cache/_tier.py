@@ -26,10 +26,13 @@ from proxycache.cache._catalog import Catalog
 from proxycache.cache._files import load_index, remove_entry_files, write_meta
 from proxycache.cache._index import MetaEntry, bin_name
 from proxycache.config import Config
-from proxycache.routing import Decision, SlotId, SlotState, fell_short
+from proxycache.routing import Decision, SlotId, SlotState, SlotView, fell_short
 from proxycache.slots import Lease, Outcome, Scheduler, Slot, SlotContent
 
 log = Logger()
+
+# Until a save has been measured: KV bytes a token of a mid-size model takes.
+DEFAULT_KV_BYTES_PER_TOKEN = 128 * 1024
 
 
 @attrs.frozen
@@ -133,15 +136,19 @@ class DiskTier(Service):
 
     async def _prepare(self, lease: Lease) -> Decision:
         previous = lease.previous
+        # A HIT keeps the slot's content unless it takes over another conversation's (evicts).
         if (
-            lease.plan.decision is not Decision.HIT
+            (lease.plan.evicts or lease.plan.decision is not Decision.HIT)
             and previous.state is SlotState.HOT
             and previous.saved_key is None
         ):
             await self.save(lease.slot, previous)
         self._cancel_write_behind(lease.slot)
+        if lease.plan.fork is not None:
+            key = await self._save_fork_source(lease)
+            return Decision.RESTORE if key and await self._restore(lease, key) else Decision.MISS
         if lease.plan.restore is not None:
-            return Decision.RESTORE if await self._restore(lease) else Decision.MISS
+            return Decision.RESTORE if await self._restore(lease, lease.plan.restore.key) else Decision.MISS
         return lease.plan.decision
 
     def restored_tokens(self, lease: Lease) -> int:
@@ -176,7 +183,7 @@ class DiskTier(Service):
         fp = content.fingerprint
         if model is None or not fp.blocks:
             return None
-        predecessor = self.index.predecessor(fp, backend.name, model)
+        predecessor = self.index.predecessor(fp, backend.name, model, content.lineage)
         key = predecessor.key if predecessor else fp.key
         started = self.clock.seconds()
         try:
@@ -209,6 +216,7 @@ class DiskTier(Service):
         self.counters.saves += 1
         self.counters.saved_bytes += entry.bytes
         took = now - started
+        self.speeds.observe_save(entry.bytes, float(reply.get("timings", {}).get("save_ms", 0)))
         for observer in self.observers:
             observer("save", took, entry.bytes)
         (log.info if took >= 1 else log.debug)(
@@ -218,9 +226,8 @@ class DiskTier(Service):
         await self._enforce_budget()
         return key
 
-    async def _restore(self, lease: Lease) -> bool:
-        match = lease.plan.restore
-        entry = self.index.entries.get(match.key) if match else None
+    async def _restore(self, lease: Lease, key: str) -> bool:
+        entry = self.index.entries.get(key)
         if entry is None:
             return False
         slot = lease.slot
@@ -243,7 +250,7 @@ class DiskTier(Service):
         self.counters.restored_tokens += n_restored
         for observer in self.observers:
             observer("restore", took, int(reply.get("n_read", entry.bytes)))
-        self._restored[slot.id] = _Restored(entry, n_restored, match.common_blocks)
+        self._restored[slot.id] = _Restored(entry, n_restored, lease.plan.common_blocks)
         self._replace(attrs.evolve(entry, last_used=self.clock.seconds()))
         (log.info if took >= 1 else log.debug)(
             "restored {key} into slot {slot}: {tokens} tokens in {took:.2f}s",
@@ -274,9 +281,46 @@ class DiskTier(Service):
         try:
             key = await self.save(slot, content)
             if key is not None and slot.content is content:
-                slot.content = attrs.evolve(content, saved_key=key)
+                slot.content = attrs.evolve(content, saved_key=key, lineage=key)
         finally:
             self.scheduler.done_exclusive(slot)
+
+    # -- forks ----------------------------------------------------------------
+
+    def fork_pays(self, view: SlotView, common_blocks: int) -> bool:
+        """
+        The scheduler's cost model for a fork of HOT slot C{view} (L{Plan.fork}):
+        save it unless saved, restore the file elsewhere, against recomputing
+        the C{common_blocks} the request shares with it.
+        """
+        saves_fail = self.counters.save_failures and not self.counters.saves
+        if self.catalog.models.get(view.id.backend) is None or saves_fail:
+            return False  # no model known yet, or saves do not work (no --slot-save-path)
+        blocks = len(view.fingerprint.blocks)
+        tokens = view.tokens or view.fingerprint.words  # about one token a word when not measured
+        size = round(tokens * self._kv_bytes_per_token())
+        return self.speeds.fork_pays(tokens, size, blocks, common_blocks, view.saved)
+
+    def _kv_bytes_per_token(self) -> float:
+        tokens = sum(e.tokens for e in self.index)
+        return self.index.total_bytes / tokens if tokens else DEFAULT_KV_BYTES_PER_TOKEN
+
+    async def _save_fork_source(self, lease: Lease) -> str | None:
+        """Save a fork's source slot unless saved (its lock is held for us), then let it go."""
+        source = lease.source
+        try:
+            if source is None:
+                return None
+            content = source.content
+            if content.saved_key is not None and content.saved_key in self.index.entries:
+                return content.saved_key
+            key = await self.save(source, content)
+            if key is not None and source.content is content:
+                source.content = attrs.evolve(content, saved_key=key, lineage=key)
+                self._cancel_write_behind(source)
+            return key
+        finally:
+            self.scheduler.release_source(lease)
 
     # -- the index on disk --------------------------------------------------
 

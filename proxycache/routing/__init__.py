@@ -26,7 +26,8 @@ from proxycache.routing._plan import (
 from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unplanned
 
 __all__ = [
-    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "Plan", "Relation", "Request", "SlotId", "SlotState", "SlotView",
+    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "Plan", "Relation", "Request", "SlotId",
+    "SlotState", "SlotView",
     "Speeds", "best_match", "conversation_text", "expected_reuse", "fell_short", "fingerprint", "is_small",
     "plan", "relation", "reused_unplanned", "state_after", "target_slot",
 ]
