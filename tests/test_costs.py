@@ -78,6 +78,9 @@ def test_fork_pays_counts_the_save_only_when_the_slot_is_unsaved():
     assert not speeds.fork_pays(14_000, 56_000_000, 70, 1, saved=False)
     # already saved: only the restore (0.106 s) counts
     assert speeds.fork_pays(14_000, 56_000_000, 140, 2, saved=True)
+    # KV size unknown (nothing saved yet): only fixed costs, 0.1 s
+    assert speeds.fork_pays(14_000, None, 140, 2, saved=False)  # 0.2 s of recompute
+    assert not speeds.fork_pays(14_000, None, 140, 1, saved=False)  # 0.1 s
 
 
 def test_speeds_follow_save_measurements():

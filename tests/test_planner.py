@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 
+import attrs
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -283,11 +285,14 @@ def test_small_request_only_matches_cold_slots():
 
 def test_idle_wins_ties_over_busy_then_most_recent():
     request = large(fp(8, 9))
-    busy = slot(0, HOT, fp(8, 10), last_used=9.0, busy=True)
-    old = slot(1, HOT, fp(8, 11), last_used=1.0)
-    recent = slot(2, HOT, fp(8, 12), last_used=2.0)
+    busy = slot(0, COLD, fp(8, 10), last_used=9.0, busy=True)
+    old = slot(1, COLD, fp(8, 11), last_used=1.0)
+    recent = slot(2, COLD, fp(8, 12), last_used=2.0)
     assert best_match(request, [busy, old, recent], 0.0)[0] is recent
     assert plan(request, [busy, old, recent], min_ratio=0.0).slot == recent.id
+    # HOT branches taken over (nothing FREE/COLD idle): the least recently used goes
+    hot = [attrs.evolve(s, state=HOT) for s in (busy, old, recent)]
+    assert plan(request, hot, min_ratio=0.0) == Plan(Decision.HIT, old.id, 8, 8 / 9, evicts=True)
 
 
 def test_wait_when_best_match_busy_and_affinity_on():

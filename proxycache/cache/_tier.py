@@ -31,9 +31,6 @@ from proxycache.slots import Lease, Outcome, Scheduler, Slot, SlotContent
 
 log = Logger()
 
-# Until a save has been measured: KV bytes a token of a mid-size model takes.
-DEFAULT_KV_BYTES_PER_TOKEN = 128 * 1024
-
 
 @attrs.frozen
 class _Restored:
@@ -298,12 +295,14 @@ class DiskTier(Service):
             return False  # no model known yet, or saves do not work (no --slot-save-path)
         blocks = len(view.fingerprint.blocks)
         tokens = view.tokens or view.fingerprint.words  # about one token a word when not measured
-        size = round(tokens * self._kv_bytes_per_token())
+        per_token = self._kv_bytes_per_token()
+        size = round(tokens * per_token) if per_token is not None else None
         return self.speeds.fork_pays(tokens, size, blocks, common_blocks, view.saved)
 
-    def _kv_bytes_per_token(self) -> float:
+    def _kv_bytes_per_token(self) -> float | None:
+        """From the saved entries; None before anything was saved."""
         tokens = sum(e.tokens for e in self.index)
-        return self.index.total_bytes / tokens if tokens else DEFAULT_KV_BYTES_PER_TOKEN
+        return self.index.total_bytes / tokens if tokens else None
 
     async def _save_fork_source(self, lease: Lease) -> str | None:
         """Save a fork's source slot unless saved (its lock is held for us), then let it go."""

@@ -47,14 +47,21 @@ class Speeds:
         return restore < recompute
 
 
-    def fork_pays(self, tokens: int, size: int, blocks: int, common_blocks: int, saved: bool) -> bool:
+    def fork_pays(self, tokens: int, size: int | None, blocks: int, common_blocks: int, saved: bool) -> bool:
         """
         Forking a slot holding C{tokens} (about C{size} bytes) over C{blocks}
         blocks: save it unless C{saved}, restore the file elsewhere; against
         recomputing the C{common_blocks} the request shares with it.
+
+        C{size} None: the KV size of a token is not known yet (nothing saved).
+        Only the fixed costs count then: writing and reading a token's KV is far
+        cheaper than computing it for any model (both grow with the model, the
+        computation faster), and a guess in bytes would be off by 100x between
+        a test model and a 30B one.
         """
-        save = 0.0 if saved else size / self.write_bytes_per_second + SAVE_OVERHEAD_SECONDS
-        return save + self._restore_seconds(size) < self._recompute_seconds(tokens, blocks, common_blocks)
+        size_known = size if size is not None else 0
+        save = 0.0 if saved else size_known / self.write_bytes_per_second + SAVE_OVERHEAD_SECONDS
+        return save + self._restore_seconds(size_known) < self._recompute_seconds(tokens, blocks, common_blocks)
 
     def _restore_seconds(self, size: int) -> float:
         return size / self.read_bytes_per_second + RESTORE_OVERHEAD_SECONDS

@@ -258,7 +258,9 @@ def plan(
         option = _slot_option(match, idle, None if request.small else fork_pays)
         if option is not None:
             preference, chosen = option
-            options.append(((match.common, preference, match.slot.last_used), chosen))
+            # among equals: a hit on the most recent slot, a fork or takeover of the least recent
+            recency = match.slot.last_used if preference == _PREFER_HIT else -match.slot.last_used
+            options.append(((match.common, preference, recency), chosen))
     best_slot_common = max((rank[0] for rank, _ in options), default=0)
 
     # A restore needs an idle slot on the backend that wrote the cache.
