@@ -154,7 +154,9 @@ def build(config: Config, reactor: Any) -> MultiService:
     pool_size = max(8, 4 * (config.slots or 8)) + 4
     backends = [LlamaServer.create(reactor, url, config.upstream_api_key, pool_size) for url in config.llama_url]
     by_name = {b.name: b for b in backends}
-    catalog = Catalog(min_ratio=config.similarity_min_ratio)
+    # Saved entries are judged by the cost model (restore vs recompute of the common part), not by
+    # similarity: a team's shared system prompt is worth restoring for another user (issue 13).
+    catalog = Catalog(min_ratio=0.0)
     scheduler = Scheduler(
         reactor,
         min_ratio=config.similarity_min_ratio,

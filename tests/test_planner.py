@@ -240,16 +240,25 @@ def test_hit_on_cold_slot_for_a_large_request():
     assert not p.evicts
 
 
-def test_ratio_threshold_respected():
-    # 4 shared blocks of a 10-block request against a 10-block slot: ratio 0.4
-    # (a COLD slot: a branch of a HOT one is not taken while a FREE slot is idle)
-    request = large(fp(4, 10))
+def test_ratio_threshold_respected_by_small_requests():
+    # 4 shared blocks of a 10-block request against a 10-block COLD slot: ratio 0.4
+    request = small(fp(4, 10))
     slots = [slot(0, COLD, fp(4, 10)), slot(1, FREE)]
     assert best_match(request, slots, 0.4) == (slots[0], 4, 0.4)
     assert plan(request, slots, min_ratio=0.4).decision is Decision.HIT
     assert best_match(request, slots, 0.41) is None
     p = plan(request, slots, min_ratio=0.41)
-    assert p.decision is Decision.MISS and p.slot == SlotId("a", 1)
+    assert p.decision is Decision.SMALL and p.slot == SlotId("a", 1)
+
+
+def test_large_requests_are_not_filtered_by_similarity():
+    # a team's shared system prompt: 12 of 14 blocks (0.857) fails a 0.9 threshold but is worth reusing
+    request = large(fp(12, 14))
+    slots = [slot(0, COLD, fp(12, 14)), slot(1, FREE)]
+    assert plan(request, slots, min_ratio=0.9) == Plan(Decision.HIT, SlotId("a", 0), 12, 12 / 14)
+    hot = [slot(0, HOT, fp(12, 14)), slot(1, FREE)]
+    p = plan(request, hot, min_ratio=0.9, fork_pays=lambda view, common: True)
+    assert p == Plan(Decision.RESTORE, SlotId("a", 1), 12, 12 / 14, fork=SlotId("a", 0))
 
 
 def test_ratio_is_against_the_shorter_fingerprint():
@@ -574,7 +583,7 @@ def passing(request: Request, s: SlotView, min_ratio: float) -> int:
     common = 0
     while common < min(len(a), len(b)) and a[common] == b[common]:
         common += 1
-    if common == 0 or common / min(len(a), len(b)) < min_ratio:
+    if common == 0 or (request.small and common / min(len(a), len(b)) < min_ratio):
         return 0
     return common
 
@@ -629,7 +638,7 @@ def test_property_hit_has_the_maximal_common_prefix(scenario):
     chosen = {s.id: s for s in slots}[p.slot]
     assert p.common_blocks == passing(request, chosen, min_ratio) > 0
     assert p.common_blocks == request.fingerprint.common_blocks(chosen.fingerprint)
-    assert p.similarity >= min_ratio
+    assert p.similarity >= min_ratio or not request.small  # large requests: not filtered by similarity
     # no idle slot usable in place shares more; with affinity (large requests only), no busy
     # slot it continues either (a branch never waits)
     for s in slots:

@@ -32,8 +32,13 @@ How a request relates to what a slot (or a saved entry) holds (L{relation})
 Choice order for a request (L{plan})
 ====================================
 
-Candidates are slots whose common prefix passes the similarity threshold (a
-small request only considers COLD ones).  Among the idle options below the one
+Candidates are slots sharing a prefix with the request.  A small request only
+considers COLD ones, whose similarity (common blocks over the shorter side)
+passes the threshold.  A large request is not filtered by similarity: what it
+may do with a slot follows from the relation (a continuation reuses it in
+place; a branch keeps another conversation's content) and from costs (forks,
+restores): a team's 12k-token system prompt behind 2k private tokens is worth
+reusing although it is "only" 85% of the shorter side.  Among the idle options below the one
 reusing the most blocks wins; on a tie, the least destructive (in this order):
 
   a. HIT on an idle slot the request continues, or on an idle COLD slot (a
@@ -172,7 +177,7 @@ class _Match:
 
 
 def _matches(request: Request, slots: Iterable[SlotView], min_ratio: float) -> list[_Match]:
-    """Slots sharing a prefix that passes C{min_ratio} (small requests: COLD ones only)."""
+    """Slots sharing a prefix (small requests: COLD ones passing C{min_ratio} only)."""
     allowed = (SlotState.COLD,) if request.small else (SlotState.COLD, SlotState.HOT)
     found = []
     for slot in slots:
@@ -182,7 +187,7 @@ def _matches(request: Request, slots: Iterable[SlotView], min_ratio: float) -> l
         if common == 0:
             continue
         ratio = common / min(len(request.fingerprint.blocks), len(slot.fingerprint.blocks))
-        if ratio < min_ratio:
+        if request.small and ratio < min_ratio:
             continue
         kind = Relation.CONTINUATION if common == len(slot.fingerprint.blocks) else Relation.BRANCH
         found.append(_Match(slot, common, ratio, kind))
@@ -193,10 +198,10 @@ def best_match(
     request: Request, slots: Iterable[SlotView], min_ratio: float
 ) -> tuple[SlotView, int, float] | None:
     """
-    The slot sharing the most leading blocks with the request, among those
-    passing C{min_ratio}, whatever their relation; idle slots win ties, then
-    the most recent.  Small requests only look at COLD slots.  Returns (slot,
-    common blocks, similarity) or None.
+    The slot sharing the most leading blocks with the request, whatever their
+    relation; idle slots win ties, then the most recent.  Small requests only
+    look at COLD slots passing C{min_ratio}.  Returns (slot, common blocks,
+    similarity) or None.
     """
     found = _matches(request, slots, min_ratio)
     best = max(found, key=lambda m: (m.common, not m.slot.busy, m.slot.last_used), default=None)
