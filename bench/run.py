@@ -311,6 +311,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep", default="", metavar="TOKENS,...",
                         help="also run proxy-ram0 and llama-small with these context sizes (e.g. 8000,16000)")
     parser.add_argument("--only", default="", help="comma-separated scenario keys (default: all)")
+    parser.add_argument("--small-cache-mib", type=int, default=None,
+                        help="llama-small's --cache-ram (default: about two conversations)")
     parser.add_argument("--quiet-wait", type=float, default=60.0,
                         help="seconds to wait, before each scenario, for other processes to leave the CPUs idle")
     parser.add_argument("--skip-micro", action="store_true", help="skip overhead/streaming/disk measurements")
@@ -353,7 +355,7 @@ def main(argv: list[str] | None = None) -> None:
         "tiny_model": setup.tiny_model.name,
     }
     calibration = calibrate(setup)
-    small_cache_mib = two_conversations_mib(workload, calibration["kv_bytes_per_token"])
+    small_cache_mib = args.small_cache_mib or two_conversations_mib(workload, calibration["kv_bytes_per_token"])
     results["calibration"] = calibration | {"conversation_tokens_estimate": workload.final_tokens(),
                                             "small_cache_mib": small_cache_mib}
     log(f"prefill {calibration['prefill_tokens_per_s']:.0f} tokens/s, "
