@@ -19,6 +19,7 @@ from proxycache.testing.workload import Record, oracle_prefill
 
 PROXY_SPEEDUP_TARGET = 15.0
 ORACLE_RATIO_TARGET = 1.05
+WAIT_COUNTED_MS = 1.0  # a request queued longer than this waited for a slot
 DISTURBED = 0.10  # share of the CPUs other processes used during a scenario
 
 
@@ -34,12 +35,12 @@ def _stats(values: list[float]) -> dict[str, float | None]:
             "p95": float(np.percentile(array, 95))}
 
 
-def summarize(result: dict[str, Any], turns: int) -> dict[str, Any]:
+def summarize(result: dict[str, Any], turns: int, shared_tokens: int = 0) -> dict[str, Any]:
     records = _records(result)
     ok = [r for r in records if r.error is None]
     turn_records = [r for r in ok if r.kind == "turn"]
     restart_turn = turns // 2 - 1 if result["scenario"]["restart"] else None
-    oracle = oracle_prefill(records)
+    oracle = oracle_prefill(records, shared_tokens)
     summary = {
         "key": result["scenario"]["key"],
         "title": result["scenario"]["title"],
@@ -59,6 +60,8 @@ def summarize(result: dict[str, Any], turns: int) -> dict[str, Any]:
                                        if r.turn == 0 and r.prompt_n and r.prompt_ms]),
         "later_prompt_ms": _median([r.prompt_ms / 1000 for r in turn_records if r.turn > 0 and r.prompt_ms]),
         "rss": result.get("llama_rss_bytes"),
+        "waits": sum(1 for r in ok if (r.queue_wait_ms or 0) > WAIT_COUNTED_MS),
+        "max_wait_ms": max((r.queue_wait_ms or 0 for r in ok), default=0.0),
         "foreign_cpu": result.get("foreign_cpu_share"),
     }
     if restart_turn is not None:
@@ -162,14 +165,15 @@ def render(results: dict[str, Any], summaries: list[dict]) -> str:
         "stream chunk, as the `openai` client sees it; later turns = every turn after a user's first.",
         "",
         "| scenario | llama-server flags | prefill tokens | × oracle | later-turn TTFT mean s | p50 | p95 | "
-        "first-turn TTFT p50 s | p95 | wall s | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "first-turn TTFT p50 s | p95 | wall s | errors | queued (max ms) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for s in summaries:
         out.append(
             f"| `{s['key']}`: {s['title']} | `{s['flags']}` | {s['prefill']} | {_fmt(s['vs_oracle'])} | "
             f"{_fmt(s['later']['mean'], 3)} | {_fmt(s['later']['p50'], 3)} | {_fmt(s['later']['p95'], 3)} | "
-            f"{_fmt(s['first']['p50'])} | {_fmt(s['first']['p95'])} | {s['wall']:.1f} | {s['errors']} |"
+            f"{_fmt(s['first']['p50'])} | {_fmt(s['first']['p95'])} | {s['wall']:.1f} | {s['errors']} | "
+            f"{s.get('waits', 0)} ({s.get('max_wait_ms', 0):.0f}) |"
         )
     oracles = [s["oracle"] for s in summaries if not s["errors"]]
     if oracles:
@@ -385,7 +389,8 @@ def plot_speedup(points: list[dict[str, Any]], out_dir: Path) -> None:
 
 
 def write_all(results: dict[str, Any], out_dir: Path) -> list[dict]:
-    summaries = [summarize(r, results["workload"]["turns"]) for r in results["scenarios"]]
+    shared = results["workload"].get("shared_tokens", 0)
+    summaries = [summarize(r, results["workload"]["turns"], shared) for r in results["scenarios"]]
     (out_dir / "report.md").write_text(render(results, summaries))
     plot(results, summaries, out_dir)
     points = sweep_points(results, summaries)

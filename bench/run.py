@@ -20,6 +20,7 @@ docs/benchmarks/report.md, results.json and PNG plots.
     python -m bench.run                       # default size: a few minutes
     python -m bench.run --sweep 8000,16000    # plus proxy-ram0 vs llama-small at larger contexts
     python -m bench.run --users 16 --slots 4 --context-tokens 8000 --turns 6 --side-calls 1 --concurrency 2
+    python -m bench.run --preset team --only proxy-ram0,proxy-ram,llama   # issue 13's workloads: team, fits, large
 """
 
 from __future__ import annotations
@@ -282,11 +283,26 @@ def machine() -> dict[str, Any]:
             "kernel": platform.release()}
 
 
+# Named workloads (issue 13); options given explicitly on the command line win.
+PRESETS: dict[str, dict[str, int]] = {
+    # a team behind one coding agent: the same long system prompt, then each user's own files and turns
+    "team": dict(users=8, shared_tokens=12000, context_tokens=2000, turns=3, slots=2),
+    # everything fits in llama-server's default RAM cache
+    "fits": dict(users=8, context_tokens=8000, turns=4, slots=2),
+    # contexts too large for a small RAM cache
+    "large": dict(users=6, context_tokens=24000, turns=3, slots=2),
+}
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--context-tokens", type=int, default=4000)
+    parser.add_argument("--shared-tokens", type=int, default=0,
+                        help="a system prompt of this size every user's context starts with")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                        help="a named workload: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--side-calls", type=int, default=0, help="small side calls after each turn")
     parser.add_argument("--concurrency", type=int, default=1, help="users of a round sent at once")
@@ -296,13 +312,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--sweep", default="", metavar="TOKENS,...",
                         help="also run proxy-ram0 and llama-small with these context sizes (e.g. 8000,16000)")
     parser.add_argument("--only", default="", help="comma-separated scenario keys (default: all)")
+    parser.add_argument("--small-cache-mib", type=int, default=None,
+                        help="llama-small's --cache-ram (default: about two conversations)")
     parser.add_argument("--quiet-wait", type=float, default=60.0,
                         help="seconds to wait, before each scenario, for other processes to leave the CPUs idle")
     parser.add_argument("--skip-micro", action="store_true", help="skip overhead/streaming/disk measurements")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--workdir", type=Path, default=None, help="logs and slot saves (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where report.md, results.json, PNGs go")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.preset:
+        given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)}
+        for name, value in PRESETS[args.preset].items():
+            if name not in given:
+                setattr(args, name, value)
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -310,7 +334,8 @@ def main(argv: list[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: children stop
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="proxycache-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    workload = Workload(users=args.users, context_tokens=args.context_tokens, turns=args.turns,
+    workload = Workload(users=args.users, context_tokens=args.context_tokens, shared_tokens=args.shared_tokens,
+                        turns=args.turns,
                         question_tokens=args.question_tokens, answer_tokens=args.answer_tokens,
                         side_calls=args.side_calls, concurrency=args.concurrency, ascii_answers=True)
     setup = Setup(workload=workload, slots=args.slots, threads=args.threads,
@@ -331,7 +356,7 @@ def main(argv: list[str] | None = None) -> None:
         "tiny_model": setup.tiny_model.name,
     }
     calibration = calibrate(setup)
-    small_cache_mib = two_conversations_mib(workload, calibration["kv_bytes_per_token"])
+    small_cache_mib = args.small_cache_mib or two_conversations_mib(workload, calibration["kv_bytes_per_token"])
     results["calibration"] = calibration | {"conversation_tokens_estimate": workload.final_tokens(),
                                             "small_cache_mib": small_cache_mib}
     log(f"prefill {calibration['prefill_tokens_per_s']:.0f} tokens/s, "

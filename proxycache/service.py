@@ -195,7 +195,9 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         LlamaServer.create(reactor, url, config.upstream_api_key, pool_size) for url in config.llama_url
     ]
     by_name = {b.name: b for b in backends}
-    catalog = Catalog(min_ratio=config.similarity_min_ratio)
+    # Saved entries are judged by the cost model (restore vs recompute of the common part), not by
+    # similarity: a team's shared system prompt is worth restoring for another user (issue 13).
+    catalog = Catalog(min_ratio=0.0)
     scheduler = Scheduler(
         reactor,
         min_ratio=config.similarity_min_ratio,
@@ -203,6 +205,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         max_queue=config.max_queue,
         disk_lookup=catalog.lookup,
         fim_slots=config.fim_slots,
+        fork_pays=catalog.fork_pays,  # forks of HOT slots are carried out by the disk tier
     )
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,

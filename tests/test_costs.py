@@ -68,3 +68,25 @@ def test_a_restore_after_a_long_reply_is_judged_on_the_prompt_it_serves():
     restore = Plan(Decision.RESTORE, SlotId("b", 0), common_blocks=3, restore=DiskMatch("ab" * 8, "b", 3, 1.0))
     assert not fell_short(restore, Request(fp, small=False), cache_n=1000, prompt_n=3100)
     assert fell_short(restore, Request(fp, small=False), cache_n=1, prompt_n=4100)
+
+
+def test_fork_pays_counts_the_save_only_when_the_slot_is_unsaved():
+    speeds = Speeds(read_bytes_per_second=1e9, prefill_tokens_per_second=1000, write_bytes_per_second=100e6)
+    # 12,000 shared tokens of a 14,000-token slot, 56 MB: recompute 12 s; save 0.61 s + restore 0.11 s
+    assert speeds.fork_pays(14_000, 56_000_000, 14, 12, saved=False)
+    # a 200-token shared prefix: 0.2 s of recompute, less than the save
+    assert not speeds.fork_pays(14_000, 56_000_000, 70, 1, saved=False)
+    # already saved: only the restore (0.106 s) counts
+    assert speeds.fork_pays(14_000, 56_000_000, 140, 2, saved=True)
+    # KV size unknown (nothing saved yet): only fixed costs, 0.1 s
+    assert speeds.fork_pays(14_000, None, 140, 2, saved=False)  # 0.2 s of recompute
+    assert not speeds.fork_pays(14_000, None, 140, 1, saved=False)  # 0.1 s
+
+
+def test_speeds_follow_save_measurements():
+    speeds = Speeds(write_bytes_per_second=100e6)
+    for _ in range(30):
+        speeds.observe_save(300_000_000, 1000.0)
+    assert 290e6 < speeds.write_bytes_per_second < 310e6
+    speeds.observe_save(10, 1000.0)  # too small to say anything
+    assert 290e6 < speeds.write_bytes_per_second < 310e6

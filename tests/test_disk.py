@@ -328,22 +328,35 @@ def test_best_ties_go_to_the_most_recently_used():
 # -- Index.predecessor ------------------------------------------------------------------
 
 
-def test_predecessor_is_the_latest_earlier_turn():
+def test_predecessor_is_the_entry_the_content_descends_from():
     turn1 = entry(fp(4))
     turn2 = entry(fp(8))
     branch = entry(fp(6, tail=3, tag=9))  # shares 6 blocks, but is not a prefix
     other = entry(fp(3, conversation=2))
     index = index_of(turn1, turn2, branch, other)
-    assert index.predecessor(fp(12), "a", MODEL) is turn2
-    assert index.predecessor(fp(6), "a", MODEL) is turn1
-    assert index.predecessor(fp(3), "a", MODEL) is None
-    assert index.predecessor(fp(8), "a", MODEL) is turn2  # the same turn saved again
+    assert index.predecessor(fp(12), "a", MODEL, turn2.key) is turn2
+    assert index.predecessor(fp(12), "a", MODEL, turn1.key) is turn1  # restored from turn 1
+    assert index.predecessor(fp(8), "a", MODEL, turn2.key) is turn2  # the same turn saved again
+    assert index.predecessor(fp(3), "a", MODEL, turn2.key) is None  # shorter: it does not continue it
+    assert index.predecessor(fp(12), "a", MODEL, branch.key) is None  # restored from a branch: a new entry
+    assert index.predecessor(fp(12), "a", MODEL, None) is None
+    assert index.predecessor(fp(12), "a", MODEL, "0123456789abcdef") is None  # dropped meanwhile
+
+
+def test_predecessor_never_another_conversation_sharing_a_prefix():
+    # another user's "system prompt + one short turn": all its blocks are a prefix of ours
+    theirs = entry(fp(5))
+    index = index_of(theirs)
+    assert index.predecessor(fp(9, tail=3, tag=4), "a", MODEL, None) is None
+    assert index.predecessor(fp(9, tail=3, tag=4), "a", MODEL, "00000000000000aa") is None
 
 
 def test_predecessor_same_backend_and_model_only():
-    index = index_of(entry(fp(4), backend="b"), entry(fp(4), model="other"), entry(Fingerprint((), 0, 0)))
-    assert index.predecessor(fp(12), "a", MODEL) is None
-    assert index.predecessor(fp(12), "b", MODEL) is not None
+    on_b, other_model = entry(fp(4), backend="b"), entry(fp(4), model="other")
+    index = index_of(on_b, other_model, entry(Fingerprint((), 0, 0)))
+    assert index.predecessor(fp(12), "a", MODEL, on_b.key) is None
+    assert index.predecessor(fp(12), "a", MODEL, other_model.key) is None
+    assert index.predecessor(fp(12), "b", MODEL, on_b.key) is on_b
 
 
 # -- Index.over_budget --------------------------------------------------------------------
@@ -393,6 +406,18 @@ def test_over_budget_gives_pinned_entries_a_bounded_share():
     assert index.over_budget(0, 4, frozenset(), max_pinned_share=1.0) == [plain]  # pins fit: the plain one goes
     # three pins and a budget of one entry: the tier still keeps what it saves last
     assert index.over_budget(0, 1, frozenset()) == [*pins, plain][:4]
+
+
+def test_over_budget_drops_a_prefix_many_entries_share_last():
+    system = entry(fp(6), last_used=1.0)  # the team's system prompt (+ a short turn): oldest
+    users = [entry(fp(6, tail=3, tag=t), last_used=2.0 + t) for t in range(3)]
+    lone = entry(fp(4, conversation=3), last_used=9.0)
+    index = index_of(system, *users, lone)
+    assert index.is_shared_prefix(system) and not any(index.is_shared_prefix(u) for u in users)
+    assert index.over_budget(0, 4, frozenset()) == [users[0]]
+    assert index.over_budget(0, 1, frozenset()) == [*users, lone]
+    # shared by one other entry only: plain LRU
+    assert index_of(system, users[0], lone).over_budget(0, 2, frozenset()) == [system]
 
 
 # -- model_identity ---------------------------------------------------------------------------
@@ -516,7 +541,7 @@ def _chain(root: int, length: int, branch_at: int | None = None, branch: int = 0
     )
 
 
-def test_best_and_predecessor_agree_with_a_full_scan():
+def test_best_agrees_with_a_full_scan():
     import random
 
     rng = random.Random(7)
@@ -540,11 +565,6 @@ def test_best_and_predecessor_agree_with_a_full_scan():
             found = index.best(request, MODEL, ["a"], min_ratio)
             assert (found and found[1:], found and found[0].last_used) == (
                 expected and expected[1:], expected and expected[0].last_used)
-        scan = [e for e in index.entries.values() if e.backend == "b" and e.model == MODEL and e.fingerprint.blocks
-                and request.common_blocks(e.fingerprint) == len(e.fingerprint.blocks)]
-        longest = max((len(e.fingerprint.blocks) for e in scan), default=None)
-        predecessor = index.predecessor(request, "b", MODEL)
-        assert (predecessor and len(predecessor.fingerprint.blocks)) == longest
 
 
 def test_a_lookup_touches_only_entries_that_can_match():

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 
+import attrs
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -27,9 +29,11 @@ from proxycache.routing import (
     SlotId,
     SlotState,
     SlotView,
+    Relation,
     best_match,
     is_small,
     plan,
+    relation,
     state_after,
     target_slot,
 )
@@ -52,8 +56,8 @@ def fp(shared: int, total: int | None = None, *, tag: int | None = None, base: i
 
 
 def slot(index: int, state: SlotState = FREE, fingerprint: Fingerprint = EMPTY, *,
-         last_used: float = 0.0, busy: bool = False, backend: str = "a") -> SlotView:
-    return SlotView(SlotId(backend, index), state, fingerprint, last_used, busy)
+         last_used: float = 0.0, busy: bool = False, backend: str = "a", tokens: int = 0) -> SlotView:
+    return SlotView(SlotId(backend, index), state, fingerprint, last_used, busy, tokens)
 
 
 def large(fingerprint: Fingerprint) -> Request:
@@ -110,6 +114,110 @@ def test_transition_failure_becomes_cold(is_small_request):
     assert state_after(small=is_small_request, succeeded=False) is COLD
 
 
+# -- classification: continuation, branch, unrelated ----------------------------
+
+
+def test_relation_continuation_branch_unrelated():
+    held = fp(10, 12, tag=900)  # a slot's prompt: 10 shared blocks, then 2 of its own
+    assert relation(held, held) is Relation.CONTINUATION  # the same prompt again (a retry)
+    longer = Fingerprint(held.blocks + (77, 78), held.chars + 200, held.words + 32)
+    assert relation(longer, held) is Relation.CONTINUATION  # the next turn
+    assert relation(fp(10, 14), held) is Relation.BRANCH  # same system prompt, another user
+    assert relation(fp(5), held) is Relation.BRANCH  # shorter than the slot: it would cut it
+    assert relation(fp(4, base=3), held) is Relation.UNRELATED
+    assert relation(fp(3), EMPTY) is Relation.UNRELATED
+
+
+def test_branch_does_not_wait_for_a_busy_slot_while_one_is_free():
+    # user B: same system prompt (8 blocks) as user A's busy slot, own private part
+    user_a = slot(0, HOT, fp(8, 10), busy=True)
+    request = large(fp(8, 11))
+    p = plan(request, [user_a, slot(1, FREE)], min_ratio=0.0, affinity=True)
+    assert p == Plan(Decision.MISS, SlotId("a", 1))
+    # nothing idle: it queues (None), it does not WAIT on A's slot
+    assert plan(request, [user_a], min_ratio=0.0) is None
+
+
+def test_continuation_waits_for_its_busy_slot_while_one_is_free():
+    user_a = slot(0, HOT, fp(8, 10, tag=901), busy=True)
+    follow_up = large(fp(8, 10, tag=901))  # A's next turn: the same blocks (+ a new partial block)
+    p = plan(follow_up, [user_a, slot(1, FREE)], min_ratio=0.0, affinity=True)
+    assert p == Plan(Decision.WAIT, SlotId("a", 0), 10, 1.0)
+
+
+def test_branch_never_takes_an_idle_hot_slot_without_saving_it():
+    user_a = slot(0, HOT, fp(8, 10), last_used=5.0)
+    request = large(fp(8, 11))
+    # a free slot is idle and no fork is possible: compute there, A's slot untouched
+    assert plan(request, [user_a, slot(1, FREE)], min_ratio=0.0) == Plan(Decision.MISS, SlotId("a", 1))
+    # only HOT slots idle: an eviction happens anyway; the branch slot is taken, saved first
+    other = slot(1, HOT, fp(3, base=4), last_used=1.0)
+    p = plan(request, [user_a, other], min_ratio=0.0)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 8, 0.8, evicts=True)
+
+
+def test_continuation_takes_its_hot_slot_as_a_hit_without_saving():
+    mine = slot(0, HOT, fp(8, 10, tag=902))
+    p = plan(large(fp(8, 10, tag=902)), [mine, slot(1, FREE)], min_ratio=0.0)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 10, 1.0) and not p.evicts
+
+
+def test_branch_of_a_cold_slot_is_a_hit_in_place():
+    p = plan(large(fp(8, 11)), [slot(0, COLD, fp(8, 10)), slot(1, FREE)], min_ratio=0.0)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 8, 0.8)
+
+
+def test_branch_forks_a_hot_idle_slot_into_a_free_one_when_it_pays():
+    user_a = slot(0, HOT, fp(8, 10), tokens=4000)
+    request = large(fp(8, 11))
+    asked = []
+
+    def pays(view, common):
+        asked.append((view.id, common))
+        return True
+
+    p = plan(request, [user_a, slot(1, COLD, fp(2, base=6)), slot(2, FREE)], min_ratio=0.0, fork_pays=pays)
+    assert p == Plan(Decision.RESTORE, SlotId("a", 2), 8, 0.8, fork=SlotId("a", 0))
+    assert asked == [(SlotId("a", 0), 8)]
+    # the fork does not pay: compute on the free slot rather than destroy A's context
+    p = plan(request, [user_a, slot(2, FREE)], min_ratio=0.0, fork_pays=lambda view, common: False)
+    assert p == Plan(Decision.MISS, SlotId("a", 2))
+
+
+def test_fork_stays_on_the_source_backend_and_never_targets_a_hot_slot():
+    request = large(fp(8, 11))
+    source = slot(0, HOT, fp(8, 10))
+    slots = [source, slot(1, FREE, backend="b"), slot(2, HOT, fp(2, base=5))]
+    p = plan(request, slots, min_ratio=0.0, fork_pays=lambda view, common: True)
+    assert p == Plan(Decision.MISS, SlotId("b", 1))  # no FREE/COLD slot on backend a
+
+
+def test_branch_prefers_a_saved_entry_holding_the_shared_prefix_over_taking_the_slot():
+    # A's slot holds the shared prefix and A's private part; A's saved entry holds them too
+    request = large(fp(8, 11))
+    disk = DiskMatch("deadbeef", "a", 8, 0.8)
+    p = plan(request, [slot(0, HOT, fp(8, 10)), slot(1, FREE)], min_ratio=0.0, disk=disk)
+    assert p == Plan(Decision.RESTORE, SlotId("a", 1), 8, 0.8, restore=disk)
+    # a fork of the slot reuses as much: the saved entry (nothing to save first) wins the tie
+    p = plan(request, [slot(0, HOT, fp(8, 10)), slot(1, FREE)], min_ratio=0.0, disk=disk,
+             fork_pays=lambda view, common: True)
+    assert p.restore == disk and p.fork is None
+
+
+def test_longer_busy_branch_does_not_make_a_request_wait_over_a_shorter_continuation():
+    request = large(fp(20, 22))
+    slots = [slot(0, HOT, fp(20, 30), busy=True), slot(1, HOT, fp(5))]
+    p = plan(request, slots, min_ratio=0.0)
+    assert p == Plan(Decision.HIT, SlotId("a", 1), 5, 1.0)
+
+
+def test_small_request_never_forks():
+    request = small(fp(8, 11))
+    slots = [slot(0, HOT, fp(8, 10)), slot(1, FREE)]
+    assert plan(request, slots, min_ratio=0.0, fork_pays=lambda view, common: True) == Plan(
+        Decision.SMALL, SlotId("a", 1))
+
+
 # -- step 1: the best cached prefix -------------------------------------------
 
 
@@ -132,15 +240,25 @@ def test_hit_on_cold_slot_for_a_large_request():
     assert not p.evicts
 
 
-def test_ratio_threshold_respected():
-    # 4 shared blocks of a 10-block request against a 10-block slot: ratio 0.4
-    request = large(fp(4, 10))
-    slots = [slot(0, HOT, fp(4, 10)), slot(1, FREE)]
+def test_ratio_threshold_respected_by_small_requests():
+    # 4 shared blocks of a 10-block request against a 10-block COLD slot: ratio 0.4
+    request = small(fp(4, 10))
+    slots = [slot(0, COLD, fp(4, 10)), slot(1, FREE)]
     assert best_match(request, slots, 0.4) == (slots[0], 4, 0.4)
     assert plan(request, slots, min_ratio=0.4).decision is Decision.HIT
     assert best_match(request, slots, 0.41) is None
     p = plan(request, slots, min_ratio=0.41)
-    assert p.decision is Decision.MISS and p.slot == SlotId("a", 1)
+    assert p.decision is Decision.SMALL and p.slot == SlotId("a", 1)
+
+
+def test_large_requests_are_not_filtered_by_similarity():
+    # a team's shared system prompt: 12 of 14 blocks (0.857) fails a 0.9 threshold but is worth reusing
+    request = large(fp(12, 14))
+    slots = [slot(0, COLD, fp(12, 14)), slot(1, FREE)]
+    assert plan(request, slots, min_ratio=0.9) == Plan(Decision.HIT, SlotId("a", 0), 12, 12 / 14)
+    hot = [slot(0, HOT, fp(12, 14)), slot(1, FREE)]
+    p = plan(request, hot, min_ratio=0.9, fork_pays=lambda view, common: True)
+    assert p == Plan(Decision.RESTORE, SlotId("a", 1), 12, 12 / 14, fork=SlotId("a", 0))
 
 
 def test_ratio_is_against_the_shorter_fingerprint():
@@ -176,11 +294,14 @@ def test_small_request_only_matches_cold_slots():
 
 def test_idle_wins_ties_over_busy_then_most_recent():
     request = large(fp(8, 9))
-    busy = slot(0, HOT, fp(8, 10), last_used=9.0, busy=True)
-    old = slot(1, HOT, fp(8, 11), last_used=1.0)
-    recent = slot(2, HOT, fp(8, 12), last_used=2.0)
+    busy = slot(0, COLD, fp(8, 10), last_used=9.0, busy=True)
+    old = slot(1, COLD, fp(8, 11), last_used=1.0)
+    recent = slot(2, COLD, fp(8, 12), last_used=2.0)
     assert best_match(request, [busy, old, recent], 0.0)[0] is recent
     assert plan(request, [busy, old, recent], min_ratio=0.0).slot == recent.id
+    # HOT branches taken over (nothing FREE/COLD idle): the least recently used goes
+    hot = [attrs.evolve(s, state=HOT) for s in (busy, old, recent)]
+    assert plan(request, hot, min_ratio=0.0) == Plan(Decision.HIT, old.id, 8, 8 / 9, evicts=True)
 
 
 def test_wait_when_best_match_busy_and_affinity_on():
@@ -198,7 +319,7 @@ def test_no_wait_when_affinity_off_takes_best_idle_match():
     request = large(fp(20, 22))
     slots = [
         slot(0, HOT, fp(20, 20), busy=True),
-        slot(1, HOT, fp(5, 6)),
+        slot(1, COLD, fp(5, 6)),  # COLD: a HOT branch would not be taken over while slot 2 is free
         slot(2, FREE),
     ]
     p = plan(request, slots, min_ratio=0.0, affinity=False)
@@ -259,9 +380,9 @@ def test_restore_evicts_a_hot_slot_when_only_hot_idle_on_that_backend():
 
 def test_disk_not_longer_than_slot_match_is_a_hit():
     request = large(fp(50, 55))
-    slots = [slot(0, HOT, fp(40, 41)), slot(1, FREE)]
+    slots = [slot(0, HOT, fp(40, 40)), slot(1, FREE)]  # the request continues slot 0
     p = plan(request, slots, min_ratio=0.0, disk=DiskMatch("deadbeef", "a", 40, 1.0))
-    assert p.decision is Decision.HIT and p.slot == SlotId("a", 0)
+    assert p.decision is Decision.HIT and p.slot == SlotId("a", 0) and not p.evicts
 
 
 def test_disk_longer_than_busy_match_restores_instead_of_waiting():
@@ -430,6 +551,30 @@ def scenarios(draw):
     return request, slots, disk, min_ratio, draw(st.booleans())
 
 
+def continues(request: Request, s: SlotView) -> bool:
+    return 0 < len(s.fingerprint.blocks) == request.fingerprint.common_blocks(s.fingerprint)
+
+
+def waitable(request: Request, s: SlotView, min_ratio: float, affinity: bool) -> int:
+    """Common blocks if C{request} may wait for busy C{s} (a continuation only), else 0."""
+    if not (s.busy and affinity and not request.small and continues(request, s)):
+        return 0
+    return passing(request, s, min_ratio)
+
+
+def usable_idle(request: Request, s: SlotView, slots: list[SlotView], min_ratio: float) -> int:
+    """
+    Common blocks if idle C{s} can serve C{request} in place without a fork:
+    a continuation or a COLD slot, or a HOT branch when no FREE/COLD slot is idle.
+    """
+    if s.busy:
+        return 0
+    spare = any(not o.busy and o.state is not HOT for o in slots)
+    if s.state is HOT and not continues(request, s) and spare:
+        return 0
+    return passing(request, s, min_ratio)
+
+
 def passing(request: Request, s: SlotView, min_ratio: float) -> int:
     """Common blocks if C{s} is a candidate for C{request}, else 0 (computed without the planner)."""
     if s.state is FREE or (request.small and s.state is HOT):
@@ -438,7 +583,7 @@ def passing(request: Request, s: SlotView, min_ratio: float) -> int:
     common = 0
     while common < min(len(a), len(b)) and a[common] == b[common]:
         common += 1
-    if common == 0 or common / min(len(a), len(b)) < min_ratio:
+    if common == 0 or (request.small and common / min(len(a), len(b)) < min_ratio):
         return 0
     return common
 
@@ -460,6 +605,7 @@ def test_property_never_a_busy_slot_except_wait(scenario):
     if p.decision is Decision.WAIT:
         assert chosen.busy and affinity and not request.small
         assert passing(request, chosen, min_ratio) == p.common_blocks > 0
+        assert continues(request, chosen)  # only a continuation waits
     else:
         assert not chosen.busy
 
@@ -492,11 +638,15 @@ def test_property_hit_has_the_maximal_common_prefix(scenario):
     chosen = {s.id: s for s in slots}[p.slot]
     assert p.common_blocks == passing(request, chosen, min_ratio) > 0
     assert p.common_blocks == request.fingerprint.common_blocks(chosen.fingerprint)
-    assert p.similarity >= min_ratio
-    # no idle candidate shares more; with affinity (large requests only), no busy one either
+    assert p.similarity >= min_ratio or not request.small  # large requests: not filtered by similarity
+    # no idle slot usable in place shares more; with affinity (large requests only), no busy
+    # slot it continues either (a branch never waits)
     for s in slots:
-        if not s.busy or (affinity and not request.small):
-            assert passing(request, s, min_ratio) <= p.common_blocks
+        assert usable_idle(request, s, slots, min_ratio) <= p.common_blocks
+        assert waitable(request, s, min_ratio, affinity) <= p.common_blocks
+    if p.evicts:  # only a HOT branch taken over when nothing FREE/COLD is idle
+        assert chosen.state is HOT and not continues(request, chosen)
+        assert all(s.state is HOT for s in slots if not s.busy)
 
 
 @SETTINGS
@@ -516,7 +666,23 @@ def test_property_evicts_iff_target_was_hot(scenario):
     if p.decision is Decision.RESTORE:
         assert not request.small and disk is not None and p.restore == disk
         assert chosen.id.backend == disk.backend
-        # longer than every usable slot prefix (a busy one is usable only while affinity lasts)
+        # at least as long as every slot prefix usable in place, longer than one worth waiting for
         for s in slots:
-            if not s.busy or (affinity and not request.small):
-                assert passing(request, s, min_ratio) < disk.common_blocks
+            assert usable_idle(request, s, slots, min_ratio) < disk.common_blocks
+            assert waitable(request, s, min_ratio, affinity) < disk.common_blocks
+
+
+@SETTINGS
+@given(scenarios(), st.booleans())
+def test_property_forks_only_hot_idle_branches_into_free_or_cold_slots(scenario, pays):
+    request, slots, disk, min_ratio, affinity = scenario
+    p = plan(request, slots, min_ratio=min_ratio, affinity=affinity, disk=disk,
+             fork_pays=lambda view, common: pays)
+    if p is None or p.fork is None:
+        return
+    by_id = {s.id: s for s in slots}
+    source, target = by_id[p.fork], by_id[p.slot]
+    assert pays and not request.small and p.decision is Decision.RESTORE and p.restore is None
+    assert source.state is HOT and not source.busy and not continues(request, source)
+    assert target.state is not HOT and not target.busy and target.id.backend == source.id.backend
+    assert not p.evicts and p.common_blocks == request.fingerprint.common_blocks(source.fingerprint)

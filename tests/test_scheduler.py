@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 
+import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -521,3 +522,86 @@ def test_seeded_long_random_sequences():
                 op = (kind, rng.randint(0, 50))
             model.step(op)
         model.drain()
+
+
+# -- branches, forks, lineage ---------------------------------------------------------
+
+
+def branch(shared: int, own: int, conversation: int, user: int) -> Request:
+    """C{shared} blocks of C{conversation} (a system prompt), then C{own} blocks of C{user}."""
+    blocks = fp(shared, conversation).blocks + tuple(10**9 + user * 10**6 + i for i in range(own))
+    return Request(Fingerprint(blocks, len(blocks) * 100, len(blocks) * 16), small=False)
+
+
+def test_branch_does_not_wait_for_a_busy_slot_while_another_is_free():
+    clock = Clock()
+    scheduler = make(2, clock=clock, affinity_wait=30.0)
+    user_a = lease_of(scheduler.acquire(branch(20, 4, 1, user=1)))
+    user_b = scheduler.acquire(branch(20, 5, 1, user=2))  # same system prompt, own part
+    lease = lease_of(user_b)
+    assert lease.slot.id != user_a.slot.id and lease.plan.decision is Decision.MISS and lease.waited == 0
+    # A's next turn, once A's slot is free again, is a hit on its own slot
+    scheduler.release(user_a, OK)
+    follow_up = Request(Fingerprint(user_a.request.fingerprint.blocks + (5, 6), 2800, 448), small=False)
+    again = lease_of(scheduler.acquire(follow_up))
+    assert again.slot is user_a.slot and again.plan.decision is Decision.HIT and not again.plan.evicts
+
+
+def test_continuation_waits_for_its_busy_slot_until_affinity_ends_even_with_a_free_slot():
+    clock = Clock()
+    scheduler = make(2, clock=clock, affinity_wait=2.0)
+    first = lease_of(scheduler.acquire(large(10, 1)))
+    follow_up = scheduler.acquire(large(14, 1))
+    assert not follow_up.called
+    clock.advance(2.0)
+    assert lease_of(follow_up).slot.id != first.slot.id
+
+
+def test_fork_holds_the_source_slot_until_the_tier_releases_it():
+    scheduler = make(3)
+    scheduler.fork_pays = lambda view, common: True
+    user_a = lease_of(scheduler.acquire(branch(20, 4, 1, user=1)))
+    scheduler.release(user_a, OK)
+    fork = lease_of(scheduler.acquire(branch(20, 5, 1, user=2)))
+    assert fork.plan.decision is Decision.RESTORE and fork.plan.fork == user_a.slot.id
+    assert fork.source is user_a.slot and user_a.slot.busy and fork.slot is not user_a.slot
+    assert fork.lineage is None  # a branch starts an entry of its own
+    # A's follow-up waits for its slot while the fork saves it
+    follow_up = scheduler.acquire(Request(Fingerprint(user_a.request.fingerprint.blocks + (9,), 2500, 400), False))
+    assert not follow_up.called
+    scheduler.release_source(fork)
+    assert lease_of(follow_up).slot is user_a.slot
+    scheduler.release_source(fork)  # twice: no effect on A's lease
+    assert user_a.slot.busy
+    scheduler.release(fork, OK)
+    assert fork.slot.content.state is HOT
+
+
+def test_release_lets_an_unreleased_fork_source_go():
+    scheduler = make(2)
+    scheduler.fork_pays = lambda view, common: True
+    scheduler.release(lease_of(scheduler.acquire(branch(20, 4, 1, user=1))), OK)
+    fork = lease_of(scheduler.acquire(branch(20, 5, 1, user=2)))
+    assert fork.source is not None and fork.source.busy
+    scheduler.release(fork, FAILED)
+    assert locked(scheduler) == set()
+
+
+def test_lineage_follows_the_conversation_not_the_prefix():
+    scheduler = make(2)
+    first = lease_of(scheduler.acquire(large(10, 1)))
+    scheduler.release(first, OK)
+    first.slot.content = attrs.evolve(first.slot.content, saved_key="00000000000000a1")
+    follow_up = lease_of(scheduler.acquire(large(14, 1)))
+    assert follow_up.plan.decision is Decision.HIT and follow_up.lineage == "00000000000000a1"
+    scheduler.release(follow_up, OK)
+    assert follow_up.slot.content.lineage == "00000000000000a1" and follow_up.slot.content.saved_key is None
+    # another user behind the same prefix, on the only idle slots: no lineage of A's
+    other = lease_of(scheduler.acquire(branch(10, 3, 1, user=7)))
+    assert other.slot is not follow_up.slot and other.lineage is None
+
+
+def test_restore_gives_the_restored_entry_as_lineage():
+    scheduler = make(2, disk_lookup=lambda request: DiskMatch("00000000000000b2", "a", 8, 1.0))
+    lease = lease_of(scheduler.acquire(large(20, 1)))
+    assert lease.plan.decision is Decision.RESTORE and lease.lineage == "00000000000000b2"

@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 
 from proxycache.cache._index import Index
-from proxycache.routing import DiskMatch, Request, Speeds
+from proxycache.routing import DiskMatch, Request, SlotView, Speeds
 
 
 @attrs.define
@@ -37,6 +37,21 @@ class Catalog:
     speeds: Speeds = attrs.Factory(Speeds)
     counters: Counters = attrs.Factory(Counters)
     max_bytes: int = 0  # the disk budget in force (chosen at start when automatic), 0 = none
+
+    def fork_pays(self, view: SlotView, common_blocks: int) -> bool:
+        """
+        The scheduler's cost model for a fork of HOT slot C{view} (L{Plan.fork}):
+        save it unless saved, restore the file elsewhere, against recomputing
+        the C{common_blocks} the request shares with it.
+        """
+        saves_fail = self.counters.save_failures and not self.counters.saves
+        if self.models.get(view.id.backend) is None or saves_fail:
+            return False  # no model known yet, or saves do not work (no --slot-save-path)
+        blocks = len(view.fingerprint.blocks)
+        tokens = view.tokens or view.fingerprint.words  # about one token a word when not measured
+        index_tokens = self.index.total_tokens  # KV bytes per token, from what was saved so far
+        size = round(tokens * self.index.total_bytes / index_tokens) if index_tokens else None
+        return self.speeds.fork_pays(tokens, size, blocks, common_blocks, view.saved)
 
     def backend_up(self, backend: str, model: str) -> int:
         """C{backend} runs C{model} now; returns how many of its saved caches another model wrote."""

@@ -20,6 +20,9 @@ import attrs
 from proxycache.routing import Fingerprint
 
 META_VERSION = 1
+# An entry whose blocks are a prefix of this many others' holds a prefix many
+# conversations fork from (a team's system prompt): the budget drops it last.
+SHARED_PREFIX_SHARERS = 2
 KEY_PATTERN = re.compile(r"\A[0-9a-f]{8,64}\Z")  # not "$": it also matches before a final "\n"
 
 
@@ -121,6 +124,7 @@ class Index:
     _at: dict[tuple[int, int], set[str]] = attrs.field(factory=dict, init=False, repr=False)
     _last: dict[int, set[str]] = attrs.field(factory=dict, init=False, repr=False)
     _bytes: int = attrs.field(default=0, init=False, repr=False)
+    _tokens: int = attrs.field(default=0, init=False, repr=False)
     touched: int = attrs.field(default=0, init=False, repr=False)  # entries compared by lookups (for bench/)
 
     def __attrs_post_init__(self) -> None:
@@ -138,11 +142,16 @@ class Index:
     def total_bytes(self) -> int:
         return self._bytes
 
+    @property
+    def total_tokens(self) -> int:
+        return self._tokens
+
     def put(self, entry: MetaEntry) -> None:
         """Add C{entry}, replacing any entry under its key."""
         self.remove(entry.key)
         self.entries[entry.key] = entry
         self._bytes += entry.bytes
+        self._tokens += entry.tokens
         for position, length_class in self._positions(entry):
             self._at.setdefault((entry.fingerprint.blocks[position], length_class), set()).add(entry.key)
         if entry.fingerprint.blocks:
@@ -153,6 +162,7 @@ class Index:
         if entry is None:
             return None
         self._bytes -= entry.bytes
+        self._tokens -= entry.tokens
         for position, length_class in self._positions(entry):
             _discard(self._at, (entry.fingerprint.blocks[position], length_class), key)
         if entry.fingerprint.blocks:
@@ -205,17 +215,35 @@ class Index:
                 break  # every entry not seen yet shares fewer blocks
         return best
 
-    def predecessor(self, fp: Fingerprint, backend: str, model: str) -> MetaEntry | None:
+    def predecessor(self, fp: Fingerprint, backend: str, model: str, lineage: str | None) -> MetaEntry | None:
         """
-        An entry that holds an earlier turn of the conversation C{fp} continues
-        (its blocks are a prefix of C{fp}): a new save replaces it, under its key.
+        The entry holding an earlier turn of the conversation C{fp} continues: a
+        new save replaces it, under its key.  Only the entry the content came
+        from (C{lineage}: restored from, or last saved as) and whose blocks are
+        a prefix of C{fp}: another conversation's entry that merely shares a
+        prefix (the same system prompt) is never replaced.
         """
-        for i in range(len(fp.blocks) - 1, -1, -1):  # longest first
-            for key in self._last.get(fp.blocks[i], ()):
-                entry = self.entries[key]
-                if entry.backend == backend and entry.model == model:
-                    return entry
-        return None
+        entry = self.entries.get(lineage) if lineage else None
+        if entry is None or entry.backend != backend or entry.model != model:
+            return None
+        n = len(entry.fingerprint.blocks)
+        return entry if n and fp.common_blocks(entry.fingerprint) == n else None
+
+    def is_shared_prefix(self, entry: MetaEntry, min_sharers: int = SHARED_PREFIX_SHARERS) -> bool:
+        """Do at least C{min_sharers} other entries start with all of C{entry}'s blocks?"""
+        n = len(entry.fingerprint.blocks)
+        if not n:
+            return False
+        last = entry.fingerprint.blocks[-1]
+        sharers = 0
+        for other in self.entries.values():
+            blocks = other.fingerprint.blocks
+            # chained hashes: an equal hash at position n - 1 means the same first n blocks
+            if other is not entry and len(blocks) >= n and blocks[n - 1] == last:
+                sharers += 1
+                if sharers >= min_sharers:
+                    return True
+        return False
 
     def over_budget(
         self,
@@ -228,9 +256,11 @@ class Index:
         """
         Entries to drop so the index fits its budget: first those no running
         backend can restore (another model or llama.cpp build, or an
-        ineffective restore), then the least recently used.  Pinned entries are
-        kept while they fit in C{max_pinned_share} of the budget, newest first;
-        older pinned ones beyond that share are evicted like any other.
+        ineffective restore), then the least recently used; an entry holding a
+        prefix of several others (a shared system prompt, what forks start from)
+        goes only once no other will do.  Pinned entries are kept while they fit
+        in C{max_pinned_share} of the budget, newest first; older pinned ones
+        beyond that share are evicted like any other.
         """
         victims: list[MetaEntry] = []
         count, size = len(self.entries), self.total_bytes
@@ -240,11 +270,24 @@ class Index:
             restorable = not entry.ineffective and (not current_models or entry.model in current_models)
             return restorable, entry.last_used
 
+        def over() -> bool:
+            return bool((max_entries and count > max_entries) or (max_bytes and size > max_bytes))
+
+        # Shared prefixes are checked lazily, only for entries the budget reaches: O(entries) each.
+        kept_shared: list[MetaEntry] = []
         for entry in sorted(self.entries.values(), key=retire_order):
-            if not ((max_entries and count > max_entries) or (max_bytes and size > max_bytes)):
+            if not over():
                 break
             if entry.key in protected:
                 continue
+            if retire_order(entry)[0] and self.is_shared_prefix(entry):
+                kept_shared.append(entry)
+                continue
+            victims.append(entry)
+            count, size = count - 1, size - entry.bytes
+        for entry in kept_shared:
+            if not over():
+                break
             victims.append(entry)
             count, size = count - 1, size - entry.bytes
         return victims

@@ -193,15 +193,19 @@ class DiskTier(Service):
 
     async def _prepare(self, lease: Lease) -> Decision:
         previous = lease.previous
+        # A HIT keeps the slot's content unless it takes over another conversation's (evicts).
         if (
-            lease.plan.decision is not Decision.HIT
+            (lease.plan.evicts or lease.plan.decision is not Decision.HIT)
             and previous.state is SlotState.HOT
             and previous.saved_key is None
         ):
             await self.save(lease.slot, previous)
         self._cancel_write_behind(lease.slot)
+        if lease.plan.fork is not None:
+            key = await self._save_fork_source(lease)
+            return Decision.RESTORE if key and await self._restore(lease, key) else Decision.MISS
         if lease.plan.restore is not None:
-            return Decision.RESTORE if await self._restore(lease) else Decision.MISS
+            return Decision.RESTORE if await self._restore(lease, lease.plan.restore.key) else Decision.MISS
         return lease.plan.decision
 
     def restored_tokens(self, lease: Lease) -> int:
@@ -238,7 +242,7 @@ class DiskTier(Service):
             return None
         if not await self._room_to_save():
             return None
-        predecessor = self.index.predecessor(fp, backend.name, model)
+        predecessor = self.index.predecessor(fp, backend.name, model, content.lineage)
         key = predecessor.key if predecessor else fp.key
         lock = await self._lock_key(key)
         try:
@@ -297,6 +301,7 @@ class DiskTier(Service):
         self.counters.saves += 1
         self.counters.saved_bytes += entry.bytes
         took = now - started
+        self.speeds.observe_save(entry.bytes, float(reply.get("timings", {}).get("save_ms", 0)))
         for observer in self.observers:
             observer("save", took, entry.bytes)
         (log.info if took >= 1 else log.debug)(
@@ -305,10 +310,9 @@ class DiskTier(Service):
         )
         return entry
 
-    async def _restore(self, lease: Lease) -> bool:
-        match = lease.plan.restore
-        entry = self.index.entries.get(match.key) if match else None
-        if match is None or entry is None:
+    async def _restore(self, lease: Lease, key: str) -> bool:
+        entry = self.index.entries.get(key)
+        if entry is None:
             return False
         slot = lease.slot
         backend = self.backends[slot.id.backend]
@@ -345,7 +349,7 @@ class DiskTier(Service):
         self.counters.restored_tokens += n_restored
         for observer in self.observers:
             observer("restore", took, int(reply.get("n_read", entry.bytes)))
-        self._restored[slot.id] = _Restored(entry, n_restored, match.common_blocks)
+        self._restored[slot.id] = _Restored(entry, n_restored, lease.plan.common_blocks)
         self._update(entry, last_used=self.clock.seconds())
         (log.info if took >= 1 else log.debug)(
             "restored {key} into slot {slot}: {tokens} tokens in {took:.2f}s",
@@ -379,9 +383,28 @@ class DiskTier(Service):
         try:
             key = await self.save(slot, content)
             if key is not None and slot.content is content:
-                slot.content = attrs.evolve(content, saved_key=key)
+                slot.content = attrs.evolve(content, saved_key=key, lineage=key)
         finally:
             self.scheduler.done_exclusive(slot)
+
+    # -- forks ----------------------------------------------------------------
+
+    async def _save_fork_source(self, lease: Lease) -> str | None:
+        """Save a fork's source slot unless saved (its lock is held for us), then let it go."""
+        source = lease.source
+        try:
+            if source is None:
+                return None
+            content = source.content
+            if content.saved_key is not None and content.saved_key in self.index.entries:
+                return content.saved_key
+            key = await self.save(source, content)
+            if key is not None and source.content is content:
+                source.content = attrs.evolve(content, saved_key=key, lineage=key)
+                self._cancel_write_behind(source)
+            return key
+        finally:
+            self.scheduler.release_source(lease)
 
     # -- the index on disk --------------------------------------------------
 

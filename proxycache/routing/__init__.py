@@ -9,7 +9,9 @@ from proxycache.routing._plan import (
     EMPTY,
     Decision,
     DiskMatch,
+    ForkPays,
     Plan,
+    Relation,
     Request,
     SlotId,
     SlotState,
@@ -17,6 +19,7 @@ from proxycache.routing._plan import (
     best_match,
     is_small,
     plan,
+    relation,
     state_after,
     target_slot,
 )
@@ -24,7 +27,8 @@ from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unp
 
 __all__ = [
     "MIN_MEASURED_PREFILL_TOKENS",
-    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "Plan", "Request", "SlotId", "SlotState", "SlotView",
-    "Speeds", "best_match", "conversation_text", "expected_reuse", "fell_short", "fingerprint", "fingerprint_text", "is_small",
-    "plan", "reused_unplanned", "state_after", "target_slot",
+    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "Plan", "Relation", "Request", "SlotId",
+    "SlotState", "SlotView", "Speeds", "best_match", "conversation_text", "expected_reuse", "fell_short",
+    "fingerprint", "fingerprint_text", "is_small", "plan", "relation", "reused_unplanned", "state_after",
+    "target_slot",
 ]

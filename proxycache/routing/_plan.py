@@ -17,25 +17,56 @@ Slot states and their transitions
   any           --llama-server restart detected--> FREE
   FREE/COLD/HOT --disk entry restored, then request served--> HOT
 
-Choice order for a request (L{plan}):
+How a request relates to what a slot (or a saved entry) holds (L{relation})
+===========================================================================
 
-  1. the HOT/COLD slot whose cached prefix shares the most leading blocks with
-     the request, among those whose similarity passes the threshold (a small
-     request only considers COLD ones).  If that slot is busy, a large request
-     that still has affinity time waits for it rather than recompute elsewhere;
-  2. a saved disk entry that shares more blocks than any idle slot: restore it
-     into an idle slot of the backend that wrote it (chosen as in 3); if that
-     backend has none idle, the entry is left for later;
-  3. an idle FREE slot, else the least recently used idle COLD slot, else the
-     least recently used idle HOT slot, whose cache is evicted (saved first by
-     the disk tier: L{Plan.evicts});
-  4. nothing idle: wait in the queue (L{plan} returns None).
+  CONTINUATION  the request extends everything the slot holds: all the slot's
+                blocks are a prefix of the request's (the slot's fingerprint is
+                of the prompt it last served, so llama.cpp's re-tokenization of
+                the last reply does not matter).  The same conversation.
+  BRANCH        it shares a prefix, then diverges: another user behind the same
+                system prompt, a retried or edited turn, a sub-agent.  Serving
+                it on that slot destroys what follows the shared prefix.
+  UNRELATED     no common block.
+
+Choice order for a request (L{plan})
+====================================
+
+Candidates are slots sharing a prefix with the request.  A small request only
+considers COLD ones, whose similarity (common blocks over the shorter side)
+passes the threshold.  A large request is not filtered by similarity: what it
+may do with a slot follows from the relation (a continuation reuses it in
+place; a branch keeps another conversation's content) and from costs (forks,
+restores): a team's 12k-token system prompt behind 2k private tokens is worth
+reusing although it is "only" 85% of the shorter side.  Among the idle options below the one
+reusing the most blocks wins; on a tie, the least destructive (in this order):
+
+  a. HIT on an idle slot the request continues, or on an idle COLD slot (a
+     COLD prompt is not protected): the prefix is reused in place;
+  b. RESTORE a saved disk entry sharing the prefix into an idle slot of the
+     backend that wrote it (free, then LRU cold, then LRU hot: evicted, saved
+     first, L{Plan.evicts}); if that backend has none idle, the entry waits;
+  c. FORK a HOT idle slot the request branches from: save it (unless saved),
+     restore its file into an idle FREE/COLD slot of the same backend, and let
+     llama.cpp reuse the shared prefix there; only when the cost model says
+     it beats recomputing the common part (C{fork_pays});
+  d. take a HOT idle branch slot over (HIT with C{evicts}: saved first), only
+     when no FREE/COLD slot is idle, so an eviction happens anyway.
+
+Before that, a large request whose best continuation is on a busy slot waits
+for it (WAIT) while it has affinity time, when that slot holds more than any
+idle option (a restore must beat it strictly).  A branch never waits for a busy
+slot, and never takes a HOT slot without saving it first.
+
+Without any option: an idle FREE slot, else the least recently used idle COLD
+slot, else the least recently used idle HOT slot, evicted (saved first); with
+nothing idle the request waits in the queue (L{plan} returns None).
 """
 
 from __future__ import annotations
 
 import enum
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import attrs
 
@@ -52,10 +83,16 @@ class SlotState(enum.Enum):
 
 class Decision(enum.Enum):
     HIT = "hit"  # reuses a slot's cached prefix
-    RESTORE = "restore"  # loads a saved cache from disk first
+    RESTORE = "restore"  # loads a saved cache first (a disk entry, or a fork of another slot)
     MISS = "miss"  # computes the prompt from scratch
     SMALL = "small"  # a small request, kept off hot slots
     WAIT = "wait"  # its hot slot is busy: wait for it
+
+
+class Relation(enum.Enum):
+    CONTINUATION = "continuation"  # extends everything the slot or entry holds
+    BRANCH = "branch"  # shares a prefix, then diverges
+    UNRELATED = "unrelated"  # nothing in common
 
 
 @attrs.frozen(order=True)
@@ -78,6 +115,8 @@ class SlotView:
     fingerprint: Fingerprint = EMPTY
     last_used: float = 0.0
     busy: bool = False
+    tokens: int = 0  # tokens llama.cpp holds there, when measured
+    saved: bool = False  # a disk entry holds exactly this content
 
 
 @attrs.frozen
@@ -106,6 +145,23 @@ class Plan:
     similarity: float = 0.0
     evicts: bool = False  # the slot's HOT content is replaced: save it first
     restore: DiskMatch | None = None
+    fork: SlotId | None = None  # RESTORE from this idle HOT slot: save it (unless saved), restore its file
+
+
+# Does forking this HOT idle slot (save unless saved, restore elsewhere) beat
+# recomputing the given number of its leading blocks?
+ForkPays = Callable[[SlotView, int], bool]
+
+# Among options reusing as many blocks, the least destructive wins (higher first).
+_PREFER_HIT, _PREFER_DISK, _PREFER_FORK, _PREFER_TAKEOVER = 3, 2, 1, 0
+
+
+def relation(request: Fingerprint, held: Fingerprint) -> Relation:
+    """How a request relates to what a slot or saved entry holds."""
+    common = request.common_blocks(held)
+    if common == 0:
+        return Relation.UNRELATED
+    return Relation.CONTINUATION if common == len(held.blocks) else Relation.BRANCH
 
 
 def is_small(fp: Fingerprint, min_chars: int, min_words: int, min_blocks: int) -> bool:
@@ -113,16 +169,18 @@ def is_small(fp: Fingerprint, min_chars: int, min_words: int, min_blocks: int) -
     return fp.chars < min_chars or fp.words < min_words or len(fp.blocks) < min_blocks
 
 
-def best_match(
-    request: Request, slots: Iterable[SlotView], min_ratio: float
-) -> tuple[SlotView, int, float] | None:
-    """
-    The slot sharing the most leading blocks with the request, among those
-    passing C{min_ratio}; idle slots win ties.  Small requests only look at
-    COLD slots.  Returns (slot, common blocks, similarity) or None.
-    """
+@attrs.frozen
+class _Match:
+    slot: SlotView
+    common: int
+    ratio: float
+    relation: Relation
+
+
+def _matches(request: Request, slots: Iterable[SlotView], min_ratio: float) -> list[_Match]:
+    """Slots sharing a prefix (small requests: COLD ones passing C{min_ratio} only)."""
     allowed = (SlotState.COLD,) if request.small else (SlotState.COLD, SlotState.HOT)
-    best = None
+    found = []
     for slot in slots:
         if slot.state not in allowed:
             continue
@@ -130,12 +188,25 @@ def best_match(
         if common == 0:
             continue
         ratio = common / min(len(request.fingerprint.blocks), len(slot.fingerprint.blocks))
-        if ratio < min_ratio:
+        if request.small and ratio < min_ratio:
             continue
-        rank = (common, not slot.busy, slot.last_used)
-        if best is None or rank > best[0]:
-            best = (rank, slot, common, ratio)
-    return None if best is None else best[1:]
+        kind = Relation.CONTINUATION if common == len(slot.fingerprint.blocks) else Relation.BRANCH
+        found.append(_Match(slot, common, ratio, kind))
+    return found
+
+
+def best_match(
+    request: Request, slots: Iterable[SlotView], min_ratio: float
+) -> tuple[SlotView, int, float] | None:
+    """
+    The slot sharing the most leading blocks with the request, whatever their
+    relation; idle slots win ties, then the most recent.  Small requests only
+    look at COLD slots passing C{min_ratio}.  Returns (slot, common blocks,
+    similarity) or None.
+    """
+    found = _matches(request, slots, min_ratio)
+    best = max(found, key=lambda m: (m.common, not m.slot.busy, m.slot.last_used), default=None)
+    return None if best is None else (best.slot, best.common, best.ratio)
 
 
 def _least_recently_used(slots: Sequence[SlotView], state: SlotState) -> SlotView | None:
@@ -152,6 +223,23 @@ def target_slot(idle: Sequence[SlotView]) -> SlotView | None:
     )
 
 
+def _slot_option(
+    match: _Match, idle: Sequence[SlotView], fork_pays: ForkPays | None
+) -> tuple[int, Plan] | None:
+    """How an idle matching slot can serve the request: (preference, plan), or None."""
+    slot, common, ratio = match.slot, match.common, match.ratio
+    if match.relation is Relation.CONTINUATION or slot.state is SlotState.COLD:
+        return _PREFER_HIT, Plan(Decision.HIT, slot.id, common, ratio)
+    # A branch of a HOT slot: its content after the shared prefix belongs to another conversation.
+    spare = [s for s in idle if s.state is not SlotState.HOT]
+    fork_target = target_slot([s for s in spare if s.id.backend == slot.id.backend])
+    if fork_target is not None and fork_pays is not None and fork_pays(slot, common):
+        return _PREFER_FORK, Plan(Decision.RESTORE, fork_target.id, common, ratio, fork=slot.id)
+    if not spare:  # an eviction happens anyway: evict the slot whose prefix is reused, saved first
+        return _PREFER_TAKEOVER, Plan(Decision.HIT, slot.id, common, ratio, evicts=True)
+    return None
+
+
 def plan(
     request: Request,
     slots: Sequence[SlotView],
@@ -159,42 +247,54 @@ def plan(
     min_ratio: float,
     affinity: bool = True,
     disk: DiskMatch | None = None,
+    fork_pays: ForkPays | None = None,
 ) -> Plan | None:
     """
     Decide where C{request} runs.  Returns a L{Plan}, a WAIT plan naming the
-    busy slot that holds its prefix (only while C{affinity}), or None when
-    nothing is idle.
+    busy slot whose conversation it continues (only while C{affinity}), or None
+    when nothing is idle.  C{fork_pays} judges forks of HOT slots (None: never).
     """
     idle = [s for s in slots if not s.busy]
-    match = best_match(request, slots, min_ratio)
+    matches = _matches(request, slots, min_ratio)
+
+    options: list[tuple[tuple[int, int, float], Plan]] = []
+    for match in matches:
+        if match.slot.busy:
+            continue
+        option = _slot_option(match, idle, None if request.small else fork_pays)
+        if option is not None:
+            preference, chosen = option
+            # among equals: a hit on the most recent slot, a fork or takeover of the least recent
+            recency = match.slot.last_used if preference == _PREFER_HIT else -match.slot.last_used
+            options.append(((match.common, preference, recency), chosen))
+    best_slot_common = max((rank[0] for rank, _ in options), default=0)
 
     # A restore needs an idle slot on the backend that wrote the cache.
-    restore_target = None
     if disk is not None and not request.small:
         restore_target = target_slot([s for s in idle if s.id.backend == disk.backend])
+        if restore_target is not None:
+            restore = Plan(
+                Decision.RESTORE, restore_target.id, disk.common_blocks, disk.similarity,
+                evicts=restore_target.state is SlotState.HOT, restore=disk,
+            )
+            options.append(((disk.common_blocks, _PREFER_DISK, 0.0), restore))
+    best_disk_common = max((rank[0] for rank, p in options if p.restore is not None), default=0)
 
-    def disk_beats(found: tuple[SlotView, int, float] | None) -> bool:
-        return restore_target is not None and (found is None or disk.common_blocks > found[1])
+    # Only a continuation waits for its busy slot, and only for a large prefix:
+    # a small one is cheaper to recompute.
+    busy = [m for m in matches if m.slot.busy and m.relation is Relation.CONTINUATION]
+    waited = max(busy, key=lambda m: (m.common, m.slot.last_used), default=None)
+    if (
+        waited is not None
+        and affinity
+        and not request.small
+        and waited.common > best_slot_common
+        and waited.common >= best_disk_common
+    ):
+        return Plan(Decision.WAIT, waited.slot.id, waited.common, waited.ratio)
 
-    if match is not None and match[0].busy:
-        # Waiting pays for a large prefix only: a small one is cheaper to recompute.
-        if affinity and not request.small and not disk_beats(match):
-            slot, common, ratio = match
-            return Plan(Decision.WAIT, slot.id, common, ratio)
-        match = best_match(request, idle, min_ratio)  # the best prefix actually available
-    if disk_beats(match):
-        return Plan(
-            Decision.RESTORE,
-            restore_target.id,
-            disk.common_blocks,
-            disk.similarity,
-            evicts=restore_target.state is SlotState.HOT,
-            restore=disk,
-        )
-    if match is not None:  # also when the restore cannot happen: a partial prefix beats none
-        slot, common, ratio = match
-        return Plan(Decision.HIT, slot.id, common, ratio)
-
+    if options:
+        return max(options, key=lambda option: option[0])[1]
     target = target_slot(idle)
     if target is None:
         return None

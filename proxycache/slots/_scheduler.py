@@ -2,10 +2,17 @@
 Slot ownership: one L{DeferredLock} per slot, a fair FIFO queue, and the map
 of what each slot holds.
 
-The planner (L{proxycache.planner}) decides; this module holds the state the
-decisions are made against and hands out L{Lease}s.  A lease holds its slot's
-lock from dispatch until L{Scheduler.release}, which every request path calls
-exactly once (success, upstream error, client disconnect alike).
+The planner (L{proxycache.routing.plan}) decides; this module holds the state
+the decisions are made against and hands out L{Lease}s.  A lease holds its
+slot's lock from dispatch until L{Scheduler.release}, which every request path
+calls exactly once (success, upstream error, client disconnect alike).  A fork
+(L{Plan.fork}) also holds its source slot's lock until the cache tier has saved
+the source and calls L{Scheduler.release_source}.
+
+Each slot's content carries its lineage: the key of the disk entry it descends
+from within one conversation (the entry it was restored from, or last saved
+as).  A save replaces that entry only (L{proxycache.cache.Index.predecessor}),
+never another conversation's entry that merely shares a prefix.
 """
 
 from __future__ import annotations
@@ -23,11 +30,14 @@ from proxycache.routing import (
     Decision,
     DiskMatch,
     Plan,
+    ForkPays,
+    Relation,
     Request,
     SlotId,
     SlotState,
     SlotView,
     plan,
+    relation,
     state_after,
 )
 
@@ -47,6 +57,7 @@ class SlotContent:
     tokens: int = 0  # tokens llama.cpp holds (prompt + generated), from timings
     saved_key: str | None = None  # the disk entry holding exactly this, if saved since it changed
     pinned: bool = False  # a client asked to keep this conversation on disk
+    lineage: str | None = None  # the disk entry this conversation's content descends from
 
 
 NOTHING = SlotContent()
@@ -68,8 +79,10 @@ class Slot:
         return self.content.state
 
     def view(self) -> SlotView:
+        content = self.content
         return SlotView(
-            self.id, self.content.state, self.content.fingerprint, self.last_used, self.busy
+            self.id, content.state, content.fingerprint, self.last_used, self.busy,
+            content.tokens, content.saved_key is not None,
         )
 
     def forget(self) -> None:
@@ -83,6 +96,8 @@ class Lease:
     request: Request
     waited: float  # seconds spent queued
     previous: SlotContent  # what the slot held before: the disk tier saves it if evicted
+    source: Slot | None = None  # a fork's source slot, locked until L{Scheduler.release_source}
+    lineage: str | None = None  # the disk entry the request's content will descend from
 
 
 @attrs.frozen
@@ -119,6 +134,7 @@ class Scheduler:
         max_queue: int,
         disk_lookup: DiskLookup | None = None,
         fim_slots: int | None = None,
+        fork_pays: ForkPays | None = None,
     ) -> None:
         self.clock = clock
         self.fim_slots = fim_slots  # slots per backend kept for "fim" requests; None: 1 from 3 slots up
@@ -127,11 +143,13 @@ class Scheduler:
         self.affinity_wait = affinity_wait
         self.max_queue = max_queue
         self.disk_lookup = disk_lookup or (lambda request: None)
+        self.fork_pays = fork_pays  # None: HOT slots are never forked (no disk tier to do it)
         self.slots: dict[SlotId, Slot] = {}
         self._queue: list[_Waiter] = []
         self._pumping = False
         self.closed: set[str] = set()  # backends being drained: no new leases there
         self._counts: dict[str, int] = {}  # declared slots per backend
+        self._sources: dict[int, Slot] = {}  # id(lease) -> the fork source it still holds
 
     # -- the slot map -------------------------------------------------------
 
@@ -187,6 +205,7 @@ class Scheduler:
         return waiter.deferred
 
     def release(self, lease: Lease, outcome: Outcome) -> None:
+        self.release_source(lease)  # normally released by the cache tier already
         slot = lease.slot
         slot.last_used = self.clock.seconds()
         if outcome.succeeded:
@@ -195,6 +214,7 @@ class Scheduler:
                 lease.request.fingerprint,
                 outcome.cache_n + outcome.prompt_n + outcome.predicted_n,
                 pinned=lease.request.pinned,
+                lineage=lease.lineage,
             )
         else:
             slot.content = SlotContent(SlotState.COLD)
@@ -207,6 +227,12 @@ class Scheduler:
         declared = self._counts.get(slot.id.backend)
         if declared is not None and slot.id.index >= declared and not slot.busy:
             self.slots.pop(slot.id, None)
+
+    def release_source(self, lease: Lease) -> None:
+        """A fork's source slot was saved (or could not be): it is free for others again."""
+        source = self._sources.pop(id(lease), None)
+        if source is not None:
+            self.done_exclusive(source)
 
     def try_exclusive(self, slot: Slot) -> bool:
         """
@@ -249,7 +275,8 @@ class Scheduler:
         affinity = self.clock.seconds() < waiter.affinity_until
         disk = None if waiter.request.small else self.disk_lookup(waiter.request)
         return plan(
-            waiter.request, views, min_ratio=self.min_ratio, affinity=affinity, disk=disk
+            waiter.request, views, min_ratio=self.min_ratio, affinity=affinity, disk=disk,
+            fork_pays=self.fork_pays,
         )
 
     def pump(self) -> None:
@@ -268,16 +295,26 @@ class Scheduler:
                     continue
                 slot = self.slots[decided.slot]
                 slot.lock.acquire()  # idle, so this fires at once
+                source = None
+                if decided.fork is not None:
+                    source = self.slots[decided.fork]
+                    source.lock.acquire()  # idle too: the plan only forks idle slots
                 self._leave(waiter)
                 now = self.clock.seconds()
-                lease = Lease(slot, decided, waiter.request, now - waiter.enqueued, slot.content)
+                lineage = _lineage(decided, waiter.request, slot.content)
+                lease = Lease(
+                    slot, decided, waiter.request, now - waiter.enqueued, slot.content, source, lineage
+                )
                 # Claim the slot for this conversation at once, so that a follow-up
                 # arriving meanwhile waits for it instead of computing it again elsewhere.
                 slot.content = SlotContent(
                     state_after(waiter.request.small, True),
                     waiter.request.fingerprint,
                     pinned=waiter.request.pinned,
+                    lineage=lineage,
                 )
+                if source is not None:
+                    self._sources[id(lease)] = source
                 granted.append((waiter.deferred, lease))
         finally:
             self._pumping = False
@@ -291,3 +328,17 @@ class Scheduler:
             delay = max(0.0, waiter.affinity_until - self.clock.seconds())
             waiter.timer = self.clock.callLater(delay, self.pump)
 
+
+
+def _lineage(decided: Plan, request: Request, previous: SlotContent) -> str | None:
+    """
+    The disk entry the request's content descends from: the slot's own entry
+    when the request continues what the slot held, the restored entry after a
+    restore (the tier replaces it only if the new content extends it), else none.
+    """
+    if decided.restore is not None:
+        return decided.restore.key
+    continues = relation(request.fingerprint, previous.fingerprint) is Relation.CONTINUATION
+    if decided.decision is Decision.HIT and continues:
+        return previous.saved_key or previous.lineage
+    return None

@@ -4,6 +4,8 @@ A team's long-context chat workload, for any OpenAI-compatible base URL.
 Each of N users has a large private context (a system message of about
 C{context_tokens} bytes; the generated models tokenize one byte to one token)
 and asks a short question per turn, so the conversation grows turn by turn.
+With C{shared_tokens}, every user's system message starts with the same long
+prompt of that size (a coding agent's system prompt), then the private part.
 Users take turns round-robin; with C{concurrency} K, K users of a round run at
 once.  Optional small side calls (a title request, a short prompt of its own)
 follow a user's turn, as IDE chat clients send them.
@@ -49,6 +51,7 @@ class Workload:
 
     users: int = 8
     context_tokens: int = 4000
+    shared_tokens: int = 0  # a system prompt every user's context starts with (a team's agent)
     turns: int = 4
     question_tokens: int = 150
     answer_tokens: int = 32
@@ -72,7 +75,7 @@ class Workload:
     def final_tokens(self) -> int:
         """About how many tokens a conversation holds after its last turn (template included)."""
         answer = self.answer_tokens if self.ascii_answers else self.answer_tokens * 3  # U+FFFD is 3 bytes
-        return self.context_tokens + 64 + self.turns * (self.question_tokens + answer + 32)
+        return self.shared_tokens + self.context_tokens + 64 + self.turns * (self.question_tokens + answer + 32)
 
 
 @attrs.frozen(kw_only=True)
@@ -91,6 +94,7 @@ class Record:
     decision: str | None  # x-proxycache-decision
     slot: str | None  # x-proxycache-slot
     error: str | None = None
+    queue_wait_ms: float | None = None  # x-proxycache-queue-wait-ms: time queued for a slot
 
 
 def filler(rng: random.Random, size: int) -> str:
@@ -111,6 +115,9 @@ class Conversation:
         self.workload = workload
         self.rng = random.Random(f"{workload.seed}-{user}")
         context = f"Project notes of user {user}.\n" + filler(self.rng, workload.context_tokens)
+        if workload.shared_tokens:
+            shared = filler(random.Random(f"{workload.seed}-shared"), workload.shared_tokens)
+            context = f"Team agent instructions.\n{shared}\n{context}"
         self.messages: list[dict[str, str]] = [{"role": "system", "content": context}]
 
     def question(self) -> str:
@@ -168,7 +175,15 @@ def _record(user: int, turn: int, kind: str, t0: float, started: float, reply: _
         prompt_n=prompt_n, cache_n=cache_n, prompt_ms=timings.get("prompt_ms"), prompt_tokens=prompt_tokens,
         completion_tokens=usage.get("completion_tokens", timings.get("predicted_n")),
         decision=reply.headers.get("x-proxycache-decision"), slot=reply.headers.get("x-proxycache-slot"),
+        queue_wait_ms=_float(reply.headers.get("x-proxycache-queue-wait-ms")),
     )
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
 
 
 def _failed(user: int, turn: int, kind: str, t0: float, started: float, error: Exception) -> Record:
@@ -236,13 +251,16 @@ def run(
     return records
 
 
-def oracle_prefill(records: list[Record]) -> int:
+def oracle_prefill(records: list[Record], shared_tokens: int = 0) -> int:
     """
     Prompt tokens a perfect cache would still compute: a user's whole first
     prompt, then per turn only what is new since that user's previous turn
     (the previous answer as re-sent, the question, the template around them),
-    and every side call in full.
+    and every side call in full.  A prompt of C{shared_tokens} every user's
+    context starts with is computed once: the first user to send it.
     """
+    firsts = [r for r in records if r.kind == "turn" and r.prompt_tokens is not None]
+    first_user = min(firsts, key=lambda r: (r.turn, r.started)).user if firsts else None
     total = 0
     previous: dict[int, int] = {}  # user -> prompt tokens of their previous turn
     for record in sorted(records, key=lambda r: (r.user, r.turn, r.kind != "turn", r.started)):
@@ -251,7 +269,8 @@ def oracle_prefill(records: list[Record]) -> int:
         if record.kind != "turn":
             total += record.prompt_tokens
             continue
-        total += record.prompt_tokens - previous.get(record.user, 0)
+        known = previous.get(record.user, shared_tokens if record.user != first_user else 0)
+        total += record.prompt_tokens - known
         previous[record.user] = record.prompt_tokens
     return total
 
