@@ -10,7 +10,7 @@ import time
 from typing import Any
 
 from tests.conversations import User, close_to_new, text
-from tests.proxy import ProxyProcess
+from proxycache.testing import ProxyProcess
 
 # Thresholds scaled to the test conversations (~4k tokens), not IDE defaults.
 LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
