@@ -179,6 +179,9 @@ SETTINGS: tuple[Setting, ...] = (
             "serve a generated random-weight model with an embedded llama.cpp"),
     Setting("ctx_per_slot", "CTX_PER_SLOT", 16384, _positive_int,
             "context per slot of the embedded llama.cpp"),
+    Setting("backend_save_dirs", "BACKEND_SAVE_DIRS", (), _words,
+            "each --llama-url's --slot-save-path as this host sees it, in order; backends naming one "
+            "directory restore each other's caches (default: all share --slot-save-path when it is set)"),
     Setting("admin_keys", "PROXY_ADMIN_KEYS", (), _words,
             "keys allowed to add, drain and remove backends at run time (none = no admin routes)"),
     Setting("fim_slots", "FIM_SLOTS", None, _non_negative_int,
@@ -224,6 +227,7 @@ class Config:
     demo: bool
     ctx_per_slot: int
     admin_keys: tuple[str, ...]
+    backend_save_dirs: tuple[str, ...] = ()
     fim_slots: int | None = None
     cors_origins: tuple[str, ...] = ()
     allow_client_pins: bool = False
@@ -304,3 +308,22 @@ def read_config_file(path: str) -> dict[str, str]:
             raise ConfigError(f"config file {path}: unknown setting {key!r}")
         values[by_alias[key]] = value
     return values
+
+
+def save_storage(config: Config) -> dict[str, str]:
+    """
+    Each backend's save directory as this host sees it (by backend URL): backends
+    naming one directory can restore each other's caches.
+
+    @raise ConfigError: C{--backend-save-dirs} does not name one directory per URL.
+    """
+    if config.backend_save_dirs:
+        if len(config.backend_save_dirs) != len(config.llama_url):
+            raise ConfigError(
+                f"--backend-save-dirs names {len(config.backend_save_dirs)} directories for "
+                f"{len(config.llama_url)} --llama-url backends: one each, in order"
+            )
+        return {url: os.path.realpath(d) for url, d in zip(config.llama_url, config.backend_save_dirs)}
+    if config.slot_save_path:
+        return {url: os.path.realpath(config.slot_save_path) for url in config.llama_url}
+    return {}

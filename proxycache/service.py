@@ -19,10 +19,10 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from proxycache import __version__
-from proxycache.config import SETTINGS, Config, ConfigError, _flag, read_config_file, resolve
+from proxycache.config import SETTINGS, Config, ConfigError, _flag, read_config_file, resolve, save_storage
 
 if TYPE_CHECKING:
-    from proxycache.cache import DiskTier
+    from proxycache.cache import Catalog, DiskTier
     from proxycache.slots import Fleet, Monitor, Scheduler
     from proxycache.web._inflight import InFlight
 
@@ -83,6 +83,7 @@ class Options(usage.Options):
         try:
             resolved = self._resolve()
             self.config = Config(**{name: value for name, (value, _) in resolved.items()})
+            save_storage(self.config)
         except ConfigError as e:
             raise usage.UsageError(str(e))
         if self["print-config"]:
@@ -197,7 +198,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     by_name = {b.name: b for b in backends}
     # Saved entries are judged by the cost model (restore vs recompute of the common part), not by
     # similarity: a team's shared system prompt is worth restoring for another user (issue 13).
-    catalog = Catalog(min_ratio=0.0)
+    catalog = Catalog(min_ratio=0.0, storage=save_storage(config))
     scheduler = Scheduler(
         reactor,
         min_ratio=config.similarity_min_ratio,
@@ -228,6 +229,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     fleet = Fleet(
         by_name, scheduler, monitor,
         connect=lambda url: LlamaServer.create(reactor, url, config.upstream_api_key, pool_size),
+        on_added=lambda name, save_dir: _note_storage(catalog, name, save_dir or config.slot_save_path),
         save_hot_slots=lambda name: tier.flush(backend=name),
     )
     proxy = Proxy(
@@ -249,6 +251,11 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     site.displayTracebacks = False
     strports.service(config.listen, site).setServiceParent(top)
     return top
+
+
+def _note_storage(catalog: Catalog, backend: str, save_dir: str | None) -> None:
+    if save_dir:
+        catalog.storage[backend] = os.path.realpath(save_dir)
 
 
 def own_health(config: Config, monitor: Monitor, scheduler: Scheduler, tier: DiskTier) -> tuple[bool, dict[str, Any]]:

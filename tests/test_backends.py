@@ -111,3 +111,26 @@ def test_a_killed_backend_leaves_the_team_served(llama_factory, tmp_path):
         assert f'proxycache_backend_up{{backend="{second.url}"}} 0.0' in metrics
     finally:
         proxy.stop()
+
+
+def test_a_conversation_continues_on_another_backend_from_its_saved_file(llama_factory, tmp_path):
+    shared = tmp_path / "shared-saves"
+    shared.mkdir()
+    first = llama_factory(save_dir=str(shared))
+    second = llama_factory(save_dir=str(shared))
+    proxy = ProxyProcess(tmp_path / "proxy", f"{first.url},{second.url}", slot_save_path=str(shared),
+                         write_behind=0.5, **LIMITS).start()
+    try:
+        wait_until(lambda: len(proxy.status()["slots"]) == 4)
+        ana = User("ana", context_words=600)
+        record = ana.turn(proxy.client())
+        wait_until(lambda: proxy.status()["disk"]["saves"] >= 1)  # write-behind kept it on disk
+        home = first if any(s["backend"] == first.url and s["state"] == "hot" for s in proxy.status()["slots"]) \
+            else second
+        home.kill()
+        record = ana.turn(proxy.client())
+        assert record["decision"] == "restore", record
+        assert record["cache_n"] > 1000  # the context came from the file, not recomputed
+        assert proxy.status()["disk"]["cross_backend_restores"] == 1
+    finally:
+        proxy.stop()

@@ -616,3 +616,16 @@ def test_model_file_digest_sees_other_weights_of_the_same_size(tmp_path):
     assert file_digest(str(a)) != file_digest(str(b))
     assert file_digest(str(a)) == file_digest(str(a))
     assert file_digest(str(tmp_path / "missing.gguf")) is None
+
+
+def test_readers_are_backends_sharing_the_writers_storage_and_model():
+    from proxycache.cache import Catalog
+
+    catalog = Catalog(min_ratio=0.0, storage={"a": "/saves", "b": "/saves", "c": "/elsewhere"})
+    for name in "abcd":
+        catalog.backend_up(name, MODEL)
+    catalog.backend_up("e", "other-model")
+    catalog.storage["e"] = "/saves"
+    assert catalog.readers("a", MODEL) == {"b"}
+    assert catalog.readers("c", MODEL) == frozenset()
+    assert catalog.readers("d", MODEL) == frozenset()  # its storage is unknown: its own files only

@@ -686,3 +686,15 @@ def test_property_forks_only_hot_idle_branches_into_free_or_cold_slots(scenario,
     assert source.state is HOT and not source.busy and not continues(request, source)
     assert target.state is not HOT and not target.busy and target.id.backend == source.id.backend
     assert not p.evicts and p.common_blocks == request.fingerprint.common_blocks(source.fingerprint)
+
+
+def test_a_saved_cache_is_restored_on_any_backend_that_can_read_it():
+    from proxycache.routing import DiskMatch, Plan, Request, SlotId, SlotView, plan
+
+    request = Request(Fingerprint(tuple(range(1, 41)), 4000, 640), small=False)
+    disk = DiskMatch("ab" * 8, "gone", 30, 0.75, readers=frozenset({"b"}))
+    only_b = [SlotView(SlotId("b", 0)), SlotView(SlotId("c", 0))]
+    chosen = plan(request, only_b, min_ratio=0.85, disk=disk)
+    assert isinstance(chosen, Plan) and chosen.restore == disk and chosen.slot == SlotId("b", 0)
+    # a backend that cannot read it is never the target
+    assert plan(request, [SlotView(SlotId("c", 0))], min_ratio=0.85, disk=disk).restore is None

@@ -27,6 +27,7 @@ class Counters:
     saves_skipped_low_space: int = 0  # free space under the headroom
     model_changes: int = 0  # a backend came up with other weights or another build than before
     stray_files: int = 0  # slot cache files with no meta, found at start
+    cross_backend_restores: int = 0  # files one backend wrote, restored on another
 
 
 @attrs.define
@@ -37,6 +38,16 @@ class Catalog:
     speeds: Speeds = attrs.Factory(Speeds)
     counters: Counters = attrs.Factory(Counters)
     max_bytes: int = 0  # the disk budget in force (chosen at start when automatic), 0 = none
+    # backend name -> its save directory as the proxy sees it; backends naming one directory share files
+    storage: dict[str, str] = attrs.Factory(dict)
+
+    def readers(self, writer: str, model: str) -> frozenset[str]:
+        """Backends other than C{writer} that can restore a file it wrote for C{model}."""
+        shared = self.storage.get(writer)
+        return frozenset(
+            name for name, runs in self.models.items()
+            if name != writer and runs == model and shared is not None and self.storage.get(name) == shared
+        )
 
     def fork_pays(self, view: SlotView, common_blocks: int) -> bool:
         """
@@ -63,8 +74,9 @@ class Catalog:
     def lookup(self, request: Request) -> DiskMatch | None:
         """The saved cache worth restoring for C{request}, if any."""
         best = None
-        for backend, model in self.models.items():
-            found = self.index.best(request.fingerprint, model, [backend], self.min_ratio)
+        for model in set(self.models.values()):
+            writers = [name for name, runs in self.models.items() if runs == model]
+            found = self.index.best(request.fingerprint, model, writers, self.min_ratio)
             if found and (best is None or found[1] > best[1]):
                 best = found
         if best is None:
@@ -72,4 +84,4 @@ class Catalog:
         entry, common, ratio = best
         if not self.speeds.restore_pays(entry.tokens, entry.bytes, len(entry.fingerprint.blocks), common):
             return None
-        return DiskMatch(entry.key, entry.backend, common, ratio)
+        return DiskMatch(entry.key, entry.backend, common, ratio, self.readers(entry.backend, entry.model))

@@ -339,7 +339,8 @@ class DiskTier(Service):
                 "restoring {key} into slot {slot} failed, recomputing: {error}",
                 key=entry.key, slot=str(slot.id), error=failure,
             )
-            if "failed to open" in str(failure).lower() or "not found" in str(failure).lower():
+            missing = "failed to open" in str(failure).lower() or "not found" in str(failure).lower()
+            if missing and slot.id.backend == entry.backend:  # elsewhere, the storage may just not be shared
                 await self._drop(entry)
             return False
         took = self.clock.seconds() - started
@@ -347,6 +348,8 @@ class DiskTier(Service):
         self.speeds.observe_restore(int(reply.get("n_read", 0)), float(reply.get("timings", {}).get("restore_ms", 0)))
         self.counters.restores += 1
         self.counters.restored_tokens += n_restored
+        if slot.id.backend != entry.backend:
+            self.counters.cross_backend_restores += 1
         for observer in self.observers:
             observer("restore", took, int(reply.get("n_read", entry.bytes)))
         self._restored[slot.id] = _Restored(entry, n_restored, lease.plan.common_blocks)

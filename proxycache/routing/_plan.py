@@ -132,9 +132,10 @@ class DiskMatch:
     """The best saved cache for a request, already judged worth restoring."""
 
     key: str
-    backend: str
+    backend: str  # the backend that wrote it
     common_blocks: int
     similarity: float
+    readers: frozenset[str] = frozenset()  # other backends that can restore it (same model, shared storage)
 
 
 @attrs.frozen
@@ -269,9 +270,10 @@ def plan(
             options.append(((match.common, preference, recency), chosen))
     best_slot_common = max((rank[0] for rank, _ in options), default=0)
 
-    # A restore needs an idle slot on the backend that wrote the cache.
+    # A restore needs an idle slot on a backend that can read the file: the one that wrote it,
+    # or one sharing its save storage and model (the writer may be busy, or gone).
     if disk is not None and not request.small:
-        restore_target = target_slot([s for s in idle if s.id.backend == disk.backend])
+        restore_target = target_slot([s for s in idle if s.id.backend in disk.readers | {disk.backend}])
         if restore_target is not None:
             restore = Plan(
                 Decision.RESTORE, restore_target.id, disk.common_blocks, disk.similarity,

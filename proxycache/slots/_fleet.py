@@ -26,18 +26,20 @@ class Fleet:
         *,
         connect: Callable[[str], Backend],
         save_hot_slots: Callable[[str], Awaitable[None]],
+        on_added: Callable[[str, str | None], None] = lambda name, save_dir: None,
     ) -> None:
         self.backends = backends  # shared with the dispatcher, the tier and the HTTP layer
         self.scheduler = scheduler
         self.monitor = monitor
         self.connect = connect  # URL -> Backend
         self.save_hot_slots = save_hot_slots  # waits for in-flight requests, then saves
+        self.on_added = on_added  # (name, its save directory as this host sees it, if given)
 
     @property
     def urls(self) -> list[str]:
         return [b.url for b in self.backends.values()]
 
-    def add(self, url: str) -> Backend:
+    def add(self, url: str, save_dir: str | None = None) -> Backend:
         """Watch a new backend; it takes requests once it answers."""
         url = url.rstrip("/")
         for backend in self.backends.values():
@@ -46,6 +48,7 @@ class Fleet:
                 return backend
         backend = self.connect(url)
         self.backends[backend.name] = backend
+        self.on_added(backend.name, save_dir)
         self.monitor.watch(backend)
         log.info("backend {url} added", url=url)
         return backend

@@ -2,7 +2,8 @@
 Run-time membership of the backends, for operators: C{/proxycache/backends}.
 
   GET    /proxycache/backends                  every backend: url, up, slots, busy, draining
-  POST   /proxycache/backends        {"url"}   add one (it takes requests once it answers)
+  POST   /proxycache/backends        {"url", "save_dir"?}  add one (it takes requests once it answers;
+                                               save_dir: its save directory as this host sees it)
   POST   /proxycache/backends/drain  {"url"}   no new requests there; answers once in-flight ones
                                                finished and its hot slots were saved
   DELETE /proxycache/backends        {"url"}   drain, then forget it
@@ -13,6 +14,7 @@ Only with C{--admin-keys}, and only for those keys: a client key cannot change t
 from __future__ import annotations
 
 import json
+from typing import Any
 from twisted.web.iweb import IRequest
 
 from proxycache.slots import Fleet
@@ -32,8 +34,10 @@ class Admin:
                            "invalid_request_error", "admin_disabled")
         authorize(request, self.admin_keys)
 
-    def _url(self, request: IRequest) -> str:
-        body = parse_json_object(request.content.read())
+    def _body(self, request: IRequest) -> dict[str, Any]:
+        return parse_json_object(request.content.read())
+
+    def _url(self, body: dict[str, Any]) -> str:
         url = body.get("url")
         if not isinstance(url, str) or not url.startswith(("http://", "https://")):
             raise bad_request("'url' must be a backend's http(s) base URL")
@@ -64,15 +68,19 @@ class Admin:
 
     def add(self, request: IRequest) -> bytes:
         self._authorize(request)
-        self.fleet.add(self._url(request))
+        body = self._body(request)
+        save_dir = body.get("save_dir")
+        if save_dir is not None and not isinstance(save_dir, str):
+            raise bad_request("'save_dir' must be the backend's --slot-save-path as this host sees it")
+        self.fleet.add(self._url(body), save_dir)
         return self._listing(request)
 
     async def drain(self, request: IRequest) -> bytes:
         self._authorize(request)
-        await self.fleet.drain(self._named(self._url(request)))
+        await self.fleet.drain(self._named(self._url(self._body(request))))
         return self._listing(request)
 
     async def remove(self, request: IRequest) -> bytes:
         self._authorize(request)
-        await self.fleet.remove(self._named(self._url(request)))
+        await self.fleet.remove(self._named(self._url(self._body(request))))
         return self._listing(request)
