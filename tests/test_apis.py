@@ -170,12 +170,13 @@ def test_evicted_conversations_come_back_from_disk_on_every_api(llama_factory, t
 
 def _evicted_comes_back(proxy):
     messages_client, openai_client = _anthropic(proxy), proxy.client(api_key=KEY)
-    conversation = [{"role": "user", "content": "Tell me about the slot map. " * 20}]
+    # Long enough that a restore clearly beats recomputing (the cost model decides; the tiny model is fast)
+    conversation = [{"role": "user", "content": "Tell me about the slot map. " * 80}]
     _messages_turn(messages_client, conversation)
-    items = [{"role": "user", "content": "Tell me about the disk tier. " * 20}]
+    items = [{"role": "user", "content": "Tell me about the disk tier. " * 80}]
     openai_client.responses.create(model="any", instructions=SYSTEM, input=items, max_output_tokens=4)
     openai_client.chat.completions.create(
-        model="any", max_tokens=4, messages=[{"role": "user", "content": "A third project. " * 30}]
+        model="any", max_tokens=4, messages=[{"role": "user", "content": "A third project. " * 120}]
     )
     conversation.append({"role": "user", "content": "And when it is stale?"})
     raw = messages_client.messages.with_raw_response.create(

@@ -130,7 +130,10 @@ def test_client_gone_during_an_eviction_save(stub, tmp_path):
             assert ask(proxy, f"{user} " + "word " * 40)[0] == 200
         # a third conversation evicts ana's slot: its save takes 1.5 s; leave during it
         with open_raw_chat(proxy.port, {"messages": [{"role": "user", "content": "cai " + "word " * 40}]}):
-            time.sleep(0.5)
+            # leave once the save is under way (not before the proxy even read the request)
+            deadline = time.monotonic() + 5
+            while not any("action=save" in path for path, _ in stub.requests) and time.monotonic() < deadline:
+                time.sleep(0.02)
         time.sleep(0.1)
         assert any(slot["busy"] for slot in proxy.status()["slots"])  # still saving
         deadline = time.monotonic() + 5
