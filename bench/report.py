@@ -31,8 +31,12 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"n": 0, "mean": None, "p50": None, "p95": None}
     array = np.array(values)
-    return {"n": len(values), "mean": float(array.mean()), "p50": float(np.percentile(array, 50)),
-            "p95": float(np.percentile(array, 95))}
+    return {
+        "n": len(values),
+        "mean": float(array.mean()),
+        "p50": float(np.percentile(array, 50)),
+        "p95": float(np.percentile(array, 95)),
+    }
 
 
 def summarize(result: dict[str, Any], turns: int, shared_tokens: int = 0) -> dict[str, Any]:
@@ -56,8 +60,9 @@ def summarize(result: dict[str, Any], turns: int, shared_tokens: int = 0) -> dic
         "requests": len(records),
         "decisions": dict(collections.Counter(r.decision for r in turn_records if r.turn > 0 and r.decision)),
         "side_decisions": dict(collections.Counter(r.decision for r in ok if r.kind == "side" and r.decision)),
-        "first_prefill_rate": _median([r.prompt_n / (r.prompt_ms / 1000) for r in turn_records
-                                       if r.turn == 0 and r.prompt_n and r.prompt_ms]),
+        "first_prefill_rate": _median(
+            [r.prompt_n / (r.prompt_ms / 1000) for r in turn_records if r.turn == 0 and r.prompt_n and r.prompt_ms]
+        ),
         "later_prompt_ms": _median([r.prompt_ms / 1000 for r in turn_records if r.turn > 0 and r.prompt_ms]),
         "rss": result.get("llama_rss_bytes"),
         "waits": sum(1 for r in ok if (r.queue_wait_ms or 0) > WAIT_COUNTED_MS),
@@ -92,18 +97,25 @@ def _targets(summaries: list[dict]) -> list[str]:
             continue
         ratio = proxy["vs_oracle"]
         met = ratio is not None and ratio <= ORACLE_RATIO_TARGET
-        lines.append(f"- `{key}`: backend prefill {proxy['prefill']} tokens = **{_fmt(ratio, 3)}x the oracle** "
-                     f"(target ≤ {ORACLE_RATIO_TARGET}x): **{'met' if met else 'not met'}**.")
+        lines.append(
+            f"- `{key}`: backend prefill {proxy['prefill']} tokens = **{_fmt(ratio, 3)}x the oracle** "
+            f"(target ≤ {ORACLE_RATIO_TARGET}x): **{'met' if met else 'not met'}**."
+        )
         if small and proxy["later"]["mean"] and small["later"]["mean"]:
             speedup = small["later"]["mean"] / proxy["later"]["mean"]
             p50 = small["later"]["p50"] / proxy["later"]["p50"]
-            verdict = {(True, True): "met (mean and p50)", (True, False): "met by the mean only",
-                       (False, True): "met by the p50 only", (False, False): "not met"}[
-                (speedup >= PROXY_SPEEDUP_TARGET, p50 >= PROXY_SPEEDUP_TARGET)]
-            lines.append(f"- `{key}`: later-turn TTFT mean {_fmt(proxy['later']['mean'], 3)} s vs "
-                         f"{_fmt(small['later']['mean'], 3)} s for `llama-small` = **{speedup:.1f}x lower**, "
-                         f"p50 {_fmt(proxy['later']['p50'], 3)} s vs {_fmt(small['later']['p50'], 3)} s = "
-                         f"**{p50:.1f}x** (target ≥ {PROXY_SPEEDUP_TARGET:.0f}x): **{verdict}**.")
+            verdict = {
+                (True, True): "met (mean and p50)",
+                (True, False): "met by the mean only",
+                (False, True): "met by the p50 only",
+                (False, False): "not met",
+            }[(speedup >= PROXY_SPEEDUP_TARGET, p50 >= PROXY_SPEEDUP_TARGET)]
+            lines.append(
+                f"- `{key}`: later-turn TTFT mean {_fmt(proxy['later']['mean'], 3)} s vs "
+                f"{_fmt(small['later']['mean'], 3)} s for `llama-small` = **{speedup:.1f}x lower**, "
+                f"p50 {_fmt(proxy['later']['p50'], 3)} s vs {_fmt(small['later']['p50'], 3)} s = "
+                f"**{p50:.1f}x** (target ≥ {PROXY_SPEEDUP_TARGET:.0f}x): **{verdict}**."
+            )
     return lines
 
 
@@ -179,7 +191,9 @@ def render(results: dict[str, Any], summaries: list[dict]) -> str:
     if oracles:
         out.append(f"| oracle | — | {int(np.median(oracles))} | 1.00 | — | — | — | — | — | — | — |")
     out += [
-        "", "Where the time of a later turn goes, and what the server holds:", "",
+        "",
+        "Where the time of a later turn goes, and what the server holds:",
+        "",
         "| scenario | first-turn prefill tokens/s (median) | later turns: llama.cpp prompt time p50 s | "
         "later-turn TTFT p50 minus that s | llama-server RSS after the run MiB | CPU used by other processes |",
         "|---|---:|---:|---:|---:|---:|",
@@ -188,37 +202,58 @@ def render(results: dict[str, Any], summaries: list[dict]) -> str:
         rest = (s["later"]["p50"] - s["later_prompt_ms"]) if s["later"]["p50"] and s["later_prompt_ms"] else None
         rss = f"{s['rss'] / 2**20:.0f}" if s.get("rss") else "—"
         foreign = f"{s['foreign_cpu'] * 100:.0f}%" if s.get("foreign_cpu") is not None else "—"
-        out.append(f"| `{s['key']}` | {_fmt(s['first_prefill_rate'], 0)} | {_fmt(s['later_prompt_ms'], 3)} | "
-                   f"{_fmt(rest, 3)} | {rss} | {foreign} |")
+        out.append(
+            f"| `{s['key']}` | {_fmt(s['first_prefill_rate'], 0)} | {_fmt(s['later_prompt_ms'], 3)} | "
+            f"{_fmt(rest, 3)} | {rss} | {foreign} |"
+        )
     out += ["", "## The issue's targets (8 users, 2 slots, large private contexts)", "", *_targets(summaries)]
 
     points = sweep_points(results, summaries)
     if len(points) > 1:
-        out += ["", "## Speed-up against context size", "",
-                "`proxy-ram0` against `llama-small` (its `--cache-ram` re-sized to about two conversations at "
-                "each size), same workload otherwise:", "",
-                "| context tokens | proxy later-turn TTFT mean / p50 s | llama-small mean / p50 s | "
-                "speed-up mean / p50 | proxy prefill × oracle | other processes' CPU (proxy / llama) |",
-                "|---:|---:|---:|---:|---:|---:|"]
+        out += [
+            "",
+            "## Speed-up against context size",
+            "",
+            "`proxy-ram0` against `llama-small` (its `--cache-ram` re-sized to about two conversations at "
+            "each size), same workload otherwise:",
+            "",
+            "| context tokens | proxy later-turn TTFT mean / p50 s | llama-small mean / p50 s | "
+            "speed-up mean / p50 | proxy prefill × oracle | other processes' CPU (proxy / llama) |",
+            "|---:|---:|---:|---:|---:|---:|",
+        ]
         for p in points:
             out.append(
-                f"| {p['context_tokens']} | {_fmt(p['proxy']['later']['mean'], 3)} / {_fmt(p['proxy']['later']['p50'], 3)} | "
+                f"| {p['context_tokens']} | "
+                f"{_fmt(p['proxy']['later']['mean'], 3)} / {_fmt(p['proxy']['later']['p50'], 3)} | "
                 f"{_fmt(p['small']['later']['mean'], 3)} / {_fmt(p['small']['later']['p50'], 3)} | "
                 f"**{p['speedup_mean']:.1f}x / {p['speedup_p50']:.1f}x** | {_fmt(p['proxy']['vs_oracle'], 3)} | "
-                f"{_fmt((p['proxy'].get('foreign_cpu') or 0) * 100, 0)}% / {_fmt((p['small'].get('foreign_cpu') or 0) * 100, 0)}% |")
+                f"{_fmt((p['proxy'].get('foreign_cpu') or 0) * 100, 0)}% / "
+                f"{_fmt((p['small'].get('foreign_cpu') or 0) * 100, 0)}% |"
+            )
         out += ["", "![speed-up against context size](speedup.png)"]
 
     restarts = [s for s in summaries if "after_restart" in s]
     if restarts:
-        out += ["", "## After a llama-server restart", "",
-                "Turn TTFT of the turns after the restart (the restart happens between rounds; for proxycache the "
-                "run waits until the proxy has noticed it, as a client returning after a restart would):", ""]
+        out += [
+            "",
+            "## After a llama-server restart",
+            "",
+            "Turn TTFT of the turns after the restart (the restart happens between rounds; for proxycache the "
+            "run waits until the proxy has noticed it, as a client returning after a restart would):",
+            "",
+        ]
         for s in restarts:
             noticed = s.get("restart_noticed_after_s")
-            extra = f"; proxy noticed the restart {noticed:.1f} s after llama-server was healthy" if noticed is not None else ""
-            out.append(f"- `{s['key']}`: mean {_fmt(s['after_restart']['mean'], 3)} s, p50 "
-                       f"{_fmt(s['after_restart']['p50'], 3)} s, p95 {_fmt(s['after_restart']['p95'], 3)} s "
-                       f"({s['after_restart']['n']} turns){extra}.")
+            extra = (
+                f"; proxy noticed the restart {noticed:.1f} s after llama-server was healthy"
+                if noticed is not None
+                else ""
+            )
+            out.append(
+                f"- `{s['key']}`: mean {_fmt(s['after_restart']['mean'], 3)} s, p50 "
+                f"{_fmt(s['after_restart']['p50'], 3)} s, p95 {_fmt(s['after_restart']['p95'], 3)} s "
+                f"({s['after_restart']['n']} turns){extra}."
+            )
 
     out += ["", "## Decisions and the proxy's own account", ""]
     for result, s in zip(results["scenarios"], summaries):
@@ -237,8 +272,10 @@ def render(results: dict[str, Any], summaries: list[dict]) -> str:
         )
         for n, text in _unique_warnings(result.get("proxy_warnings", [])):
             out.append(f"  - {n}× `{text[:220]}`")
-        for name, what in (("proxy_no_timings", "streamed replies the proxy logged without llama.cpp's timings"),
-                           ("proxy_empty_saves", "saves of an empty slot (0 tokens) over an entry")):
+        for name, what in (
+            ("proxy_no_timings", "streamed replies the proxy logged without llama.cpp's timings"),
+            ("proxy_empty_saves", "saves of an empty slot (0 tokens) over an entry"),
+        ):
             lines = result.get(name) or []
             if lines:
                 out.append(f"  - {len(lines)} {what}, e.g. `{lines[0].split('] ', 1)[-1][:220]}`")
@@ -247,7 +284,9 @@ def render(results: dict[str, Any], summaries: list[dict]) -> str:
     if costs:
         o, st = costs["overhead"], costs["streaming"]
         out += [
-            "", "## Proxy overhead and streaming (tiny model, to isolate the proxy)", "",
+            "",
+            "## Proxy overhead and streaming (tiny model, to isolate the proxy)",
+            "",
             f"- Non-stream tiny prompt, prompt cached, {o['rounds']} alternating rounds: direct p50 "
             f"{o['direct_p50_ms']:.1f} ms, through proxycache p50 {o['proxy_p50_ms']:.1f} ms: "
             f"**{o['added_p50_ms']:.1f} ms added** per request.",
@@ -258,9 +297,13 @@ def render(results: dict[str, Any], summaries: list[dict]) -> str:
         ]
     fp = results.get("fingerprint")
     if fp:
-        out += ["", "## Fingerprint", "",
-                f"- `proxycache.fingerprint.fingerprint` of a {fp['bytes']}-byte (~60k-token) conversation: "
-                f"median **{fp['median_ms']:.1f} ms** of {fp['runs']} ({fp['blocks']} blocks)."]
+        out += [
+            "",
+            "## Fingerprint",
+            "",
+            f"- `proxycache.fingerprint.fingerprint` of a {fp['bytes']}-byte (~60k-token) conversation: "
+            f"median **{fp['median_ms']:.1f} ms** of {fp['runs']} ({fp['blocks']} blocks).",
+        ]
     restore = next((r.get("restore") for r in results["scenarios"] if r.get("restore")), None)
     disk = results.get("disk_read")
     if restore or disk:
@@ -268,22 +311,38 @@ def render(results: dict[str, Any], summaries: list[dict]) -> str:
         if restore and restore["files"]:
             for phase in ("cold", "warm"):
                 p = restore[phase]
-                how = ("page cache dropped before each restore" if p.get("page_cache_dropped")
-                       else "files in the page cache" if phase == "warm" else "page cache NOT dropped (not root?)")
-                out.append(f"- Restore, {phase} ({how}): {restore['files']} slot files ({p['bytes'] / 1e6:.0f} MB read), "
-                           f"median **{p['bytes_per_s'] / 1e9:.2f} GB/s** (best {p.get('best_bytes_per_s', 0) / 1e9:.2f}) by llama.cpp's restore_ms "
-                           f"({p['bytes_per_s_wall'] / 1e9:.2f} GB/s including the HTTP call), "
-                           f"{restore.get('pause_s', 0)} s apart.")
+                how = (
+                    "page cache dropped before each restore"
+                    if p.get("page_cache_dropped")
+                    else "files in the page cache"
+                    if phase == "warm"
+                    else "page cache NOT dropped (not root?)"
+                )
+                out.append(
+                    f"- Restore, {phase} ({how}): {restore['files']} slot files ({p['bytes'] / 1e6:.0f} MB read), "
+                    f"median **{p['bytes_per_s'] / 1e9:.2f} GB/s** "
+                    f"(best {p.get('best_bytes_per_s', 0) / 1e9:.2f}) by llama.cpp's restore_ms "
+                    f"({p['bytes_per_s_wall'] / 1e9:.2f} GB/s including the HTTP call), "
+                    f"{restore.get('pause_s', 0)} s apart."
+                )
         if disk:
             how = "page cache dropped" if disk["page_cache_dropped"] else "page cache NOT dropped: a cached read"
-            out.append(f"- Sequential read of a fresh {disk['bytes'] / 2**20:.0f} MiB file ({how}): "
-                       f"**{disk['bytes_per_s'] / 1e9:.2f} GB/s**.")
+            out.append(
+                f"- Sequential read of a fresh {disk['bytes'] / 2**20:.0f} MiB file ({how}): "
+                f"**{disk['bytes_per_s'] / 1e9:.2f} GB/s**."
+            )
     out += [
-        "", "## Plots", "",
-        "![later-turn TTFT per scenario](later_ttft.png)", "",
-        "![prefill tokens per scenario vs the oracle](prefill.png)", "",
-        "![TTFT of every turn, in order](ttft_timeline.png)", "",
-        "## Caveats", "",
+        "",
+        "## Plots",
+        "",
+        "![later-turn TTFT per scenario](later_ttft.png)",
+        "",
+        "![prefill tokens per scenario vs the oracle](prefill.png)",
+        "",
+        "![TTFT of every turn, in order](ttft_timeline.png)",
+        "",
+        "## Caveats",
+        "",
         "- A random-weight model: answers are noise, but tokenizer, chat template, prefill cost, KV size and "
         "slot save/restore are llama.cpp's own. Prefill of a real 7B model on this CPU would be 100x slower or more, "
         "which widens every gap here; restore cost grows with KV bytes/token instead.",
@@ -361,9 +420,15 @@ def sweep_points(results: dict[str, Any], summaries: list[dict]) -> list[dict[st
         by = _by_key(found)
         proxy, small = by.get("proxy-ram0"), by.get("llama-small")
         if proxy and small and proxy["later"]["mean"] and small["later"]["mean"]:
-            points.append({"context_tokens": size, "proxy": proxy, "small": small,
-                           "speedup_mean": small["later"]["mean"] / proxy["later"]["mean"],
-                           "speedup_p50": small["later"]["p50"] / proxy["later"]["p50"]})
+            points.append(
+                {
+                    "context_tokens": size,
+                    "proxy": proxy,
+                    "small": small,
+                    "speedup_mean": small["later"]["mean"] / proxy["later"]["mean"],
+                    "speedup_p50": small["later"]["p50"] / proxy["later"]["p50"],
+                }
+            )
     return points
 
 

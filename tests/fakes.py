@@ -48,6 +48,7 @@ class FakeBackend:
     fail_with: Exception | None = None
     describe_error: Exception | None = None
     slots_error: Exception | None = None
+    slots_reply: Deferred[Any] | None = None  # when set, GET /slots answers when this fires
 
     @property
     def name(self) -> str:
@@ -75,6 +76,9 @@ class FakeBackend:
     async def slots(self) -> list[dict[str, Any]] | None:
         if self.slots_error is not None:
             raise self.slots_error
+        if self.slots_reply is not None:
+            reply, self.slots_reply = self.slots_reply, None
+            return await reply  # type: ignore[no-any-return]
         return self.slot_list
 
     async def describe(self, probe: bool = True) -> Description | None:

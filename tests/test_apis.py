@@ -24,9 +24,7 @@ def _anthropic(proxy):
 
 
 def _messages_turn(client, messages, **extra):
-    raw = client.messages.with_raw_response.create(
-        model="any", max_tokens=4, system=SYSTEM, messages=messages, **extra
-    )
+    raw = client.messages.with_raw_response.create(model="any", max_tokens=4, system=SYSTEM, messages=messages, **extra)
     message = raw.parse()
     text = "".join(block.text for block in message.content if block.type == "text")
     messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
@@ -111,12 +109,18 @@ def test_anthropic_errors_have_anthropic_shape(proxy):
     status, _, body = http("POST", proxy.url + "/v1/messages", {"max_tokens": 4}, {"x-api-key": KEY})
     assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error"
     # refused by llama.cpp itself (chat's OpenAI error), answered in Anthropic's shape
-    status, _, body = http("POST", proxy.url + "/v1/messages",
-                           {"max_tokens": 4, "messages": [{"role": "user", "content": 123}]}, {"x-api-key": KEY})
+    status, _, body = http(
+        "POST",
+        proxy.url + "/v1/messages",
+        {"max_tokens": 4, "messages": [{"role": "user", "content": 123}]},
+        {"x-api-key": KEY},
+    )
     assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
     status, _, body = http(
-        "POST", proxy.url + "/v1/messages/count_tokens",
-        {"model": "any", "messages": [{"role": "user", "content": "count me"}]}, {"x-api-key": KEY},
+        "POST",
+        proxy.url + "/v1/messages/count_tokens",
+        {"model": "any", "messages": [{"role": "user", "content": "count me"}]},
+        {"x-api-key": KEY},
     )
     assert status == 200 and body["input_tokens"] > 0
 
@@ -133,9 +137,7 @@ def test_responses_conversation_hits_and_streams(proxy):
         {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": first.output_text}]},
         {"role": "user", "content": "And who releases the lease?"},
     ]
-    raw = client.responses.with_raw_response.create(
-        model="any", instructions=SYSTEM, input=items, max_output_tokens=4
-    )
+    raw = client.responses.with_raw_response.create(model="any", instructions=SYSTEM, input=items, max_output_tokens=4)
     second = raw.parse()
     assert raw.headers["x-proxycache-decision"] == "hit"
     assert second.usage.input_tokens_details.cached_tokens > 100
@@ -150,8 +152,12 @@ def test_responses_conversation_hits_and_streams(proxy):
         events = [json.loads(line[5:]) for line in response.iter_lines() if line.startswith("data:")]
     completed = [e for e in events if e["type"] == "response.completed"][0]
     assert completed["response"]["usage"]["input_tokens_details"]["cached_tokens"] > 100
-    status, _, body = http("POST", proxy.url + "/v1/responses", {"input": "x", "previous_response_id": "resp_1"},
-                           {"Authorization": f"Bearer {KEY}"})
+    status, _, body = http(
+        "POST",
+        proxy.url + "/v1/responses",
+        {"input": "x", "previous_response_id": "resp_1"},
+        {"Authorization": f"Bearer {KEY}"},
+    )
     assert status == 400 and "previous_response_id" in body["error"]["message"]
 
 
@@ -190,20 +196,31 @@ def _evicted_comes_back(proxy):
         model="any", instructions=SYSTEM, input=items, max_output_tokens=4
     )
     assert raw.headers["x-proxycache-decision"] == "restore", json.dumps(
-        http("GET", proxy.url + "/status", None, {"x-api-key": KEY})[2])
+        http("GET", proxy.url + "/status", None, {"x-api-key": KEY})[2]
+    )
     assert raw.parse().usage.input_tokens_details.cached_tokens > 100
 
 
 def test_tool_result_turn_is_a_hit(proxy):
     client = proxy.client(api_key=KEY)
-    tools = [{"type": "function", "function": {"name": "get_weather", "description": "weather of a city",
-                                               "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+    tools = [
+        {
+            "type": "function",
+            "function": {
+                "name": "get_weather",
+                "description": "weather of a city",
+                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+            },
+        }
+    ]
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Weather in Lisbon?"}]
     stream = client.chat.completions.create(model="any", messages=messages, tools=tools, max_tokens=4, stream=True)
     assert list(stream)
     call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lisbon"}'}}
-    messages += [{"role": "assistant", "content": None, "tool_calls": [call]},
-                 {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24C"}]
+    messages += [
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24C"},
+    ]
     raw = client.chat.completions.with_raw_response.create(model="any", messages=messages, tools=tools, max_tokens=4)
     assert raw.headers["x-proxycache-decision"] == "hit"
     assert raw.parse().model_extra["timings"]["cache_n"] > 100
@@ -211,18 +228,32 @@ def test_tool_result_turn_is_a_hit(proxy):
 
 def test_messages_tool_use_round_trip_is_a_hit(proxy):
     client = _anthropic(proxy)
-    tools = [{"name": "get_weather", "description": "weather of a city",
-              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    tools = [
+        {
+            "name": "get_weather",
+            "description": "weather of a city",
+            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        }
+    ]
     messages = [{"role": "user", "content": "Weather in Lisbon?"}]
-    raw = client.messages.with_raw_response.create(model="any", max_tokens=4, system=SYSTEM, messages=messages,
-                                                   tools=tools)
+    raw = client.messages.with_raw_response.create(
+        model="any", max_tokens=4, system=SYSTEM, messages=messages, tools=tools
+    )
     assert raw.parse().type == "message"
     messages += [
-        {"role": "assistant", "content": [{"type": "text", "text": "Let me look."},
-                                          {"type": "tool_use", "id": "toolu_1", "name": "get_weather",
-                                           "input": {"city": "Lisbon"}}]},
-        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
-                                      "content": [{"type": "text", "text": "sunny, 24C"}]}]},
+        {
+            "role": "assistant",
+            "content": [
+                {"type": "text", "text": "Let me look."},
+                {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Lisbon"}},
+            ],
+        },
+        {
+            "role": "user",
+            "content": [
+                {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny, 24C"}]}
+            ],
+        },
     ]
     with client.messages.stream(model="any", max_tokens=4, system=SYSTEM, messages=messages, tools=tools) as stream:
         assert stream.response.headers["x-proxycache-decision"] == "hit"
@@ -251,10 +282,15 @@ def test_llama_cpp_runs_extra_choices_on_other_slots(llama):
     llama.post_json("/v1/chat/completions", {"messages": conversation, "max_tokens": 2, "id_slot": 1})
     again = llama.post_json("/v1/chat/completions", {"messages": conversation, "max_tokens": 2, "id_slot": 1})
     assert again["timings"]["cache_n"] > 100
-    llama.post_json("/v1/chat/completions", {
-        "messages": [{"role": "user", "content": "Something else entirely. " * 20}], "max_tokens": 2,
-        "id_slot": 0, "n_cmpl": 2,
-    })
+    llama.post_json(
+        "/v1/chat/completions",
+        {
+            "messages": [{"role": "user", "content": "Something else entirely. " * 20}],
+            "max_tokens": 2,
+            "id_slot": 0,
+            "n_cmpl": 2,
+        },
+    )
     after = llama.post_json("/v1/chat/completions", {"messages": conversation, "max_tokens": 2, "id_slot": 1})
     assert after["timings"]["cache_n"] < 50
 
@@ -264,15 +300,22 @@ def test_lenient_input_and_http_niceties(llama, tmp_path):
     try:
         body = json.dumps({"messages": [{"role": "ipython", "content": "result"}], "max_tokens": 10**9}).encode()
         # curl -d: a JSON body with a form Content-Type; a role llama.cpp knows; max_tokens above the context
-        status, _, answer = http("POST", proxy.url + "/v1/chat/completions", body,
-                                 {"Content-Type": "application/x-www-form-urlencoded"})
+        status, _, answer = http(
+            "POST", proxy.url + "/v1/chat/completions", body, {"Content-Type": "application/x-www-form-urlencoded"}
+        )
         assert status == 200, answer
         assert http("GET", proxy.url + "/v1/health")[0] == 200
         assert http("HEAD", proxy.url + "/v1/models")[0] == 200
-        status, headers, _ = http("OPTIONS", proxy.url + "/v1/messages", None, {
-            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
-            "Access-Control-Request-Headers": "x-api-key, content-type",
-        })
+        status, headers, _ = http(
+            "OPTIONS",
+            proxy.url + "/v1/messages",
+            None,
+            {
+                "Origin": "https://app.example",
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "x-api-key, content-type",
+            },
+        )
         assert status == 204
         assert headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert "x-api-key" in headers["Access-Control-Allow-Headers"]

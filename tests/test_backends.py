@@ -8,7 +8,6 @@ from __future__ import annotations
 import signal
 import time
 
-import pytest
 
 from tests.conversations import User
 from proxycache.testing import ProxyProcess, http

@@ -29,34 +29,132 @@ CASES = [
     ("messages not a list", "POST", "/v1/chat/completions", b'{"messages": "hi"}', {}, 400, "invalid_request"),
     ("message not an object", "POST", "/v1/chat/completions", b'{"messages": ["hi"]}', {}, 400, "invalid_request"),
     ("role missing", "POST", "/v1/chat/completions", b'{"messages": [{"content": "hi"}]}', {}, 400, "invalid_request"),
-    ("role unknown", "POST", "/v1/chat/completions", b'{"messages": [{"role": "wizard", "content": "hi"}]}', {}, 400, "invalid_request"),
-    ("content a number", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": 5}]}', {}, 400, "invalid_request"),
-    ("content part without type", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": [{"text": "hi"}]}]}', {}, 400, "invalid_request"),
-    ("invalid UTF-8", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}', {}, 400, "invalid_utf8"),
-    ("raw NUL byte", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "a\x00b"}]}', {}, 400, "invalid_json"),
-    ("lone surrogate", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "\\ud800"}]}', {}, 400, "invalid_string"),
+    (
+        "role unknown",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "wizard", "content": "hi"}]}',
+        {},
+        400,
+        "invalid_request",
+    ),
+    (
+        "content a number",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": 5}]}',
+        {},
+        400,
+        "invalid_request",
+    ),
+    (
+        "content part without type",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": [{"text": "hi"}]}]}',
+        {},
+        400,
+        "invalid_request",
+    ),
+    (
+        "invalid UTF-8",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "\xff\xfe"}]}',
+        {},
+        400,
+        "invalid_utf8",
+    ),
+    (
+        "raw NUL byte",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "a\x00b"}]}',
+        {},
+        400,
+        "invalid_json",
+    ),
+    (
+        "lone surrogate",
+        "POST",
+        "/v1/chat/completions",
+        b'{"messages": [{"role": "user", "content": "\\ud800"}]}',
+        {},
+        400,
+        "invalid_string",
+    ),
     ("stream not a boolean", "POST", "/v1/chat/completions", chat(stream="yes"), {}, 400, "invalid_request"),
     ("n above 1 streamed", "POST", "/v1/chat/completions", chat(n=3, stream=True), {}, 400, "unsupported_n"),
-    ("n_cmpl above 1 streamed", "POST", "/v1/completions", json.dumps({"prompt": "hi", "n_cmpl": 2, "stream": True}).encode(), {}, 400, "unsupported_n"),
-    ("n on /completion", "POST", "/completion", json.dumps({"prompt": "hi", "n": 2}).encode(), {}, 400, "unsupported_n"),
+    (
+        "n_cmpl above 1 streamed",
+        "POST",
+        "/v1/completions",
+        json.dumps({"prompt": "hi", "n_cmpl": 2, "stream": True}).encode(),
+        {},
+        400,
+        "unsupported_n",
+    ),
+    (
+        "n on /completion",
+        "POST",
+        "/completion",
+        json.dumps({"prompt": "hi", "n": 2}).encode(),
+        {},
+        400,
+        "unsupported_n",
+    ),
     ("n not a number", "POST", "/v1/chat/completions", chat(n="two"), {}, 400, "invalid_request"),
     ("max_tokens not a number", "POST", "/v1/chat/completions", chat(max_tokens="ten"), {}, 400, "invalid_request"),
-    ("previous_response_id", "POST", "/v1/responses", json.dumps({"input": "hi", "previous_response_id": "resp_1"}).encode(), {}, 400, "previous_response_id_not_supported"),
+    (
+        "previous_response_id",
+        "POST",
+        "/v1/responses",
+        json.dumps({"input": "hi", "previous_response_id": "resp_1"}).encode(),
+        {},
+        400,
+        "previous_response_id_not_supported",
+    ),
     ("responses without input", "POST", "/v1/responses", b'{"model": "x"}', {}, 400, "missing_input"),
-    ("client names a slot on infill", "POST", "/infill", json.dumps({"input_prefix": "a", "id_slot": 0}).encode(), {}, 400, "slot_not_allowed"),
+    (
+        "client names a slot on infill",
+        "POST",
+        "/infill",
+        json.dumps({"input_prefix": "a", "id_slot": 0}).encode(),
+        {},
+        400,
+        "slot_not_allowed",
+    ),
     ("client names a slot", "POST", "/v1/chat/completions", chat(id_slot=1), {}, 400, "slot_not_allowed"),
     ("unknown route", "GET", "/v2/everything", None, {}, 404, "unknown_route"),
     ("wrong method", "GET", "/v1/chat/completions", None, {}, 405, None),
     ("wrong method on a passthrough", "DELETE", "/tokenize", None, {}, 405, "method_not_allowed"),
-    ("slot save by a client", "POST", "/slots/0?action=save", b'{"filename": "../../etc/passwd"}', {}, 403, "slots_forbidden"),
-    ("slot restore by a client", "POST", "/slots/1?action=restore", b'{"filename": "slotcache_0.bin"}', {}, 403, "slots_forbidden"),
+    (
+        "slot save by a client",
+        "POST",
+        "/slots/0?action=save",
+        b'{"filename": "../../etc/passwd"}',
+        {},
+        403,
+        "slots_forbidden",
+    ),
+    (
+        "slot restore by a client",
+        "POST",
+        "/slots/1?action=restore",
+        b'{"filename": "slotcache_0.bin"}',
+        {},
+        403,
+        "slots_forbidden",
+    ),
 ]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory, module_llama):
     workdir = tmp_path_factory.mktemp("bad-input")
-    proxy = ProxyProcess(workdir, module_llama.url, max_body_bytes=400_000, slot_save_path=str(module_llama.save_dir)).start()
+    proxy = ProxyProcess(
+        workdir, module_llama.url, max_body_bytes=400_000, slot_save_path=str(module_llama.save_dir)
+    ).start()
     proxy.client().chat.completions.create(model="any", messages=GOOD, max_tokens=2)  # a known slot map
     yield proxy, module_llama
     proxy.stop()
@@ -87,7 +185,11 @@ def test_images_pass_through_and_fingerprint_on_text(served):
     proxy, _ = served
     image = "data:image/png;base64," + "iVBORw0KGgo" * 20000
     content = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": image}}]
-    status, _, body = http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "max_tokens": 2})
+    status, _, body = http(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": content}], "max_tokens": 2},
+    )
     # The proxy passes the image on (a vision model would answer); the text-only
     # test model refuses it, and llama.cpp's status and message come through.
     assert status == 500

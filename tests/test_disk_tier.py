@@ -107,7 +107,10 @@ def test_cache_of_another_model_is_never_restored(llama_factory, other_model, tm
         wait_for(lambda: all_saved(proxy), what="write-behind")
         llama.stop()
         other = llama_factory(model=other_model, port=llama.spec.port, save_dir=str(llama.save_dir))
-        wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1 or not proxy.status()["backends"][0]["up"], what="restart noticed")
+        wait_for(
+            lambda: proxy.status()["backends"][0]["restarts"] >= 1 or not proxy.status()["backends"][0]["up"],
+            what="restart noticed",
+        )
         wait_for(lambda: proxy.status()["backends"][0]["up"], what="backend up again")
         record = user.turn(proxy.client())
         assert record["decision"] == "miss"
@@ -363,8 +366,10 @@ def test_weights_replaced_in_place_are_not_restored(llama_factory, models_dir, t
         llama.stop()
         shutil.copyfile(b, model)  # same name, same size, other weights
         llama.start()
-        wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1 or not proxy.status()["backends"][0]["up"],
-                 what="restart noticed")
+        wait_for(
+            lambda: proxy.status()["backends"][0]["restarts"] >= 1 or not proxy.status()["backends"][0]["up"],
+            what="restart noticed",
+        )
         wait_for(lambda: proxy.status()["backends"][0]["up"], what="backend up again")
         record = ana.turn(proxy.client())
         assert record["decision"] == "miss", record

@@ -32,7 +32,12 @@ def stub_proxy(stub, tmp_path):
 
 
 def ask(proxy, content, stream=False):
-    return http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "stream": stream}, timeout=20)
+    return http(
+        "POST",
+        proxy.url + "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": content}], "stream": stream},
+        timeout=20,
+    )
 
 
 def assert_all_free(proxy):
@@ -67,7 +72,9 @@ def test_stalled_stream_ends_with_an_error_event(stub_proxy):
     assert_all_free(stub_proxy)
 
 
-@pytest.mark.parametrize("content, status, kind", [("error-503", 503, "unavailable_error"), ("error-418", 418, "odd_error")])
+@pytest.mark.parametrize(
+    "content, status, kind", [("error-503", 503, "unavailable_error"), ("error-418", 418, "odd_error")]
+)
 def test_upstream_errors_keep_status_and_body(stub_proxy, content, status, kind):
     got, _, body = ask(stub_proxy, content)
     assert got == status and body["error"]["type"] == kind
@@ -77,7 +84,9 @@ def test_upstream_errors_keep_status_and_body(stub_proxy, content, status, kind)
 def test_llama_server_killed_mid_stream(llama, tmp_path):
     proxy = ProxyProcess(tmp_path, llama.url).start()
     try:
-        connection = open_raw_chat(proxy.port, {"messages": HELLO, "max_tokens": 6000, "stream": True, "ignore_eos": True})
+        connection = open_raw_chat(
+            proxy.port, {"messages": HELLO, "max_tokens": 6000, "stream": True, "ignore_eos": True}
+        )
         received = connection.recv(65536)
         assert b"200 OK" in received
         llama.kill()
@@ -104,11 +113,17 @@ def test_slow_reader_holds_back_only_its_own_slot(llama, tmp_path):
         stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         stalled.connect(("127.0.0.1", proxy.port))
         # n_probs makes each event ~2 kB: far more than the socket buffers hold
-        send_raw_chat(stalled, {"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True})
+        send_raw_chat(
+            stalled, {"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True}
+        )
         # and never read
         time.sleep(1)
         for i in range(5):
-            status, _, _ = http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": f"other {i}"}], "max_tokens": 8})
+            status, _, _ = http(
+                "POST",
+                proxy.url + "/v1/chat/completions",
+                {"messages": [{"role": "user", "content": f"other {i}"}], "max_tokens": 8},
+            )
             assert status == 200
         busy = [slot for slot in proxy.status()["slots"] if slot["busy"]]
         assert len(busy) == 1  # only the stalled reader's slot
@@ -149,7 +164,9 @@ def test_client_gone_during_an_eviction_save(stub, tmp_path):
 
 def test_timings_kept_when_the_client_hangs_up_at_done(stub_proxy):
     """SDKs close the connection once they read [DONE]: the slot map still learns llama.cpp's timings."""
-    sock = open_raw_chat(stub_proxy.port, {"messages": [{"role": "user", "content": "done-then-linger"}], "stream": True})
+    sock = open_raw_chat(
+        stub_proxy.port, {"messages": [{"role": "user", "content": "done-then-linger"}], "stream": True}
+    )
     received = b""
     while b"data: [DONE]" not in received:
         received += sock.recv(65536)

@@ -45,7 +45,12 @@ def test_200_requests_from_50_clients_on_4_slots(llama_factory, tmp_path):
     try:
         base = http("POST", llama.url + "/v1/chat/completions", {"messages": prompt(0), "max_tokens": 1})[2]
         base_tokens = base["usage"]["prompt_tokens"]
-        per_marker = http("POST", llama.url + "/v1/chat/completions", {"messages": prompt(1), "max_tokens": 1})[2]["usage"]["prompt_tokens"] - base_tokens
+        per_marker = (
+            http("POST", llama.url + "/v1/chat/completions", {"messages": prompt(1), "max_tokens": 1})[2]["usage"][
+                "prompt_tokens"
+            ]
+            - base_tokens
+        )
         with concurrent.futures.ThreadPoolExecutor(CLIENTS) as pool:
             results = list(pool.map(lambda i: send(proxy.url, i), range(REQUESTS)))
         assert len(results) == REQUESTS  # no errors: send() raises on any

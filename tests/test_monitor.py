@@ -16,7 +16,7 @@ from twisted.internet.error import ConnectionRefusedError
 from twisted.web.client import ResponseFailed
 
 from proxycache.backend import Description, UpstreamError
-from proxycache.routing import Fingerprint, SlotState
+from proxycache.routing import Fingerprint, SlotId, SlotState
 from proxycache.slots import Monitor, Scheduler, SlotContent
 from tests.fakes import FakeBackend
 
@@ -178,3 +178,20 @@ def test_the_weights_are_asked_again_only_when_the_server_may_have_restarted():
     check(monitor)  # up again, maybe another process: probed
     check(monitor)  # up: nothing to describe
     assert backend.probes == [True, False, True]
+
+
+def test_a_request_ending_while_the_slots_reply_travels_is_no_restart():
+    clock = Clock()
+    backend = FakeBackend()
+    scheduler = Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1)
+    monitor = Monitor(clock, scheduler, [backend], 1.0, None)
+    check(monitor)  # comes up
+    reply: Deferred[Any] = Deferred()
+    backend.slots_reply = reply
+    monitor.check()
+    # meanwhile a request on slot 0 ends: the proxy now believes slot 0 holds tokens
+    slot = scheduler.slots[SlotId(backend.name, 0)]
+    slot.content = SlotContent(SlotState.HOT, Fingerprint((1, 2), 200, 32), tokens=50)
+    reply.callback([{"id": 0, "n_ctx": 4096, "is_processing": False}, {"id": 1, "n_ctx": 4096}])  # made before it
+    assert monitor.health[backend.name].restarts == 0
+    assert slot.state is SlotState.HOT

@@ -24,7 +24,11 @@ CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 def test_unit_files_verify(unit, tmp_path):
     text = (CONTRIB / unit).read_text()
     # verify checks that executables exist: point them at one that does
-    for command in ("/opt/proxycache/bin/twistd", "%h/.local/share/proxycache/venv/bin/twistd", "/usr/local/bin/llama-server"):
+    for command in (
+        "/opt/proxycache/bin/twistd",
+        "%h/.local/share/proxycache/venv/bin/twistd",
+        "/usr/local/bin/llama-server",
+    ):
         text = text.replace(command, sys.executable)
     (tmp_path / unit).write_text(text)
     result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
@@ -36,7 +40,11 @@ def test_version_everywhere(llama, tmp_path):
     assert result.stdout.strip() == f"proxycache {__version__}"
     proxy = ProxyProcess(tmp_path, llama.url).start()
     try:
-        status, headers, _ = http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1})
+        status, headers, _ = http(
+            "POST",
+            proxy.url + "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+        )
         assert headers["X-Proxycache-Version"] == __version__
         assert proxy.status()["version"] == __version__
         assert http("GET", proxy.url + "/proxycache/health")[2]["version"] == __version__
@@ -71,7 +79,9 @@ def test_print_config_shows_sources(tmp_path):
     ini.write_text("[proxycache]\nmax_queue = 11\n")
     result = subprocess.run(
         [TWISTD, "proxycache", "--config", str(ini), "--slots", "2", "--print-config"],
-        capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "MAX_CACHE_ENTRIES": "3"},
+        capture_output=True,
+        text=True,
+        env={"PATH": "/usr/bin:/bin", "MAX_CACHE_ENTRIES": "3"},
     )
     assert "slots = 2  [option]" in result.stdout
     assert "max-cache-entries = 3  [env]" in result.stdout
@@ -83,7 +93,9 @@ def test_logs_carry_no_prompt_text_by_default(llama, tmp_path):
     secret = "the launch code is swordfish"
     proxy = ProxyProcess(tmp_path, llama.url).start()
     try:
-        proxy.client().chat.completions.create(model="any", messages=[{"role": "user", "content": secret}], max_tokens=2)
+        proxy.client().chat.completions.create(
+            model="any", messages=[{"role": "user", "content": secret}], max_tokens=2
+        )
     finally:
         proxy.stop()
     log = proxy.log_text()
@@ -95,7 +107,9 @@ def test_json_logs_for_log_shippers(llama, tmp_path):
     proxy = ProxyProcess(tmp_path, llama.url)
     proxy.log_path = tmp_path / "proxy.json"
     argv = proxy.argv
-    proxy.argv = lambda: [a if not a.startswith("--logfile=") else "--logger=proxycache.logs.json_to_stdout" for a in argv()]
+    proxy.argv = lambda: [
+        a if not a.startswith("--logfile=") else "--logger=proxycache.logs.json_to_stdout" for a in argv()
+    ]
     with open(tmp_path / "proxy.json", "wb") as out:
         process = subprocess.Popen(proxy.argv(), stdout=out, stderr=subprocess.STDOUT, cwd=tmp_path)
         proxy.process = process
@@ -110,7 +124,9 @@ def test_json_logs_for_log_shippers(llama, tmp_path):
                 except OSError:
                     pass
                 time.sleep(0.1)
-            proxy.client().chat.completions.create(model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+            proxy.client().chat.completions.create(
+                model="any", messages=[{"role": "user", "content": "hi"}], max_tokens=2
+            )
         finally:
             proxy.stop()
     records = [json.loads(line) for line in (tmp_path / "proxy.json").read_text().splitlines() if line.strip()]
@@ -153,7 +169,10 @@ def test_sigterm_lets_requests_in_flight_finish(llama, tmp_path):
     from proxycache.testing import open_raw_chat
 
     proxy = ProxyProcess(tmp_path, llama.url).start()
-    sock = open_raw_chat(proxy.port, {"messages": [{"role": "user", "content": "go"}], "max_tokens": 300, "stream": True, "ignore_eos": True})
+    sock = open_raw_chat(
+        proxy.port,
+        {"messages": [{"role": "user", "content": "go"}], "max_tokens": 3000, "stream": True, "ignore_eos": True},
+    )
     first = sock.recv(65536)
     assert b"200 OK" in first
     proxy.process.send_signal(signal.SIGTERM)
@@ -171,7 +190,16 @@ def test_a_second_signal_exits_at_once(llama, tmp_path):
     from proxycache.testing import open_raw_chat
 
     proxy = ProxyProcess(tmp_path, llama.url, grace=600).start()
-    sock = open_raw_chat(proxy.port, {"messages": [{"role": "user", "content": "go"}], "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True})
+    sock = open_raw_chat(
+        proxy.port,
+        {
+            "messages": [{"role": "user", "content": "go"}],
+            "max_tokens": 8000,
+            "n_probs": 10,
+            "stream": True,
+            "ignore_eos": True,
+        },
+    )
     assert b"200 OK" in sock.recv(4096)  # and never read more: the stream cannot finish
     proxy.process.send_signal(signal.SIGTERM)
     time.sleep(1)
@@ -189,12 +217,16 @@ def test_plain_install_ships_the_plugin(tmp_path):
     # build from a copy: setuptools leaves build/ and *.egg-info next to the sources
     source = tmp_path / "source"
     shutil.copytree(
-        Path(__file__).resolve().parent.parent, source,
-        ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"),
+        Path(__file__).resolve().parent.parent,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git", ".venv", "build", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis"
+        ),
     )
     built = subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path / "dist"), str(source)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert built.returncode == 0, built.stderr
     (wheel,) = (tmp_path / "dist").glob("proxycache-*.whl")
@@ -205,13 +237,22 @@ def test_plain_install_ships_the_plugin(tmp_path):
     target = tmp_path / "site"
     installed = subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel)],
-        capture_output=True, text=True,
+        capture_output=True,
+        text=True,
     )
     assert installed.returncode == 0, installed.stderr
     env = {**os.environ, "PYTHONPATH": str(target)}
     result = subprocess.run(
-        [sys.executable, "-c", "import sys, proxycache; print(proxycache.__file__); from twisted.scripts.twistd import run; sys.argv = ['twistd', 'proxycache', '--version']; run()"],
-        capture_output=True, text=True, env=env, cwd=tmp_path,
+        [
+            sys.executable,
+            "-c",
+            "import sys, proxycache; print(proxycache.__file__); from twisted.scripts.twistd import run; "
+            "sys.argv = ['twistd', 'proxycache', '--version']; run()",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
     )
     assert result.stdout.splitlines()[0].startswith(str(target))  # the installed copy, not the checkout
     assert f"proxycache {__version__}" in result.stdout

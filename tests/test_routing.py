@@ -57,7 +57,8 @@ def test_small_side_requests_do_not_destroy_hot_slots(llama_factory, tmp_path):
                 if turn:
                     assert record["decision"] == "hit" and close_to_new(record), record
                 raw = client.chat.completions.with_raw_response.create(
-                    model="any", max_tokens=4,
+                    model="any",
+                    max_tokens=4,
                     messages=[{"role": "user", "content": f"Title for turn {turn}, five words max."}],
                 )
                 assert raw.headers["x-proxycache-decision"] in ("small", "hit")
@@ -109,10 +110,7 @@ def test_twenty_concurrent_requests_on_two_slots(proxy, llama):
     assert not any(slot["busy"] for slot in status["slots"])
     assert status["queue_depth"] == 0
     # the proxy's own timeline: never two requests on one slot at once
-    timeline = [
-        {"slot": r["slot"], "start": r["started"], "end": r["finished"]}
-        for r in status["recent"][:20]
-    ]
+    timeline = [{"slot": r["slot"], "start": r["started"], "end": r["finished"]} for r in status["recent"][:20]]
     assert not _timeline_overlaps(timeline)
     assert sum(1 for r in status["recent"][:20] if r["wait"] > 0) >= 10  # most had to queue
 
@@ -141,7 +139,14 @@ def test_cancelled_requests_leave_no_lock(proxy, llama):
     assert status["queue_depth"] == 0
     assert not any(slot["busy"] for slot in status["slots"])
     assert not any(slot["is_processing"] for slot in llama.slots())
-    assert http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})[0] == 200
+    assert (
+        http(
+            "POST",
+            proxy.url + "/v1/chat/completions",
+            {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2},
+        )[0]
+        == 200
+    )
 
 
 def test_queue_limit_gives_429_with_retry_after(llama, tmp_path):
@@ -150,7 +155,9 @@ def test_queue_limit_gives_429_with_retry_after(llama, tmp_path):
         body = b'{"messages":[{"role":"user","content":"go on"}],"max_tokens":3000,"stream":true,"ignore_eos":true}'
         sockets = [open_raw_chat(proxy.port, body) for _ in range(3)]  # 2 run, 1 queues
         time.sleep(0.5)
-        status, headers, error = http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]})
+        status, headers, error = http(
+            "POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}
+        )
         assert status == 429
         assert headers["Retry-After"] == "5"
         assert error["error"]["code"] == "queue_full"

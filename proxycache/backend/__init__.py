@@ -9,6 +9,19 @@ from proxycache.backend._protocol import Backend
 from proxycache.backend._timings import TimingsTap, timings_of
 
 __all__ = [
-    "UPSTREAM_FAILURES", "Backend", "Description", "LlamaServer", "StreamStalled", "TimingsTap", "UpstreamError",
-    "model_identity", "never_used", "pipe_body", "read_body", "restarted", "settings_warnings", "timings_of", "unreachable",
+    "UPSTREAM_FAILURES",
+    "Backend",
+    "Description",
+    "LlamaServer",
+    "StreamStalled",
+    "TimingsTap",
+    "UpstreamError",
+    "model_identity",
+    "never_used",
+    "pipe_body",
+    "read_body",
+    "restarted",
+    "settings_warnings",
+    "timings_of",
+    "unreachable",
 ]

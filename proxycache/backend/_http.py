@@ -9,7 +9,7 @@ sees the connection close and stops generating, freeing its slot.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionDone, ConnectionLost, DNSLookupError

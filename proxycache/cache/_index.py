@@ -9,10 +9,7 @@ matches a request, which to evict, which a new save replaces.  No I/O here.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-from pathlib import Path
 from typing import Iterable, Iterator
 
 import attrs

@@ -98,13 +98,18 @@ class DiskTier(Service):
         if loaded.skipped:  # one line, however many (an old format leaves many)
             log.warn(
                 "skipped {n} unreadable cache metas (they will not be restored): {some}",
-                n=len(loaded.skipped), some="; ".join(loaded.skipped[:3]) + ("; ..." if len(loaded.skipped) > 3 else ""),
+                n=len(loaded.skipped),
+                some="; ".join(loaded.skipped[:3]) + ("; ..." if len(loaded.skipped) > 3 else ""),
             )
         if loaded.missing:
             log.warn("dropped {n} cache metas whose .bin is gone", n=len(loaded.missing))
         self.counters.stray_files = len(loaded.stray)
         if loaded.stray:
-            log.warn("{n} slot cache files have no meta (left alone): {names}", n=len(loaded.stray), names=", ".join(loaded.stray[:5]))
+            log.warn(
+                "{n} slot cache files have no meta (left alone): {names}",
+                n=len(loaded.stray),
+                names=", ".join(loaded.stray[:5]),
+            )
         log.info("disk cache index: {n} entries, {mb:.1f} MB", n=len(self.index), mb=self.index.total_bytes / 1e6)
         await self._choose_budget()
 
@@ -121,7 +126,10 @@ class DiskTier(Service):
         log.info(
             "disk budget: {gb:.2f} GB, chosen at start ({share:.0%} of the {free:.1f} GB free in {dir} "
             "and the caches already there; --max-cache-bytes sets it)",
-            gb=self.catalog.max_bytes / 1e9, share=AUTO_SHARE, free=usage.free / 1e9, dir=self.save_dir,
+            gb=self.catalog.max_bytes / 1e9,
+            share=AUTO_SHARE,
+            free=usage.free / 1e9,
+            dir=self.save_dir,
         )
 
     async def _room_to_save(self) -> bool:
@@ -140,7 +148,9 @@ class DiskTier(Service):
             self._low_space = True
             log.warn(
                 "not saving slot caches: {free:.1f} GB free in {dir}, under the {room:.1f} GB left to everything else",
-                free=usage.free / 1e9, dir=self.save_dir, room=headroom(usage.total) / 1e9,
+                free=usage.free / 1e9,
+                dir=self.save_dir,
+                room=headroom(usage.total) / 1e9,
             )
         return False
 
@@ -173,7 +183,8 @@ class DiskTier(Service):
             log.warn(
                 "{n} saved caches of {backend} were written by another model or llama.cpp build: "
                 "never restored, and the first to go from the disk budget",
-                n=unusable, backend=backend,
+                n=unusable,
+                backend=backend,
             )
 
     # -- around a request ---------------------------------------------------
@@ -227,7 +238,9 @@ class DiskTier(Service):
         log.warn(
             "restore of {key} did not take (cache_n={cache_n} of {total} prompt tokens); "
             "it will not be restored again (SWA/hybrid model without --swa-full?)",
-            key=restored.entry.key, cache_n=outcome.cache_n, total=outcome.cache_n + outcome.prompt_n,
+            key=restored.entry.key,
+            cache_n=outcome.cache_n,
+            total=outcome.cache_n + outcome.prompt_n,
         )
         self._update(restored.entry, ineffective=True)
 
@@ -286,9 +299,14 @@ class DiskTier(Service):
             return None
         now = self.clock.seconds()
         entry = MetaEntry(
-            key=key, backend=backend.name, model=model, fingerprint=content.fingerprint,
-            tokens=int(reply.get("n_saved", content.tokens)), bytes=int(reply.get("n_written", 0)),
-            created=predecessor.created if predecessor else now, last_used=now,
+            key=key,
+            backend=backend.name,
+            model=model,
+            fingerprint=content.fingerprint,
+            tokens=int(reply.get("n_saved", content.tokens)),
+            bytes=int(reply.get("n_written", 0)),
+            created=predecessor.created if predecessor else now,
+            last_used=now,
             pinned=content.pinned or bool(predecessor and predecessor.pinned),
         )
         try:
@@ -306,7 +324,11 @@ class DiskTier(Service):
             observer("save", took, entry.bytes)
         (log.info if took >= 1 else log.debug)(
             "saved slot {slot} as {key}: {tokens} tokens, {mb:.1f} MB in {took:.2f}s",
-            slot=str(slot.id), key=key, tokens=entry.tokens, mb=entry.bytes / 1e6, took=took,
+            slot=str(slot.id),
+            key=key,
+            tokens=entry.tokens,
+            mb=entry.bytes / 1e6,
+            took=took,
         )
         return entry
 
@@ -337,7 +359,9 @@ class DiskTier(Service):
             self.counters.restore_failures += 1
             log.warn(
                 "restoring {key} into slot {slot} failed, recomputing: {error}",
-                key=entry.key, slot=str(slot.id), error=failure,
+                key=entry.key,
+                slot=str(slot.id),
+                error=failure,
             )
             missing = "failed to open" in str(failure).lower() or "not found" in str(failure).lower()
             if missing and slot.id.backend == entry.backend:  # elsewhere, the storage may just not be shared
@@ -356,7 +380,10 @@ class DiskTier(Service):
         self._update(entry, last_used=self.clock.seconds())
         (log.info if took >= 1 else log.debug)(
             "restored {key} into slot {slot}: {tokens} tokens in {took:.2f}s",
-            key=entry.key, slot=str(slot.id), tokens=n_restored, took=took,
+            key=entry.key,
+            slot=str(slot.id),
+            tokens=n_restored,
+            took=took,
         )
         return True
 
@@ -457,8 +484,11 @@ class DiskTier(Service):
 
     async def _enforce_budget(self) -> None:
         victims = self.index.over_budget(
-            self.catalog.max_bytes, self.config.max_cache_entries, self.pinned,
-            frozenset(self.catalog.models.values()), self.config.max_pinned_share,
+            self.catalog.max_bytes,
+            self.config.max_cache_entries,
+            self.pinned,
+            frozenset(self.catalog.models.values()),
+            self.config.max_pinned_share,
         )
         for victim in victims:
             self.counters.evicted_entries += 1

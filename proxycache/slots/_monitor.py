@@ -136,15 +136,18 @@ class Monitor(Service):
             health.up = True
             self.on_up(backend, described.model)
             self.scheduler.set_backend_slots(backend.name, int(total))
+        # Only slots llama.cpp is known to have processed (it reported tokens): a slot whose
+        # request failed before llama.cpp ran it has no task there, and that is no restart.
+        # Taken before asking, and kept only if unchanged meanwhile: a reply describes the
+        # moment it was made, not a request that ended while it travelled.
+        before = {
+            s.id.index: (s, s.content) for s in self.scheduler.slots.values()
+            if s.id.backend == backend.name and s.content.tokens > 0 and not s.busy
+        }
         slots = await backend.slots()
         if slots is None:
             return  # --no-slots: restarts are then only seen through failed requests
-        # Only slots llama.cpp is known to have processed (it reported tokens): a slot whose
-        # request failed before llama.cpp ran it has no task there, and that is no restart.
-        in_use = {
-            s.id.index for s in self.scheduler.slots.values()
-            if s.id.backend == backend.name and s.content.tokens > 0 and not s.busy
-        }
+        in_use = {index for index, (slot, content) in before.items() if slot.content is content and not slot.busy}
         if restarted(slots, in_use, health.max_task_seen):
             health.restarts += 1
             log.warn("llama-server {url} restarted: its slots are empty now", url=backend.url)

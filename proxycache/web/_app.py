@@ -160,7 +160,9 @@ class Proxy:
 
     def check_ready(self) -> None:
         if self.in_flight.draining:
-            raise ApiError(503, "proxycache is shutting down", "server_error", "shutting_down", (("Retry-After", "10"),))
+            raise ApiError(
+                503, "proxycache is shutting down", "server_error", "shutting_down", (("Retry-After", "10"),)
+            )
         if not self.dispatcher.scheduler.slots:
             raise upstream_unavailable("no slots known yet (is llama-server up?)")
 
@@ -182,8 +184,11 @@ class Proxy:
             await self.dispatcher.dispatch(wanted, path, body, exchange)
         except QueueFull:
             raise ApiError(
-                429, "all slots are busy and the queue is full; retry shortly",
-                "rate_limit_error", "queue_full", (("Retry-After", "5"),),
+                429,
+                "all slots are busy and the queue is full; retry shortly",
+                "rate_limit_error",
+                "queue_full",
+                (("Retry-After", "5"),),
             )
         except TimeoutError:
             raise ApiError(504, "llama-server did not answer in time", "server_error", "upstream_timeout")
@@ -249,7 +254,10 @@ class Proxy:
     @app.route("/slots", branch=True)
     def slots(self, request: IRequest) -> bytes:
         raise ApiError(
-            403, "slots are managed by proxycache and not exposed to clients", "invalid_request_error", "slots_forbidden"
+            403,
+            "slots are managed by proxycache and not exposed to clients",
+            "invalid_request_error",
+            "slots_forbidden",
         )
 
     @app.route("/", branch=True, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
@@ -274,8 +282,9 @@ class Proxy:
             {b"content-type": [request.getHeader(b"content-type") or b"application/json"]} if body is not None else None
         )
         try:
-            response = await backend.request(method, target, body=body, headers=headers,
-                                              timeout=self.config.first_byte_timeout)
+            response = await backend.request(
+                method, target, body=body, headers=headers, timeout=self.config.first_byte_timeout
+            )
         except TimeoutError:
             raise ApiError(504, "llama-server did not answer in time", "server_error", "upstream_timeout")
         except UPSTREAM_FAILURES as e:
