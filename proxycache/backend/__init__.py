@@ -6,7 +6,6 @@ from proxycache.backend._http import UPSTREAM_FAILURES, StreamStalled, UpstreamE
 from proxycache.backend._identity import model_identity
 from proxycache.backend._llama import Description, LlamaServer, never_used, restarted, settings_warnings
 from proxycache.backend._protocol import Backend
-from proxycache.backend._timings import TimingsTap, timings_of
 
 __all__ = [
     "UPSTREAM_FAILURES",
@@ -14,7 +13,6 @@ __all__ = [
     "Description",
     "LlamaServer",
     "StreamStalled",
-    "TimingsTap",
     "UpstreamError",
     "model_identity",
     "never_used",
@@ -22,6 +20,5 @@ __all__ = [
     "read_body",
     "restarted",
     "settings_warnings",
-    "timings_of",
     "unreachable",
 ]

@@ -80,26 +80,6 @@ def llama_timings(event: Any) -> dict[str, Any]:
     return timings if isinstance(timings, dict) else {}
 
 
-def anthropic_counts(event: Any) -> dict[str, Any]:
-    """A Messages answer or stream event: its usage as timings keys."""
-    if not isinstance(event, dict):
-        return {}
-    if event.get("timings"):
-        return llama_timings(event)
-    message = event.get("message")
-    usage = message.get("usage") if event.get("type") == "message_start" and isinstance(message, dict) else None
-    usage = usage if isinstance(usage, dict) else event.get("usage")
-    if not isinstance(usage, dict):
-        return {}
-    counts = {}
-    for source, target in (("cache_read_input_tokens", "cache_n"), ("input_tokens", "prompt_n"),
-                           ("output_tokens", "predicted_n")):
-        value = _count(usage.get(source))
-        if value is not None:
-            counts[target] = value
-    return counts
-
-
 def responses_counts(event: Any) -> dict[str, Any]:
     """A Responses answer or stream event: llama.cpp's timings, else its usage as timings keys."""
     if not isinstance(event, dict):
