@@ -11,7 +11,9 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
-from proxycache.backend import OLDEST_SUPPORTED_BUILD, RAM_CACHE, Description, Features, backend_warnings, build_notice, build_number
+from proxycache.backend import (
+    OLDEST_SUPPORTED_BUILD, RAM_CACHE, Description, Features, backend_warnings, build_notice, build_number,
+)
 from proxycache.backend._features import SAVES_OFF, SLOTS_OFF, saves_enabled
 from proxycache.slots import Monitor, Scheduler
 from proxycache.testing import ProxyProcess, http
@@ -34,7 +36,8 @@ def test_a_complete_server_gets_no_warnings():
 def test_slot_saves_off_is_told_by_the_restore_probe():
     # what llama-server answers a restore of a file that is not there
     assert saves_enabled(501) is False  # "This server does not support slots action. Start it with --slot-save-path"
-    assert saves_enabled(400) is True  # "Unable to restore slot: No available space in KV cache or invalid slot save file"
+    # 400 "Unable to restore slot: No available space in KV cache or invalid slot save file"
+    assert saves_enabled(400) is True
     assert saves_enabled(401) is None and saves_enabled(0) is None
     assert backend_warnings(PROPS, Features(slots_endpoint=True, slot_saves=False), None) == [SAVES_OFF]
 
@@ -111,7 +114,8 @@ def test_a_server_without_a_slot_save_path_is_reported(llama_factory, tmp_path):
         assert health["backend_warnings"] == {llama.url: warnings}
         assert any("--slot-save-path" in line for line in proxy.warnings())
         # the probe left the server as it was: it still serves, and its slots are empty
-        assert http("POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})[0] == 200
+        body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+        assert http("POST", proxy.url + "/v1/chat/completions", body)[0] == 200
     finally:
         proxy.stop()
 
@@ -126,5 +130,26 @@ def test_a_complete_server_is_not_reported(llama_factory, tmp_path):
         assert not any("--slot-save-path" in line for line in proxy.warnings())
         # the restore probe left no trace in the slots
         assert all(not s.get("n_prompt_tokens_cache") for s in llama.slots())
+    finally:
+        proxy.stop()
+
+
+def test_llama_cpps_own_ram_cache_is_reported_once_it_moves_a_conversation(llama_factory, tmp_path):
+    """--cache-ram shows neither in /props nor in /metrics: seen once llama.cpp reuses what the proxy did not place."""
+    llama = llama_factory(slots=1, save_dir=None)  # llama.cpp's default RAM cache; no disk tier to restore from
+    proxy = ProxyProcess(tmp_path, llama.url, min_prefix_chars=10, min_prefix_words=2, min_prefix_blocks=1).start()
+    try:
+        assert RAM_CACHE not in backend_warnings_of(proxy)[0]
+
+        def ask(user: str) -> None:
+            body = {"messages": [{"role": "user", "content": f"{user} " + "word " * 300}], "max_tokens": 2}
+            assert http("POST", proxy.url + "/v1/chat/completions", body)[0] == 200
+
+        ask("ana")
+        ask("ben")  # evicts ana's prompt into llama.cpp's RAM cache
+        ask("ana")  # the proxy plans a miss; llama.cpp loads ana's prompt back by itself
+        warnings, health = backend_warnings_of(proxy)
+        assert RAM_CACHE in warnings, warnings
+        assert RAM_CACHE in health["backend_warnings"][llama.url]
     finally:
         proxy.stop()

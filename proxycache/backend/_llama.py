@@ -163,7 +163,8 @@ class LlamaServer:
 
     async def describe(self, probe: bool = True) -> Description | None:
         """
-        C{/props} and the model's identity; None when C{/props} does not answer.
+        C{/props}, the model's identity and what the server lacks (L{Features}:
+        C{/slots}, slot saves); None when C{/props} does not answer.
         C{probe}: ask the weights (L{PROBE_BODY}) again.  The probe computes
         a short prompt in some idle slot, overwriting what it held: only when
         the server just came up (or may have), before the proxy uses its slots.
