@@ -225,6 +225,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         observers=[stats.request_done],
         on_stale=lambda slot_id: monitor.check(),
         on_unreachable=monitor.take_out,
+        on_own_cache=monitor.noticed_ram_cache,
     )
     fleet = Fleet(
         by_name, scheduler, monitor,
@@ -259,7 +260,7 @@ def _note_storage(catalog: Catalog, backend: str, save_dir: str | None) -> None:
 
 
 def own_health(config: Config, monitor: Monitor, scheduler: Scheduler, tier: DiskTier) -> tuple[bool, dict[str, Any]]:
-    """The proxy's own state, apart from llama.cpp's /health."""
+    """The proxy's own state, apart from llama.cpp's /health; C{backend_warnings} does not make it fail."""
     meta_dir = Path(config.meta_dir)
     checks = {
         "upstream_reachable": monitor.ready,
@@ -267,7 +268,9 @@ def own_health(config: Config, monitor: Monitor, scheduler: Scheduler, tier: Dis
         "index_loaded": tier.loaded.called,
         "disk_writable": os.access(meta_dir if meta_dir.exists() else meta_dir.parent, os.W_OK),
     }
-    return all(checks.values()), checks
+    # Informational: a backend without slot saves (say) still serves.
+    warnings = {h.backend.url: list(h.warnings) for h in monitor.health.values() if h.warnings}
+    return all(checks.values()), {**checks, "backend_warnings": warnings}
 
 
 def _start_embedded(config: Config, parent: MultiService) -> Config:

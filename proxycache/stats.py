@@ -130,7 +130,7 @@ class Stats:
             "build": health.props.get("build_info"), "restarts": health.restarts,
             "slots": len(slots), "busy": sum(1 for s in slots if s.busy),
             "draining": name in self.scheduler.closed, "requests": served.requests,
-            "prefill_tokens_per_second": served.speed,
+            "prefill_tokens_per_second": served.speed, "warnings": list(health.warnings),
         }
 
     def hit_rate(self) -> float:

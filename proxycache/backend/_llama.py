@@ -20,6 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from proxycache.backend._features import PROBE_FILENAME, Features, saves_enabled
 from proxycache.backend._http import UPSTREAM_FAILURES, UpstreamError, is_stale_connection, read_body
 from proxycache.backend._identity import PROBE_BODY, file_digest, model_identity, probe_answer
 
@@ -31,6 +32,7 @@ IDLE_POLLS = 12
 IDLE_FIRST_DELAY = 0.05
 IDLE_MAX_DELAY = 1.0
 PROBE_TIMEOUT = 60.0  # one token of a short prompt; a slot may first have to come free
+SAVES_PROBE_TIMEOUT = 5.0  # a restore of a missing file on an idle slot answers at once
 
 
 @attrs.frozen
@@ -40,6 +42,7 @@ class Description:
     props: dict[str, Any]
     total_slots: int | None
     model: str  # L{model_identity}: what a saved cache must have been written by
+    features: Features = Features()  # what it lacks of what proxycache relies on
 
 
 @attrs.define(eq=False)
@@ -53,6 +56,8 @@ class LlamaServer:
     fresh_client: HTTPClient | None = None  # a new connection per request, for retries
     to_thread: Callable[..., Deferred[Any]] = deferToThread
     _probe: list[list[float]] | None = attrs.field(default=None, init=False)  # the weights' last probe answer
+    _probe_slot: int | None = attrs.field(default=None, init=False)  # the slot the last probe used (erased)
+    _saves: bool | None = attrs.field(default=None, init=False)  # the last slot-saves probe's finding
 
     @classmethod
     def create(cls, reactor: Any, url: str, api_key: str | None, pool_size: int) -> "LlamaServer":
@@ -158,7 +163,8 @@ class LlamaServer:
 
     async def describe(self, probe: bool = True) -> Description | None:
         """
-        C{/props} and the model's identity; None when C{/props} does not answer.
+        C{/props}, the model's identity and what the server lacks (L{Features}:
+        C{/slots}, slot saves); None when C{/props} does not answer.
         C{probe}: ask the weights (L{PROBE_BODY}) again.  The probe computes
         a short prompt in some idle slot, overwriting what it held: only when
         the server just came up (or may have), before the proxy uses its slots.
@@ -167,13 +173,44 @@ class LlamaServer:
         if status != 200 or not isinstance(props, dict):
             return None
         _, models = await self.call("GET", "/v1/models")
-        if probe or self._probe is None:
+        fresh = probe or self._probe is None
+        if fresh:
             self._probe = await self._ask_the_weights()
         path = props.get("model_path")
         digest = await self.to_thread(file_digest, path) if isinstance(path, str) and path else None
         total = props.get("total_slots")
         identity = model_identity(props, models, self._probe, digest)
-        return Description(props, total if isinstance(total, int) else None, identity)
+        slots = await self.slots()
+        if fresh:  # the proxy holds nothing in its slots yet: a failed restore may clear one
+            self._saves = await self._saves_enabled(slots)
+        features = Features(slots_endpoint=slots is not None, slot_saves=self._saves)
+        return Description(props, total if isinstance(total, int) else None, identity, features)
+
+    async def _saves_enabled(self, slots: list[dict[str, Any]] | None) -> bool | None:
+        """
+        Are slot saves on (C{--slot-save-path})?  C{/props} does not say: restore
+        a file that cannot exist into the slot the identity probe just erased (or
+        slot 0), when llama.cpp reports it idle; None when it cannot tell.
+        """
+        index = self._probe_slot if self._probe_slot is not None else 0
+        if slots is None and self._probe_slot is None:
+            return None  # cannot see whether slot 0 is idle
+        if slots is not None:
+            slot = next((s for s in slots if s.get("id") == index), None)
+            if slot is None or slot.get("is_processing"):
+                return None  # busy: an action there would be deferred
+        try:
+            status, reply = await self.call(
+                "POST", f"/slots/{index}?action=restore", {"filename": PROBE_FILENAME}, SAVES_PROBE_TIMEOUT,
+            )
+        except UPSTREAM_FAILURES:
+            return None
+        if status == 200:  # there was such a file after all: leave the slot empty
+            try:
+                await self.call("POST", f"/slots/{index}?action=erase", {}, SAVES_PROBE_TIMEOUT)
+            except UPSTREAM_FAILURES:
+                pass
+        return saves_enabled(status)
 
     async def _ask_the_weights(self) -> list[list[float]] | None:
         """The probe's answer; None (identity from shape and file only) when it gets none."""
@@ -182,8 +219,10 @@ class LlamaServer:
         except UPSTREAM_FAILURES as e:
             status, reply = 0, str(e)
         answer = probe_answer(reply) if status == 200 else None
+        self._probe_slot = None
         if status == 200 and isinstance(reply, dict) and isinstance(reply.get("id_slot"), int):
             # Leave the slot as empty as it was: no later prompt should reuse the probe's tokens.
+            self._probe_slot = reply["id_slot"]
             try:
                 await self.call("POST", f"/slots/{reply['id_slot']}?action=erase", {})
             except UPSTREAM_FAILURES:
@@ -227,15 +266,3 @@ def restarted(slots: list[dict[str, Any]], believed_in_use: set[int], max_task_s
     if tasks and max(tasks) < max_task_seen:
         return True
     return any("id_task" not in s for s in slots if s.get("id") in believed_in_use)
-
-
-def settings_warnings(props: dict[str, Any], configured_slots: int | None) -> list[str]:
-    warnings = []
-    total = props.get("total_slots")
-    if configured_slots is not None and total is not None and total != configured_slots:
-        warnings.append(
-            f"--slots is {configured_slots} but llama-server has {total} slots; using {total}"
-        )
-    if props.get("endpoint_slots") is False:
-        warnings.append("llama-server runs with --no-slots: restarts and busy slots cannot be checked")
-    return warnings

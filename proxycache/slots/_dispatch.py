@@ -115,6 +115,7 @@ class Dispatcher:
         observers: Sequence[Callable[[RequestRecord], None]] = (),
         on_stale: Callable[[SlotId], Any] = lambda slot_id: None,
         on_unreachable: Callable[[str], Any] = lambda backend: None,
+        on_own_cache: Callable[[str], Any] = lambda backend: None,
     ) -> None:
         self.clock = clock
         self.scheduler = scheduler
@@ -124,6 +125,7 @@ class Dispatcher:
         self.observers = list(observers)
         self.on_stale = on_stale  # the slot map looks wrong: look at llama-server again
         self.on_unreachable = on_unreachable  # nobody listens at a backend: take it out of the map
+        self.on_own_cache = on_own_cache  # llama-server moved a conversation itself (--cache-ram)
         self._noticed_ram_cache: set[str] = set()
 
     async def dispatch(self, wanted: Request, path: str, body: dict[str, Any], exchange: Exchange) -> None:
@@ -200,7 +202,10 @@ class Dispatcher:
         if not outcome.measured:
             return
         backend = lease.slot.id.backend
-        if reused_unplanned(lease.plan, outcome.cache_n, outcome.prompt_n) and backend not in self._noticed_ram_cache:
+        unplanned = reused_unplanned(lease.plan, outcome.cache_n, outcome.prompt_n)
+        if unplanned:
+            self.on_own_cache(backend)  # each time: a restarted backend's warnings start afresh
+        if unplanned and backend not in self._noticed_ram_cache:
             self._noticed_ram_cache.add(backend)
             log.info(
                 "llama-server {backend} reused {cache_n} tokens the proxy did not place there: its own "

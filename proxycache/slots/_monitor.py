@@ -14,7 +14,9 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
-from proxycache.backend import UPSTREAM_FAILURES, Backend, restarted, settings_warnings, unreachable
+from proxycache.backend import (
+    RAM_CACHE, UPSTREAM_FAILURES, Backend, backend_warnings, build_notice, restarted, unreachable,
+)
 from proxycache.slots._scheduler import Scheduler
 
 log = Logger()
@@ -35,6 +37,14 @@ class BackendHealth:
     # The identity probe overwrites an idle slot: ask the weights again only when the
     # server (re)started or may have (refused connections, still loading), not after a blip.
     probe_due: bool = True
+    # What it lacks of what proxycache relies on (short sentences): found when it came up,
+    # and at run time (its own RAM prompt cache); informational, it still serves.
+    warnings: list[str] = attrs.field(factory=list)
+
+    def warn(self, warning: str) -> None:
+        if warning not in self.warnings:
+            self.warnings.append(warning)
+            log.warn("{url}: {warning}", url=self.backend.url, warning=warning)
 
 
 # While a backend is down, look again this often, so start-up and recovery are quick.
@@ -118,8 +128,12 @@ class Monitor(Service):
                 return
             health.probe_due = False
             props = health.props = described.props
-            for warning in settings_warnings(props, health.configured_slots):
-                log.warn("{url}: {warning}", url=backend.url, warning=warning)
+            health.warnings = []
+            for warning in backend_warnings(props, described.features, health.configured_slots):
+                health.warn(warning)
+            notice = build_notice(props)
+            if notice:
+                log.info("{url}: {notice}", url=backend.url, notice=notice)
             total = described.total_slots or health.configured_slots or 1
             log.info(
                 "llama-server {url} is up: {total} slots, model {model}, build {build}",
@@ -182,6 +196,12 @@ class Monitor(Service):
             log.warn("llama-server {url} is unreachable: its slots are out of the map until it answers",
                      url=health.backend.url)
             self.scheduler.set_backend_slots(name, 0)
+
+    def noticed_ram_cache(self, name: str) -> None:
+        """llama-server C{name} reused tokens the proxy did not place: its own RAM prompt cache is on."""
+        health = self.health.get(name)
+        if health is not None:
+            health.warn(RAM_CACHE)
 
     def slot_context(self) -> int | None:
         """The smallest slot context among live backends: no request can generate more."""
