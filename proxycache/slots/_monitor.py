@@ -152,11 +152,11 @@ class Monitor(Service):
             self.scheduler.set_backend_slots(backend.name, int(total))
         # Only slots llama.cpp is known to have processed (it reported tokens): a slot whose
         # request failed before llama.cpp ran it has no task there, and that is no restart.
-        # Taken before asking, and kept only if unchanged meanwhile: a reply describes the
-        # moment it was made, not a request that ended while it travelled.
+        # Taken before asking, and kept only if unchanged meanwhile and idle now: a reply describes
+        # the moment it was made, not a request that ended while it travelled.
         before = {
             s.id.index: (s, s.content) for s in self.scheduler.slots.values()
-            if s.id.backend == backend.name and s.content.tokens > 0 and not s.busy
+            if s.id.backend == backend.name and s.content.tokens > 0
         }
         slots = await backend.slots()
         if slots is None:
