@@ -35,6 +35,7 @@ from proxycache.routing import (
     plan,
     relation,
     state_after,
+    backend_load,
     target_slot,
 )
 
@@ -661,7 +662,7 @@ def test_property_evicts_iff_target_was_hot(scenario):
     # no usable prefix was ignored for a FREE/COLD/HOT fallback
     idle = [s for s in slots if not s.busy]
     if p.decision in (Decision.MISS, Decision.SMALL):
-        expected = target_slot(idle)
+        expected = target_slot(idle, backend_load(slots))
         assert expected is not None and p.slot == expected.id
     if p.decision is Decision.RESTORE:
         assert not request.small and disk is not None and p.restore == disk
@@ -698,3 +699,15 @@ def test_a_saved_cache_is_restored_on_any_backend_that_can_read_it():
     assert isinstance(chosen, Plan) and chosen.restore == disk and chosen.slot == SlotId("b", 0)
     # a backend that cannot read it is never the target
     assert plan(request, [SlotView(SlotId("c", 0))], min_ratio=0.85, disk=disk).restore is None
+
+
+def test_new_work_goes_to_the_backend_with_the_fewest_busy_slots():
+    from proxycache.routing import Decision, Request, SlotId, SlotView, plan
+
+    request = Request(Fingerprint(tuple(range(1, 41)), 4000, 640), small=False)
+    slots = [
+        SlotView(SlotId("a", 0), busy=True), SlotView(SlotId("a", 1)),  # "a" already computes one prompt
+        SlotView(SlotId("b", 0)), SlotView(SlotId("b", 1)),
+    ]
+    chosen = plan(request, slots, min_ratio=0.85)
+    assert chosen is not None and chosen.decision is Decision.MISS and chosen.slot.backend == "b"

@@ -66,7 +66,7 @@ nothing idle the request waits in the queue (L{plan} returns None).
 from __future__ import annotations
 
 import enum
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Mapping, Sequence
 
 import attrs
 
@@ -210,18 +210,39 @@ def best_match(
     return None if best is None else (best.slot, best.common, best.ratio)
 
 
-def _least_recently_used(slots: Sequence[SlotView], state: SlotState) -> SlotView | None:
+def _least_loaded(slots: Sequence[SlotView], state: SlotState, load: Mapping[str, int]) -> SlotView | None:
+    """Of C{state}'s slots, one on the backend with the fewest busy slots, least recently used first."""
     matching = [s for s in slots if s.state is state]
-    return min(matching, key=lambda s: (s.last_used, s.id), default=None)
+    return min(matching, key=lambda s: (load.get(s.id.backend, 0), s.last_used, s.id), default=None)
 
 
-def target_slot(idle: Sequence[SlotView]) -> SlotView | None:
-    """Where a request without a usable cached prefix goes: free, then LRU cold, then LRU hot."""
+def _least_recently_used(slots: Sequence[SlotView], state: SlotState, load: Mapping[str, int]) -> SlotView | None:
+    """Of C{state}'s slots, the least recently used: its cache is worth the least; load breaks ties."""
+    matching = [s for s in slots if s.state is state]
+    return min(matching, key=lambda s: (s.last_used, load.get(s.id.backend, 0), s.id), default=None)
+
+
+def target_slot(idle: Sequence[SlotView], load: Mapping[str, int] | None = None) -> SlotView | None:
+    """
+    Where a request without a usable cached prefix goes: a free slot, then a cold one (on the
+    backend with the fewest busy slots, so that no backend computes two prompts while another
+    idles), then the least recently used hot one (whose cache is worth the least).
+    """
+    load = load or {}
     return (
-        _least_recently_used(idle, SlotState.FREE)
-        or _least_recently_used(idle, SlotState.COLD)
-        or _least_recently_used(idle, SlotState.HOT)
+        _least_loaded(idle, SlotState.FREE, load)
+        or _least_loaded(idle, SlotState.COLD, load)
+        or _least_recently_used(idle, SlotState.HOT, load)
     )
+
+
+def backend_load(slots: Sequence[SlotView]) -> dict[str, int]:
+    """Busy slots per backend."""
+    load: dict[str, int] = {}
+    for slot in slots:
+        if slot.busy:
+            load[slot.id.backend] = load.get(slot.id.backend, 0) + 1
+    return load
 
 
 def _slot_option(
@@ -256,6 +277,7 @@ def plan(
     when nothing is idle.  C{fork_pays} judges forks of HOT slots (None: never).
     """
     idle = [s for s in slots if not s.busy]
+    load = backend_load(slots)
     matches = _matches(request, slots, min_ratio)
 
     options: list[tuple[tuple[int, int, float], Plan]] = []
@@ -273,7 +295,7 @@ def plan(
     # A restore needs an idle slot on a backend that can read the file: the one that wrote it,
     # or one sharing its save storage and model (the writer may be busy, or gone).
     if disk is not None and not request.small:
-        restore_target = target_slot([s for s in idle if s.id.backend in disk.readers | {disk.backend}])
+        restore_target = target_slot([s for s in idle if s.id.backend in disk.readers | {disk.backend}], load)
         if restore_target is not None:
             restore = Plan(
                 Decision.RESTORE, restore_target.id, disk.common_blocks, disk.similarity,
@@ -297,7 +319,7 @@ def plan(
 
     if options:
         return max(options, key=lambda option: option[0])[1]
-    target = target_slot(idle)
+    target = target_slot(idle, load)
     if target is None:
         return None
     decision = Decision.SMALL if request.small else Decision.MISS
