@@ -537,6 +537,25 @@ def render(results: dict[str, Any], summaries: list[dict[str, Any]]) -> str:
             f"{', '.join(f'{k} {v}' for k, v in sorted(s['imbalance']['stacked_by_decision'].items())) or '—'} |"
         )
     for s in summaries:
+        header, status = sum(s["requests_by_backend_header"].values()), sum(s["requests_by_backend_status"].values())
+        if header != status:
+            out += ["", f"`{s['key']}`: /status counts {status} requests against {header} answered turns: it also "
+                    "counts an attempt on a backend that failed before the request was sent elsewhere."]
+    stacked = [s for s in summaries if s["imbalance"]["stacked_movable"]]
+    if stacked:
+        s = max(stacked, key=lambda x: x["imbalance"]["stacked_movable"])
+        out += [
+            "", "## Placement: requests stacked on one backend while another idled", "",
+            "A request that is not a `hit` (a new conversation, or a restore from the shared directory) can run "
+            "on any backend. These started on a backend already running a request while another backend that was "
+            f"up ran none (`{s['key']}`, first {len(s['imbalance']['stacked_examples'])}; `running` = requests "
+            "running on each backend as it started, itself excluded):", "",
+            "| user | turn | decision | backend | running per backend | TTFT s |", "| ---: | ---: | --- | ---: | --- | ---: |",
+        ]
+        for x in s["imbalance"]["stacked_examples"]:
+            out.append(f"| {x['user']} | {x['turn']} | {x['decision']} | {x['backend']} | "
+                       f"{x['running_per_backend']} | {_f(x['ttft'], 3)} |")
+    for s in summaries:
         f = s.get("failover")
         if not f:
             continue
@@ -578,9 +597,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--configs", default="one,one-t2,two,three,failover",
                         help="comma-separated: one, one-t2, two, three, failover")
+    parser.add_argument("--repeat", type=int, default=1, help="run every configuration this many times (noise)")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
-    parser.add_argument("--context-tokens", type=int, default=6000)
+    parser.add_argument("--context-tokens", type=int, default=8000)
     parser.add_argument("--question-tokens", type=int, default=150)
     parser.add_argument("--answer-tokens", type=int, default=32)
     parser.add_argument("--side-calls", type=int, default=0)
@@ -631,8 +651,11 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
         "runs": [],
     }
     started = time.perf_counter()
-    for layout in chosen:
-        results["runs"].append(run_layout(setup, layout))
+    for round_ in range(args.repeat):
+        for layout in chosen:
+            if round_:
+                layout = attrs.evolve(layout, key=f"{layout.key}#{round_ + 1}")
+            results["runs"].append(run_layout(attrs.evolve(setup, workdir=workdir / f"round-{round_ + 1}"), layout))
     results["total_seconds"] = time.perf_counter() - started
     summaries = [summarize(r) for r in results["runs"]]
     results["summaries"] = summaries
