@@ -22,7 +22,8 @@ backend was and whether requests queued while a backend had an idle slot.
     python -m bench.backends --configs two,failover --users 4 --turns 3 --context-tokens 3000
     python -m bench.backends --model tiny ...                  # fast, for a smoke run
 
-Writes docs/benchmarks/backends.md and backends.json (--out to choose).
+Writes docs/benchmarks/backends.md and backends.json (--out to choose); the hand-written reading of the
+figures at the end of backends.md (after NOTES_MARKER) is kept when the bench rewrites the file.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ from proxycache.tinymodel import BENCH, TINY, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
 OUT_DIR = ROOT / "docs" / "benchmarks"
+NOTES_MARKER = "<!-- hand-written notes below: kept when the bench rewrites this file -->"
 
 
 @attrs.frozen
@@ -155,7 +157,8 @@ class Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.url = url
         self.interval = interval
-        self.samples: list[dict[str, Any]] = []
+        self.samples: list[list[Any]] = []
+        self.urls: list[str] = []  # the backends' order in the samples
         self.stopping = threading.Event()
         self.t0 = time.perf_counter()
 
@@ -167,17 +170,32 @@ class Sampler(threading.Thread):
                 continue
             if status != 200 or not isinstance(body, dict):
                 continue
-            self.samples.append({
-                "t": round(time.perf_counter() - self.t0, 2),
-                "queue_depth": body.get("queue_depth", 0),
-                "backends": [{"url": b["url"], "up": b["up"], "slots": b["slots"], "busy": b["busy"]}
-                             for b in body.get("backends", [])],
-            })
+            backends = body.get("backends", [])
+            if not self.urls:
+                self.urls = [b["url"] for b in backends]
+            # compact: [t, queue depth, [[up, slots, busy] for each backend, in self.urls order]]
+            by_url = {b["url"]: b for b in backends}
+            self.samples.append([
+                round(time.perf_counter() - self.t0, 2), body.get("queue_depth", 0),
+                [[int(bool(b.get("up"))), b.get("slots", 0), b.get("busy", 0)] if b else [0, 0, 0]
+                 for b in (by_url.get(url) for url in self.urls)],
+            ])
 
-    def stop(self) -> list[dict[str, Any]]:
+    def stop(self) -> list[list[Any]]:
         self.stopping.set()
         self.join(10)
         return self.samples
+
+
+def expand(result: dict[str, Any]) -> list[dict[str, Any]]:
+    """A run's /status samples as dicts: t, queue_depth, backends: [{url, up, slots, busy}]."""
+    urls = result.get("sample_urls") or []
+    return [
+        {"t": t, "queue_depth": depth,
+         "backends": [{"url": url, "up": bool(up), "slots": slots, "busy": busy}
+                      for url, (up, slots, busy) in zip(urls, rows)]}
+        for t, depth, rows in result["samples"]
+    ]
 
 
 # -- one configuration ---------------------------------------------------------------------
@@ -253,6 +271,7 @@ def run_layout(setup: Setup, layout: Layout) -> dict[str, Any]:
         result["load_after"] = os.getloadavg()[0]
         time.sleep(setup.sample_interval * 2)
         result["samples"] = sampler.stop()
+        result["sample_urls"] = sampler.urls
 
         per_backend = []
         for i, llama in enumerate(llamas):
@@ -350,7 +369,7 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "wall_seconds": result["wall_seconds"], "foreign_cpu_share": result["foreign_cpu_share"],
         "load": (result.get("load_before"), result.get("load_after")),
     }
-    summary.update(_utilisation(result["samples"]))
+    summary.update(_utilisation(expand(result)))
     killed = result.get("killed")
     summary["imbalance"] = _imbalance(rows, records, layout["backends"],
                                       None if killed is None else (killed["backend"], killed["at_workload_s"]))
@@ -440,7 +459,7 @@ def _failover(result: dict[str, Any], rows: list[dict], records: list[Record]) -
     moved = [(row, r) for row, r in first_post.values() if home.get(r.user) == victim]
     pre_later = [r.ttft for row, r in zip(rows, records)
                  if r.kind == "turn" and r.error is None and 0 < r.turn <= after and r.ttft is not None]
-    down_at = next((s["t"] for s in result["samples"] if s["t"] >= killed["at_s"]
+    down_at = next((s["t"] for s in expand(result) if s["t"] >= killed["at_s"]
                     and any(b["url"] == killed["url"] and not b["up"] for b in s["backends"])), None)
     return {
         "killed_backend": victim, "killed_url": killed["url"], "after_turn": after,
@@ -543,7 +562,7 @@ def render(results: dict[str, Any], summaries: list[dict[str, Any]]) -> str:
                     "counts an attempt on a backend that failed before the request was sent elsewhere."]
     stacked = [s for s in summaries if s["imbalance"]["stacked_movable"]]
     if stacked:
-        s = max(stacked, key=lambda x: x["imbalance"]["stacked_movable"])
+        s = stacked[0]
         out += [
             "", "## Placement: requests stacked on one backend while another idled", "",
             "A request that is not a `hit` (a new conversation, or a restore from the shared directory) can run "
@@ -618,11 +637,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--workdir", type=Path, default=None, help="logs and slot saves (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where backends.md and backends.json go")
+    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
+                        help="only rewrite backends.md (in --out) from this backends.json; no run")
     return parser.parse_args(argv)
+
+
+def dump(value: Any, depth: int = 0, expand_depth: int = 4) -> str:
+    """JSON, indented down to C{expand_depth}, then one line per value (one request, one sample a line)."""
+    pad = " " * (depth + 1)
+    if depth < expand_depth and isinstance(value, dict) and value:
+        items = [f"{pad}{json.dumps(k)}: {dump(v, depth + 1, expand_depth)}" for k, v in value.items()]
+        return "{\n" + ",\n".join(items) + "\n" + " " * depth + "}"
+    if depth < expand_depth and isinstance(value, list) and value and any(isinstance(v, (dict, list)) for v in value):
+        return "[\n" + ",\n".join(pad + dump(v, depth + 1, expand_depth) for v in value) + "\n" + " " * depth + "]"
+    return json.dumps(value)
+
+
+def write_report(results: dict[str, Any], out: Path) -> list[dict[str, Any]]:
+    """backends.md from C{results} (summaries recomputed from the runs), keeping the hand-written notes."""
+    summaries = [summarize(r) for r in results["runs"]]
+    report = out / "backends.md"
+    # a hand-written reading of the figures, after NOTES_MARKER, survives a re-run
+    kept = report.read_text().partition(NOTES_MARKER) if report.exists() else ("", "", "")
+    report.write_text(render(results, summaries) + ("\n" + NOTES_MARKER + kept[2] if kept[1] else ""))
+    return summaries
 
 
 def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     args = parse_args(argv)
+    if args.render is not None:
+        return write_report(json.loads(args.render.read_text()), args.out)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: children stop
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="proxycache-backends-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -657,11 +701,10 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
                 layout = attrs.evolve(layout, key=f"{layout.key}#{round_ + 1}")
             results["runs"].append(run_layout(attrs.evolve(setup, workdir=workdir / f"round-{round_ + 1}"), layout))
     results["total_seconds"] = time.perf_counter() - started
-    summaries = [summarize(r) for r in results["runs"]]
-    results["summaries"] = summaries
+    results["summaries"] = [summarize(r) for r in results["runs"]]
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "backends.json").write_text(json.dumps(results, indent=1) + "\n")
-    (args.out / "backends.md").write_text(render(results, summaries))
+    (args.out / "backends.json").write_text(dump(results) + "\n")
+    summaries = write_report(results, args.out)
     log(f"report in {args.out / 'backends.md'}; total {results['total_seconds']:.0f} s")
     return summaries
 
