@@ -57,7 +57,7 @@ def test_anthropic_messages_conversation_hits_and_streams(proxy):
     decision, usage = _messages_turn(client, messages)
     assert decision == "hit"
     assert usage.cache_read_input_tokens > 100  # llama.cpp's reuse, as Anthropic usage
-    assert usage.input_tokens < 60
+    assert usage.input_tokens < usage.cache_read_input_tokens / 4  # only the new turn is computed
     messages.append({"role": "user", "content": "One more thing."})
     with client.messages.stream(model="any", max_tokens=16, system=SYSTEM, messages=messages) as stream:
         assert stream.response.headers["x-proxycache-decision"] == "hit"
