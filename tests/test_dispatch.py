@@ -154,13 +154,14 @@ class FailoverTests(SynchronousTestCase):
         scheduler = Scheduler(clock, min_ratio=0.5, affinity_wait=5.0, max_queue=4)
         scheduler.set_backend_slots(dead.name, 1)
         taken_out: list[str] = []
+        records: list[RequestRecord] = []
 
         def take_out(name: str) -> None:
             taken_out.append(name)
             scheduler.set_backend_slots(name, 0)
 
         dispatcher = Dispatcher(clock, scheduler, {b.name: b for b in (dead, alive)}, NoCache(),
-                                first_byte_timeout=30, on_unreachable=take_out)
+                                first_byte_timeout=30, on_unreachable=take_out, observers=[records.append])
         scheduler.set_backend_slots(alive.name, 1)
         # The free slot of the dead backend is planned first (it sorts first): the request must not fail.
         exchange = RecordingExchange()
@@ -169,3 +170,4 @@ class FailoverTests(SynchronousTestCase):
         alive.pending[0].callback(FakeResponse())
         self.successResultOf(d)
         self.assertEqual([lease.slot.id.backend for lease, _, _ in exchange.begun], ["http://a-dead", "http://b-alive"])
+        self.assertEqual([(r.backend, r.status) for r in records], [("http://b-alive", 200)])  # one request, one record

@@ -141,6 +141,7 @@ class Dispatcher:
         except _Unreachable as gone:
             self.on_unreachable(gone.backend)
             if not any(slot_id.backend != gone.backend for slot_id in self.scheduler.slots):
+                gone.record()
                 assert gone.__cause__ is not None
                 raise gone.__cause__  # nowhere else to go: the client hears why
             # Nothing reached llama.cpp, so nothing was sent to the client: once more, elsewhere.
@@ -153,6 +154,7 @@ class Dispatcher:
         lease = await self.scheduler.acquire(wanted)
         started = self.clock.seconds()
         progress = Progress()
+        gone: _Unreachable | None = None
         try:
             progress.decision = _shown(lease, await self.cache.prepare(lease))
             exchange.begin(lease, progress.decision, self.cache.restored_tokens(lease))
@@ -161,7 +163,8 @@ class Dispatcher:
                 response = await backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
             except UPSTREAM_FAILURES as e:
                 if retry and unreachable(e):
-                    raise _Unreachable(lease.slot.id.backend) from e
+                    gone = _Unreachable(lease.slot.id.backend)
+                    raise gone from e
                 raise
             progress.answered, progress.status = True, response.code
             await exchange.deliver(response, progress)
@@ -173,7 +176,10 @@ class Dispatcher:
                 self._release(lease, outcome)
             else:  # cancelled during a save or restore: the slot is released when it ends
                 settling.addBoth(lambda _: self._release(lease, outcome))
-            self._record(lease, outcome, progress, started, finished)
+            if gone is None:
+                self._record(lease, outcome, progress, started, finished)
+            else:  # recorded only if it is not sent elsewhere: one request, one record
+                gone.record = lambda: self._record(lease, outcome, progress, started, finished)
 
     def _release(self, lease: Lease, outcome: Outcome) -> None:
         self.scheduler.release(lease, outcome)
@@ -225,6 +231,7 @@ class _Unreachable(Exception):
     def __init__(self, backend: str) -> None:
         super().__init__(backend)
         self.backend = backend
+        self.record: Callable[[], None] = lambda: None  # the failed attempt, if nothing else serves it
 
 
 def _shown(lease: Lease, decision: Decision) -> Decision:
