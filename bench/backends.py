@@ -81,8 +81,9 @@ def layouts(threads: int, all_threads: int) -> dict[str, Layout]:
         "one-t2": Layout("one-t2", f"1 backend x 4 slots, {all_threads} threads", 1, 4, all_threads),
         "two": Layout("two", f"2 backends x 2 slots, {threads} thread each", 2, 2, threads),
         "three": Layout("three", f"3 backends x 2 slots, {threads} thread each", 3, 2, threads),
-        "failover": Layout("failover", f"2 backends x 2 slots, {threads} thread each, one killed half-way",
-                           2, 2, threads, kill=True),
+        "failover": Layout(
+            "failover", f"2 backends x 2 slots, {threads} thread each, one killed half-way", 2, 2, threads, kill=True
+        ),
     }
 
 
@@ -123,8 +124,9 @@ def play(
         conversation.messages.append({"role": "user", "content": conversation.question()})
         started = time.perf_counter()
         try:
-            reply = stream_chat(client, workload.model, conversation.messages, workload.answer_tokens,
-                                **workload.sampling())
+            reply = stream_chat(
+                client, workload.model, conversation.messages, workload.answer_tokens, **workload.sampling()
+            )
         except Exception as e:
             conversation.messages.pop()  # the question goes unanswered; the next turn asks again
             keep(_failed(conversation.user, turn, "turn", t0, started, e), None)
@@ -175,11 +177,16 @@ class Sampler(threading.Thread):
                 self.urls = [b["url"] for b in backends]
             # compact: [t, queue depth, [[up, slots, busy] for each backend, in self.urls order]]
             by_url = {b["url"]: b for b in backends}
-            self.samples.append([
-                round(time.perf_counter() - self.t0, 2), body.get("queue_depth", 0),
-                [[int(bool(b.get("up"))), b.get("slots", 0), b.get("busy", 0)] if b else [0, 0, 0]
-                 for b in (by_url.get(url) for url in self.urls)],
-            ])
+            self.samples.append(
+                [
+                    round(time.perf_counter() - self.t0, 2),
+                    body.get("queue_depth", 0),
+                    [
+                        [int(bool(b.get("up"))), b.get("slots", 0), b.get("busy", 0)] if b else [0, 0, 0]
+                        for b in (by_url.get(url) for url in self.urls)
+                    ],
+                ]
+            )
 
     def stop(self) -> list[list[Any]]:
         self.stopping.set()
@@ -191,9 +198,13 @@ def expand(result: dict[str, Any]) -> list[dict[str, Any]]:
     """A run's /status samples as dicts: t, queue_depth, backends: [{url, up, slots, busy}]."""
     urls = result.get("sample_urls") or []
     return [
-        {"t": t, "queue_depth": depth,
-         "backends": [{"url": url, "up": bool(up), "slots": slots, "busy": busy}
-                      for url, (up, slots, busy) in zip(urls, rows)]}
+        {
+            "t": t,
+            "queue_depth": depth,
+            "backends": [
+                {"url": url, "up": bool(up), "slots": slots, "busy": busy} for url, (up, slots, busy) in zip(urls, rows)
+            ],
+        }
         for t, depth, rows in result["samples"]
     ]
 
@@ -225,14 +236,25 @@ def run_layout(setup: Setup, layout: Layout) -> dict[str, Any]:
     saves = workdir / "saves"  # ONE directory for every backend
     saves.mkdir(parents=True, exist_ok=True)
     llamas = [
-        LlamaProcess(LlamaServerSpec(model=str(setup.model), slots=layout.slots, ctx_per_slot=setup.ctx_per_slot,
-                                     save_dir=str(saves), port=free_port(), threads=layout.threads,
-                                     cache_ram_mib=0), workdir / f"llama-{i}.log")
+        LlamaProcess(
+            LlamaServerSpec(
+                model=str(setup.model),
+                slots=layout.slots,
+                ctx_per_slot=setup.ctx_per_slot,
+                save_dir=str(saves),
+                port=free_port(),
+                threads=layout.threads,
+                cache_ram_mib=0,
+            ),
+            workdir / f"llama-{i}.log",
+        )
         for i in range(layout.backends)
     ]
-    result: dict[str, Any] = {"layout": attrs.asdict(layout), "quiet_wait_s": waited,
-                              "flags": f"-np {layout.slots} -t {layout.threads} --cache-ram 0 "
-                                       f"--slot-save-path SHARED"}
+    result: dict[str, Any] = {
+        "layout": attrs.asdict(layout),
+        "quiet_wait_s": waited,
+        "flags": f"-np {layout.slots} -t {layout.threads} --cache-ram 0 --slot-save-path SHARED",
+    }
     proxy = None
     sampler = None
     machine_cpu, own_cpu = cpu_seconds()
@@ -256,10 +278,14 @@ def run_layout(setup: Setup, layout: Layout) -> dict[str, Any]:
                     time.sleep(setup.kill_delay)
                 prompt_tokens_at_kill[victim] = llamas[victim].prompt_tokens_total()
                 log(f"  killing backend {victim} ({llamas[victim].url}) after turn {turn}")
-                result["killed"] = {"backend": victim, "url": llamas[victim].url, "after_turn": turn,
-                                    "at_s": round(time.perf_counter() - sampler.t0, 2),
-                                    "at_workload_s": round(time.perf_counter() - started, 3),
-                                    "disk_before": proxy.status()["disk"]}
+                result["killed"] = {
+                    "backend": victim,
+                    "url": llamas[victim].url,
+                    "after_turn": turn,
+                    "at_s": round(time.perf_counter() - sampler.t0, 2),
+                    "at_workload_s": round(time.perf_counter() - started, 3),
+                    "disk_before": proxy.status()["disk"],
+                }
                 llamas[victim].kill()
 
         sampler = Sampler(proxy.url, setup.sample_interval)
@@ -276,8 +302,9 @@ def run_layout(setup: Setup, layout: Layout) -> dict[str, Any]:
         per_backend = []
         for i, llama in enumerate(llamas):
             tokens = prompt_tokens_at_kill[i] if i in prompt_tokens_at_kill else llama.prompt_tokens_total()
-            per_backend.append({"url": llama.url, "prompt_tokens": tokens, "rss_bytes": llama.rss_bytes(),
-                                "alive": llama.alive})
+            per_backend.append(
+                {"url": llama.url, "prompt_tokens": tokens, "rss_bytes": llama.rss_bytes(), "alive": llama.alive}
+            )
         result["per_backend"] = per_backend
         result["prefill_tokens"] = sum(b["prompt_tokens"] for b in per_backend)
         status = proxy.status()
@@ -317,9 +344,11 @@ def _wait(predicate: Callable[[], bool], timeout: float, what: str) -> None:
 def _progress(item: Served) -> None:
     r = item.record
     ttft = f"{r.ttft:.2f}s" if r.ttft is not None else "-"
-    log(f"  user {r.user} turn {r.turn} {r.kind:4} backend {item.backend if item.backend is not None else '-'} "
+    log(
+        f"  user {r.user} turn {r.turn} {r.kind:4} backend {item.backend if item.backend is not None else '-'} "
         f"slot {r.slot or '-'} ttft {ttft:>7} prompt_n {r.prompt_n} cache_n {r.cache_n} "
-        f"wait {r.queue_wait_ms or 0:.0f}ms {r.decision or ''} {r.error or ''}")
+        f"wait {r.queue_wait_ms or 0:.0f}ms {r.decision or ''} {r.error or ''}"
+    )
 
 
 # -- summaries -------------------------------------------------------------------------
@@ -329,8 +358,13 @@ def _stats(values: list[float]) -> dict[str, float | None]:
     if not values:
         return {"n": 0, "mean": None, "p50": None, "p95": None, "max": None}
     ordered = sorted(values)
-    return {"n": len(values), "mean": statistics.fmean(values), "p50": statistics.median(values),
-            "p95": ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)], "max": ordered[-1]}
+    return {
+        "n": len(values),
+        "mean": statistics.fmean(values),
+        "p50": statistics.median(values),
+        "p95": ordered[min(len(ordered) - 1, math.ceil(0.95 * len(ordered)) - 1)],
+        "max": ordered[-1],
+    }
 
 
 def summarize(result: dict[str, Any]) -> dict[str, Any]:
@@ -350,9 +384,14 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         if r.turn > 0:
             decisions[r.decision or "-"] = decisions.get(r.decision or "-", 0) + 1
     summary: dict[str, Any] = {
-        "key": layout["key"], "title": layout["title"], "backends": layout["backends"], "slots": layout["slots"],
-        "threads": layout["threads"], "flags": result["flags"],
-        "prefill": result["prefill_tokens"], "oracle": oracle,
+        "key": layout["key"],
+        "title": layout["title"],
+        "backends": layout["backends"],
+        "slots": layout["slots"],
+        "threads": layout["threads"],
+        "flags": result["flags"],
+        "prefill": result["prefill_tokens"],
+        "oracle": oracle,
         "vs_oracle": result["prefill_tokens"] / oracle if oracle else None,
         "prefill_by_backend": [b["prompt_tokens"] for b in result["per_backend"]],
         "first": _stats([r.ttft for _, r in ok if r.turn == 0 and r.ttft is not None]),
@@ -366,13 +405,15 @@ def summarize(result: dict[str, Any]) -> dict[str, Any]:
         "disk": {k: result["status"]["disk"].get(k) for k in ("saves", "restores", "restored_tokens", "entries")},
         "queued_requests": sum(1 for _, r in ok if (r.queue_wait_ms or 0) > 0),
         "queue_wait_s_total": sum((r.queue_wait_ms or 0) for _, r in ok) / 1000,
-        "wall_seconds": result["wall_seconds"], "foreign_cpu_share": result["foreign_cpu_share"],
+        "wall_seconds": result["wall_seconds"],
+        "foreign_cpu_share": result["foreign_cpu_share"],
         "load": (result.get("load_before"), result.get("load_after")),
     }
     summary.update(_utilisation(expand(result)))
     killed = result.get("killed")
-    summary["imbalance"] = _imbalance(rows, records, layout["backends"],
-                                      None if killed is None else (killed["backend"], killed["at_workload_s"]))
+    summary["imbalance"] = _imbalance(
+        rows, records, layout["backends"], None if killed is None else (killed["backend"], killed["at_workload_s"])
+    )
     if "killed" in result:
         summary["failover"] = _failover(result, rows, records)
     return summary
@@ -389,8 +430,9 @@ def _utilisation(samples: list[dict[str, Any]]) -> dict[str, Any]:
         if sample["queue_depth"] > 0:
             idle = [b["url"] for b in sample["backends"] if b["up"] and b["slots"] and b["busy"] < b["slots"]]
             if idle:
-                idle_while_queued.append({"t": sample["t"], "queue_depth": sample["queue_depth"],
-                                          "backends": sample["backends"]})
+                idle_while_queued.append(
+                    {"t": sample["t"], "queue_depth": sample["queue_depth"], "backends": sample["backends"]}
+                )
     return {
         "busy_share_by_backend": {url: round(statistics.fmean(v), 3) for url, v in busy.items()},
         "samples": len(samples),
@@ -400,8 +442,9 @@ def _utilisation(samples: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _imbalance(rows: list[dict], records: list[Record], backends: int,
-               killed: tuple[int, float] | None) -> dict[str, Any]:
+def _imbalance(
+    rows: list[dict], records: list[Record], backends: int, killed: tuple[int, float] | None
+) -> dict[str, Any]:
     """
     From the requests' own intervals (start after queue wait .. end of stream): how long a backend ran two
     or more requests at once while another backend that was up ran none, and the requests that started
@@ -435,14 +478,25 @@ def _imbalance(rows: list[dict], records: list[Record], backends: int,
         counts = running(begin)
         counts[backend] -= 1  # the request itself
         if counts[backend] >= 1 and any(c == 0 and up(i, begin) and i != backend for i, c in enumerate(counts)):
-            stacked.append({"user": r.user, "turn": r.turn, "backend": backend, "decision": r.decision,
-                            "started": round(begin, 3), "ttft": r.ttft, "running_per_backend": counts})
-    return {"seconds_stacked_beside_idle_backend": round(doubled_seconds, 2),
-            "requests_stacked_beside_idle_backend": len(stacked),
-            "stacked_by_decision": _count(x["decision"] or "-" for x in stacked),
-            # a hit stays with its cache by design; a miss or a restore could have gone to the idle backend
-            "stacked_movable": sum(1 for x in stacked if x["decision"] in ("miss", "restore")),
-            "stacked_examples": [x for x in stacked if x["decision"] in ("miss", "restore")][:8]}
+            stacked.append(
+                {
+                    "user": r.user,
+                    "turn": r.turn,
+                    "backend": backend,
+                    "decision": r.decision,
+                    "started": round(begin, 3),
+                    "ttft": r.ttft,
+                    "running_per_backend": counts,
+                }
+            )
+    return {
+        "seconds_stacked_beside_idle_backend": round(doubled_seconds, 2),
+        "requests_stacked_beside_idle_backend": len(stacked),
+        "stacked_by_decision": _count(x["decision"] or "-" for x in stacked),
+        # a hit stays with its cache by design; a miss or a restore could have gone to the idle backend
+        "stacked_movable": sum(1 for x in stacked if x["decision"] in ("miss", "restore")),
+        "stacked_examples": [x for x in stacked if x["decision"] in ("miss", "restore")][:8],
+    }
 
 
 def _failover(result: dict[str, Any], rows: list[dict], records: list[Record]) -> dict[str, Any]:
@@ -457,12 +511,23 @@ def _failover(result: dict[str, Any], rows: list[dict], records: list[Record]) -
     for row, r in sorted(post, key=lambda x: x[1].turn):
         first_post.setdefault(r.user, (row, r))
     moved = [(row, r) for row, r in first_post.values() if home.get(r.user) == victim]
-    pre_later = [r.ttft for row, r in zip(rows, records)
-                 if r.kind == "turn" and r.error is None and 0 < r.turn <= after and r.ttft is not None]
-    down_at = next((s["t"] for s in expand(result) if s["t"] >= killed["at_s"]
-                    and any(b["url"] == killed["url"] and not b["up"] for b in s["backends"])), None)
+    pre_later = [
+        r.ttft
+        for row, r in zip(rows, records)
+        if r.kind == "turn" and r.error is None and 0 < r.turn <= after and r.ttft is not None
+    ]
+    down_at = next(
+        (
+            s["t"]
+            for s in expand(result)
+            if s["t"] >= killed["at_s"] and any(b["url"] == killed["url"] and not b["up"] for b in s["backends"])
+        ),
+        None,
+    )
     return {
-        "killed_backend": victim, "killed_url": killed["url"], "after_turn": after,
+        "killed_backend": victim,
+        "killed_url": killed["url"],
+        "after_turn": after,
         "proxy_saw_it_down_after_s": None if down_at is None else round(down_at - killed["at_s"], 2),
         "turns_after": len(post),
         "errors_after": sum(1 for _, r in post if r.error is not None),
@@ -471,8 +536,15 @@ def _failover(result: dict[str, Any], rows: list[dict], records: list[Record]) -
         "decisions_after": _count(r.decision or ("error" if r.error else "-") for _, r in post),
         "users_homed_on_killed": len(moved),
         "their_first_turn_after": [
-            {"user": r.user, "decision": r.decision, "backend": row["backend"], "ttft": r.ttft,
-             "prompt_n": r.prompt_n, "cache_n": r.cache_n, "error": r.error}
+            {
+                "user": r.user,
+                "decision": r.decision,
+                "backend": row["backend"],
+                "ttft": r.ttft,
+                "prompt_n": r.prompt_n,
+                "cache_n": r.cache_n,
+                "error": r.error,
+            }
             for row, r in sorted(moved, key=lambda x: x[1].user)
         ],
         "moved_by_restore": sum(1 for row, r in moved if r.decision == "restore" and row["backend"] != victim),
@@ -500,29 +572,36 @@ def render(results: dict[str, Any], summaries: list[dict[str, Any]]) -> str:
     w = results["workload"]
     m = results["machine"]
     out = [
-        "# proxycache in front of several llama.cpp backends (issue 16)", "",
-        f"Run of {results['date']} at commit `{results['proxycache_commit']}`:", "",
-        "```sh", results["command"], "```", "",
+        "# proxycache in front of several llama.cpp backends (issue 16)",
+        "",
+        f"Run of {results['date']} at commit `{results['proxycache_commit']}`:",
+        "",
+        "```sh",
+        results["command"],
+        "```",
+        "",
         f"Machine: {m['nproc']} cores ({m['cpu']}), {m['ram_gib']} GiB, no GPU; xllamacpp {m['xllamacpp']}. "
         f"**All backends share these {m['nproc']} cores**: two or three llama-servers do not add compute here, "
         "they only add slots (KV capacity) and parallel queues. Each multi-backend configuration runs every "
         "llama-server with `--threads 1`; `one` does the same (same per-backend CPU), `one-t2` gives the single "
         "backend every core (same total CPU as `two`). The share of CPU other processes took during each "
-        "configuration is in the last column (other sessions share this machine).", "",
+        "configuration is in the last column (other sessions share this machine).",
+        "",
         f"Workload: {w['users']} users, private contexts of {w['context_tokens']} tokens, {w['turns']} turns, "
         f"{w['question_tokens']}-token questions, {w['answer_tokens']}-token answers, concurrency "
         f"{w['concurrency']}, side calls {w['side_calls']}; model `{results['model']['file']}` (generated, "
         f"random weights: its output is noise, its prefill cost and KV caches are real), "
         f"{results['ctx_per_slot']} tokens per slot. Every llama-server: `--cache-ram 0`, the same "
-        "`--slot-save-path` (one shared directory), proxycache `--slot-save-path` on it.", "",
+        "`--slot-save-path` (one shared directory), proxycache `--slot-save-path` on it.",
+        "",
         "Prefill = the rise of llama.cpp's `llamacpp:prompt_tokens_total` summed over the backends (a killed "
         "backend: its value just before the kill). Oracle = each user's first prompt in full, then only the "
         "new tokens of each turn. TTFT = request sent to first stream chunk, as the `openai` client sees it; "
         "later turns = every turn after a user's first. Requests per backend = the `X-Proxycache-Backend` "
         "header of each turn (index of the `--llama-url`), /status `backends[].requests` agrees unless noted.",
         "",
-        "| config | backends × slots, threads each | prefill tokens | × oracle | later-turn TTFT mean s | p50 | p95 | "
-        "first-turn TTFT mean s | turns per backend | cross-backend restores | later turns: decisions | "
+        "| config | backends × slots, threads each | prefill tokens | × oracle | later-turn TTFT mean s | "
+        "p50 | p95 | first-turn TTFT mean s | turns per backend | cross-backend restores | later turns: decisions | "
         "errors | requests queued (total wait s) | wall s | other processes' CPU |",
         "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- | ---: | --- | ---: | ---: | ---: | ---: |",
     ]
@@ -537,15 +616,22 @@ def render(results: dict[str, Any], summaries: list[dict[str, Any]]) -> str:
             f"{s['wall_seconds']:.0f} | {s['foreign_cpu_share']:.0%} |"
         )
     oracles = sorted({s["oracle"] for s in summaries})
-    out += ["", f"Oracle prefill: {', '.join(f'{o:,}' for o in oracles)} tokens (it differs by a few tokens "
-            "between runs when the generated answers differ in length).", ""]
-    out += ["Per backend (in `--llama-url` order): prefill tokens, share of the samples of /status with a slot "
-            "busy (mean busy slots / slots), requests from /status:", "",
-            "| config | prefill tokens per backend | busy share per backend | /status requests per backend | "
-            "samples with a queue / with a queue and an idle slot on an up backend | "
-            "s with 2+ requests on one backend while another up backend ran none | requests started so: "
-            "by decision (miss/restore ones could have gone to the idle backend) |",
-            "| --- | --- | --- | --- | --- | --- | --- |"]
+    out += [
+        "",
+        f"Oracle prefill: {', '.join(f'{o:,}' for o in oracles)} tokens (it differs by a few tokens "
+        "between runs when the generated answers differ in length).",
+        "",
+    ]
+    out += [
+        "Per backend (in `--llama-url` order): prefill tokens, share of the samples of /status with a slot "
+        "busy (mean busy slots / slots), requests from /status:",
+        "",
+        "| config | prefill tokens per backend | busy share per backend | /status requests per backend | "
+        "samples with a queue / with a queue and an idle slot on an up backend | "
+        "s with 2+ requests on one backend while another up backend ran none | requests started so: "
+        "by decision (miss/restore ones could have gone to the idle backend) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
+    ]
     for s in summaries:
         out.append(
             f"| `{s['key']}` | {' / '.join(f'{t:,}' for t in s['prefill_by_backend'])} | "
@@ -558,31 +644,43 @@ def render(results: dict[str, Any], summaries: list[dict[str, Any]]) -> str:
     for s in summaries:
         header, status = sum(s["requests_by_backend_header"].values()), sum(s["requests_by_backend_status"].values())
         if header != status:
-            out += ["", f"`{s['key']}`: /status counts {status} requests against {header} answered turns: it also "
-                    "counts an attempt on a backend that failed before the request was sent elsewhere."]
+            out += [
+                "",
+                f"`{s['key']}`: /status counts {status} requests against {header} answered turns: it also "
+                "counts an attempt on a backend that failed before the request was sent elsewhere.",
+            ]
     stacked = [s for s in summaries if s["imbalance"]["stacked_movable"]]
     if stacked:
         s = stacked[0]
         out += [
-            "", "## Placement: requests stacked on one backend while another idled", "",
+            "",
+            "## Placement: requests stacked on one backend while another idled",
+            "",
             "A request that is not a `hit` (a new conversation, or a restore from the shared directory) can run "
             "on any backend. These started on a backend already running a request while another backend that was "
             f"up ran none (`{s['key']}`, first {len(s['imbalance']['stacked_examples'])}; `running` = requests "
-            "running on each backend as it started, itself excluded):", "",
-            "| user | turn | decision | backend | running per backend | TTFT s |", "| ---: | ---: | --- | ---: | --- | ---: |",
+            "running on each backend as it started, itself excluded):",
+            "",
+            "| user | turn | decision | backend | running per backend | TTFT s |",
+            "| ---: | ---: | --- | ---: | --- | ---: |",
         ]
         for x in s["imbalance"]["stacked_examples"]:
-            out.append(f"| {x['user']} | {x['turn']} | {x['decision']} | {x['backend']} | "
-                       f"{x['running_per_backend']} | {_f(x['ttft'], 3)} |")
+            out.append(
+                f"| {x['user']} | {x['turn']} | {x['decision']} | {x['backend']} | "
+                f"{x['running_per_backend']} | {_f(x['ttft'], 3)} |"
+            )
     for s in summaries:
         f = s.get("failover")
         if not f:
             continue
         out += [
-            "", f"## Failover (`{s['key']}`)", "",
+            "",
+            f"## Failover (`{s['key']}`)",
+            "",
             f"Backend {f['killed_backend']} (`{f['killed_url']}`) SIGKILLed after turn {f['after_turn']} "
             f"(0-based) of every user, with {f['disk_saves_before_kill']} saves on disk by then; the proxy "
-            f"saw it down after {_f(f['proxy_saw_it_down_after_s'])} s (sampled /status).", "",
+            f"saw it down after {_f(f['proxy_saw_it_down_after_s'])} s (sampled /status).",
+            "",
             f"- turns after the kill: {f['turns_after']}, errors {f['errors_after']}; decisions "
             f"{', '.join(f'{k} {v}' for k, v in sorted(f['decisions_after'].items()))}",
             f"- TTFT of turns after the kill: mean {_f(f['ttft_after']['mean'], 3)} s, p50 "
@@ -591,12 +689,16 @@ def render(results: dict[str, Any], summaries: list[dict[str, Any]]) -> str:
             f"- users whose last turn before the kill was served by the killed backend: "
             f"{f['users_homed_on_killed']}; their next turn was a `restore` on the surviving backend for "
             f"**{f['moved_by_restore']}**, recomputed (`miss`) for {f['moved_by_recompute']}",
-            f"- `disk.cross_backend_restores` (whole run): {f['cross_backend_restores']}", "",
-            "| user | decision | backend | TTFT s | prompt_n | cache_n | error |", "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
+            f"- `disk.cross_backend_restores` (whole run): {f['cross_backend_restores']}",
+            "",
+            "| user | decision | backend | TTFT s | prompt_n | cache_n | error |",
+            "| ---: | --- | ---: | ---: | ---: | ---: | --- |",
         ]
         for t in f["their_first_turn_after"]:
-            out.append(f"| {t['user']} | {t['decision']} | {t['backend']} | {_f(t['ttft'], 3)} | {t['prompt_n']} | "
-                       f"{t['cache_n']} | {t['error'] or ''} |")
+            out.append(
+                f"| {t['user']} | {t['decision']} | {t['backend']} | {_f(t['ttft'], 3)} | {t['prompt_n']} | "
+                f"{t['cache_n']} | {t['error'] or ''} |"
+            )
     notes = results.get("notes") or []
     if notes:
         out += ["", "## Notes", ""] + [f"- {n}" for n in notes]
@@ -614,8 +716,9 @@ def render(results: dict[str, Any], summaries: list[dict[str, Any]]) -> str:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="one,one-t2,two,three,failover",
-                        help="comma-separated: one, one-t2, two, three, failover")
+    parser.add_argument(
+        "--configs", default="one,one-t2,two,three,failover", help="comma-separated: one, one-t2, two, three, failover"
+    )
     parser.add_argument("--repeat", type=int, default=1, help="run every configuration this many times (noise)")
     parser.add_argument("--users", type=int, default=8)
     parser.add_argument("--turns", type=int, default=4)
@@ -627,18 +730,36 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="llama.cpp threads per backend (not one-t2)")
     parser.add_argument("--model", choices=("bench", "tiny"), default="bench")
     parser.add_argument("--kill-backend", type=int, default=1, help="failover: which --llama-url index to kill")
-    parser.add_argument("--kill-delay", type=float, default=0.0,
-                        help="failover: seconds between the end of the half-way turn and the kill")
-    parser.add_argument("--proxy-option", action="append", default=[], metavar="NAME=VALUE",
-                        help="extra proxycache option, e.g. write_behind=1 (repeatable)")
+    parser.add_argument(
+        "--kill-delay",
+        type=float,
+        default=0.0,
+        help="failover: seconds between the end of the half-way turn and the kill",
+    )
+    parser.add_argument(
+        "--proxy-option",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="extra proxycache option, e.g. write_behind=1 (repeatable)",
+    )
     parser.add_argument("--sample-interval", type=float, default=0.5, help="seconds between /status samples")
-    parser.add_argument("--quiet-wait", type=float, default=30.0,
-                        help="seconds to wait, before each configuration, for other processes to idle the CPUs")
+    parser.add_argument(
+        "--quiet-wait",
+        type=float,
+        default=30.0,
+        help="seconds to wait, before each configuration, for other processes to idle the CPUs",
+    )
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--workdir", type=Path, default=None, help="logs and slot saves (default: a temp dir)")
     parser.add_argument("--out", type=Path, default=OUT_DIR, help="where backends.md and backends.json go")
-    parser.add_argument("--render", type=Path, default=None, metavar="JSON",
-                        help="only rewrite backends.md (in --out) from this backends.json; no run")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="only rewrite backends.md (in --out) from this backends.json; no run",
+    )
     return parser.parse_args(argv)
 
 
@@ -670,18 +791,34 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: children stop
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="proxycache-backends-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    workload = Workload(users=args.users, context_tokens=args.context_tokens, turns=args.turns,
-                        question_tokens=args.question_tokens, answer_tokens=args.answer_tokens,
-                        side_calls=args.side_calls, concurrency=args.concurrency, ascii_answers=True)
+    workload = Workload(
+        users=args.users,
+        context_tokens=args.context_tokens,
+        turns=args.turns,
+        question_tokens=args.question_tokens,
+        answer_tokens=args.answer_tokens,
+        side_calls=args.side_calls,
+        concurrency=args.concurrency,
+        ascii_answers=True,
+    )
     shape = BENCH if args.model == "bench" else TINY
     options = dict(o.split("=", 1) for o in args.proxy_option)
-    setup = Setup(workload=workload, model=ensure_model(args.models_dir, shape), workdir=workdir,
-                  quiet_wait=args.quiet_wait, sample_interval=args.sample_interval,
-                  kill_backend=args.kill_backend, kill_delay=args.kill_delay, proxy_options=options)
+    setup = Setup(
+        workload=workload,
+        model=ensure_model(args.models_dir, shape),
+        workdir=workdir,
+        quiet_wait=args.quiet_wait,
+        sample_interval=args.sample_interval,
+        kill_backend=args.kill_backend,
+        kill_delay=args.kill_delay,
+        proxy_options=options,
+    )
     known = layouts(args.threads, os.cpu_count() or 2)
     chosen = [known[k] for k in args.configs.split(",") if k]
-    log(f"workdir {workdir}; model {setup.model.name}; {setup.ctx_per_slot} tokens a slot; "
-        f"configs {', '.join(l.key for l in chosen)}")
+    log(
+        f"workdir {workdir}; model {setup.model.name}; {setup.ctx_per_slot} tokens a slot; "
+        f"configs {', '.join(l.key for l in chosen)}"
+    )
     given = sys.argv[1:] if argv is None else argv
     results: dict[str, Any] = {
         "command": "python -m bench.backends " + " ".join(shlex.quote(a) for a in given),

@@ -65,20 +65,30 @@ class Stats:
         self.history: collections.deque = collections.deque(maxlen=HISTORY_POINTS)
         self.registry = CollectorRegistry(auto_describe=True)
         self.queue_wait = Histogram(
-            "proxycache_queue_wait_seconds", "Time requests waited for a slot",
-            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300), registry=self.registry,
+            "proxycache_queue_wait_seconds",
+            "Time requests waited for a slot",
+            buckets=(0.01, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+            registry=self.registry,
         )
         self.request_seconds = Histogram(
-            "proxycache_request_seconds", "Time from slot granted to last byte relayed",
-            buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600), registry=self.registry,
+            "proxycache_request_seconds",
+            "Time from slot granted to last byte relayed",
+            buckets=(0.05, 0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600),
+            registry=self.registry,
         )
         self.slot_action_seconds = Histogram(
-            "proxycache_slot_action_seconds", "Duration of llama.cpp slot saves and restores",
-            ["action"], buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30), registry=self.registry,
+            "proxycache_slot_action_seconds",
+            "Duration of llama.cpp slot saves and restores",
+            ["action"],
+            buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=self.registry,
         )
         self.slot_action_bytes = Histogram(
-            "proxycache_slot_action_bytes", "Size of saved and restored slot caches",
-            ["action"], buckets=tuple(2**i * 1_000_000 for i in range(0, 15)), registry=self.registry,
+            "proxycache_slot_action_bytes",
+            "Size of saved and restored slot caches",
+            ["action"],
+            buckets=tuple(2**i * 1_000_000 for i in range(0, 15)),
+            registry=self.registry,
         )
         self.registry.register(_Collector(self))
 
@@ -126,11 +136,17 @@ class Stats:
         slots = [s for s in self.scheduler.slots.values() if s.id.backend == name]
         served = self.by_backend.get(name, BackendTotals())
         return {
-            "url": health.backend.url, "up": health.up, "model": health.props.get("model_path"),
-            "build": health.props.get("build_info"), "restarts": health.restarts,
-            "slots": len(slots), "busy": sum(1 for s in slots if s.busy),
-            "draining": name in self.scheduler.closed, "requests": served.requests,
-            "prefill_tokens_per_second": served.speed, "warnings": list(health.warnings),
+            "url": health.backend.url,
+            "up": health.up,
+            "model": health.props.get("model_path"),
+            "build": health.props.get("build_info"),
+            "restarts": health.restarts,
+            "slots": len(slots),
+            "busy": sum(1 for s in slots if s.busy),
+            "draining": name in self.scheduler.closed,
+            "requests": served.requests,
+            "prefill_tokens_per_second": served.speed,
+            "warnings": list(health.warnings),
         }
 
     def hit_rate(self) -> float:
@@ -181,16 +197,21 @@ class Stats:
             },
             "recent": [
                 {
-                    "ago": round(now - r.at, 1), "started": r.at - r.seconds, "finished": r.at,
-                    "decision": r.decision.value, "slot": r.slot,
-                    "status": r.status, "cache_n": r.cache_n, "prompt_n": r.prompt_n,
-                    "wait": round(r.waited, 3), "seconds": round(r.seconds, 3),
+                    "ago": round(now - r.at, 1),
+                    "started": r.at - r.seconds,
+                    "finished": r.at,
+                    "decision": r.decision.value,
+                    "slot": r.slot,
+                    "status": r.status,
+                    "cache_n": r.cache_n,
+                    "prompt_n": r.prompt_n,
+                    "wait": round(r.waited, 3),
+                    "seconds": round(r.seconds, 3),
                 }
                 for r in self.recent
             ],
             "history": list(self.history),
         }
-
 
 
 def _by_decision(requests: collections.Counter) -> dict[str, int]:
@@ -212,21 +233,35 @@ class _Collector(Collector):
         for (decision, status), n in sorted(stats.requests.items()):
             requests.add_metric([decision, status], n)
         yield requests
-        yield CounterMetricFamily("proxycache_prefill_tokens", "Prompt tokens llama.cpp computed (timings.prompt_n)", value=stats.prefill_tokens)
-        yield CounterMetricFamily("proxycache_cached_tokens", "Prompt tokens llama.cpp reused (timings.cache_n)", value=stats.cached_tokens)
-        yield CounterMetricFamily("proxycache_prefill_seconds_saved", "Estimated prefill seconds saved by reuse", value=stats.seconds_saved)
-        yield CounterMetricFamily("proxycache_upstream_errors", "Requests llama-server failed or did not answer", value=stats.upstream_errors)
-        queue = GaugeMetricFamily("proxycache_queue_depth", "Requests waiting for a slot", value=stats.scheduler.queue_depth)
+        yield CounterMetricFamily(
+            "proxycache_prefill_tokens",
+            "Prompt tokens llama.cpp computed (timings.prompt_n)",
+            value=stats.prefill_tokens,
+        )
+        yield CounterMetricFamily(
+            "proxycache_cached_tokens", "Prompt tokens llama.cpp reused (timings.cache_n)", value=stats.cached_tokens
+        )
+        yield CounterMetricFamily(
+            "proxycache_prefill_seconds_saved", "Estimated prefill seconds saved by reuse", value=stats.seconds_saved
+        )
+        yield CounterMetricFamily(
+            "proxycache_upstream_errors", "Requests llama-server failed or did not answer", value=stats.upstream_errors
+        )
+        queue = GaugeMetricFamily(
+            "proxycache_queue_depth", "Requests waiting for a slot", value=stats.scheduler.queue_depth
+        )
         yield queue
         slots = GaugeMetricFamily("proxycache_slots", "Slots by state", labels=["state"])
         for state in SlotState:
             slots.add_metric([state.value], sum(1 for s in stats.scheduler.slots.values() if s.state is state))
         yield slots
         up = GaugeMetricFamily("proxycache_backend_up", "1 if the backend answered its last check", labels=["backend"])
-        served = CounterMetricFamily("proxycache_backend_requests", "Requests served by each backend",
-                                     labels=["backend"])
-        speed = GaugeMetricFamily("proxycache_backend_prefill_tokens_per_second",
-                                  "Measured prefill speed of each backend", labels=["backend"])
+        served = CounterMetricFamily(
+            "proxycache_backend_requests", "Requests served by each backend", labels=["backend"]
+        )
+        speed = GaugeMetricFamily(
+            "proxycache_backend_prefill_tokens_per_second", "Measured prefill speed of each backend", labels=["backend"]
+        )
         for name, health in stats.monitor.health.items():
             totals = stats.by_backend.get(name, BackendTotals())
             up.add_metric([health.backend.url], 1.0 if health.up else 0.0)
@@ -236,7 +271,11 @@ class _Collector(Collector):
         yield up
         yield served
         yield speed
-        yield GaugeMetricFamily("proxycache_slots_busy", "Slots serving a request or a save", value=sum(1 for s in stats.scheduler.slots.values() if s.busy))
+        yield GaugeMetricFamily(
+            "proxycache_slots_busy",
+            "Slots serving a request or a save",
+            value=sum(1 for s in stats.scheduler.slots.values() if s.busy),
+        )
         catalog = stats.catalog
         c = catalog.counters
         yield GaugeMetricFamily("proxycache_disk_entries", "Saved slot caches in the index", value=len(catalog.index))
@@ -248,7 +287,11 @@ class _Collector(Collector):
             ("proxycache_slot_restores", "Slot caches restored", c.restores),
             ("proxycache_slot_restore_failures", "Slot restores that failed", c.restore_failures),
             ("proxycache_restored_tokens", "Tokens loaded by restores", c.restored_tokens),
-            ("proxycache_ineffective_restores", "Restores after which llama.cpp recomputed anyway", c.ineffective_restores),
+            (
+                "proxycache_ineffective_restores",
+                "Restores after which llama.cpp recomputed anyway",
+                c.ineffective_restores,
+            ),
             ("proxycache_disk_evictions", "Saved caches dropped to keep the disk budget", c.evicted_entries),
             ("proxycache_model_changes", "Backends that came up with other weights or another build", c.model_changes),
         ):

@@ -29,7 +29,7 @@ from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unp
 __all__ = [
     "MIN_MEASURED_PREFILL_TOKENS",
     "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "Plan", "Relation", "Request", "SlotId",
-    "SlotState", "SlotView", "Speeds", "backend_load", "best_match", "conversation_text", "expected_reuse", "fell_short",
-    "fingerprint", "fingerprint_text", "is_small", "plan", "relation", "reused_unplanned", "state_after",
+    "SlotState", "SlotView", "Speeds", "backend_load", "best_match", "conversation_text", "expected_reuse",
+    "fell_short", "fingerprint", "fingerprint_text", "is_small", "plan", "relation", "reused_unplanned", "state_after",
     "target_slot",
 ]
