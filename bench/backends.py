@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 import attrs
 
-from bench.processes import Proxy, cpu_seconds, wait_until_quiet
+from bench.processes import Proxy, cpu_seconds, foreign_cpu_share, wait_until_quiet
 from bench.run import DEFAULT_MODELS, log, machine, proxycache_version
 from proxycache.embedded import LlamaServerSpec
 from proxycache.testing import LlamaProcess, free_port, http
@@ -321,9 +321,7 @@ def run_layout(setup: Setup, layout: Layout) -> dict[str, Any]:
             proxy.stop()
         for llama in llamas:
             llama.stop()
-    machine_after, own_after = cpu_seconds()
-    foreign = (machine_after - machine_cpu) - (own_after - own_cpu)
-    result["foreign_cpu_share"] = max(0.0, foreign) / ((time.perf_counter() - clock) * (os.cpu_count() or 1))
+    result["foreign_cpu_share"] = foreign_cpu_share(machine_cpu, own_cpu, clock)
     log(f"  other processes used {result['foreign_cpu_share']:.0%} of the CPUs meanwhile")
     return result
 

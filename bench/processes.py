@@ -28,6 +28,16 @@ def cpu_seconds() -> tuple[float, float]:
     return machine, own.user + own.system + own.children_user + own.children_system
 
 
+def foreign_cpu_share(machine_before: float, own_before: float, started: float) -> float:
+    """
+    Share of all cores that processes other than ours used since C{cpu_seconds()} gave
+    (C{machine_before}, C{own_before}) at C{time.perf_counter()} C{started}: how disturbed timings are.
+    """
+    machine_after, own_after = cpu_seconds()
+    foreign = (machine_after - machine_before) - (own_after - own_before)
+    return max(0.0, foreign) / ((time.perf_counter() - started) * (os.cpu_count() or 1))
+
+
 def wait_until_quiet(max_wait: float, busy_below: float = 0.15) -> float:
     """
     Wait until other processes leave the CPUs nearly idle (two 1-s samples

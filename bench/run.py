@@ -41,7 +41,7 @@ from typing import Any
 import attrs
 
 from bench import micro
-from bench.processes import Proxy, cpu_seconds, wait_until_quiet
+from bench.processes import Proxy, cpu_seconds, foreign_cpu_share, wait_until_quiet
 from proxycache.embedded import LlamaServerSpec, free_port
 from proxycache.testing import LlamaProcess
 from proxycache.testing.workload import Conversation, Record, Workload, run
@@ -195,10 +195,7 @@ def play(setup: Setup, scenario: Scenario, measure_restore: bool = False) -> dic
         if proxy is not None:
             proxy.stop()
         llama.stop()
-    # CPU that processes other than ours used meanwhile: how disturbed the timings are.
-    machine_after, own_after = cpu_seconds()
-    foreign = (machine_after - machine_cpu) - (own_after - own_cpu)
-    result["foreign_cpu_share"] = max(0.0, foreign) / ((time.perf_counter() - clock) * (os.cpu_count() or 1))
+    result["foreign_cpu_share"] = foreign_cpu_share(machine_cpu, own_cpu, clock)
     log(f"  other processes used {result['foreign_cpu_share']:.0%} of the CPUs meanwhile")
     return result
 
