@@ -6,11 +6,10 @@ the admin route or SIGHUP, drained, and one killed under a running team.
 from __future__ import annotations
 
 import signal
-import time
 
 
 from tests.conversations import User
-from proxycache.testing import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-key"}
 LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
@@ -23,11 +22,7 @@ def backends(proxy: ProxyProcess) -> dict[str, dict]:
 
 
 def wait_until(predicate, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.1)
-
+    wait_for(predicate, timeout)
 
 def served_by(proxy: ProxyProcess, users: list[User]) -> list[str]:
     client = proxy.client()

@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 
 
 from tests.conversations import User, close_to_new
-from proxycache.testing import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http, wait_for
 
 LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
 
@@ -23,14 +22,6 @@ def start_proxy(tmp_path, llama, **options):
     return ProxyProcess(tmp_path, llama.url, **options).start()
 
 
-def wait_for(predicate, timeout=15.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def all_saved(proxy):

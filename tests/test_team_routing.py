@@ -6,11 +6,11 @@ conversation starts with the same long system prompt, then diverges (issue 13).
 from __future__ import annotations
 
 import concurrent.futures
-import time
 from typing import Any
 
 from tests.conversations import User, close_to_new, text
 from proxycache.testing import ProxyProcess
+from proxycache.testing import wait_for as poll_until
 
 # Thresholds scaled to the test conversations (~4k tokens), not IDE defaults.
 LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
@@ -56,14 +56,7 @@ def busy_slots(proxy: ProxyProcess) -> set[str]:
 
 
 def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
-
+    return poll_until(predicate, timeout, what)
 
 def test_a_user_sharing_the_system_prompt_does_not_wait_for_a_busy_slot(llama, tmp_path):
     proxy = start_proxy(tmp_path, llama, write_behind=0.2, affinity_wait=60)

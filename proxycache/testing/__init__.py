@@ -5,7 +5,7 @@ processes, a small synchronous HTTP helper, a Prometheus text parser and a
 C{llama-server} binary built from source.
 """
 
-from proxycache.testing.http import call, free_port, http, prometheus
+from proxycache.testing.http import call, free_port, http, prometheus, wait_for
 from proxycache.testing.processes import (
     TWISTD,
     ChildProcess,
@@ -28,4 +28,5 @@ __all__ = [
     "open_raw_chat",
     "prometheus",
     "send_raw_chat",
+    "wait_for",
 ]

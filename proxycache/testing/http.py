@@ -6,10 +6,11 @@ and a parser for Prometheus' text format.
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 from email.message import Message
-from typing import Any
+from typing import Any, Callable
 
 from proxycache.embedded import free_port
 
@@ -64,3 +65,14 @@ def prometheus(text: str) -> dict[str, float]:
             except ValueError:
                 pass
     return values
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    """Poll C{predicate} until it returns something true (returned), or fail after C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
