@@ -7,6 +7,7 @@ Re-render from saved results:  python -m bench.report docs/benchmarks/results.js
 from __future__ import annotations
 
 import collections
+import importlib.util
 import json
 import re
 import sys
@@ -457,6 +458,10 @@ def write_all(results: dict[str, Any], out_dir: Path) -> list[dict]:
     shared = results["workload"].get("shared_tokens", 0)
     summaries = [summarize(r, results["workload"]["turns"], shared) for r in results["scenarios"]]
     (out_dir / "report.md").write_text(render(results, summaries))
+    if importlib.util.find_spec("matplotlib") is None:
+        # The plots are optional (the `bench` extra); the report and results.json are not.
+        print("matplotlib is not installed (pip install -e '.[bench]'): no plots drawn", file=sys.stderr)
+        return summaries
     plot(results, summaries, out_dir)
     points = sweep_points(results, summaries)
     if len(points) > 1:
