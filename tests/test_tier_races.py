@@ -141,3 +141,44 @@ def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(t
     assert not slot.busy
     (logged,) = [e for e in events if "background save" in e.get("log_format", "")]
     assert logged["log_failure"].check(RuntimeError)
+
+
+def test_a_restore_right_after_the_eviction_save_does_not_ask_llama_again_whether_the_slot_is_idle(tmp_path):
+    # Every request to llama.cpp waits for a batch of the other slots: an eviction and a restore
+    # take three of them (is it idle and what does it hold; save; restore), not four.
+    from proxycache.routing import Decision, DiskMatch, Plan, Request, SlotId, SlotState
+    from proxycache.slots import Lease, Slot, SlotContent
+
+    class Recording:
+        name = url = "b"
+
+        def __init__(self) -> None:
+            self.calls: list[str] = []
+
+        async def wait_until_idle(self, index: int) -> dict[str, Any]:
+            self.calls.append("slots")
+            return {"id": index, "id_task": 7, "is_processing": False, "n_prompt_tokens": 300}
+
+        async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
+            self.calls.append(action)
+            if action == "save":
+                return {"n_saved": 300, "n_written": 4096}
+            return {"n_restored": 100, "n_read": 4096}
+
+    tier, threads = make_tier(tmp_path)
+    backend = Recording()
+    tier.backends = {"b": backend}  # type: ignore[dict-item]
+    tier.catalog.backend_up("b", MODEL)
+    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    entry = saved_entry(tier)
+    evicted = SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300)
+    slot = Slot(SlotId("b", 0), content=evicted)
+    request = Request(Fingerprint((1, 2, 3, 4), 400, 64), small=False)
+    plan = Plan(Decision.RESTORE, slot.id, common_blocks=3, similarity=0.75, evicts=True,
+                restore=DiskMatch(entry.key, "b", 3, 0.75))
+    lease = Lease(slot, plan, request, waited=0.0, previous=evicted)
+    decided = Deferred.fromCoroutine(tier._prepare(lease))
+    while not decided.called:
+        threads.run_newest_first()
+    assert decided.result is Decision.RESTORE
+    assert backend.calls == ["slots", "save", "restore"]
