@@ -171,8 +171,10 @@ async def stream_choices(proxy: "Proxy", request: HTTPRequest, api: Api, body: d
     wanted, upstream, single = one_choice(proxy, request, api, body)
     options = body.get("stream_options")
     stream = ChoiceStream(isinstance(options, dict) and options.get("include_usage") is True)
+    # A client hanging up cancels this coroutine (Klein cancels on notifyFinish), stopping the choice in
+    # flight; no further choice is dispatched for it even if an await ever swallows that cancellation.
     gone: list[Failure] = []
-    request.notifyFinish().addErrback(gone.append)  # the client left: no further choice is generated
+    request.notifyFinish().addErrback(gone.append)
     for index in range(count):
         if gone:
             return b""
