@@ -36,6 +36,29 @@ class FakeResponse:
 
 
 @attrs.define
+class StreamingResponse:
+    """An C{IResponse} whose body the test sends bit by bit: C{send}, then C{finish} or C{fail}."""
+
+    code: int = 200
+    headers: Headers = attrs.Factory(lambda: Headers({b"content-type": [b"text/event-stream"]}))
+    transport: StringTransport = attrs.Factory(StringTransport)  # producerState "stopped": the proxy hung up
+    protocol: Any = None
+
+    def deliverBody(self, protocol: Any) -> None:
+        self.protocol = protocol
+        protocol.makeConnection(self.transport)
+
+    def send(self, data: bytes) -> None:
+        self.protocol.dataReceived(data)
+
+    def finish(self) -> None:
+        self.protocol.connectionLost(Failure(ResponseDone()))
+
+    def fail(self, reason: Exception) -> None:
+        self.protocol.connectionLost(Failure(reason))
+
+
+@attrs.define
 class FakeBackend:
     url: str = "http://fake"
     props: dict[str, Any] = attrs.Factory(lambda: {"total_slots": 2, "model_path": "fake.gguf"})

@@ -276,6 +276,45 @@ def test_several_choices_are_served_on_one_slot(proxy, llama):
     assert raw.headers["x-proxycache-decision"] == "hit"  # the extra choices did not land on its slot
 
 
+def test_several_streamed_choices_are_served_on_one_slot(proxy, llama):
+    client = proxy.client(api_key=KEY)
+    other = [{"role": "user", "content": "Keep this conversation warm. " * 20}]
+    client.chat.completions.create(model="any", messages=other, max_tokens=2)
+    computed = llama.prompt_tokens_total()
+    stream = client.chat.completions.create(
+        model="any", max_tokens=4, n=3, stream=True, stream_options={"include_usage": True},
+        messages=[{"role": "user", "content": "Three streamed answers please. " * 20}],
+        extra_body={"ignore_eos": True},
+    )
+    text: dict[int, str] = {}
+    finish: dict[int, str] = {}
+    usages = []
+    for chunk in stream:
+        usages += [chunk.usage] if chunk.usage is not None else []
+        for choice in chunk.choices:
+            text[choice.index] = text.get(choice.index, "") + (choice.delta.content or "")
+            finish[choice.index] = choice.finish_reason or finish.get(choice.index)
+    assert sorted(text) == [0, 1, 2] and all(text.values())
+    assert finish == {0: "length", 1: "length", 2: "length"}
+    assert len(usages) == 1 and usages[0].completion_tokens == 12  # one usage chunk, summed
+    # Each choice after the first reused the prompt the one before left in the slot.
+    assert llama.prompt_tokens_total() - computed < 1.2 * usages[0].prompt_tokens
+    raw = client.chat.completions.with_raw_response.create(model="any", messages=other, max_tokens=2)
+    assert raw.headers["x-proxycache-decision"] == "hit"  # the extra choices did not land on its slot
+
+
+def test_several_streamed_completions_come_with_one_summed_usage(proxy):
+    stream = proxy.client(api_key=KEY).completions.create(
+        model="any", prompt="Two streamed completions please. " * 20, max_tokens=3, n=2, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True},
+    )
+    chunks = list(stream)
+    finished = [choice.index for chunk in chunks for choice in chunk.choices if choice.finish_reason]
+    assert finished == [0, 1]
+    usages = [chunk.usage for chunk in chunks if chunk.usage is not None]
+    assert len(usages) == 1 and usages[0].completion_tokens == 6
+
+
 def test_llama_cpp_runs_extra_choices_on_other_slots(llama):
     """Why n > 1 is never sent as is: llama.cpp overwrites another slot's cache (here slot 1's)."""
     conversation = [{"role": "user", "content": "Slot one holds this conversation. " * 20}]

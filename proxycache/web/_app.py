@@ -31,6 +31,7 @@ from proxycache.web._errors import ApiError, upstream_unavailable
 from proxycache.web._exchange import ClientExchange, relay_headers
 from proxycache.web._inflight import InFlight
 from proxycache.web._fanout import serve_choices
+from proxycache.web._fanout_stream import stream_choices
 from proxycache.web._validate import choices_wanted, parse_json_object
 
 log = Logger()
@@ -134,7 +135,8 @@ class Proxy:
         api.validate(body)
         wanted = choices_wanted(body, api.choices) if api.choices else 1
         if wanted > 1:
-            return await serve_choices(self, request, api, body, wanted)
+            serve = stream_choices if body.get("stream") is True else serve_choices
+            return await serve(self, request, api, body, wanted)
         return await self._generate(request, api, body)
 
     for _route in APIS[::-1]:

@@ -4,8 +4,8 @@ Several choices (C{n} > 1) served as single-choice requests on one slot.
 llama.cpp generates the extra choices of one request on other slots than the
 pinned one, overwriting their caches behind the proxy's back.  Served one after
 another through the dispatcher instead, every choice after the first reuses
-the prompt its predecessor left in the slot; the answers are merged into one.
-Streams of several choices are refused (see L{choices_wanted}).
+the prompt its predecessor left in the slot; the answers are merged into one
+(streamed ones are relayed one after another, L{proxycache.web._fanout_stream}).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from twisted.web.iweb import IRequest, IResponse
 from twisted.web.server import Request as HTTPRequest
 
 from proxycache.backend import UPSTREAM_FAILURES, StreamStalled, read_body
-from proxycache.routing import Decision
+from proxycache.routing import Decision, Request
 from proxycache.slots import Lease, Progress
 from proxycache.web._apis import Api
 from proxycache.web._errors import ApiError, bad_request
@@ -68,17 +68,27 @@ def merge(answers: list[dict[str, Any]]) -> dict[str, Any]:
     merged["choices"] = choices
     usages: list[dict[str, Any]] = [a["usage"] for a in answers if isinstance(a.get("usage"), dict)]
     if usages:
-        usage = dict(usages[0])
-        completion = sum(u.get("completion_tokens", 0) for u in usages if isinstance(u.get("completion_tokens"), int))
-        usage["completion_tokens"] = completion
-        if isinstance(usage.get("prompt_tokens"), int):
-            usage["total_tokens"] = usage["prompt_tokens"] + completion
-        merged["usage"] = usage
+        merged["usage"] = summed_usage(usages)
     return merged
 
 
-async def serve_choices(proxy: "Proxy", request: HTTPRequest, api: Api, body: dict[str, Any], count: int) -> bytes:
-    """Serve C{count} choices of C{body} one after another, and answer them merged."""
+def summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
+    """The first choice's usage (its prompt) with every choice's completion tokens added up."""
+    usage = dict(usages[0])
+    completion = sum(u.get("completion_tokens", 0) for u in usages if isinstance(u.get("completion_tokens"), int))
+    usage["completion_tokens"] = completion
+    if isinstance(usage.get("prompt_tokens"), int):
+        usage["total_tokens"] = usage["prompt_tokens"] + completion
+    return usage
+
+
+def one_choice(
+    proxy: "Proxy", request: HTTPRequest, api: Api, body: dict[str, Any]
+) -> tuple[Request, str, dict[str, Any]]:
+    """
+    The routing request, llama.cpp path and single-choice body every choice
+    is sent as; the request is then in flight.
+    """
     path = request.path.decode()
     if path == "/completion":
         raise bad_request(
@@ -89,12 +99,18 @@ async def serve_choices(proxy: "Proxy", request: HTTPRequest, api: Api, body: di
     wanted = proxy.wanted(request, api, body)
     proxy.check_ready()
     proxy.in_flight.track(request)
+    return wanted, api.upstream_path(path), single
+
+
+async def serve_choices(proxy: "Proxy", request: HTTPRequest, api: Api, body: dict[str, Any], count: int) -> bytes:
+    """Serve C{count} choices of C{body} one after another, and answer them merged."""
+    wanted, upstream, single = one_choice(proxy, request, api, body)
     answers = []
     for index in range(count):
         exchange = CollectingExchange(
             request, proxy.clock, proxy.config.stream_idle_timeout, proxy.backend_numbers, api, first=index == 0
         )
-        await proxy.dispatch(wanted, api.upstream_path(path), single, exchange)
+        await proxy.dispatch(wanted, upstream, single, exchange)
         if exchange.status != 200 or not isinstance(exchange.decoded, dict):
             request.setResponseCode(exchange.status or 502)
             request.setHeader(b"content-type", b"application/json")

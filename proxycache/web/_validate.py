@@ -82,8 +82,8 @@ def choices_wanted(body: dict[str, Any], fields: tuple[str, ...]) -> int:
     """
     How many choices a request asks for (C{n} or C{n_cmpl}).  llama.cpp runs
     the extra ones on other slots than the one the proxy pinned, overwriting
-    their caches unseen: the proxy serves them one after another on its slot,
-    which a stream cannot do.
+    their caches unseen: the proxy serves them one after another on its slot
+    (L{proxycache.web._fanout}).
     """
     wanted = 1
     for field in fields:
@@ -93,12 +93,6 @@ def choices_wanted(body: dict[str, Any], fields: tuple[str, ...]) -> int:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad_request(f"'{field}' must be a positive integer")
         wanted = max(wanted, value)
-    if wanted > 1 and body.get("stream") is True:
-        raise bad_request(
-            f"streaming more than one choice ({wanted}) is not supported through proxycache: llama.cpp would "
-            "generate the extra choices on other slots and overwrite their caches; ask for one choice per request",
-            "unsupported_n",
-        )
     return wanted
 
 
