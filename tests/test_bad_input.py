@@ -103,6 +103,12 @@ CASES = [
         "unsupported_n",
     ),
     ("n not a number", "POST", "/v1/chat/completions", chat(n="two"), {}, 400, "invalid_request"),
+    # served one after another on one slot, a million choices would hold it for ever
+    ("n above the slots", "POST", "/v1/chat/completions", chat(n=1_000_000), {}, 400, "unsupported_n"),
+    ("n above the slots streamed", "POST", "/v1/chat/completions", chat(n=1_000_000, stream=True), {}, 400,
+     "unsupported_n"),
+    ("n_cmpl above the slots", "POST", "/v1/completions", json.dumps({"prompt": "hi", "n_cmpl": 17}).encode(), {},
+     400, "unsupported_n"),
     ("max_tokens not a number", "POST", "/v1/chat/completions", chat(max_tokens="ten"), {}, 400, "invalid_request"),
     (
         "previous_response_id",
