@@ -2,8 +2,9 @@
 Generate a random-weight llama GGUF so that llama.cpp can run with no download.
 
 The model speaks noise, but everything proxycache cares about is real: the
-tokenizer (one token per byte), the chat template, prefill cost that grows with
-the prompt, per-slot KV caches, and slot save/restore files.
+tokenizer (one token per byte; the tool-call and FIM markers are one token
+each), the chat template, prefill cost that grows with the prompt, per-slot KV
+caches, and slot save/restore files.
 """
 
 from __future__ import annotations
@@ -31,6 +32,13 @@ CHAT_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
+# The tool-call markers are single tokens, as in real Hermes-style models, so that one token can be biased.
+TOOL_CALL_TOKENS = ("<tool_call>", "</tool_call>")
+EOS_ID = 2
+# What makes this noise model call a tool, with `tool_choice: "required"` (llama.cpp's grammar then allows
+# text before the call, which noise would write forever, and no end before it): `<tool_call>` wins wherever
+# the grammar allows it, so at once, and the end of the answer wins as soon as the call is closed.
+FORCE_TOOL_CALL_BIAS = {TOOL_CALL_TOKENS[0]: 50, str(EOS_ID): 100}
 # Fill-in-the-middle control tokens, so that llama.cpp's /infill works.
 FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
@@ -50,7 +58,7 @@ class ModelShape:
     def filename(self) -> str:
         return (
             f"tiny-llama-e{self.embedding}-l{self.layers}-h{self.heads}"
-            f"-f{self.feed_forward}-s{self.seed}-v3.gguf"
+            f"-f{self.feed_forward}-s{self.seed}-v4.gguf"
         )
 
 
@@ -75,6 +83,9 @@ def _vocabulary() -> tuple[list[bytes], list[int]]:
     # SentencePiece writes spaces as U+2581: one token for it keeps a space one token.
     tokens.append("\u2581".encode())
     types.append(gguf.TokenType.NORMAL)
+    for token in TOOL_CALL_TOKENS:
+        tokens.append(token.encode())
+        types.append(gguf.TokenType.USER_DEFINED)
     for token in FIM_TOKENS:
         tokens.append(token.encode())
         types.append(gguf.TokenType.CONTROL)
@@ -113,7 +124,7 @@ def write_model(path: Path, shape: ModelShape = TINY) -> Path:
     writer.add_token_scores([0.0] * vocab)
     writer.add_token_types(types)
     writer.add_bos_token_id(1)
-    writer.add_eos_token_id(2)
+    writer.add_eos_token_id(EOS_ID)
     writer.add_unk_token_id(0)
     writer.add_add_bos_token(True)
     writer.add_chat_template(CHAT_TEMPLATE)

@@ -10,9 +10,14 @@ from __future__ import annotations
 import json
 
 import anthropic
+import httpx2
+import openai
 import pytest
+from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import ResponseStreamEvent
 
-from proxycache.testing import ProxyProcess, http
+from proxycache.testing import ProxyProcess, ReplyTap, http
+from proxycache.tinymodel import FORCE_TOOL_CALL_BIAS
 
 SMALL_LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 KEY = "sk-test-apis"
@@ -201,29 +206,90 @@ def _evicted_comes_back(proxy):
     assert raw.parse().usage.input_tokens_details.cached_tokens > 100
 
 
-def test_tool_result_turn_is_a_hit(proxy):
+WEATHER = {
+    "name": "get_weather",
+    "description": "weather of a city",
+    "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "enum": ["Lisbon"]}}, "required": ["city"]
+    },
+}
+# tool_choice "required" and the generated model's biased <tool_call> token: a call, at once (proxycache.tinymodel);
+# one call: llama.cpp's grammar lets a call hold several ("<tool_call>{...}, {...}</tool_call>") unless told not to
+FORCED = dict(
+    tool_choice="required", parallel_tool_calls=False, temperature=0, extra_body={"logit_bias": FORCE_TOOL_CALL_BIAS}
+)
+
+
+@pytest.fixture
+def tapped(llama, tmp_path):
+    """The daemon in front of llama.cpp through a L{ReplyTap}: C{(proxy, tap)}."""
+    tap = ReplyTap(llama.url)
+    process = ProxyProcess(
+        tmp_path, tap.url, api_keys=KEY, slot_save_path=str(llama.save_dir), health_interval=60, **SMALL_LIMITS
+    ).start()
+    yield process, tap
+    process.stop()
+    tap.close()
+
+
+def _sent(tap, marker):
+    """The one response body llama.cpp sent that has C{marker}."""
+    [body] = [body for body in tap.bodies() if marker in body]
+    return body
+
+
+def test_streamed_tool_call_is_relayed_byte_for_byte_and_its_result_turn_hits(tapped):
+    proxy, tap = tapped
     client = proxy.client(api_key=KEY)
-    tools = [
-        {
-            "type": "function",
-            "function": {
-                "name": "get_weather",
-                "description": "weather of a city",
-                "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
-            },
-        }
-    ]
+    tools = [{"type": "function", "function": WEATHER}]
     messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Weather in Lisbon?"}]
-    stream = client.chat.completions.create(model="any", messages=messages, tools=tools, max_tokens=4, stream=True)
-    assert list(stream)
-    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Lisbon"}'}}
+    with client.chat.completions.with_streaming_response.create(
+        model="any", messages=messages, tools=tools, max_tokens=512, stream=True, **FORCED
+    ) as response:
+        received = b"".join(response.iter_bytes())
+    assert received == _sent(tap, b'"tool_calls"')  # what llama.cpp streamed, byte for byte
+    # what the openai SDK makes of those bytes
+    chunks = list(openai.Stream(cast_to=ChatCompletionChunk, response=httpx2.Response(200, content=received),
+                                client=client))
+    deltas = [call for chunk in chunks for choice in chunk.choices for call in choice.delta.tool_calls or []]
+    assert deltas[0].function.name == "get_weather" and deltas[0].id
+    arguments = "".join(delta.function.arguments or "" for delta in deltas)
+    assert json.loads(arguments) == {"city": "Lisbon"}
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    call = {"id": deltas[0].id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}
     messages += [
         {"role": "assistant", "content": None, "tool_calls": [call]},
-        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 24C"},
+        {"role": "tool", "tool_call_id": deltas[0].id, "content": "sunny, 24C"},
     ]
     raw = client.chat.completions.with_raw_response.create(model="any", messages=messages, tools=tools, max_tokens=4)
     assert raw.headers["x-proxycache-decision"] == "hit"
-    assert raw.parse().model_extra["timings"]["cache_n"] > 100
+    assert raw.parse().usage.prompt_tokens_details.cached_tokens > 100
+
+
+def test_responses_function_call_is_relayed_byte_for_byte_and_its_output_turn_hits(tapped):
+    proxy, tap = tapped
+    client = proxy.client(api_key=KEY)
+    tools = [{"type": "function", **WEATHER}]
+    items = [{"role": "user", "content": "Weather in Lisbon?"}]
+    with client.responses.with_streaming_response.create(
+        model="any", instructions=SYSTEM, input=items, tools=tools, max_output_tokens=512, stream=True, **FORCED
+    ) as response:
+        received = b"".join(response.iter_bytes())
+    assert received == _sent(tap, b'"function_call"')
+    events = list(openai.Stream(cast_to=ResponseStreamEvent, response=httpx2.Response(200, content=received),
+                                client=client))
+    [call] = events[-1].response.output  # response.completed
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert json.loads(call.arguments) == {"city": "Lisbon"}
+    items += [
+        {"type": "function_call", "call_id": call.call_id, "name": call.name, "arguments": call.arguments},
+        {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 24C"},
+    ]
+    raw = client.responses.with_raw_response.create(
+        model="any", instructions=SYSTEM, input=items, tools=tools, max_output_tokens=4
+    )
+    assert raw.headers["x-proxycache-decision"] == "hit"
+    assert raw.parse().usage.input_tokens_details.cached_tokens > 100
 
 
 def test_messages_tool_use_round_trip_is_a_hit(proxy):

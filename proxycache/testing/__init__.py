@@ -1,8 +1,9 @@
 """
 Test support for proxycache, importable by tests and benchmarks (like
 C{treq.testing}): real llama.cpp servers and the real daemon as child
-processes, a small synchronous HTTP helper, a Prometheus text parser and a
-C{llama-server} binary built from source.
+processes, a small synchronous HTTP helper, a TCP tap that keeps llama.cpp's
+replies (L{ReplyTap}), a Prometheus text parser and a C{llama-server} binary
+built from source.
 """
 
 from proxycache.testing.http import call, free_port, http, prometheus, wait_for
@@ -15,6 +16,7 @@ from proxycache.testing.processes import (
     open_raw_chat,
     send_raw_chat,
 )
+from proxycache.testing.tap import ReplyTap
 
 __all__ = [
     "TWISTD",
@@ -22,6 +24,7 @@ __all__ = [
     "LlamaHTTPError",
     "LlamaProcess",
     "ProxyProcess",
+    "ReplyTap",
     "call",
     "free_port",
     "http",

@@ -1,0 +1,86 @@
+"""
+A TCP relay that keeps every byte a server answers: put it between the daemon
+and llama.cpp, and a test sees exactly what llama.cpp sent, to compare with
+what the client got through the proxy.
+"""
+
+from __future__ import annotations
+
+import http.client
+import io
+import socket
+import threading
+from urllib.parse import urlsplit
+
+
+class ReplyTap:
+    """Forwards each connection made to C{url} to C{target_url}, keeping what the target answers."""
+
+    def __init__(self, target_url: str) -> None:
+        target = urlsplit(target_url)
+        self._target = (target.hostname or "127.0.0.1", target.port or 80)
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._replies: list[bytearray] = []  # one per connection, as the target sent it
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+                upstream = socket.create_connection(self._target)
+            except OSError:  # closed
+                return
+            reply = bytearray()
+            self._replies.append(reply)
+            self._sockets += [client, upstream]
+            threading.Thread(target=_pump, args=(client, upstream, None), daemon=True).start()
+            threading.Thread(target=_pump, args=(upstream, client, reply), daemon=True).start()
+
+    def bodies(self) -> list[bytes]:
+        """The body of every HTTP response kept so far (transfer encoding undone), connection by connection."""
+        return [body for reply in list(self._replies) for body in _responses(bytes(reply))]
+
+    def close(self) -> None:
+        for sock in [self._listener, *self._sockets]:
+            sock.close()
+
+
+def _pump(source: socket.socket, sink: socket.socket, kept: bytearray | None) -> None:
+    try:
+        while data := source.recv(65536):
+            if kept is not None:
+                kept.extend(data)  # before the peer has it: once the client has read it, so has the tap
+            sink.sendall(data)
+        sink.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+
+
+class _Kept(io.BytesIO):
+    def close(self) -> None:  # a response read to its end closes its file: the next one follows in it
+        pass
+
+
+class _Replay:
+    """What C{http.client.HTTPResponse} reads a response from: bytes already received."""
+
+    def __init__(self, data: bytes) -> None:
+        self.file = _Kept(data)
+
+    def makefile(self, mode: str) -> io.BytesIO:
+        return self.file
+
+
+def _responses(data: bytes) -> list[bytes]:
+    replay = _Replay(data)
+    bodies = []
+    while replay.file.tell() < len(data):
+        response = http.client.HTTPResponse(replay)  # type: ignore[arg-type]
+        try:
+            response.begin()
+            bodies.append(response.read())
+        except http.client.HTTPException:  # still arriving
+            break
+    return bodies
