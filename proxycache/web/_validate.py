@@ -78,12 +78,17 @@ def check_no_slot(body: dict[str, Any]) -> None:
         raise bad_request("'id_slot' is chosen by the proxy and cannot be set by clients", "slot_not_allowed")
 
 
+# llama-server refuses more choices than it has slots; served one after another on one slot, any
+# number would fit, but a request asking for a million would hold its slot for ever.
+MAX_CHOICES = 16
+
+
 def choices_wanted(body: dict[str, Any], fields: tuple[str, ...]) -> int:
     """
     How many choices a request asks for (C{n} or C{n_cmpl}).  llama.cpp runs
     the extra ones on other slots than the one the proxy pinned, overwriting
     their caches unseen: the proxy serves them one after another on its slot
-    (L{proxycache.web._fanout}).
+    (L{proxycache.web._fanout}), up to L{MAX_CHOICES}.
     """
     wanted = 1
     for field in fields:
@@ -92,6 +97,8 @@ def choices_wanted(body: dict[str, Any], fields: tuple[str, ...]) -> int:
             continue
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise bad_request(f"'{field}' must be a positive integer")
+        if value > MAX_CHOICES:
+            raise bad_request(f"'{field}' cannot be greater than {MAX_CHOICES}", "unsupported_n")
         wanted = max(wanted, value)
     return wanted
 
