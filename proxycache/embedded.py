@@ -189,12 +189,13 @@ def main(argv: list[str] | None = None) -> None:
 
     spec = LlamaServerSpec(**json.loads((sys.argv[1:] if argv is None else argv)[0]))
     spec = attrs.evolve(spec, api_key=os.environ.pop(API_KEY_ENV, None) or spec.api_key)
-    server = xllamacpp.Server(_params(spec))  # returns once the model is loaded
-    print(f"listening {server.listening_address}", flush=True)
-
+    # Before the server starts: it answers /health before its constructor returns, and a SIGTERM
+    # sent then must stop it cleanly, not kill it with Python's default action.
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
+    server = xllamacpp.Server(_params(spec))  # returns once the model is loaded
+    print(f"listening {server.listening_address}", flush=True)
 
     def watch_stdin() -> None:
         sys.stdin.buffer.read()  # returns at end of file: our parent is gone

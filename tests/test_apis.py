@@ -167,7 +167,7 @@ def test_responses_conversation_hits_and_streams(proxy):
 
 
 def test_evicted_conversations_come_back_from_disk_on_every_api(llama_factory, tmp_path):
-    """Three conversations (Messages, Responses, chat) on two slots: the evicted ones come back as restores."""
+    """Four conversations (Messages, Responses, two chats) on two slots: the evicted ones come back as restores."""
     # No RAM prompt cache: llama.cpp would otherwise empty idle slots itself (--cache-idle-slots).
     llama = llama_factory(cache_ram_mib=0)
     proxy = ProxyProcess(
@@ -186,9 +186,12 @@ def _evicted_comes_back(proxy):
     _messages_turn(messages_client, conversation)
     items = [{"role": "user", "content": "Tell me about the disk tier. " * 80}]
     openai_client.responses.create(model="any", instructions=SYSTEM, input=items, max_output_tokens=4)
-    openai_client.chat.completions.create(
-        model="any", max_tokens=4, messages=[{"role": "user", "content": "A third project. " * 120}]
-    )
+    # Two more conversations take both slots, whichever the placement evicts first (under load, a
+    # write-behind save can make either slot the cheaper one to take).
+    for project in ("A third project. ", "A fourth project. "):
+        openai_client.chat.completions.create(
+            model="any", max_tokens=4, messages=[{"role": "user", "content": project * 120}]
+        )
     conversation.append({"role": "user", "content": "And when it is stale?"})
     raw = messages_client.messages.with_raw_response.create(
         model="any", max_tokens=4, system=SYSTEM, messages=conversation
