@@ -139,6 +139,19 @@ class TakeOutTests(SynchronousTestCase):
         self.clock.advance(INTERVAL)
         self.assertEqual(self.monitor.health[self.backend.name].restarts, 1)
 
+    def test_a_backend_found_gone_between_polls_is_looked_at_again_soon(self) -> None:
+        # A failed save asks the monitor to look at once (on_empty_slot); the backend is gone: the
+        # next look must come at the down interval, not a whole (here long) interval later.
+        gone = UpstreamError("refused")
+        gone.__cause__ = ConnectionRefusedError()
+        self.backend.slots_error = gone
+        self.clock.advance(1.0)
+        self.monitor.check()
+        self.assertEqual(self.scheduler.slots, {})
+        self.backend.slots_error = None
+        self.clock.advance(DOWN_INTERVAL)
+        self.assertEqual(len(self.scheduler.slots), 2)
+
 
 class Scripted:
     name = url = "http://b"

@@ -116,7 +116,13 @@ class Monitor(Service):
                 health.failures = 0
         if self._loop is not None:
             all_up = all(h.up for h in self.health.values())
-            self._loop.interval = self.interval if all_up else min(self.interval, DOWN_INTERVAL)
+            wanted = self.interval if all_up else min(self.interval, DOWN_INTERVAL)
+            sooner = wanted < (self._loop.interval or wanted)
+            self._loop.interval = wanted
+            if sooner and self._loop.running:
+                # Found gone by a look between polls (a failed save asks for one): the look already
+                # scheduled would come a whole interval later.  (A no-op when the loop itself looked.)
+                self._loop.reset()
 
     async def _check(self, health: BackendHealth) -> None:
         backend = health.backend
