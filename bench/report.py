@@ -138,7 +138,7 @@ def _unique_warnings(lines: list[str], limit: int = 8) -> list[tuple[int, str]]:
     return [(n, example[shape]) for shape, n in counts.most_common(limit)]
 
 
-def render(results: dict[str, Any], summaries: list[dict]) -> str:
+def render(results: dict[str, Any], summaries: list[dict], plots: bool = True) -> str:
     disturbed = [s for s in summaries if (s.get("foreign_cpu") or 0) > DISTURBED]
     w = results["workload"]
     m = results["machine"]
@@ -332,15 +332,18 @@ def render(results: dict[str, Any], summaries: list[dict]) -> str:
                 f"- Sequential read of a fresh {disk['bytes'] / 2**20:.0f} MiB file ({how}): "
                 f"**{disk['bytes_per_s'] / 1e9:.2f} GB/s**."
             )
+    if plots:
+        out += [
+            "",
+            "## Plots",
+            "",
+            "![later-turn TTFT per scenario](later_ttft.png)",
+            "",
+            "![prefill tokens per scenario vs the oracle](prefill.png)",
+            "",
+            "![TTFT of every turn, in order](ttft_timeline.png)",
+        ]
     out += [
-        "",
-        "## Plots",
-        "",
-        "![later-turn TTFT per scenario](later_ttft.png)",
-        "",
-        "![prefill tokens per scenario vs the oracle](prefill.png)",
-        "",
-        "![TTFT of every turn, in order](ttft_timeline.png)",
         "",
         "## Caveats",
         "",
@@ -457,8 +460,9 @@ def plot_speedup(points: list[dict[str, Any]], out_dir: Path) -> None:
 def write_all(results: dict[str, Any], out_dir: Path) -> list[dict]:
     shared = results["workload"].get("shared_tokens", 0)
     summaries = [summarize(r, results["workload"]["turns"], shared) for r in results["scenarios"]]
-    (out_dir / "report.md").write_text(render(results, summaries))
-    if importlib.util.find_spec("matplotlib") is None:
+    plots = importlib.util.find_spec("matplotlib") is not None
+    (out_dir / "report.md").write_text(render(results, summaries, plots))
+    if not plots:
         # The plots are optional (the `bench` extra); the report and results.json are not.
         print("matplotlib is not installed (pip install -e '.[bench]'): no plots drawn", file=sys.stderr)
         return summaries
