@@ -363,7 +363,9 @@ def test_several_streamed_choices_are_served_on_one_slot(proxy, llama):
         for choice in chunk.choices:
             text[choice.index] = text.get(choice.index, "") + (choice.delta.content or "")
             finish[choice.index] = choice.finish_reason or finish.get(choice.index)
-    assert sorted(text) == [0, 1, 2] and all(text.values())
+    # Every choice streamed (the noise model's bytes may all be held back as broken UTF-8, so a
+    # choice's text can be empty: the summed completion tokens below prove each one generated).
+    assert sorted(text) == [0, 1, 2]
     assert finish == {0: "length", 1: "length", 2: "length"}
     assert len(usages) == 1 and usages[0].completion_tokens == 12  # one usage chunk, summed
     # Each choice after the first reused the prompt the one before left in the slot.
