@@ -65,13 +65,19 @@ class Client:
         self.channel.connectionLost(Failure(ConnectionDone()))
 
 
-class StreamedChoicesTests(SynchronousTestCase):
+class _ProxyOverStrings(SynchronousTestCase):
+    """The daemon's web layer and dispatcher in front of a fake backend, clients on string transports."""
+
+    def cache_tier(self) -> Any:
+        return NoCache()
+
     def setUp(self) -> None:
         self.clock = Clock()
         self.backend = FakeBackend()
         self.scheduler = Scheduler(self.clock, min_ratio=0.5, affinity_wait=5.0, max_queue=4)
         self.scheduler.set_backend_slots(self.backend.name, 1)
-        dispatcher = Dispatcher(self.clock, self.scheduler, {self.backend.name: self.backend}, NoCache(),
+        self.cache = self.cache_tier()
+        dispatcher = Dispatcher(self.clock, self.scheduler, {self.backend.name: self.backend}, self.cache,
                                 first_byte_timeout=30)
         proxy = Proxy(
             Config.load({}, {}), self.clock, dispatcher, {self.backend.name: self.backend},
@@ -104,6 +110,9 @@ class StreamedChoicesTests(SynchronousTestCase):
 
     def assertSlotsFree(self) -> None:
         self.assertFalse(any(slot.busy for slot in self.scheduler.slots.values()))
+
+
+class StreamedChoicesTests(_ProxyOverStrings):
 
     def test_choices_are_relayed_one_after_another_with_their_index(self) -> None:
         client = self.post({"messages": MESSAGES, "n": 3, "stream": True, "stream_options": {"include_usage": True}})
@@ -200,3 +209,30 @@ class StreamedChoicesTests(SynchronousTestCase):
         self.assertIn(b" 400 ", client.transport.value().split(b"\r\n")[0])
         self.assertEqual(json.loads(client.body)["error"]["code"], "unsupported_n")
         self.assertEqual(self.backend.sent, [])
+
+
+class _DecodingSpy(NoCache):
+    def __init__(self) -> None:
+        self.decoding_calls: list[Any] = []
+
+    def decoding(self, lease: Any) -> None:
+        self.decoding_calls.append(lease)
+
+
+class DecodingSignalTests(_ProxyOverStrings):
+    """The cache tier hears when llama.cpp starts streaming an answer (its headers come before the prompt)."""
+
+    def cache_tier(self) -> Any:
+        return _DecodingSpy()
+
+    def test_the_first_streamed_bytes_tell_the_cache_tier_once(self) -> None:
+        self.post({"messages": MESSAGES, "stream": True})
+        response = self.stream(0)
+        self.assertEqual(self.cache.decoding_calls, [])  # headers only: llama.cpp may still be computing the prompt
+        whole = b"".join(answer("only", "ab"))
+        response.send(whole[:5])
+        self.assertEqual(len(self.cache.decoding_calls), 1)
+        response.send(whole[5:])
+        response.finish()
+        self.assertEqual(len(self.cache.decoding_calls), 1)
+        self.assertSlotsFree()

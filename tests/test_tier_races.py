@@ -182,3 +182,86 @@ def test_a_restore_right_after_the_eviction_save_does_not_ask_llama_again_whethe
         threads.run_newest_first()
     assert decided.result is Decision.RESTORE
     assert backend.calls == ["slots", "save", "restore"]
+
+
+class _Saving:
+    """A backend whose slots are idle and hold 300 tokens; records the slot actions asked."""
+
+    name = url = "b"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []
+
+    async def wait_until_idle(self, index: int) -> dict[str, Any]:
+        return {"id": index, "id_task": 7, "is_processing": False, "n_prompt_tokens": 300}
+
+    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
+        self.calls.append((action, index))
+        return {"n_saved": 300, "n_written": 4096} if action == "save" else {"n_restored": 100, "n_read": 4096}
+
+
+def _three_hot_slots(tmp_path: Path) -> tuple[DiskTier, Threads, _Saving, list[Any]]:
+    from proxycache.routing import SlotId, SlotState
+    from proxycache.slots import Slot, SlotContent
+
+    tier, threads = make_tier(tmp_path)
+    backend = _Saving()
+    tier.backends = {"b": backend}  # type: ignore[dict-item]
+    tier.catalog.backend_up("b", MODEL)
+    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    slots = []
+    for index in range(3):
+        content = SlotContent(SlotState.HOT, Fingerprint((10 * index + 1, 10 * index + 2), 200, 32), tokens=300)
+        slot = Slot(SlotId("b", index), content=content, last_used=float(index))
+        tier.scheduler.slots[slot.id] = slot
+        slots.append(slot)
+    return tier, threads, backend, slots
+
+
+def _lease_taking(tier: DiskTier, slot: Any) -> Any:
+    """A request for another conversation that took C{slot} (evicting what it held)."""
+    from proxycache.routing import Decision, Plan, Request
+    from proxycache.slots import Lease
+
+    slot.lock.acquire()
+    request = Request(Fingerprint((7, 8, 9), 300, 48), small=False)
+    return Lease(slot, Plan(Decision.MISS, slot.id, evicts=True), request, waited=0.0, previous=slot.content)
+
+
+def _run(tier: DiskTier, threads: Threads, work: Any) -> Any:
+    d = Deferred.fromCoroutine(work) if not isinstance(work, Deferred) else work
+    while not d.called or threads.pending:
+        threads.run_newest_first()
+    return d.result
+
+
+def test_a_contended_backend_saves_the_next_victim_while_a_request_decodes(tmp_path):
+    # Like a page cleaner: the save runs while llama.cpp generates, not on the next request's way.
+    tier, threads, backend, slots = _three_hot_slots(tmp_path)
+    lease = _lease_taking(tier, slots[2])
+    _run(tier, threads, tier._prepare(lease))  # slot 2 is taken from another conversation: saved first
+    assert backend.calls == [("save", 2)]
+    tier.decoding(lease)
+    _run(tier, threads, Deferred.fromCoroutine(_settle()))
+    assert backend.calls == [("save", 2), ("save", 0)]  # the least recently used idle slot
+    assert slots[0].content.saved_key is not None and not slots[0].busy
+    tier.decoding(lease)  # a spare is kept: nothing more to save
+    assert backend.calls == [("save", 2), ("save", 0)]
+
+
+def test_no_early_save_on_a_backend_that_evicts_nobody(tmp_path):
+    from proxycache.routing import Decision, Plan, Request
+    from proxycache.slots import Lease
+
+    tier, threads, backend, slots = _three_hot_slots(tmp_path)
+    slots[2].lock.acquire()
+    hit = Lease(slots[2], Plan(Decision.HIT, slots[2].id), Request(slots[2].content.fingerprint, small=False),
+                waited=0.0, previous=slots[2].content)
+    _run(tier, threads, tier._prepare(hit))
+    tier.decoding(hit)
+    _run(tier, threads, Deferred.fromCoroutine(_settle()))
+    assert backend.calls == []  # write-behind saves idle slots after its delay, as before
+
+
+async def _settle() -> None:
+    return None

@@ -37,6 +37,9 @@ log = Logger()
 # it holds (llama.cpp overwrote or cleared it behind the proxy's back) would put
 # a near-empty file over a good one: refused.
 MIN_SAVED_SHARE = 0.5
+# A backend evicted a conversation this recently: its slots are contended, and the
+# next request will likely take the least recently used idle slot.
+CONTENDED_SECONDS = 60.0
 
 
 @attrs.frozen
@@ -81,6 +84,7 @@ class DiskTier(Service):
         self._restored: dict[SlotId, _Restored] = {}
         self._write_behind: dict[SlotId, IDelayedCall] = {}
         self._settling: dict[SlotId, Deferred[Decision]] = {}
+        self._evicted_at: dict[str, float] = {}  # by backend: when a request last took another's slot
         # One writer per key: a save (file and meta), a meta update, a drop.
         self._key_locks: dict[str, DeferredLock] = {}
         self.loaded: Deferred[None] = Deferred()
@@ -206,11 +210,10 @@ class DiskTier(Service):
         previous = lease.previous
         saved_here = False
         # A HIT keeps the slot's content unless it takes over another conversation's (evicts).
-        if (
-            (lease.plan.evicts or lease.plan.decision is not Decision.HIT)
-            and previous.state is SlotState.HOT
-            and previous.saved_key is None
-        ):
+        evicts = (lease.plan.evicts or lease.plan.decision is not Decision.HIT) and previous.state is SlotState.HOT
+        if evicts:
+            self._evicted_at[lease.slot.id.backend] = self.clock.seconds()
+        if evicts and previous.saved_key is None:
             saved_here = await self.save(lease.slot, previous) is not None
         self._cancel_write_behind(lease.slot)
         if lease.plan.fork is not None:
@@ -391,6 +394,25 @@ class DiskTier(Service):
             took=took,
         )
         return True
+
+    def decoding(self, lease: Lease) -> None:
+        """
+        Keep a spare: on a contended backend, once a request's prompt is computed,
+        save the idle slot the next request would take, unless one can be taken
+        without a save.  Like a page cleaner: the save happens while llama.cpp
+        generates, not on the next request's way (a save blocks llama.cpp's loop
+        either way).  Write-behind would save it too, but only after its delay.
+        """
+        backend = lease.slot.id.backend
+        if self.clock.seconds() - self._evicted_at.get(backend, float("-inf")) > CONTENDED_SECONDS:
+            return
+        idle = [s for s in self.scheduler.slots.values() if s.id.backend == backend and not s.busy]
+        if any(s.state is not SlotState.HOT or s.content.saved_key is not None for s in idle):
+            return  # a slot to take without saving
+        if idle:
+            victim = min(idle, key=lambda s: s.last_used)
+            self._cancel_write_behind(victim)
+            self._start_save_idle(victim)
 
     # -- write-behind -------------------------------------------------------
 

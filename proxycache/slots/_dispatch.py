@@ -44,6 +44,9 @@ class SlotPreparer(Protocol):
     def released(self, lease: Lease, outcome: Outcome) -> None:
         """The slot was released with C{outcome}."""
 
+    def decoding(self, lease: Lease) -> None:
+        """llama.cpp has computed C{lease}'s prompt and streams its answer (a good time for background saves)."""
+
 
 class NoCache:
     """No disk tier: every plan is carried out as it is."""
@@ -60,6 +63,9 @@ class NoCache:
     def released(self, lease: Lease, outcome: Outcome) -> None:
         return None
 
+    def decoding(self, lease: Lease) -> None:
+        return None
+
 
 @attrs.define(eq=False)
 class Progress:
@@ -72,6 +78,8 @@ class Progress:
     # after the last event must not cost us the truth about the slot.
     timings: dict[str, Any] = attrs.Factory(dict)
     failed: bool = False  # the body broke off: the slot's content is uncertain
+    # Called by the exchange at a stream's first bytes: the prompt is computed, the answer is coming.
+    decoding: Callable[[], Any] = lambda: None
 
 
 class Exchange(Protocol):
@@ -153,7 +161,7 @@ class Dispatcher:
     ) -> None:
         lease = await self.scheduler.acquire(wanted)
         started = self.clock.seconds()
-        progress = Progress()
+        progress = Progress(decoding=lambda: self.cache.decoding(lease))
         gone: _Unreachable | None = None
         try:
             progress.decision = _shown(lease, await self.cache.prepare(lease))

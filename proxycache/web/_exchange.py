@@ -132,7 +132,12 @@ class ClientExchange:
         progress.timings = tap.timings
         translator = self.api.stream() if self.api.stream is not None else None
 
+        started: list[bool] = []
+
         def relay(data: bytes) -> None:
+            if not started:  # llama.cpp sends its headers before the prompt, its first event after it
+                started.append(True)
+                progress.decoding()
             # Written in the same call as it arrives: the client's back-pressure pauses llama.cpp's stream.
             out = data if translator is None else translator.feed(data)
             if out:
