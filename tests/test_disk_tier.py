@@ -369,3 +369,25 @@ def test_weights_replaced_in_place_are_not_restored(llama_factory, models_dir, t
         assert "1 saved caches of" in proxy.log_text()
     finally:
         proxy.stop()
+
+
+def test_a_contended_backend_saves_the_next_slot_to_take_while_a_stream_decodes(llama, tmp_path):
+    # Write-behind far off: only the spare rule saves an idle slot before it is needed.
+    proxy = start_proxy(tmp_path, llama, write_behind=300)
+    try:
+        client = proxy.client()
+        ana, ben = User("ana"), User("ben")
+        ana.turn(client)
+        ben.turn(client)  # both slots hold a conversation, neither saved
+        assert proxy.status()["disk"]["saves"] == 0
+        cai = User("cai").messages + [{"role": "user", "content": "A question of a third user."}]
+        # cai takes ana's slot (ana saved on cai's way: the backend is contended now); while cai's
+        # answer streams, ben's slot, the one the next request would take, is saved.
+        assert list(client.chat.completions.create(model="any", messages=cai, max_tokens=8, stream=True))
+        wait_for(lambda: proxy.status()["disk"]["saves"] == 2, what="the spare's save")
+        record = User("dee").turn(client)
+        assert record["decision"] == "miss"
+        assert proxy.status()["disk"]["saves"] == 2  # dee took ben's saved slot: no save on its way
+        assert ben.turn(client)["decision"] == "restore"
+    finally:
+        proxy.stop()
