@@ -48,16 +48,7 @@ from bench.processes import Proxy, cpu_seconds, foreign_cpu_share, wait_until_qu
 from bench.run import DEFAULT_MODELS, log, machine, proxycache_version
 from proxycache.embedded import LlamaServerSpec
 from proxycache.testing import LlamaProcess, free_port, http
-from proxycache.testing.workload import (
-    Conversation,
-    Record,
-    Workload,
-    _failed,
-    _record,
-    make_client,
-    oracle_prefill,
-    stream_chat,
-)
+from proxycache.testing.workload import Record, Workload, oracle_prefill, run
 from proxycache.tinymodel import BENCH, TINY, ensure_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,15 +94,8 @@ def play(
     progress: Callable[[Served], None] | None = None,
     t0: float | None = None,
 ) -> list[Served]:
-    """
-    L{proxycache.testing.workload.run}, keeping the X-Proxycache-Backend header of each request:
-    users take turns round-robin, C{workload.concurrency} at once; C{between_turns(t)} runs once
-    every user finished turn C{t}.  Failed requests are recorded, not raised.
-    """
-    client = make_client(base_url)
-    conversations = [Conversation(user, workload) for user in range(workload.users)]
+    """L{proxycache.testing.workload.run}, keeping the X-Proxycache-Backend header of each request."""
     served: list[Served] = []
-    t0 = time.perf_counter() if t0 is None else t0  # Record.started counts from here
 
     def keep(record: Record, headers: dict[str, str] | None) -> None:
         number = (headers or {}).get("x-proxycache-backend")
@@ -120,35 +104,7 @@ def play(
         if progress is not None:
             progress(item)
 
-    def play_turn(conversation: Conversation, turn: int) -> None:
-        conversation.messages.append({"role": "user", "content": conversation.question()})
-        started = time.perf_counter()
-        try:
-            reply = stream_chat(
-                client, workload.model, conversation.messages, workload.answer_tokens, **workload.sampling()
-            )
-        except Exception as e:
-            conversation.messages.pop()  # the question goes unanswered; the next turn asks again
-            keep(_failed(conversation.user, turn, "turn", t0, started, e), None)
-            return
-        conversation.messages.append({"role": "assistant", "content": reply.text})
-        keep(_record(conversation.user, turn, "turn", t0, started, reply), reply.headers)
-        for _ in range(workload.side_calls):
-            started = time.perf_counter()
-            try:
-                side = stream_chat(client, workload.model, conversation.side_messages(), 8, **workload.sampling())
-            except Exception as e:
-                keep(_failed(conversation.user, turn, "side", t0, started, e), None)
-                continue
-            keep(_record(conversation.user, turn, "side", t0, started, side), side.headers)
-
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(max_workers=workload.concurrency) as pool:
-        for turn in range(workload.turns):
-            list(pool.map(lambda c: play_turn(c, turn), conversations))
-            if between_turns is not None:
-                between_turns(turn)
+    run(base_url, workload, between_turns, replies=keep, t0=t0)
     return served
 
 

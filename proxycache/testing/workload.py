@@ -206,18 +206,24 @@ def run(
     between_turns: Callable[[int], None] | None = None,
     api_key: str = "unused",
     progress: Callable[[Record], None] | None = None,
+    replies: Callable[[Record, dict[str, str] | None], None] | None = None,
+    t0: float | None = None,
 ) -> list[Record]:
     """
     Play the workload against C{base_url} (".../v1"); C{between_turns(t)} runs
     after every user finished turn C{t}.  Failed requests are recorded, not raised.
+    C{replies} hears each record with its response's headers (None when it failed);
+    C{Record.started} counts from C{t0} (default: now).
     """
     client = make_client(base_url, api_key)
     conversations = [Conversation(user, workload) for user in range(workload.users)]
     records: list[Record] = []
-    t0 = time.perf_counter()
+    t0 = time.perf_counter() if t0 is None else t0
 
-    def keep(record: Record) -> None:
+    def keep(record: Record, headers: dict[str, str] | None = None) -> None:
         records.append(record)
+        if replies is not None:
+            replies(record, headers)
         if progress is not None:
             progress(record)
 
@@ -233,7 +239,7 @@ def run(
             keep(_failed(conversation.user, turn, "turn", t0, started, e))
             return
         conversation.messages.append({"role": "assistant", "content": reply.text})
-        keep(_record(conversation.user, turn, "turn", t0, started, reply))
+        keep(_record(conversation.user, turn, "turn", t0, started, reply), reply.headers)
         for _ in range(workload.side_calls):
             started = time.perf_counter()
             try:
@@ -241,7 +247,7 @@ def run(
             except Exception as e:
                 keep(_failed(conversation.user, turn, "side", t0, started, e))
                 continue
-            keep(_record(conversation.user, turn, "side", t0, started, side))
+            keep(_record(conversation.user, turn, "side", t0, started, side), side.headers)
 
     with ThreadPoolExecutor(max_workers=workload.concurrency) as pool:
         for turn in range(workload.turns):
