@@ -22,6 +22,12 @@ from proxycache.web._errors import ApiError
 RELAYED_HEADERS = (b"content-type", b"cache-control")
 
 
+def no_buffering(request: IRequest) -> None:
+    """A stream's headers: nothing on the way (caches, nginx) may hold its events back."""
+    request.setHeader(b"cache-control", b"no-cache")
+    request.setHeader(b"x-accel-buffering", b"no")
+
+
 def relay_headers(response: IResponse, request: IRequest) -> None:
     request.setResponseCode(response.code)
     for name in RELAYED_HEADERS:
@@ -125,33 +131,42 @@ class ClientExchange:
         self.request.write(raw)
 
     async def _stream(self, response: IResponse, progress: Progress) -> None:
+        no_buffering(self.request)
+        translator = self.api.stream() if self.api.stream is not None else None
+        broken, tap = await self.pipe_stream(response, progress, translator.feed if translator is not None else None)
+        # Headers are gone already: a stream that broke off or ended without its end marker ends with
+        # an error event the SDKs understand.
+        if broken is not None and (translator is None or not translator.ended):
+            self.request.write(self.api.errors.stream_error(broken, tap.done))
+        elif broken is None and translator is not None and not translator.ended:
+            self.request.write(self.api.errors.stream_error("llama-server ended the stream early", tap.done))
+
+    async def pipe_stream(
+        self, response: IResponse, progress: Progress, rewrite: Callable[[bytes], bytes] | None
+    ) -> tuple[str | None, UsageTap]:
+        """
+        Relay llama.cpp's stream to the client as it comes (through C{rewrite}),
+        reading its usage and timings; returns why it broke off (or None) and the tap.
+        """
         request = self.request
-        request.setHeader(b"cache-control", b"no-cache")
-        request.setHeader(b"x-accel-buffering", b"no")
         tap = UsageTap(self.api.counts, self.api.markers)
         progress.timings = tap.timings
-        translator = self.api.stream() if self.api.stream is not None else None
-
-        started: list[bool] = []
+        started = False
 
         def relay(data: bytes) -> None:
+            nonlocal started
             if not started:  # llama.cpp sends its headers before the prompt, its first event after it
-                started.append(True)
+                started = True
                 progress.decoding()
             # Written in the same call as it arrives: the client's back-pressure pauses llama.cpp's stream.
-            out = data if translator is None else translator.feed(data)
+            out = data if rewrite is None else rewrite(data)
             if out:
                 request.write(out)
             tap.feed(data)
 
-        consumer = IConsumer(request)
         try:
-            await pipe_body(response, relay, self.clock, self.idle_timeout, consumer)
+            await pipe_body(response, relay, self.clock, self.idle_timeout, IConsumer(request))
         except UPSTREAM_FAILURES as e:
-            # Headers are gone already: end the stream with an error event the SDKs understand.
             progress.failed = True
-            if translator is None or not translator.ended:
-                request.write(self.api.errors.stream_error(f"llama-server broke off the stream: {e}", tap.done))
-            return
-        if translator is not None and not translator.ended:  # llama.cpp ended the stream without its end marker
-            request.write(self.api.errors.stream_error("llama-server ended the stream early", tap.done))
+            return f"llama-server broke off the stream: {e}", tap
+        return None, tap

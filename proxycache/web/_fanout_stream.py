@@ -13,18 +13,18 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING, Any
 
-from twisted.internet.interfaces import IConsumer, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest, IResponse
 from twisted.web.server import Request as HTTPRequest
 
-from proxycache.backend import UPSTREAM_FAILURES, pipe_body, read_body
+from proxycache.backend import UPSTREAM_FAILURES, read_body
 from proxycache.routing import Decision
 from proxycache.slots import Lease, Progress
 from proxycache.web._apis import Api
 from proxycache.web._errors import ApiError
-from proxycache.web._exchange import ClientExchange, UsageTap, relay_headers
+from proxycache.web._exchange import ClientExchange, no_buffering, relay_headers
 from proxycache.web._fanout import one_choice, summed_usage
 
 if TYPE_CHECKING:
@@ -132,25 +132,12 @@ class StreamedChoiceExchange(ClientExchange):
             else:
                 self.error = await self._refusal(response)
             return
-        request = self.request
         if self.first:
-            relay_headers(response, request)
-            request.setHeader(b"cache-control", b"no-cache")
-            request.setHeader(b"x-accel-buffering", b"no")
-        tap = UsageTap(self.api.counts, self.api.markers)
-        progress.timings = tap.timings
-
-        def relay(data: bytes) -> None:
-            out = self.relay.feed(data)
-            if out:  # written as it arrives: the client's back-pressure pauses llama.cpp's stream
-                request.write(out)
-            tap.feed(data)
-
-        try:
-            await pipe_body(response, relay, self.clock, self.idle_timeout, IConsumer(request))
-        except UPSTREAM_FAILURES as e:
-            progress.failed = True
-            self.error = f"llama-server broke off the stream: {e}"
+            relay_headers(response, self.request)
+            no_buffering(self.request)
+        broken, _ = await self.pipe_stream(response, progress, self.relay.feed)
+        if broken is not None:
+            self.error = broken
             return
         if not self.relay.ended and not self.relay.errored:
             self.error = "llama-server ended the stream early"
