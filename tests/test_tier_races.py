@@ -143,33 +143,42 @@ def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(t
     assert logged["log_failure"].check(RuntimeError)
 
 
+class _Saving:
+    """A backend whose slots are idle and hold 300 tokens; records what it was asked."""
+
+    name = url = "b"
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, int]] = []  # slot actions
+        self.asked: list[str] = []  # every request, in order
+
+    async def wait_until_idle(self, index: int) -> dict[str, Any]:
+        self.asked.append("slots")
+        return {"id": index, "id_task": 7, "is_processing": False, "n_prompt_tokens": 300}
+
+    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
+        self.asked.append(action)
+        self.calls.append((action, index))
+        return {"n_saved": 300, "n_written": 4096} if action == "save" else {"n_restored": 100, "n_read": 4096}
+
+
+def _tier_on(tmp_path: Path) -> tuple[DiskTier, Threads, _Saving]:
+    """A tier whose one backend, "b", runs MODEL and answers every slot action."""
+    tier, threads = make_tier(tmp_path)
+    backend = _Saving()
+    tier.backends = {"b": backend}  # type: ignore[dict-item]
+    tier.catalog.backend_up("b", MODEL)
+    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    return tier, threads, backend
+
+
 def test_a_restore_right_after_the_eviction_save_does_not_ask_llama_again_whether_the_slot_is_idle(tmp_path):
     # Every request to llama.cpp waits for a batch of the other slots: an eviction and a restore
     # take three of them (is it idle and what does it hold; save; restore), not four.
     from proxycache.routing import Decision, DiskMatch, Plan, Request, SlotId, SlotState
     from proxycache.slots import Lease, Slot, SlotContent
 
-    class Recording:
-        name = url = "b"
-
-        def __init__(self) -> None:
-            self.calls: list[str] = []
-
-        async def wait_until_idle(self, index: int) -> dict[str, Any]:
-            self.calls.append("slots")
-            return {"id": index, "id_task": 7, "is_processing": False, "n_prompt_tokens": 300}
-
-        async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
-            self.calls.append(action)
-            if action == "save":
-                return {"n_saved": 300, "n_written": 4096}
-            return {"n_restored": 100, "n_read": 4096}
-
-    tier, threads = make_tier(tmp_path)
-    backend = Recording()
-    tier.backends = {"b": backend}  # type: ignore[dict-item]
-    tier.catalog.backend_up("b", MODEL)
-    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    tier, threads, backend = _tier_on(tmp_path)
     entry = saved_entry(tier)
     evicted = SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300)
     slot = Slot(SlotId("b", 0), content=evicted)
@@ -177,38 +186,15 @@ def test_a_restore_right_after_the_eviction_save_does_not_ask_llama_again_whethe
     plan = Plan(Decision.RESTORE, slot.id, common_blocks=3, similarity=0.75, evicts=True,
                 restore=DiskMatch(entry.key, "b", 3, 0.75))
     lease = Lease(slot, plan, request, waited=0.0, previous=evicted)
-    decided = Deferred.fromCoroutine(tier._prepare(lease))
-    while not decided.called:
-        threads.run_newest_first()
-    assert decided.result is Decision.RESTORE
-    assert backend.calls == ["slots", "save", "restore"]
-
-
-class _Saving:
-    """A backend whose slots are idle and hold 300 tokens; records the slot actions asked."""
-
-    name = url = "b"
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []
-
-    async def wait_until_idle(self, index: int) -> dict[str, Any]:
-        return {"id": index, "id_task": 7, "is_processing": False, "n_prompt_tokens": 300}
-
-    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
-        self.calls.append((action, index))
-        return {"n_saved": 300, "n_written": 4096} if action == "save" else {"n_restored": 100, "n_read": 4096}
+    assert _run(threads, tier._prepare(lease)) is Decision.RESTORE
+    assert backend.asked == ["slots", "save", "restore"]
 
 
 def _three_hot_slots(tmp_path: Path) -> tuple[DiskTier, Threads, _Saving, list[Any]]:
     from proxycache.routing import SlotId, SlotState
     from proxycache.slots import Slot, SlotContent
 
-    tier, threads = make_tier(tmp_path)
-    backend = _Saving()
-    tier.backends = {"b": backend}  # type: ignore[dict-item]
-    tier.catalog.backend_up("b", MODEL)
-    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    tier, threads, backend = _tier_on(tmp_path)
     slots = []
     for index in range(3):
         content = SlotContent(SlotState.HOT, Fingerprint((10 * index + 1, 10 * index + 2), 200, 32), tokens=300)
@@ -228,9 +214,9 @@ def _lease_taking(tier: DiskTier, slot: Any) -> Any:
     return Lease(slot, Plan(Decision.MISS, slot.id, evicts=True), request, waited=0.0, previous=slot.content)
 
 
-def _run(tier: DiskTier, threads: Threads, work: Any) -> Any:
-    d = Deferred.fromCoroutine(work) if not isinstance(work, Deferred) else work
-    while not d.called or threads.pending:
+def _run(threads: Threads, work: Any) -> Any:
+    d = Deferred.fromCoroutine(work)
+    while not d.called:
         threads.run_newest_first()
     return d.result
 
@@ -239,10 +225,10 @@ def test_a_contended_backend_saves_the_next_victim_while_a_request_decodes(tmp_p
     # Like a page cleaner: the save runs while llama.cpp generates, not on the next request's way.
     tier, threads, backend, slots = _three_hot_slots(tmp_path)
     lease = _lease_taking(tier, slots[2])
-    _run(tier, threads, tier._prepare(lease))  # slot 2 is taken from another conversation: saved first
+    _run(threads, tier._prepare(lease))  # slot 2 is taken from another conversation: saved first
     assert backend.calls == [("save", 2)]
     tier.decoding(lease)
-    _run(tier, threads, Deferred.fromCoroutine(_settle()))
+    threads.run_newest_first()
     assert backend.calls == [("save", 2), ("save", 0)]  # the least recently used idle slot
     assert slots[0].content.saved_key is not None and not slots[0].busy
     tier.decoding(lease)  # a spare is kept: nothing more to save
@@ -257,11 +243,7 @@ def test_no_early_save_on_a_backend_that_evicts_nobody(tmp_path):
     slots[2].lock.acquire()
     hit = Lease(slots[2], Plan(Decision.HIT, slots[2].id), Request(slots[2].content.fingerprint, small=False),
                 waited=0.0, previous=slots[2].content)
-    _run(tier, threads, tier._prepare(hit))
+    _run(threads, tier._prepare(hit))
     tier.decoding(hit)
-    _run(tier, threads, Deferred.fromCoroutine(_settle()))
+    threads.run_newest_first()
     assert backend.calls == []  # write-behind saves idle slots after its delay, as before
-
-
-async def _settle() -> None:
-    return None
