@@ -10,7 +10,7 @@ import signal
 
 
 from tests.conversations import User, close_to_new
-from proxycache.testing import ProxyProcess, http, wait_for
+from proxycache.testing import ProxyProcess, ReplyTap, http, wait_for
 
 LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
 
@@ -369,6 +369,41 @@ def test_weights_replaced_in_place_are_not_restored(llama_factory, models_dir, t
         assert "1 saved caches of" in proxy.log_text()
     finally:
         proxy.stop()
+
+
+def test_weights_replaced_behind_a_port_that_stays_open_are_not_restored(llama_factory, models_dir, tmp_path):
+    # The port stays open while llama-server restarts (a container's published port): the proxy sees
+    # a check cut short, like a blip on a live server, and the next one answered by the new process.
+    import shutil
+
+    a, b = same_shape_models(models_dir)
+    model = tmp_path / "models" / "team.gguf"
+    model.parent.mkdir()
+    shutil.copyfile(a, model)
+    llama = llama_factory(model=model)
+    tap = ReplyTap(llama.url)
+    proxy = ProxyProcess(
+        tmp_path, tap.url, **{**LIMITS, "write_behind": 0.2, "slot_save_path": str(llama.save_dir)}
+    ).start()
+    try:
+        ana = User("ana")
+        ana.turn(proxy.client())
+        wait_for(lambda: all_saved(proxy), what="write-behind")
+        cut = tap.hold()
+        llama.stop()
+        wait_for(cut.is_set, what="a check cut short")
+        shutil.copyfile(b, model)
+        llama.start()
+        tap.release()
+        wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1, what="restart noticed")
+        wait_for(lambda: proxy.status()["backends"][0]["up"], what="backend up again")
+        record = ana.turn(proxy.client())
+        assert record["decision"] == "miss", record
+        disk = proxy.status()["disk"]
+        assert disk["restores"] == 0 and disk["model_changes"] == 1, proxy.log_text()
+    finally:
+        proxy.stop()
+        tap.close()
 
 
 def test_a_contended_backend_saves_the_next_slot_to_take_while_a_stream_decodes(llama, tmp_path):

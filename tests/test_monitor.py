@@ -181,16 +181,58 @@ def test_the_weights_are_asked_again_only_when_the_server_may_have_restarted():
     backend = Scripted()
     monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
     backend.slot_replies = [
+        [{"id": 0, "n_ctx": 100, "id_task": 1}],  # it served a task: this process is known
         UpstreamError("GET /slots: cut short"),  # a blip on a live server
+        [{"id": 0, "n_ctx": 100, "id_task": 1}],  # looked at again: the same process
+        [{"id": 0, "n_ctx": 100, "id_task": 2}],
         UpstreamError("GET /slots: refused"),  # the process is gone
     ]
-    backend.slot_replies[0].__cause__ = ResponseFailed([])
-    backend.slot_replies[1].__cause__ = ConnectionRefusedError()
-    check(monitor)  # comes up: probed; then the blip: down
-    check(monitor)  # up again, the same process: not probed; then refused: down
+    backend.slot_replies[1].__cause__ = ResponseFailed([])
+    backend.slot_replies[4].__cause__ = ConnectionRefusedError()
+    check(monitor)  # comes up: probed
+    check(monitor)  # the blip: down
+    check(monitor)  # up again, the same process: not probed
+    assert monitor.health[backend.name].restarts == 0
+    check(monitor)  # refused: down
     check(monitor)  # up again, maybe another process: probed
     check(monitor)  # up: nothing to describe
     assert backend.probes == [True, False, True]
+
+
+def cut_short() -> UpstreamError:
+    error = UpstreamError("GET /slots: cut short")
+    error.__cause__ = ResponseFailed([])
+    return error
+
+
+def test_a_restart_quicker_than_a_check_is_probed_again():
+    # Its process killed while a check waited for /slots, and another already listening at the next
+    # check: a blip on the face of it, but the weights probed before are the old process's.
+    clock = Clock()
+    backend = Scripted()
+    monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
+    backend.slot_replies = [
+        [{"id": 0, "n_ctx": 100, "id_task": 7}],
+        cut_short(),
+        [{"id": 0, "n_ctx": 100}],  # no slot served a task: a new process
+    ]
+    check(monitor)
+    check(monitor)
+    check(monitor)
+    assert backend.probes == [True, True]
+    assert monitor.health[backend.name].restarts == 1
+
+
+def test_after_a_blip_weights_are_probed_again_when_slots_cannot_tell():
+    clock = Clock()
+    backend = Scripted()
+    monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
+    backend.slot_replies = [[{"id": 0, "n_ctx": 100}], cut_short(), [{"id": 0, "n_ctx": 100}]]
+    check(monitor)  # up, but no task seen yet: no process to compare with
+    check(monitor)  # the blip
+    check(monitor)
+    assert backend.probes == [True, True]
+    assert monitor.health[backend.name].restarts == 0
 
 
 def test_a_request_ending_while_the_slots_reply_travels_is_no_restart():
@@ -208,3 +250,17 @@ def test_a_request_ending_while_the_slots_reply_travels_is_no_restart():
     reply.callback([{"id": 0, "n_ctx": 4096, "is_processing": False}, {"id": 1, "n_ctx": 4096}])  # made before it
     assert monitor.health[backend.name].restarts == 0
     assert slot.state is SlotState.HOT
+
+
+def test_a_restart_between_checks_is_seen_when_the_proxy_placed_nothing():
+    # Nothing of the proxy's in its slots (no restart shows there), but the task ids it had are all
+    # gone: a new process, maybe with other weights.
+    clock = Clock()
+    backend = Scripted()
+    monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
+    backend.slot_replies = [[{"id": 0, "n_ctx": 100, "id_task": 3}], [{"id": 0, "n_ctx": 100}]]
+    check(monitor)
+    check(monitor)  # restarted: down until described again
+    check(monitor)
+    assert backend.probes == [True, True]
+    assert monitor.health[backend.name].restarts == 1

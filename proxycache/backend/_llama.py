@@ -260,9 +260,10 @@ def restarted(slots: list[dict[str, Any]], believed_in_use: set[int], max_task_s
     """
     Did llama-server restart since we last looked?  A slot we believe holds a
     prompt but that llama.cpp reports as never used (no C{id_task}), or task ids
-    that went backwards, both mean a new process.
+    that went backwards (or all gone: a slot keeps its last one through erase
+    and restore), all mean a new process.
     """
     tasks = [s["id_task"] for s in slots if isinstance(s.get("id_task"), int)]
-    if tasks and max(tasks) < max_task_seen:
+    if max_task_seen >= 0 and (not tasks or max(tasks) < max_task_seen):
         return True
     return any("id_task" not in s for s in slots if s.get("id") in believed_in_use)

@@ -127,6 +127,13 @@ class Monitor(Service):
     async def _check(self, health: BackendHealth) -> None:
         backend = health.backend
         if not health.up:
+            if not health.probe_due:
+                # A check cut short by a quick restart looks like a blip: is it the
+                # process whose weights were probed?  Ask them again unless surely so.
+                slots, new_process = await self._slots(health)
+                if new_process:
+                    self._restarted(health)
+                health.probe_due = slots is None or health.max_task_seen < 0 or new_process
             described = await backend.describe(probe=health.probe_due)
             if described is None:
                 log.warn("llama-server {url}: /props did not answer", url=backend.url)
@@ -156,25 +163,12 @@ class Monitor(Service):
             health.up = True
             self.on_up(backend, described.model)
             self.scheduler.set_backend_slots(backend.name, int(total))
-        # Only slots llama.cpp is known to have processed (it reported tokens): a slot whose
-        # request failed before llama.cpp ran it has no task there, and that is no restart.
-        # Taken before asking, and kept only if unchanged meanwhile and idle now: a reply describes
-        # the moment it was made, not a request that ended while it travelled.
-        before = {
-            s.id.index: (s, s.content) for s in self.scheduler.slots.values()
-            if s.id.backend == backend.name and s.content.tokens > 0
-        }
-        slots = await backend.slots()
+        slots, new_process = await self._slots(health)
         if slots is None:
             return  # --no-slots: restarts are then only seen through failed requests
-        in_use = {index for index, (slot, content) in before.items() if slot.content is content and not slot.busy}
-        if restarted(slots, in_use, health.max_task_seen):
-            health.restarts += 1
-            log.warn("llama-server {url} restarted: its slots are empty now", url=backend.url)
-            self.scheduler.reset_backend(backend.name)
-            health.max_task_seen = -1
+        if new_process:
+            self._restarted(health)
             health.up = False  # read /props again: it may run another model now
-            health.probe_due = True
             return
         contexts = [s["n_ctx"] for s in slots if isinstance(s.get("n_ctx"), int)]
         if contexts:
@@ -182,6 +176,29 @@ class Monitor(Service):
         tasks = [s["id_task"] for s in slots if isinstance(s.get("id_task"), int)]
         if tasks:
             health.max_task_seen = max(health.max_task_seen, max(tasks))
+
+    async def _slots(self, health: BackendHealth) -> tuple[list[dict[str, Any]] | None, bool]:
+        """C{/slots}, and whether another process than the one seen last answered it."""
+        # Only slots llama.cpp is known to have processed (it reported tokens): a slot whose
+        # request failed before llama.cpp ran it has no task there, and that is no restart.
+        # Taken before asking, and kept only if unchanged meanwhile and idle now: a reply describes
+        # the moment it was made, not a request that ended while it travelled.
+        before = {
+            s.id.index: (s, s.content) for s in self.scheduler.slots.values()
+            if s.id.backend == health.backend.name and s.content.tokens > 0
+        }
+        slots = await health.backend.slots()
+        if slots is None:
+            return None, False
+        in_use = {index for index, (slot, content) in before.items() if slot.content is content and not slot.busy}
+        return slots, restarted(slots, in_use, health.max_task_seen)
+
+    def _restarted(self, health: BackendHealth) -> None:
+        health.restarts += 1
+        log.warn("llama-server {url} restarted: its slots are empty now", url=health.backend.url)
+        self.scheduler.reset_backend(health.backend.name)
+        health.max_task_seen = -1
+        health.probe_due = True
 
     def _failed(self, health: BackendHealth, gone: bool) -> None:
         health.up = False

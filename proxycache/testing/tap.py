@@ -23,26 +23,63 @@ class ReplyTap:
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._replies: list[bytearray] = []  # one per connection, as the target sent it
         self._sockets: list[socket.socket] = []
+        self._held: threading.Event | None = None
+        self._cut = threading.Event()
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold(self) -> threading.Event:
+        """
+        Stand in for a port that stays open while the server behind it restarts (a
+        container's published port): from now on the first connection the target
+        refuses gets the start of a reply, then is cut (a server killed while it
+        answered); later ones wait for L{release}, then reach the target.
+        Returns what is set once that first one was cut.
+        """
+        self._held = threading.Event()
+        self._cut = threading.Event()
+        return self._cut
+
+    def release(self) -> None:
+        if self._held is not None:
+            self._held.set()
 
     def _accept(self) -> None:
         while True:
             try:
                 client, _ = self._listener.accept()
-                upstream = socket.create_connection(self._target)
             except OSError:  # closed
                 return
-            reply = bytearray()
-            self._replies.append(reply)
-            self._sockets += [client, upstream]
-            threading.Thread(target=_pump, args=(client, upstream, None), daemon=True).start()
-            threading.Thread(target=_pump, args=(upstream, client, reply), daemon=True).start()
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _relay(self, client: socket.socket) -> None:
+        try:
+            upstream = socket.create_connection(self._target)
+        except OSError:
+            held = self._held
+            if held is None or not self._cut.is_set():
+                if held is not None:
+                    client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n[")
+                client.close()
+                self._cut.set()
+                return
+            held.wait()
+            try:
+                upstream = socket.create_connection(self._target)
+            except OSError:
+                client.close()
+                return
+        reply = bytearray()
+        self._replies.append(reply)
+        self._sockets += [client, upstream]
+        threading.Thread(target=_pump, args=(client, upstream, None), daemon=True).start()
+        _pump(upstream, client, reply)
 
     def bodies(self) -> list[bytes]:
         """The body of every HTTP response kept so far (transfer encoding undone), connection by connection."""
         return [body for reply in list(self._replies) for body in _responses(bytes(reply))]
 
     def close(self) -> None:
+        self.release()
         for sock in [self._listener, *self._sockets]:
             sock.close()
 
