@@ -52,7 +52,7 @@ def hot_slot() -> tuple[Slot, SlotContent]:
 def test_the_tier_chooses_a_budget_at_start_and_saves_only_above_the_headroom(tmp_path):
     tier, threads = make_tier(tmp_path)
     free = [100 * GiB]
-    tier.disk_usage = lambda path: Usage(500 * GiB, 0, free[0])
+    tier.store.disk_usage = lambda path: Usage(500 * GiB, 0, free[0])
     llama = FakeLlama()
     tier.backends = {"b": llama}
     tier.catalog.backend_up("b", MODEL)

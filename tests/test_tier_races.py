@@ -56,9 +56,9 @@ def make_tier(tmp_path: Path) -> tuple[DiskTier, Threads]:
 
 def saved_entry(tier: DiskTier, key: str = "0123456789abcdef", last_used: float = 1.0) -> MetaEntry:
     entry = MetaEntry(key, "b", MODEL, Fingerprint((1, 2, 3), 300, 48), 100, 4096, 1.0, last_used)
-    write_meta(tier.meta_dir, entry)
-    assert tier.save_dir is not None
-    (tier.save_dir / entry.filename).write_bytes(b"kv")
+    write_meta(tier.store.meta_dir, entry)
+    assert tier.store.save_dir is not None
+    (tier.store.save_dir / entry.filename).write_bytes(b"kv")
     tier.index.put(entry)
     return entry
 
@@ -66,13 +66,13 @@ def saved_entry(tier: DiskTier, key: str = "0123456789abcdef", last_used: float 
 def test_a_drop_during_a_pending_meta_write_is_not_undone(tmp_path):
     tier, threads = make_tier(tmp_path)
     entry = saved_entry(tier)
-    tier._update(entry, last_used=2.0)  # a restore touched it: its meta write waits for a thread
+    tier.store.update(entry, last_used=2.0)  # a restore touched it: its meta write waits for a thread
     updated = tier.index.entries[entry.key]
-    dropped = Deferred.fromCoroutine(tier._drop(updated))  # the budget drops it meanwhile
+    dropped = Deferred.fromCoroutine(tier.store.drop(updated))  # the budget drops it meanwhile
     threads.run_newest_first()  # the removal would run before the pending write
     assert dropped.called
     assert entry.key not in tier.index.entries
-    assert not (tier.meta_dir / f"{entry.key}.meta").exists()  # no meta came back
+    assert not (tier.store.meta_dir / f"{entry.key}.meta").exists()  # no meta came back
     assert not (tmp_path / "saves" / entry.filename).exists()
 
 
@@ -80,25 +80,25 @@ def test_an_update_of_a_replaced_entry_does_not_undo_the_newer_one(tmp_path):
     tier, threads = make_tier(tmp_path)
     old = saved_entry(tier, last_used=1.0)
     newer = MetaEntry(old.key, "b", MODEL, Fingerprint((1, 2, 3, 4), 400, 64), 150, 5000, 1.0, 3.0)
-    write_meta(tier.meta_dir, newer)
+    write_meta(tier.store.meta_dir, newer)
     tier.index.put(newer)  # a save of the next turn landed while a restore of the old one finished
-    tier._update(old, last_used=2.0)
-    Deferred.fromCoroutine(tier._drop(old))  # a budget decision about the old one
+    tier.store.update(old, last_used=2.0)
+    Deferred.fromCoroutine(tier.store.drop(old))  # a budget decision about the old one
     threads.run_newest_first()
     assert tier.index.entries[old.key] is newer
-    assert load_index(tier.meta_dir, tier.save_dir).entries == [newer]
+    assert load_index(tier.store.meta_dir, tier.store.save_dir).entries == [newer]
 
 
 def test_a_drop_waits_for_a_write_in_progress_and_skips_a_newer_entry(tmp_path):
     tier, threads = make_tier(tmp_path)
     entry = saved_entry(tier)
-    tier._update(entry, last_used=2.0)
+    tier.store.update(entry, last_used=2.0)
     touched = tier.index.entries[entry.key]
-    tier._update(touched, last_used=3.0)  # a second update queues behind the first
+    tier.store.update(touched, last_used=3.0)  # a second update queues behind the first
     latest = tier.index.entries[entry.key]
     threads.run_newest_first()
-    assert load_index(tier.meta_dir, tier.save_dir).entries == [latest]
-    assert not tier._key_locks  # no lock left behind
+    assert load_index(tier.store.meta_dir, tier.store.save_dir).entries == [latest]
+    assert not tier.store._key_locks  # no lock left behind
 
 
 def test_stray_cache_files_are_counted(tmp_path):
@@ -127,7 +127,7 @@ def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(t
     tier, threads = make_tier(tmp_path)
     tier.backends = {"b": Broken()}
     tier.catalog.backend_up("b", MODEL)
-    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    tier.store.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
     slot = Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300))
     tier.scheduler.slots[slot.id] = slot
     events: list[dict] = []
@@ -168,7 +168,7 @@ def _tier_on(tmp_path: Path) -> tuple[DiskTier, Threads, _Saving]:
     backend = _Saving()
     tier.backends = {"b": backend}  # type: ignore[dict-item]
     tier.catalog.backend_up("b", MODEL)
-    tier.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
+    tier.store.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
     return tier, threads, backend
 
 

@@ -1,7 +1,7 @@
 """
 The disk tier: an index of saved slot caches (pure), the C{.meta} files
-behind it (blocking, run in a thread), and the service that saves, restores
-and keeps the budget.
+behind it (blocking, run in a thread), the saved caches with their budget,
+and the service that saves and restores around requests.
 """
 
 from proxycache.cache._catalog import Catalog, Counters

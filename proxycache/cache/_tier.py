@@ -1,7 +1,8 @@
 """
 The disk tier at work: save a hot slot before it is evicted, restore a saved
 cache when it beats recomputing, verify that restores took, save idle hot
-slots in the background (write-behind), and keep the disk within budget.
+slots in the background (write-behind, a spare on a contended backend).
+What is saved, and the disk budget, is L{SavedCaches}'s.
 
 llama.cpp defers an action on a busy slot and resumes only one deferred task
 per slot release, so every save/restore here runs with the slot's lock held,
@@ -11,22 +12,20 @@ after llama.cpp itself reports the slot idle, with a timeout.
 from __future__ import annotations
 
 import shutil
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import attrs
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
+from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, UpstreamError, never_used, unreachable
-from proxycache.cache._budget import AUTO_SHARE, auto_budget, headroom
 from proxycache.cache._catalog import Catalog
-from proxycache.cache._files import load_index, remove_entry_files, write_meta
 from proxycache.cache._index import MetaEntry, bin_name
+from proxycache.cache._store import SavedCaches
 from proxycache.config import Config
 from proxycache.routing import Decision, SlotId, SlotState, fell_short
 from proxycache.slots import Lease, Outcome, Scheduler, Slot, SlotContent
@@ -73,90 +72,20 @@ class DiskTier(Service):
         self.index = catalog.index
         self.speeds = catalog.speeds
         self.counters = catalog.counters
+        self.store = SavedCaches(config, catalog, to_thread=to_thread, disk_usage=disk_usage)
         self.on_empty_slot = on_empty_slot  # llama-server looks restarted: the monitor looks again
         self.observers = list(observers)  # (action, seconds, bytes) of every save and restore
-        self.to_thread = to_thread
-        self.disk_usage = disk_usage
-        self._low_space = False  # logged once per spell of low free space
-        self.meta_dir = Path(config.meta_dir)
-        self.save_dir = Path(config.slot_save_path) if config.slot_save_path else None
-        self.pinned = frozenset(config.pinned_keys)
         self._restored: dict[SlotId, _Restored] = {}
         self._write_behind: dict[SlotId, IDelayedCall] = {}
         self._settling: dict[SlotId, Deferred[Decision]] = {}
         self._evicted_at: dict[str, float] = {}  # by backend: when a request last took another's slot
-        # One writer per key: a save (file and meta), a meta update, a drop.
-        self._key_locks: dict[str, DeferredLock] = {}
         self.loaded: Deferred[None] = Deferred()
 
     # -- service ------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
-        Deferred.fromCoroutine(self._load()).chainDeferred(self.loaded)
-
-    async def _load(self) -> None:
-        loaded = await self.to_thread(load_index, self.meta_dir, self.save_dir)
-        for entry in loaded.entries:
-            self.index.put(entry)
-        if loaded.skipped:  # one line, however many (an old format leaves many)
-            log.warn(
-                "skipped {n} unreadable cache metas (they will not be restored): {some}",
-                n=len(loaded.skipped),
-                some="; ".join(loaded.skipped[:3]) + ("; ..." if len(loaded.skipped) > 3 else ""),
-            )
-        if loaded.missing:
-            log.warn("dropped {n} cache metas whose .bin is gone", n=len(loaded.missing))
-        self.counters.stray_files = len(loaded.stray)
-        if loaded.stray:
-            log.warn(
-                "{n} slot cache files have no meta (left alone): {names}",
-                n=len(loaded.stray),
-                names=", ".join(loaded.stray[:5]),
-            )
-        log.info("disk cache index: {n} entries, {mb:.1f} MB", n=len(self.index), mb=self.index.total_bytes / 1e6)
-        await self._choose_budget()
-
-    async def _choose_budget(self) -> None:
-        configured = self.config.max_cache_bytes
-        if configured is not None:
-            self.catalog.max_bytes = configured
-            return
-        if self.save_dir is None:
-            log.info("disk budget: none (llama-server's save directory is not visible here: see --slot-save-path)")
-            return
-        usage = await self.to_thread(_usage, self.disk_usage, self.save_dir)
-        self.catalog.max_bytes = auto_budget(usage.free, usage.total, self.index.total_bytes)
-        log.info(
-            "disk budget: {gb:.2f} GB, chosen at start ({share:.0%} of the {free:.1f} GB free in {dir} "
-            "and the caches already there; --max-cache-bytes sets it)",
-            gb=self.catalog.max_bytes / 1e9,
-            share=AUTO_SHARE,
-            free=usage.free / 1e9,
-            dir=self.save_dir,
-        )
-
-    async def _room_to_save(self) -> bool:
-        """Is there free space beyond the headroom where llama-server writes?  Logged once when not."""
-        if self.save_dir is None:
-            return True
-        try:
-            usage = await self.to_thread(_usage, self.disk_usage, self.save_dir)
-        except OSError:
-            return True  # cannot tell: llama-server's own reply will say
-        if usage.free >= headroom(usage.total):
-            self._low_space = False
-            return True
-        self.counters.saves_skipped_low_space += 1
-        if not self._low_space:
-            self._low_space = True
-            log.warn(
-                "not saving slot caches: {free:.1f} GB free in {dir}, under the {room:.1f} GB left to everything else",
-                free=usage.free / 1e9,
-                dir=self.save_dir,
-                room=headroom(usage.total) / 1e9,
-            )
-        return False
+        Deferred.fromCoroutine(self.store.load()).chainDeferred(self.loaded)
 
     def stopService(self) -> Deferred:
         super().stopService()
@@ -249,7 +178,7 @@ class DiskTier(Service):
             cache_n=outcome.cache_n,
             total=outcome.cache_n + outcome.prompt_n,
         )
-        self._update(restored.entry, ineffective=True)
+        self.store.update(restored.entry, ineffective=True)
 
     # -- save / restore -----------------------------------------------------
 
@@ -260,18 +189,18 @@ class DiskTier(Service):
         fp = content.fingerprint
         if model is None or not fp.blocks:
             return None
-        if not await self._room_to_save():
+        if not await self.store.room_to_save():
             return None
         predecessor = self.index.predecessor(fp, backend.name, model, content.lineage)
         key = predecessor.key if predecessor else fp.key
-        lock = await self._lock_key(key)
+        lock = await self.store.lock_key(key)
         try:
             entry = await self._save_locked(slot, content, backend, model, key)
         finally:
-            self._unlock_key(key, lock)
+            self.store.unlock_key(key, lock)
         if entry is None:
             return None
-        await self._enforce_budget()
+        await self.store.enforce_budget()
         return key
 
     async def _save_locked(
@@ -316,13 +245,8 @@ class DiskTier(Service):
             last_used=now,
             pinned=content.pinned or bool(predecessor and predecessor.pinned),
         )
-        try:
-            await self.to_thread(write_meta, self.meta_dir, entry)
-        except OSError as e:
-            self.counters.save_failures += 1
-            log.warn("writing cache meta {key} failed: {error}", key=key, error=e)
+        if not await self.store.record(entry):
             return None
-        self.index.put(entry)
         self.counters.saves += 1
         self.counters.saved_bytes += entry.bytes
         took = now - started
@@ -346,10 +270,10 @@ class DiskTier(Service):
         slot = lease.slot
         backend = self.backends[slot.id.backend]
         started = self.clock.seconds()
-        lock = await self._lock_key(entry.key)  # not while a save of the same key rewrites the file
+        lock = await self.store.lock_key(entry.key)  # not while a save of the same key rewrites the file
         current = self.index.entries.get(entry.key)
         if current is None or current.model != entry.model:
-            self._unlock_key(entry.key, lock)
+            self.store.unlock_key(entry.key, lock)
             return False  # dropped while we waited
         entry = current
         try:
@@ -361,7 +285,7 @@ class DiskTier(Service):
         else:
             failure = None
         finally:
-            self._unlock_key(entry.key, lock)
+            self.store.unlock_key(entry.key, lock)
         if failure is not None:
             # llama.cpp clears the slot when a restore fails: the request recomputes.
             self.counters.restore_failures += 1
@@ -373,7 +297,7 @@ class DiskTier(Service):
             )
             missing = "failed to open" in str(failure).lower() or "not found" in str(failure).lower()
             if missing and slot.id.backend == entry.backend:  # elsewhere, the storage may just not be shared
-                await self._drop(entry)
+                await self.store.drop(entry)
             return False
         took = self.clock.seconds() - started
         n_restored = int(reply.get("n_restored", 0))
@@ -385,7 +309,7 @@ class DiskTier(Service):
         for observer in self.observers:
             observer("restore", took, int(reply.get("n_read", entry.bytes)))
         self._restored[slot.id] = _Restored(entry, n_restored, lease.plan.common_blocks)
-        self._update(entry, last_used=self.clock.seconds())
+        self.store.update(entry, last_used=self.clock.seconds())
         (log.info if took >= 1 else log.debug)(
             "restored {key} into slot {slot}: {tokens} tokens in {took:.2f}s",
             key=entry.key,
@@ -462,73 +386,6 @@ class DiskTier(Service):
             return key
         finally:
             self.scheduler.release_source(lease)
-
-    # -- the index on disk --------------------------------------------------
-
-    async def _lock_key(self, key: str) -> DeferredLock:
-        lock = self._key_locks.setdefault(key, DeferredLock())
-        await lock.acquire()
-        return lock
-
-    def _unlock_key(self, key: str, lock: DeferredLock) -> None:
-        lock.release()
-        if not lock.locked and self._key_locks.get(key) is lock:
-            del self._key_locks[key]
-
-    def _update(self, entry: MetaEntry, **changes: Any) -> None:
-        """
-        Change C{entry} in the index and, in the background, on disk; unless it
-        is no longer the index's entry for its key (dropped, or replaced by a
-        newer save), in which case changing it would undo that.
-        """
-        if self.index.entries.get(entry.key) is not entry:
-            return
-        changed = attrs.evolve(entry, **changes)
-        self.index.put(changed)
-        d = Deferred.fromCoroutine(self._write_current(changed))
-        d.addErrback(lambda f: log.warn("writing cache meta {key} failed: {error}", key=entry.key, error=f.value))
-
-    async def _write_current(self, entry: MetaEntry) -> None:
-        lock = await self._lock_key(entry.key)
-        try:
-            # Checked after the wait: a drop or a newer save meanwhile wins.
-            if self.index.entries.get(entry.key) is entry:
-                await self.to_thread(write_meta, self.meta_dir, entry)
-        finally:
-            self._unlock_key(entry.key, lock)
-
-    async def _drop(self, entry: MetaEntry) -> None:
-        """Forget C{entry} and delete its files, unless its key holds a newer entry by then."""
-        if self.index.entries.get(entry.key) is not entry:
-            return  # already dropped, or replaced by a newer save: that one stays
-        self.index.remove(entry.key)
-        lock = await self._lock_key(entry.key)
-        try:
-            if entry.key not in self.index.entries:  # a save of this key while we waited keeps its files
-                await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
-        finally:
-            self._unlock_key(entry.key, lock)
-
-    async def _enforce_budget(self) -> None:
-        victims = self.index.over_budget(
-            self.catalog.max_bytes,
-            self.config.max_cache_entries,
-            self.pinned,
-            frozenset(self.catalog.models.values()),
-            self.config.max_pinned_share,
-        )
-        for victim in victims:
-            self.counters.evicted_entries += 1
-            log.info("disk budget: dropping cache {key} ({mb:.1f} MB)", key=victim.key, mb=victim.bytes / 1e6)
-            await self._drop(victim)
-
-
-def _usage(disk_usage: Callable[[str], Any], path: Path) -> Any:
-    """Blocking: the disk usage where C{path} is, or would be (its nearest existing parent)."""
-    while not path.exists() and path.parent != path:
-        path = path.parent
-    return disk_usage(str(path))
-
 
 def _tokens_held(slot: dict[str, Any] | None) -> int | None:
     """The tokens llama.cpp says slot C{slot} (from C{GET /slots}) holds, when it says."""
