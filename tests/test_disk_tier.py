@@ -144,6 +144,9 @@ def test_save_failure_loses_no_request(llama_factory, tmp_path):
                 assert record["answer"] is not None
         disk = proxy.status()["disk"]
         assert disk["save_failures"] >= 1 and disk["saves"] == 0
+        # Asked once (or as often as saves were under way at once), not at every eviction and release.
+        assert disk["save_failures"] <= 2, disk
+        assert proxy.log_text().count("runs without --slot-save-path") == 1
     finally:
         proxy.stop()
 

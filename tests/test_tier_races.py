@@ -247,3 +247,28 @@ def test_no_early_save_on_a_backend_that_evicts_nobody(tmp_path):
     tier.decoding(hit)
     threads.run_newest_first()
     assert backend.calls == []  # write-behind saves idle slots after its delay, as before
+
+
+def test_a_backend_without_a_save_directory_is_asked_to_save_once_until_it_restarts(tmp_path):
+    from proxycache.backend import UpstreamError
+    from proxycache.routing import SlotId, SlotState
+    from proxycache.slots import Slot, SlotContent
+
+    tier, threads, backend = _tier_on(tmp_path)
+    refusing = True
+
+    async def slot_action(index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
+        backend.calls.append((action, index))
+        if refusing:
+            raise UpstreamError(f"slot {index} {action} failed: 501 This server does not support slots action")
+        return {"n_saved": 300, "n_written": 4096}
+
+    backend.slot_action = slot_action  # type: ignore[method-assign]
+    slot = Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300))
+    for _ in range(3):
+        assert _run(threads, tier.save(slot, slot.content)) is None
+    assert backend.calls == [("save", 0)]
+    refusing = False
+    tier.backend_up("b", MODEL)  # restarted, with --slot-save-path this time
+    assert _run(threads, tier.save(slot, slot.content)) is not None
+    assert backend.calls == [("save", 0), ("save", 0)]

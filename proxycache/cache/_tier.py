@@ -79,6 +79,7 @@ class DiskTier(Service):
         self._write_behind: dict[SlotId, IDelayedCall] = {}
         self._settling: dict[SlotId, Deferred[Decision]] = {}
         self._evicted_at: dict[str, float] = {}  # by backend: when a request last took another's slot
+        self._cannot_save: set[str] = set()  # backends that answered 501 (no --slot-save-path) since they came up
         self.loaded: Deferred[None] = Deferred()
 
     # -- service ------------------------------------------------------------
@@ -111,6 +112,7 @@ class DiskTier(Service):
 
     def backend_up(self, backend: str, model: str) -> None:
         """A backend came up (again) running C{model}; says once what that makes unusable."""
+        self._cannot_save.discard(backend)  # restarted: perhaps with --slot-save-path now
         unusable = self.catalog.backend_up(backend, model)
         if unusable:
             log.warn(
@@ -187,7 +189,7 @@ class DiskTier(Service):
         backend = self.backends[slot.id.backend]
         model = self.catalog.models.get(backend.name)
         fp = content.fingerprint
-        if model is None or not fp.blocks:
+        if model is None or not fp.blocks or backend.name in self._cannot_save:
             return None
         if not await self.store.room_to_save():
             return None
@@ -228,8 +230,16 @@ class DiskTier(Service):
             reply = await backend.slot_action(slot.id.index, "save", bin_name(key), self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             self.counters.save_failures += 1
-            hint = " (llama-server runs without --slot-save-path: nothing can be saved)" if " 501 " in str(e) else ""
-            log.warn("saving slot {slot} failed: {error}{hint}", slot=str(slot.id), error=e, hint=hint)
+            if " 501 " in str(e):
+                # Each later save would fail the same way: not asked again until it restarts.
+                if backend.name not in self._cannot_save:
+                    self._cannot_save.add(backend.name)
+                    log.warn(
+                        "saving slot {slot} failed: {error} (llama-server runs without --slot-save-path: "
+                        "nothing can be saved there until it restarts with one)", slot=str(slot.id), error=e,
+                    )
+                return None
+            log.warn("saving slot {slot} failed: {error}", slot=str(slot.id), error=e)
             if unreachable(e):
                 self.on_empty_slot()  # nobody listens: the monitor takes it out and sees it come back
             return None
