@@ -71,7 +71,8 @@ class NoCache:
 class Progress:
     """How far one request got; the dispatcher reads it when the request ends."""
 
-    answered: bool = False  # llama.cpp sent response headers: the prompt was processed
+    # llama.cpp sent response headers: after the prompt for a whole answer, before it for a stream
+    answered: bool = False
     status: int = 0
     decision: Decision | None = None
     # llama.cpp's timings as soon as they pass by: a client that hangs up right
