@@ -344,21 +344,26 @@ def test_the_identity_probe_tells_weights_of_one_shape_apart(llama_factory, mode
     assert probe_answer(on_a.post_json("/completion", PROBE_BODY)) == answer_a
 
 
-def test_weights_replaced_in_place_are_not_restored(llama_factory, models_dir, tmp_path):
+def on_a_model_to_replace(llama_factory, models_dir, tmp_path):
+    """A server on a model file, and how to put other weights of the same shape in its place."""
     import shutil
 
     a, b = same_shape_models(models_dir)
     model = tmp_path / "models" / "team.gguf"
     model.parent.mkdir()
     shutil.copyfile(a, model)
-    llama = llama_factory(model=model)
+    return llama_factory(model=model), lambda: shutil.copyfile(b, model)  # same name, same size
+
+
+def test_weights_replaced_in_place_are_not_restored(llama_factory, models_dir, tmp_path):
+    llama, replace_weights = on_a_model_to_replace(llama_factory, models_dir, tmp_path)
     proxy = start_proxy(tmp_path, llama)
     try:
         ana = User("ana")
         ana.turn(proxy.client())
         wait_for(lambda: all_saved(proxy), what="write-behind")
         llama.stop()
-        shutil.copyfile(b, model)  # same name, same size, other weights
+        replace_weights()
         llama.start()
         wait_for(
             lambda: proxy.status()["backends"][0]["restarts"] >= 1 or not proxy.status()["backends"][0]["up"],
@@ -377,13 +382,7 @@ def test_weights_replaced_in_place_are_not_restored(llama_factory, models_dir, t
 def test_weights_replaced_behind_a_port_that_stays_open_are_not_restored(llama_factory, models_dir, tmp_path):
     # The port stays open while llama-server restarts (a container's published port): the proxy sees
     # a check cut short, like a blip on a live server, and the next one answered by the new process.
-    import shutil
-
-    a, b = same_shape_models(models_dir)
-    model = tmp_path / "models" / "team.gguf"
-    model.parent.mkdir()
-    shutil.copyfile(a, model)
-    llama = llama_factory(model=model)
+    llama, replace_weights = on_a_model_to_replace(llama_factory, models_dir, tmp_path)
     tap = ReplyTap(llama.url)
     proxy = ProxyProcess(
         tmp_path, tap.url, **{**LIMITS, "write_behind": 0.2, "slot_save_path": str(llama.save_dir)}
@@ -395,7 +394,7 @@ def test_weights_replaced_behind_a_port_that_stays_open_are_not_restored(llama_f
         cut = tap.hold()
         llama.stop()
         wait_for(cut.is_set, what="a check cut short")
-        shutil.copyfile(b, model)
+        replace_weights()
         llama.start()
         tap.release()
         wait_for(lambda: proxy.status()["backends"][0]["restarts"] >= 1, what="restart noticed")

@@ -171,24 +171,35 @@ class Scripted:
         return reply
 
 
+def scripted(*slot_replies: Any) -> tuple[Monitor, Scripted]:
+    """A monitor of one L{Scripted} backend whose C{/slots} answers C{slot_replies} in turn."""
+    clock = Clock()
+    backend = Scripted()
+    backend.slot_replies = list(slot_replies)
+    return Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None), backend
+
+
 def check(monitor: Monitor) -> None:
     d = monitor.check()
     assert isinstance(d, Deferred) and d.called
 
 
+def cut_short() -> UpstreamError:
+    error = UpstreamError("GET /slots: cut short")
+    error.__cause__ = ResponseFailed([])
+    return error
+
+
 def test_the_weights_are_asked_again_only_when_the_server_may_have_restarted():
-    clock = Clock()
-    backend = Scripted()
-    monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
-    backend.slot_replies = [
+    refused = UpstreamError("GET /slots: refused")  # the process is gone
+    refused.__cause__ = ConnectionRefusedError()
+    monitor, backend = scripted(
         [{"id": 0, "n_ctx": 100, "id_task": 1}],  # it served a task: this process is known
-        UpstreamError("GET /slots: cut short"),  # a blip on a live server
+        cut_short(),  # a blip on a live server
         [{"id": 0, "n_ctx": 100, "id_task": 1}],  # looked at again: the same process
         [{"id": 0, "n_ctx": 100, "id_task": 2}],
-        UpstreamError("GET /slots: refused"),  # the process is gone
-    ]
-    backend.slot_replies[1].__cause__ = ResponseFailed([])
-    backend.slot_replies[4].__cause__ = ConnectionRefusedError()
+        refused,
+    )
     check(monitor)  # comes up: probed
     check(monitor)  # the blip: down
     check(monitor)  # up again, the same process: not probed
@@ -199,23 +210,14 @@ def test_the_weights_are_asked_again_only_when_the_server_may_have_restarted():
     assert backend.probes == [True, False, True]
 
 
-def cut_short() -> UpstreamError:
-    error = UpstreamError("GET /slots: cut short")
-    error.__cause__ = ResponseFailed([])
-    return error
-
-
 def test_a_restart_quicker_than_a_check_is_probed_again():
     # Its process killed while a check waited for /slots, and another already listening at the next
     # check: a blip on the face of it, but the weights probed before are the old process's.
-    clock = Clock()
-    backend = Scripted()
-    monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
-    backend.slot_replies = [
+    monitor, backend = scripted(
         [{"id": 0, "n_ctx": 100, "id_task": 7}],
         cut_short(),
         [{"id": 0, "n_ctx": 100}],  # no slot served a task: a new process
-    ]
+    )
     check(monitor)
     check(monitor)
     check(monitor)
@@ -224,10 +226,7 @@ def test_a_restart_quicker_than_a_check_is_probed_again():
 
 
 def test_after_a_blip_weights_are_probed_again_when_slots_cannot_tell():
-    clock = Clock()
-    backend = Scripted()
-    monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
-    backend.slot_replies = [[{"id": 0, "n_ctx": 100}], cut_short(), [{"id": 0, "n_ctx": 100}]]
+    monitor, backend = scripted([{"id": 0, "n_ctx": 100}], cut_short(), [{"id": 0, "n_ctx": 100}])
     check(monitor)  # up, but no task seen yet: no process to compare with
     check(monitor)  # the blip
     check(monitor)
@@ -255,10 +254,7 @@ def test_a_request_ending_while_the_slots_reply_travels_is_no_restart():
 def test_a_restart_between_checks_is_seen_when_the_proxy_placed_nothing():
     # Nothing of the proxy's in its slots (no restart shows there), but the task ids it had are all
     # gone: a new process, maybe with other weights.
-    clock = Clock()
-    backend = Scripted()
-    monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
-    backend.slot_replies = [[{"id": 0, "n_ctx": 100, "id_task": 3}], [{"id": 0, "n_ctx": 100}]]
+    monitor, backend = scripted([{"id": 0, "n_ctx": 100, "id_task": 3}], [{"id": 0, "n_ctx": 100}])
     check(monitor)
     check(monitor)  # restarted: down until described again
     check(monitor)
