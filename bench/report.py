@@ -1,5 +1,5 @@
 """
-docs/benchmarks/report.md and its PNG plots from the results of bench.run.
+docs/benchmarks/report.md from the results of bench.run, and its PNG plots (bench.plots).
 
 Re-render from saved results:  python -m bench.report docs/benchmarks/results.json
 """
@@ -360,60 +360,6 @@ def render(results: dict[str, Any], summaries: list[dict], plots: bool = True) -
     return "\n".join(out) + "\n"
 
 
-def plot(results: dict[str, Any], summaries: list[dict], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    keys = [s["key"] for s in summaries]
-    colors = ["tab:green" if s["key"].startswith("proxy") else "tab:gray" for s in summaries]
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    means = [s["later"]["mean"] or 0 for s in summaries]
-    p50 = [s["later"]["p50"] or 0 for s in summaries]
-    p95 = [s["later"]["p95"] or 0 for s in summaries]
-    ax.bar(keys, means, color=colors, label="mean")
-    ax.scatter(keys, p50, color="black", marker="_", s=400, label="p50", zorder=3)
-    ax.scatter(keys, p95, color="tab:red", marker="v", label="p95", zorder=3)
-    ax.set_yscale("log")
-    ax.set_ylabel("seconds (log)")
-    ax.set_title("Time to first token of later turns")
-    ax.legend()
-    ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(out_dir / "later_ttft.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    ax.bar(keys, [s["prefill"] for s in summaries], color=colors)
-    oracle = np.median([s["oracle"] for s in summaries])
-    ax.axhline(oracle, color="tab:blue", linestyle="--", label=f"oracle ({oracle:.0f})")
-    ax.set_ylabel("prompt tokens computed by llama.cpp")
-    ax.set_title("Backend prefill per scenario")
-    ax.legend()
-    ax.tick_params(axis="x", labelrotation=20)
-    fig.tight_layout()
-    fig.savefig(out_dir / "prefill.png", dpi=110)
-    plt.close(fig)
-
-    fig, ax = plt.subplots(figsize=(9, 4.5))
-    for result, s in zip(results["scenarios"], summaries):
-        turns = [r for r in _records(result) if r.kind == "turn" and r.ttft is not None]
-        ax.plot(range(len(turns)), [r.ttft for r in turns], marker=".", linewidth=1, label=s["key"])
-    turns, users = results["workload"]["turns"], results["workload"]["users"]
-    if any(r["scenario"]["restart"] for r in results["scenarios"]) and turns >= 2:
-        ax.axvline(users * (turns // 2) - 0.5, color="black", linestyle=":", label="restart (-restart runs)")
-    ax.set_yscale("log")
-    ax.set_xlabel("turn, in the order sent (users round-robin; the first round is every user's first turn)")
-    ax.set_ylabel("TTFT seconds (log)")
-    ax.set_title("TTFT of every turn")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out_dir / "ttft_timeline.png", dpi=110)
-    plt.close(fig)
-
-
 def sweep_points(results: dict[str, Any], summaries: list[dict]) -> list[dict[str, Any]]:
     """(context size, proxy-ram0 summary, llama-small summary, speed-ups), the main run included."""
     runs = [(results["workload"]["context_tokens"], summaries)]
@@ -436,27 +382,6 @@ def sweep_points(results: dict[str, Any], summaries: list[dict]) -> list[dict[st
     return points
 
 
-def plot_speedup(points: list[dict[str, Any]], out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(7, 4))
-    sizes = [p["context_tokens"] for p in points]
-    ax.plot(sizes, [p["speedup_mean"] for p in points], marker="o", label="mean")
-    ax.plot(sizes, [p["speedup_p50"] for p in points], marker="s", label="p50")
-    ax.axhline(PROXY_SPEEDUP_TARGET, color="tab:red", linestyle="--", label=f"target {PROXY_SPEEDUP_TARGET:.0f}x")
-    ax.set_xlabel("private context per user (tokens)")
-    ax.set_ylabel("later-turn TTFT, llama-small / proxycache")
-    ax.set_title("proxycache speed-up against context size")
-    ax.set_ylim(bottom=0)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(out_dir / "speedup.png", dpi=110)
-    plt.close(fig)
-
-
 def write_all(results: dict[str, Any], out_dir: Path) -> list[dict]:
     shared = results["workload"].get("shared_tokens", 0)
     summaries = [summarize(r, results["workload"]["turns"], shared) for r in results["scenarios"]]
@@ -466,6 +391,8 @@ def write_all(results: dict[str, Any], out_dir: Path) -> list[dict]:
         # The plots are optional (the `bench` extra); the report and results.json are not.
         print("matplotlib is not installed (pip install -e '.[bench]'): no plots drawn", file=sys.stderr)
         return summaries
+    from bench.plots import plot, plot_speedup  # matplotlib, only when installed
+
     plot(results, summaries, out_dir)
     points = sweep_points(results, summaries)
     if len(points) > 1:
