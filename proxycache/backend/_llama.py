@@ -20,6 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from proxycache.backend._endpoints import BackendEndpoints
 from proxycache.backend._features import PROBE_FILENAME, Features, saves_enabled
 from proxycache.backend._http import UPSTREAM_FAILURES, UpstreamError, is_stale_connection, read_body
 from proxycache.backend._identity import PROBE_BODY, file_digest, model_identity, probe_answer
@@ -65,8 +66,11 @@ class LlamaServer:
         # Default is 2: one connection per concurrent request to one backend is needed.
         pool.maxPersistentPerHost = pool_size
         pool.retryAutomatically = False
-        client = HTTPClient(Agent(reactor, pool=pool))
-        fresh = HTTPClient(Agent(reactor, pool=HTTPConnectionPool(reactor, persistent=False)))
+        endpoints = BackendEndpoints(reactor)
+        client = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+        fresh = HTTPClient(
+            Agent.usingEndpointFactory(reactor, endpoints, pool=HTTPConnectionPool(reactor, persistent=False))
+        )
         return cls(url, client, reactor, api_key, fresh)
 
     @property
