@@ -50,6 +50,9 @@ def test_four_users_on_two_slots_restore_from_disk(llama, tmp_path):
         wait_for(lambda: all_saved(proxy), what="write-behind")
         assert len(list(llama.save_dir.glob("slotcache_*.bin"))) == 4
         assert len(list((tmp_path / "meta").glob("*.meta"))) == 4
+        log = proxy.log_text()
+        assert "[proxycache.slots._dispatch#info] restore slot=" in log  # the log is there, and read
+        assert "_HTTP11ClientFactory" not in log  # no two lines per connection to llama-server
     finally:
         proxy.stop()
 
