@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 from typing import Any, Callable, Mapping
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -70,13 +71,28 @@ def _seconds(text: str) -> float:
 
 
 def _urls(text: str) -> tuple[str, ...]:
-    urls = tuple(u.strip().rstrip("/") for u in text.split(",") if u.strip())
+    urls = tuple(backend_url(u) for u in text.split(",") if u.strip())
     if not urls:
         raise ValueError("needs at least one URL")
-    for url in urls:
-        if not url.startswith(("http://", "https://")):
-            raise ValueError(f"{url!r} is not an http(s) URL")
     return urls
+
+
+def backend_url(text: str) -> str:
+    """A llama-server's base URL, without its trailing slash; ValueError says what is wrong with it."""
+    url = text.strip().rstrip("/")
+    if not url.startswith(("http://", "https://")):
+        raise ValueError(f"{url!r} is not an http(s) URL")
+    parts = urlsplit(url)
+    try:
+        parts.port
+    except ValueError:
+        raise ValueError(f"{url!r}: its port is not a port number") from None
+    if not parts.hostname:
+        raise ValueError(f"{url!r} names no host")
+    if ":" in parts.hostname:
+        # treq cannot send to one (hyperlink IDNA-encodes the host): every request would fail.
+        raise ValueError(f"{url!r}: IPv6 addresses are not supported here; name a host that resolves to it")
+    return url
 
 
 def _bytes_or_auto(text: str) -> int | None:

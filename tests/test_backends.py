@@ -43,6 +43,10 @@ def test_admin_routes_need_an_admin_key(llama, tmp_path):
         assert http("GET", proxy.url + "/proxycache/backends", headers=client_key)[0] == 401
         status = http("POST", proxy.url + "/proxycache/backends", {"url": "http://127.0.0.1:9"}, client_key)[0]
         assert status == 401
+        admin = {"Authorization": "Bearer admin-key"}
+        for url, complaint in [("http://[::1]:8080", "IPv6"), ("http://127.0.0.1:http", "port"), ("ftp://x", "http")]:
+            status, _, body = http("POST", proxy.url + "/proxycache/backends", {"url": url}, admin)
+            assert status == 400 and complaint in body["error"]["message"], body
         assert list(backends(proxy)) == [llama.url]
     finally:
         proxy.stop()

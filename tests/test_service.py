@@ -40,3 +40,18 @@ def test_the_tree_stops_in_reverse_order(tmp_path):
     # the disk tier flushes after the drain and the port closed; llama.cpp (when embedded) stops last
     assert kinds == ["DiskTier", "Monitor", "DrainService", "StreamServerEndpointService"]
     assert any(isinstance(service, DrainService) for service in top)
+
+
+@pytest.mark.parametrize(
+    "url, complaint",
+    [
+        ("127.0.0.1:8080", "not an http"),
+        ("http://127.0.0.1:eighty", "not a port number"),
+        ("http://:8080", "names no host"),
+        # treq fails every request to one (hyperlink IDNA-encodes "::1"): said at start, not in tracebacks
+        ("http://[::1]:8080", "IPv6"),
+    ],
+)
+def test_a_backend_url_that_cannot_work_stops_startup(url, complaint):
+    with pytest.raises(usage.UsageError, match=complaint):
+        parse("--llama-url", url)

@@ -17,6 +17,7 @@ import json
 from typing import Any
 from twisted.web.iweb import IRequest
 
+from proxycache.config import backend_url
 from proxycache.slots import Fleet
 from proxycache.web._auth import authorize
 from proxycache.web._errors import ApiError, bad_request
@@ -39,9 +40,12 @@ class Admin:
 
     def _url(self, body: dict[str, Any]) -> str:
         url = body.get("url")
-        if not isinstance(url, str) or not url.startswith(("http://", "https://")):
+        if not isinstance(url, str):
             raise bad_request("'url' must be a backend's http(s) base URL")
-        return url.rstrip("/")
+        try:
+            return backend_url(url)
+        except ValueError as e:
+            raise bad_request(f"'url': {e}") from None
 
     def _named(self, url: str) -> str:
         for name, backend in self.fleet.backends.items():
