@@ -135,6 +135,14 @@ def test_whole_answer():
     assert chat_to_message({"error": {"code": 400}}) == {"error": {"code": 400}}
 
 
+def test_tool_arguments_nested_beyond_recursion_are_no_input():
+    # The model writes the arguments: 200 KB of brackets must not break the answer's translation.
+    deep = "[" * 100_000 + "]" * 100_000
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": deep}}
+    answer = dict(CHAT_ANSWER, choices=[{"finish_reason": "tool_calls", "message": {"tool_calls": [call]}}])
+    assert chat_to_message(answer)["content"] == [{"type": "tool_use", "id": "call_1", "name": "f", "input": {}}]
+
+
 def _chunk(delta=None, finish=None, **extra):
     choices = [] if delta is None else [{"index": 0, "finish_reason": finish, "delta": delta}]
     body = {"choices": choices, "id": "chatcmpl-9", "model": "m.gguf", "object": "chat.completion.chunk", **extra}

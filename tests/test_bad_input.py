@@ -18,6 +18,13 @@ def chat(**fields):
     return json.dumps({"messages": GOOD, "max_tokens": 2, **fields}).encode()
 
 
+def nested(depth):
+    value = []
+    for _ in range(depth - 1):
+        value = [value]
+    return value
+
+
 # (name, method, path, raw body, headers, expected status, expected code or None)
 CASES = [
     ("body not JSON", "POST", "/v1/chat/completions", b"{oops", {}, 400, "invalid_json"),
@@ -84,6 +91,11 @@ CASES = [
         "invalid_string",
     ),
     ("stream not a boolean", "POST", "/v1/chat/completions", chat(stream="yes"), {}, 400, "invalid_request"),
+    # 200 KB of brackets: Python's JSON decoder runs out of recursion (it was a 500)
+    ("JSON nested beyond recursion", "POST", "/v1/chat/completions",
+     b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "invalid_json"),
+    # decodable, but encoding it again for llama.cpp deeper in the stack could run out
+    ("JSON nested 300 deep", "POST", "/v1/chat/completions", chat(extra=nested(300)), {}, 400, "invalid_json"),
     (
         "n on /completion",
         "POST",

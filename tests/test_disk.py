@@ -189,6 +189,7 @@ def test_load_index_creates_a_missing_meta_dir(tmp_path):
         ("", "Expecting value"),
         ('{"version": 1}', "key"),
         (b"\xff\xfe\x00garbage", "decode"),
+        ("[" * 20_000 + "]" * 20_000, "recursion"),  # Python's decoder runs out of stack, not of JSON
     ],
 )
 def test_bad_meta_is_skipped_with_a_reason(tmp_path, content, reason):

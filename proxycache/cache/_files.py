@@ -94,7 +94,7 @@ def load_index(meta_dir: Path, save_dir: Path | None) -> Loaded:
         for path in sorted(meta_dir.glob("*.meta")):
             try:
                 entry = _read_meta(path)
-            except (OSError, ValueError, KeyError, TypeError) as e:
+            except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # whatever is in the file
                 skipped.append(f"{path.name}: {e}")
                 continue
             if save_dir is not None and not (save_dir / entry.filename).exists():

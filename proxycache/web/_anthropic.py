@@ -75,7 +75,7 @@ def _tool_input(arguments: Any) -> Any:
         return arguments
     try:
         parsed = json.loads(arguments) if isinstance(arguments, str) else None
-    except ValueError:
+    except (ValueError, RecursionError):  # the model wrote them: anything, nested any deep
         parsed = None
     return parsed if isinstance(parsed, dict) else {}
 

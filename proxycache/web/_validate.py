@@ -30,30 +30,40 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         value = json.loads(text, parse_constant=_reject_constant)
     except ValueError as e:
         raise bad_request(f"request body is not valid JSON: {e}", "invalid_json")
+    except RecursionError:  # a few kilobytes of "[" are enough
+        raise bad_request(f"request body is nested more than {MAX_DEPTH} deep", "invalid_json") from None
     if not isinstance(value, dict):
         raise bad_request("request body must be a JSON object", "invalid_json")
     _check_strings(value)
     return value
 
 
+# Far deeper than any real request (tool schemas nest a dozen levels), and far enough from Python's
+# recursion limit that encoding the body again for llama.cpp cannot hit it.
+MAX_DEPTH = 200
+
+
 def _check_strings(value: Any, path: str = "body") -> None:
     """
-    Refuse lone surrogates, which cannot be encoded for llama.cpp.  (An escaped
-    NUL is valid JSON and llama.cpp takes it; a raw NUL byte fails json.loads.)
+    Refuse lone surrogates, which cannot be encoded for llama.cpp (an escaped
+    NUL is valid JSON and llama.cpp takes it; a raw NUL byte fails json.loads),
+    and bodies nested deeper than L{MAX_DEPTH}.
     """
-    stack = [(value, path)]
+    stack = [(value, path, 0)]
     while stack:
-        item, where = stack.pop()
+        item, where, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise bad_request(f"request body is nested more than {MAX_DEPTH} deep", "invalid_json")
         if isinstance(item, str):
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
                 raise bad_request(f"{where} contains a lone surrogate", "invalid_string")
         elif isinstance(item, dict):
-            stack.extend((v, f"{where}.{k}") for k, v in item.items())
-            stack.extend((k, f"{where} key") for k in item)
+            stack.extend((v, f"{where}.{k}", depth + 1) for k, v in item.items())
+            stack.extend((k, f"{where} key", depth + 1) for k in item)
         elif isinstance(item, list):
-            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item))
 
 
 def _check_content(content: Any, where: str) -> None:
