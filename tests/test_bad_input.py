@@ -91,6 +91,14 @@ CASES = [
         "invalid_string",
     ),
     ("stream not a boolean", "POST", "/v1/chat/completions", chat(stream="yes"), {}, 400, "invalid_request"),
+    # llama.cpp answers these with a 500
+    ("tools not an array", "POST", "/v1/chat/completions", chat(tools={"a": 1}), {}, 400, "invalid_request"),
+    ("tool without a type", "POST", "/v1/chat/completions", chat(tools=[{"function": {"name": "f"}}]), {}, 400,
+     "unsupported_tool"),
+    ("tool of another type", "POST", "/v1/chat/completions", chat(tools=[{"type": "web_search"}]), {}, 400,
+     "unsupported_tool"),
+    ("function without a name", "POST", "/v1/chat/completions", chat(tools=[{"type": "function", "function": {}}]),
+     {}, 400, "invalid_request"),
     # 200 KB of brackets: Python's JSON decoder runs out of recursion (it was a 500)
     ("JSON nested beyond recursion", "POST", "/v1/chat/completions",
      b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400, "invalid_json"),

@@ -134,6 +134,7 @@ def check_chat_request(body: dict[str, Any]) -> None:
         if role not in ROLES:
             raise bad_request(f"{where}.role {role!r} is not one of {', '.join(sorted(ROLES))}")
         _check_content(message.get("content"), where)
+    _check_tools(body.get("tools"))
     check_stream(body)
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
@@ -141,6 +142,20 @@ def check_chat_request(body: dict[str, Any]) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise bad_request(f"'{field}' must be an integer")
     check_no_slot(body)
+
+
+def _check_tools(tools: Any) -> None:
+    """As llama.cpp parses them, which answers 500 to a client's mistake in them."""
+    if tools is None:
+        return
+    if not isinstance(tools, list):
+        raise bad_request("'tools' must be an array of tools")
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function":
+            raise bad_request(f"tools[{i}] must be an object whose 'type' is \"function\"", "unsupported_tool")
+        function = tool.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+            raise bad_request(f"tools[{i}].function must be an object with a 'name'")
 
 
 def check_completion_request(body: dict[str, Any]) -> None:
