@@ -121,6 +121,12 @@ def test_anthropic_errors_have_anthropic_shape(proxy):
         {"x-api-key": KEY},
     )
     assert status == 400 and body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+    # a text block without its text: llama.cpp answers 500 ("key 'text' not found")
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        _anthropic(proxy).messages.create(
+            model="any", max_tokens=4, messages=[{"role": "user", "content": [{"type": "text"}]}],  # type: ignore
+        )
+    assert "text must be a string" in caught.value.body["error"]["message"]
     status, _, body = http(
         "POST",
         proxy.url + "/v1/messages/count_tokens",

@@ -97,6 +97,18 @@ CASES = [
      "unsupported_tool"),
     ("tool of another type", "POST", "/v1/chat/completions", chat(tools=[{"type": "web_search"}]), {}, 400,
      "unsupported_tool"),
+    ("tool calls not an array", "POST", "/v1/chat/completions",
+     chat(messages=GOOD + [{"role": "assistant", "tool_calls": {"a": 1}}, *GOOD]), {}, 400, "invalid_request"),
+    ("tool call without a type", "POST", "/v1/chat/completions",
+     chat(messages=GOOD + [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}, *GOOD]), {}, 400,
+     "invalid_request"),
+    ("tool call named by a number", "POST", "/v1/chat/completions",
+     chat(messages=GOOD + [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": 1}}]}, *GOOD]),
+     {}, 400, "invalid_request"),
+    ("tool call id a number", "POST", "/v1/chat/completions",
+     chat(messages=GOOD + [{"role": "assistant", "tool_calls": [
+         {"id": 3, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *GOOD]), {}, 400,
+     "invalid_request"),
     ("function without a name", "POST", "/v1/chat/completions", chat(tools=[{"type": "function", "function": {}}]),
      {}, 400, "invalid_request"),
     # 200 KB of brackets: Python's JSON decoder runs out of recursion (it was a 500)

@@ -134,6 +134,7 @@ def check_chat_request(body: dict[str, Any]) -> None:
         if role not in ROLES:
             raise bad_request(f"{where}.role {role!r} is not one of {', '.join(sorted(ROLES))}")
         _check_content(message.get("content"), where)
+        _check_tool_calls(message.get("tool_calls"), where)
     _check_tools(body.get("tools"))
     check_stream(body)
     for field in ("max_tokens", "max_completion_tokens"):
@@ -142,6 +143,23 @@ def check_chat_request(body: dict[str, Any]) -> None:
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
             raise bad_request(f"'{field}' must be an integer")
     check_no_slot(body)
+
+
+def _check_tool_calls(calls: Any, where: str) -> None:
+    """An assistant message's calls, as llama.cpp parses them (it answers 500 to a mistake in them)."""
+    if calls is None:
+        return
+    if not isinstance(calls, list):
+        raise bad_request(f"{where}.tool_calls must be an array")
+    for i, call in enumerate(calls):
+        at = f"{where}.tool_calls[{i}]"
+        if not isinstance(call, dict) or call.get("type") != "function":
+            raise bad_request(f"{at} must be an object whose 'type' is \"function\"")
+        function = call.get("function")
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise bad_request(f"{at}.function must be an object with a 'name'")
+        if not isinstance(call.get("id", ""), str):
+            raise bad_request(f"{at}.id must be a string")
 
 
 def _check_tools(tools: Any) -> None:
@@ -168,6 +186,12 @@ def check_messages_request(body: dict[str, Any]) -> None:
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise bad_request("'messages' is required and must be an array", "missing_messages")
+    for i, message in enumerate(messages):
+        content = message.get("content") if isinstance(message, dict) else None
+        for j, block in enumerate(content if isinstance(content, list) else []):
+            # llama.cpp answers 500 to a text block without its text
+            if isinstance(block, dict) and block.get("type") == "text" and not isinstance(block.get("text"), str):
+                raise bad_request(f"messages[{i}].content[{j}].text must be a string")
     check_stream(body)
     check_no_slot(body)
 
