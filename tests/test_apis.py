@@ -127,6 +127,11 @@ def test_anthropic_errors_have_anthropic_shape(proxy):
             model="any", max_tokens=4, messages=[{"role": "user", "content": [{"type": "text"}]}],  # type: ignore
         )
     assert "text must be a string" in caught.value.body["error"]["message"]
+    # an image for the text-only model: llama.cpp's 500, answered as the client's mistake it is
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        _anthropic(proxy).messages.create(model="any", max_tokens=4, messages=[{"role": "user", "content": [image]}])
+    assert "image input is not supported" in caught.value.body["error"]["message"]
     status, _, body = http(
         "POST",
         proxy.url + "/v1/messages/count_tokens",

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import openai
 import pytest
 
 from proxycache.testing import ProxyProcess, http
@@ -227,8 +228,17 @@ def test_images_pass_through_and_fingerprint_on_text(served):
         proxy.url + "/v1/chat/completions",
         {"messages": [{"role": "user", "content": content}], "max_tokens": 2},
     )
-    # The proxy passes the image on (a vision model would answer); the text-only
-    # test model refuses it, and llama.cpp's status and message come through.
-    assert status == 500
+    # The proxy passes the image on (a vision model would answer); the text-only test model
+    # refuses it with llama.cpp's message, as the 400 it is (llama.cpp says 500, which SDKs retry).
+    assert status == 400 and body["error"]["type"] == "invalid_request_error"
     assert "image input is not supported" in body["error"]["message"]
     assert not any(slot["busy"] for slot in proxy.status()["slots"])
+    requests = proxy.status()["totals"]["requests"]
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="none")  # retries 5xx twice by default
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], max_tokens=2)
+    assert proxy.status()["totals"]["requests"] == requests + 1  # sent once
+    status, _, body = http(  # the same for choices served one after another
+        "POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "n": 2}
+    )
+    assert status == 400 and "image input is not supported" in body["error"]["message"]

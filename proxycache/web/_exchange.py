@@ -122,7 +122,8 @@ class ClientExchange:
             decoded = None
         timings = progress.timings = self.api.counts(decoded)
         if response.code != 200:
-            raw = self.api.errors.convert(raw)
+            status, raw = self.api.errors.convert(response.code, raw)
+            self.request.setResponseCode(status)
         elif self.api.answer is not None and isinstance(decoded, dict):
             raw = json.dumps(self.api.answer(decoded), ensure_ascii=False).encode()
         if timings:

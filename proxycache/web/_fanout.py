@@ -112,9 +112,10 @@ async def serve_choices(proxy: "Proxy", request: HTTPRequest, api: Api, body: di
         )
         await proxy.dispatch(wanted, upstream, single, exchange)
         if exchange.status != 200 or not isinstance(exchange.decoded, dict):
-            request.setResponseCode(exchange.status or 502)
+            status, raw = api.errors.convert(exchange.status or 502, exchange.raw)
+            request.setResponseCode(status)
             request.setHeader(b"content-type", b"application/json")
-            return api.errors.convert(exchange.raw)
+            return raw
         answers.append(exchange.decoded)
     request.setResponseCode(200)
     request.setHeader(b"content-type", b"application/json")

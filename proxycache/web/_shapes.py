@@ -14,6 +14,7 @@ C{predicted_n}).
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import attrs
@@ -52,17 +53,26 @@ class ErrorShape:
         error = {"error": {"message": message, "type": "server_error", "code": "upstream_error"}}
         return b"data: " + json.dumps(error).encode() + b"\n\n" + (b"" if done else b"data: [DONE]\n\n")
 
-    def convert(self, raw: bytes) -> bytes:
-        """llama.cpp's own (OpenAI-shaped) error body, in this shape."""
-        if self.name != "anthropic":
-            return raw
+    def convert(self, status: int, raw: bytes) -> tuple[int, bytes]:
+        """llama.cpp's own (OpenAI-shaped) error, in this shape, and the status to answer it with."""
         try:
-            error = json.loads(raw)["error"]
-            message = error["message"]
-            status = int(error.get("code") or 500)
+            decoded = json.loads(raw)
+            error = decoded["error"]
+            message = str(error["message"])
         except (ValueError, KeyError, TypeError):
-            return raw
-        return self.body(ApiError(status, str(message)))
+            return status, raw
+        if status == 500 and _UNSUPPORTED_INPUT.match(message):
+            # An image or audio for a text-only model: the client's mistake, and a 500 makes the
+            # SDKs retry what can only fail again.
+            status = 400
+            raw = json.dumps({**decoded, "error": {**error, "code": 400, "type": "invalid_request_error"}}).encode()
+        if self.name != "anthropic":
+            return status, raw
+        return status, self.body(ApiError(status, message))
+
+
+# How llama.cpp words a 500 for input the loaded model cannot take.
+_UNSUPPORTED_INPUT = re.compile(r"\w+ input is not supported")
 
 
 OPENAI = ErrorShape("openai")
