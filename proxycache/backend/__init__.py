@@ -5,7 +5,9 @@ The llama.cpp backend: every llama-server specific behind L{Backend}.
 from proxycache.backend._features import (
     OLDEST_SUPPORTED_BUILD, RAM_CACHE, Features, backend_warnings, build_notice, build_number,
 )
-from proxycache.backend._http import UPSTREAM_FAILURES, StreamStalled, UpstreamError, pipe_body, read_body, unreachable
+from proxycache.backend._http import (
+    UPSTREAM_FAILURES, StreamStalled, UpstreamError, cancelled, pipe_body, read_body, unreachable,
+)
 from proxycache.backend._identity import model_identity
 from proxycache.backend._llama import Description, LlamaServer, never_used, restarted
 from proxycache.backend._protocol import Backend
@@ -13,5 +15,5 @@ from proxycache.backend._protocol import Backend
 __all__ = [
     "OLDEST_SUPPORTED_BUILD", "RAM_CACHE", "Features", "backend_warnings", "build_notice", "build_number",
     "UPSTREAM_FAILURES", "Backend", "Description", "LlamaServer", "StreamStalled", "UpstreamError",
-    "model_identity", "never_used", "pipe_body", "read_body", "restarted", "unreachable",
+    "cancelled", "model_identity", "never_used", "pipe_body", "read_body", "restarted", "unreachable",
 ]

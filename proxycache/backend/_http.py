@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.internet.defer import Deferred, TimeoutError
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionDone, ConnectionLost, DNSLookupError
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
@@ -49,6 +49,17 @@ def unreachable(error: BaseException | None) -> bool:
     while error is not None:
         if isinstance(error, ConnectError):
             return True
+        error = error.__cause__
+    return False
+
+
+def cancelled(error: BaseException | None) -> bool:
+    """The request was cancelled here (its client went away), which is no failure of llama-server's."""
+    while error is not None:
+        if isinstance(error, CancelledError):
+            return True
+        if any(reason.check(CancelledError) for reason in getattr(error, "reasons", ())):
+            return True  # treq's request cancelled while it waited for the headers
         error = error.__cause__
     return False
 

@@ -13,12 +13,12 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
-from proxycache.backend import UPSTREAM_FAILURES, Backend, unreachable
+from proxycache.backend import UPSTREAM_FAILURES, Backend, cancelled, unreachable
 from proxycache.routing import Decision, Request, SlotId, fell_short, reused_unplanned
 from proxycache.slots._scheduler import Lease, Outcome, Scheduler
 
@@ -171,6 +171,9 @@ class Dispatcher:
             try:
                 response = await backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
             except UPSTREAM_FAILURES as e:
+                if cancelled(e):  # no failure of llama-server's: the client went away while it worked
+                    log.info("the client on slot {slot} left before llama-server answered", slot=str(lease.slot.id))
+                    raise CancelledError() from e
                 if retry and unreachable(e):
                     gone = _Unreachable(lease.slot.id.backend)
                     raise gone from e
