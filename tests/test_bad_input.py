@@ -19,6 +19,11 @@ def chat(**fields):
     return json.dumps({"messages": GOOD, "max_tokens": 2, **fields}).encode()
 
 
+def calling(tool_calls):
+    """A conversation in which the assistant made C{tool_calls}."""
+    return chat(messages=GOOD + [{"role": "assistant", "tool_calls": tool_calls}, *GOOD])
+
+
 def nested(depth):
     value = []
     for _ in range(depth - 1):
@@ -98,17 +103,13 @@ CASES = [
      "unsupported_tool"),
     ("tool of another type", "POST", "/v1/chat/completions", chat(tools=[{"type": "web_search"}]), {}, 400,
      "unsupported_tool"),
-    ("tool calls not an array", "POST", "/v1/chat/completions",
-     chat(messages=GOOD + [{"role": "assistant", "tool_calls": {"a": 1}}, *GOOD]), {}, 400, "invalid_request"),
-    ("tool call without a type", "POST", "/v1/chat/completions",
-     chat(messages=GOOD + [{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}, *GOOD]), {}, 400,
+    ("tool calls not an array", "POST", "/v1/chat/completions", calling({"a": 1}), {}, 400, "invalid_request"),
+    ("tool call without a type", "POST", "/v1/chat/completions", calling([{"function": {"name": "f"}}]), {}, 400,
      "invalid_request"),
     ("tool call named by a number", "POST", "/v1/chat/completions",
-     chat(messages=GOOD + [{"role": "assistant", "tool_calls": [{"type": "function", "function": {"name": 1}}]}, *GOOD]),
-     {}, 400, "invalid_request"),
+     calling([{"type": "function", "function": {"name": 1}}]), {}, 400, "invalid_request"),
     ("tool call id a number", "POST", "/v1/chat/completions",
-     chat(messages=GOOD + [{"role": "assistant", "tool_calls": [
-         {"id": 3, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}, *GOOD]), {}, 400,
+     calling([{"id": 3, "type": "function", "function": {"name": "f", "arguments": "{}"}}]), {}, 400,
      "invalid_request"),
     ("function without a name", "POST", "/v1/chat/completions", chat(tools=[{"type": "function", "function": {}}]),
      {}, 400, "invalid_request"),
