@@ -135,6 +135,17 @@ def test_unknown_route_and_wrong_method(proxy):
     assert "error" in body
 
 
+def test_a_route_spelled_otherwise_is_served_as_the_route_it_matched(proxy):
+    # Klein matches an encoded slash or a doubled one to the route; the proxy looked its API up by
+    # the raw path and answered 500.
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
+    for path in ("/v1/chat%2Fcompletions", "//v1/chat/completions"):
+        status, _, body = http("POST", proxy.url + path, chat)
+        assert status == 200 and body["object"] == "chat.completion", (path, body)
+    status, _, body = http("POST", proxy.url + "/v1/completions%2F", {"prompt": "hi", "max_tokens": 2, "n": 2})
+    assert status in (200, 404), body  # a route or none, never a 500
+
+
 def test_invalid_json_is_a_400(proxy):
     status, _, body = http("POST", proxy.url + "/v1/chat/completions", b"{not json")
     assert status == 400

@@ -127,21 +127,22 @@ class Proxy:
 
     # -- generating routes --------------------------------------------------
 
-    async def generating(self, request: HTTPRequest) -> bytes:
-        path = request.path.decode()
-        api = BY_ROUTE[path]
+    async def generating(self, request: HTTPRequest, route: str) -> bytes:
+        # The route Klein matched, not request.path: "/v1/chat%2Fcompletions" and "//v1/chat/completions"
+        # match "/v1/chat/completions" too.
+        api = BY_ROUTE[route]
         self._authorize(request)
         body = self._json_body(request)
         api.validate(body)
         wanted = choices_wanted(body, api.choices) if api.choices else 1
         if wanted > 1:
             serve = stream_choices if body.get("stream") is True else serve_choices
-            return await serve(self, request, api, body, wanted)
-        return await self._generate(request, api, body)
+            return await serve(self, request, api, route, body, wanted)
+        return await self._generate(request, api, route, body)
 
     for _route in APIS[::-1]:
         for _path in _route.routes[::-1]:
-            generating = app.route(_path, methods=["POST"])(generating)
+            generating = app.route(_path, methods=["POST"], defaults={"route": _path})(generating)
     del _route, _path
 
     def wanted(self, request: IRequest, api: Api, body: dict[str, Any]) -> Request:
@@ -168,7 +169,7 @@ class Proxy:
         if not self.dispatcher.scheduler.slots:
             raise upstream_unavailable("no slots known yet (is llama-server up?)")
 
-    async def _generate(self, request: HTTPRequest, api: Api, body: dict[str, Any]) -> bytes:
+    async def _generate(self, request: HTTPRequest, api: Api, route: str, body: dict[str, Any]) -> bytes:
         if api.translate is not None:  # an API the proxy converts (Messages): route and send the converted body
             body = api.translate(body)
         wanted = self.wanted(request, api, body)
@@ -177,7 +178,7 @@ class Proxy:
         exchange = ClientExchange(
             request, self.clock, self.config.stream_idle_timeout, body.get("stream") is True, self.backend_numbers, api
         )
-        await self.dispatch(wanted, api.upstream_path(request.path.decode()), body, exchange)
+        await self.dispatch(wanted, api.upstream_path(route), body, exchange)
         return b""
 
     async def dispatch(self, wanted: Request, path: str, body: dict[str, Any], exchange: Any) -> None:

@@ -83,14 +83,13 @@ def summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def one_choice(
-    proxy: "Proxy", request: HTTPRequest, api: Api, body: dict[str, Any]
+    proxy: "Proxy", request: HTTPRequest, api: Api, route: str, body: dict[str, Any]
 ) -> tuple[Request, str, dict[str, Any]]:
     """
     The routing request, llama.cpp path and single-choice body every choice
     is sent as; the request is then in flight.
     """
-    path = request.path.decode()
-    if path == "/completion":
+    if route == "/completion":
         raise bad_request(
             "several choices are only served on /v1/completions: llama.cpp's /completion would generate them "
             "on other slots and overwrite their caches", "unsupported_n",
@@ -99,12 +98,14 @@ def one_choice(
     wanted = proxy.wanted(request, api, body)
     proxy.check_ready()
     proxy.in_flight.track(request)
-    return wanted, api.upstream_path(path), single
+    return wanted, api.upstream_path(route), single
 
 
-async def serve_choices(proxy: "Proxy", request: HTTPRequest, api: Api, body: dict[str, Any], count: int) -> bytes:
+async def serve_choices(
+    proxy: "Proxy", request: HTTPRequest, api: Api, route: str, body: dict[str, Any], count: int
+) -> bytes:
     """Serve C{count} choices of C{body} one after another, and answer them merged."""
-    wanted, upstream, single = one_choice(proxy, request, api, body)
+    wanted, upstream, single = one_choice(proxy, request, api, route, body)
     answers = []
     for index in range(count):
         exchange = CollectingExchange(

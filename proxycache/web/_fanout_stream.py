@@ -153,9 +153,11 @@ class StreamedChoiceExchange(ClientExchange):
         return f"llama-server answered {response.code}: {message}"
 
 
-async def stream_choices(proxy: "Proxy", request: HTTPRequest, api: Api, body: dict[str, Any], count: int) -> bytes:
+async def stream_choices(
+    proxy: "Proxy", request: HTTPRequest, api: Api, route: str, body: dict[str, Any], count: int
+) -> bytes:
     """Serve C{count} choices of C{body} one after another, as one stream."""
-    wanted, upstream, single = one_choice(proxy, request, api, body)
+    wanted, upstream, single = one_choice(proxy, request, api, route, body)
     options = body.get("stream_options")
     stream = ChoiceStream(isinstance(options, dict) and options.get("include_usage") is True)
     # A client hanging up cancels this coroutine (Klein cancels on notifyFinish), stopping the choice in
