@@ -164,6 +164,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds to wait for llama-server's response headers (prefill included)"),
     Setting("stream_idle_timeout", "STREAM_IDLE_TIMEOUT", 300.0, _seconds,
             "seconds a response body may stall before 504 / an error event"),
+    Setting("client_stall_timeout", "CLIENT_STALL_TIMEOUT", 60.0, _seconds,
+            "seconds a client may take none of a response before its connection is closed (its slot freed)"),
     Setting("slot_action_timeout", "SLOT_ACTION_TIMEOUT", 300.0, _seconds,
             "seconds a slot save or restore may take"),
     Setting("meta_dir", "LOCAL_META_DIR", None, str,
@@ -227,6 +229,7 @@ class Config:
     max_body_bytes: int
     first_byte_timeout: float
     stream_idle_timeout: float
+    client_stall_timeout: float
     slot_action_timeout: float
     meta_dir: str
     slot_save_path: str | None

@@ -135,6 +135,29 @@ def test_slow_reader_holds_back_only_its_own_slot(llama, tmp_path):
         proxy.stop()
 
 
+def test_a_client_that_takes_nothing_is_let_go_and_its_slot_freed(llama, tmp_path):
+    # A laptop closed mid-answer keeps its connection open and reads nothing: without the client-stall
+    # rule its slot stayed busy until the upstream idle timeout (300 s by default).
+    from proxycache.testing import wait_for
+
+    proxy = ProxyProcess(tmp_path, llama.url, client_stall_timeout=2).start()
+    try:
+        stalled = socket.socket()
+        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stalled.connect(("127.0.0.1", proxy.port))
+        send_raw_chat(
+            stalled, {"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True}
+        )
+        wait_for(lambda: any(slot["busy"] for slot in proxy.status()["slots"]), what="the stream under way")
+        wait_for(lambda: not any(slot["busy"] for slot in proxy.status()["slots"]), what="the slot freed", timeout=60)
+        wait_for(lambda: not any(slot["is_processing"] for slot in llama.slots()), what="llama.cpp stopped")
+        assert llama.metrics()["llamacpp:tokens_predicted_total"] < 8000  # paused, then stopped
+        assert "took nothing for 2 s" in proxy.log_text()
+        stalled.close()
+    finally:
+        proxy.stop()
+
+
 def test_client_gone_during_an_eviction_save(stub, tmp_path):
     """The save runs to its end and the slot is handed on only after it: nothing lost, no overlap."""
     proxy = ProxyProcess(

@@ -20,6 +20,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import RequestTransmissionFailed, ResponseDone, ResponseFailed, ResponseNeverReceived
 from twisted.web.http import PotentialDataLoss
 from twisted.web.iweb import IResponse
+from zope.interface import implementer
 
 log = Logger()
 
@@ -74,6 +75,26 @@ def is_stale_connection(failure: Failure) -> bool:
     )
 
 
+@implementer(IPushProducer)
+class _ClientPaced:
+    """llama.cpp's response as the client's producer: paused while the client's connection is full."""
+
+    def __init__(self, pipe: "_BodyPipe") -> None:
+        self.pipe = pipe
+
+    def pauseProducing(self) -> None:
+        self.pipe._producer().pauseProducing()
+        self.pipe._client_paused()
+
+    def resumeProducing(self) -> None:
+        self.pipe._client_flowing()
+        self.pipe._producer().resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.pipe._client_flowing()
+        self.pipe._producer().stopProducing()
+
+
 class StreamStalled(UpstreamError):
     """No body bytes arrived for longer than the idle timeout."""
 
@@ -85,13 +106,16 @@ class _BodyPipe(Protocol):
         clock: IReactorTime,
         idle_timeout: float,
         consumer: IConsumer | None = None,
+        client_stall_timeout: float | None = None,
     ) -> None:
         self.on_data = on_data
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.consumer = consumer
+        self.client_stall_timeout = client_stall_timeout
         self.done: Deferred[None] = Deferred(self._cancel)
         self._idle: IDelayedCall | None = None
+        self._client_stall: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
         self._idle = self.clock.callLater(self.idle_timeout, self._stalled)
@@ -104,7 +128,7 @@ class _BodyPipe(Protocol):
         if self.consumer is not None:
             # Back-pressure: a client that reads slowly pauses llama.cpp's
             # connection instead of piling its output up in our memory.
-            self.consumer.registerProducer(self._producer(), True)
+            self.consumer.registerProducer(_ClientPaced(self), True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle is not None and self._idle.active():
@@ -114,6 +138,7 @@ class _BodyPipe(Protocol):
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._idle is not None and self._idle.active():
             self._idle.cancel()
+        self._client_flowing()
         if self.consumer is not None:
             consumer, self.consumer = self.consumer, None
             if getattr(consumer, "channel", True) is not None:  # a finished request has none
@@ -136,6 +161,25 @@ class _BodyPipe(Protocol):
     def _cancel(self, _: Deferred) -> None:
         self._stop()
 
+    def _client_paused(self) -> None:
+        if self.client_stall_timeout is not None and self._client_stall is None:
+            self._client_stall = self.clock.callLater(self.client_stall_timeout, self._client_stalled)
+
+    def _client_flowing(self) -> None:
+        if self._client_stall is not None and self._client_stall.active():
+            self._client_stall.cancel()
+        self._client_stall = None
+
+    def _client_stalled(self) -> None:
+        # Took nothing for that long: gone in all but name (a laptop closed mid-answer).  Aborting
+        # its connection ends the request as a hang-up does, and frees the slot now, not after
+        # the upstream idle timeout.
+        self._client_stall = None
+        log.info("a client took nothing for {seconds:g} s: its connection is closed", seconds=self.client_stall_timeout)
+        abort = getattr(getattr(self.consumer, "transport", None), "abortConnection", None)
+        if abort is not None:
+            abort()
+
     def _stalled(self) -> None:
         self._stop()
         if not self.done.called:
@@ -150,12 +194,14 @@ def pipe_body(
     clock: IReactorTime,
     idle_timeout: float,
     consumer: IConsumer | None = None,
+    client_stall_timeout: float | None = None,
 ) -> "Deferred[None]":
     """
     Feed C{response}'s body to C{on_data}; cancelling closes the upstream
-    connection.  With C{consumer}, the upstream is paused while it is.
+    connection.  With C{consumer}, the upstream is paused while it is, and a
+    consumer paused for C{client_stall_timeout} seconds has its connection aborted.
     """
-    pipe = _BodyPipe(on_data, clock, idle_timeout, consumer)
+    pipe = _BodyPipe(on_data, clock, idle_timeout, consumer, client_stall_timeout)
     response.deliverBody(pipe)
     return pipe.done
 

@@ -176,7 +176,8 @@ class Proxy:
         self.check_ready()
         self.in_flight.track(request)
         exchange = ClientExchange(
-            request, self.clock, self.config.stream_idle_timeout, body.get("stream") is True, self.backend_numbers, api
+            request, self.clock, self.config.stream_idle_timeout, body.get("stream") is True, self.backend_numbers, api,
+            client_stall_timeout=self.config.client_stall_timeout,
         )
         await self.dispatch(wanted, api.upstream_path(route), body, exchange)
         return b""
@@ -294,7 +295,10 @@ class Proxy:
             raise upstream_unavailable(str(e))
         relay_headers(response, request)
         try:
-            await pipe_body(response, request.write, self.clock, self.config.stream_idle_timeout, IConsumer(request))
+            await pipe_body(
+                response, request.write, self.clock, self.config.stream_idle_timeout, IConsumer(request),
+                self.config.client_stall_timeout,
+            )
         except UPSTREAM_FAILURES as e:
             log.warn("passthrough {path} broken off: {error}", path=path, error=e)
         return b""

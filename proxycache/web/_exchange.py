@@ -79,11 +79,13 @@ class ClientExchange:
         streaming: bool,
         backend_numbers: dict[str, int],
         api: Api = CHAT,
+        client_stall_timeout: float | None = None,
     ) -> None:
         self.api = api
         self.request = request
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.client_stall_timeout = client_stall_timeout
         self.streaming = streaming
         self.backend_numbers = backend_numbers
 
@@ -166,7 +168,9 @@ class ClientExchange:
             tap.feed(data)
 
         try:
-            await pipe_body(response, relay, self.clock, self.idle_timeout, IConsumer(request))
+            await pipe_body(
+                response, relay, self.clock, self.idle_timeout, IConsumer(request), self.client_stall_timeout
+            )
         except UPSTREAM_FAILURES as e:
             progress.failed = True
             return f"llama-server broke off the stream: {e}", tap

@@ -113,8 +113,8 @@ class StreamedChoiceExchange(ClientExchange):
     """
 
     def __init__(self, request: IRequest, clock: IReactorTime, idle_timeout: float, backend_numbers: dict[str, int],
-                 api: Api, relay: ChoiceRelay) -> None:
-        super().__init__(request, clock, idle_timeout, True, backend_numbers, api)
+                 api: Api, relay: ChoiceRelay, client_stall_timeout: float | None = None) -> None:
+        super().__init__(request, clock, idle_timeout, True, backend_numbers, api, client_stall_timeout)
         self.relay = relay
         self.first = relay.index == 0
         self.error: str | None = None
@@ -169,7 +169,7 @@ async def stream_choices(
             return b""
         exchange = StreamedChoiceExchange(
             request, proxy.clock, proxy.config.stream_idle_timeout, proxy.backend_numbers, api,
-            ChoiceRelay(stream, index),
+            ChoiceRelay(stream, index), proxy.config.client_stall_timeout,
         )
         try:
             await proxy.dispatch(wanted, upstream, single, exchange)
