@@ -106,17 +106,20 @@ def test_llama_server_killed_mid_stream(llama, tmp_path):
         proxy.stop()
 
 
+def stream_never_read(proxy):
+    """A long stream asked for on a small socket that is then never read."""
+    stalled = socket.socket()
+    stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stalled.connect(("127.0.0.1", proxy.port))
+    # n_probs makes each event ~2 kB: far more than the socket buffers hold
+    send_raw_chat(stalled, {"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True})
+    return stalled
+
+
 def test_slow_reader_holds_back_only_its_own_slot(llama, tmp_path):
     proxy = ProxyProcess(tmp_path, llama.url).start()
     try:
-        stalled = socket.socket()
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.connect(("127.0.0.1", proxy.port))
-        # n_probs makes each event ~2 kB: far more than the socket buffers hold
-        send_raw_chat(
-            stalled, {"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True}
-        )
-        # and never read
+        stalled = stream_never_read(proxy)
         time.sleep(1)
         for i in range(5):
             status, _, _ = http(
@@ -142,12 +145,7 @@ def test_a_client_that_takes_nothing_is_let_go_and_its_slot_freed(llama, tmp_pat
 
     proxy = ProxyProcess(tmp_path, llama.url, client_stall_timeout=2).start()
     try:
-        stalled = socket.socket()
-        stalled.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stalled.connect(("127.0.0.1", proxy.port))
-        send_raw_chat(
-            stalled, {"messages": HELLO, "max_tokens": 8000, "n_probs": 10, "stream": True, "ignore_eos": True}
-        )
+        stalled = stream_never_read(proxy)
         wait_for(lambda: any(slot["busy"] for slot in proxy.status()["slots"]), what="the stream under way")
         wait_for(lambda: not any(slot["busy"] for slot in proxy.status()["slots"]), what="the slot freed", timeout=60)
         wait_for(lambda: not any(slot["is_processing"] for slot in llama.slots()), what="llama.cpp stopped")
