@@ -8,9 +8,11 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.error import ConnectingCancelledError, ConnectionRefusedError
 from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 
 from proxycache.routing import Decision, Fingerprint, Request, SlotId, SlotState
 from proxycache.slots import Dispatcher, NoCache, Outcome, RequestRecord, Scheduler
@@ -93,6 +95,16 @@ class DispatcherTests(SynchronousTestCase):
         self.failureResultOf(d, CancelledError)
         self.assertEqual(self.busy(), 0)
         self.assertEqual(len(self.records), 1)
+
+    def test_a_request_cancelled_inside_the_http_client_is_a_cancellation(self) -> None:
+        # treq reports a cancelled request as a failed one: waiting for headers, or still connecting
+        for failed in (ResponseNeverReceived([Failure(CancelledError())]), ConnectingCancelledError(None)):
+            records = len(self.records)
+            d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+            self.backend.pending.pop().errback(failed)
+            self.failureResultOf(d, CancelledError)
+            self.assertEqual(self.busy(), 0)
+            self.assertEqual(len(self.records), records + 1)
 
     def test_a_broken_delivery_still_releases(self) -> None:
         exchange = RecordingExchange(error=TimeoutError("stalled"))

@@ -12,7 +12,14 @@ from __future__ import annotations
 from typing import Callable
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionClosed, ConnectionDone, ConnectionLost, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionClosed,
+    ConnectionDone,
+    ConnectionLost,
+    DNSLookupError,
+)
 from twisted.internet.interfaces import IConsumer, IDelayedCall, IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
@@ -57,7 +64,7 @@ def unreachable(error: BaseException | None) -> bool:
 def cancelled(error: BaseException | None) -> bool:
     """The request was cancelled here (its client went away), which is no failure of llama-server's."""
     while error is not None:
-        if isinstance(error, CancelledError):
+        if isinstance(error, (CancelledError, ConnectingCancelledError)):
             return True
         if any(reason.check(CancelledError) for reason in getattr(error, "reasons", ())):
             return True  # treq's request cancelled while it waited for the headers

@@ -14,6 +14,7 @@ from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import attrs
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
@@ -170,7 +171,7 @@ class Dispatcher:
             backend = self.backends[lease.slot.id.backend]
             try:
                 response = await backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
-            except UPSTREAM_FAILURES as e:
+            except (*UPSTREAM_FAILURES, ConnectingCancelledError) as e:
                 if cancelled(e):  # no failure of llama-server's: the client went away while it worked
                     log.info("the client on slot {slot} left before llama-server answered", slot=str(lease.slot.id))
                     raise CancelledError() from e
