@@ -34,7 +34,11 @@ class LlamaHTTPError(Exception):
 
 
 def _die_with_parent() -> None:
-    """Run in the child: SIGTERM it when its parent dies, even by SIGKILL (Linux prctl)."""
+    """
+    Run in the child: SIGTERM it when its parent dies, even by SIGKILL (Linux prctl).
+    Linux ties this to the spawning thread: a child started from a thread that then
+    ends is stopped with it, so start children from a thread that outlives them.
+    """
     try:
         import ctypes
 
