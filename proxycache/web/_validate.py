@@ -8,6 +8,7 @@ does not know pass through to llama.cpp untouched.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from proxycache.web._errors import bad_request
@@ -34,36 +35,51 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
         raise bad_request(f"request body is nested more than {MAX_DEPTH} deep", "invalid_json") from None
     if not isinstance(value, dict):
         raise bad_request("request body must be a JSON object", "invalid_json")
-    _check_strings(value)
+    _check_nesting(value)
+    if _SURROGATE_ESCAPE.search(text):  # valid UTF-8 holds no surrogate: only an escape makes one
+        _check_strings(value)
     return value
 
 
 # Far deeper than any real request (tool schemas nest a dozen levels), and far enough from Python's
 # recursion limit that encoding the body again for llama.cpp cannot hit it.
 MAX_DEPTH = 200
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def _check_nesting(value: Any) -> None:
+    """Refuse a body with anything deeper than L{MAX_DEPTH}: a walk over its arrays and objects only."""
+    level, depth = [value], 0
+    while level:
+        if depth >= MAX_DEPTH and any(level):  # their items would be deeper
+            raise bad_request(f"request body is nested more than {MAX_DEPTH} deep", "invalid_json")
+        level = [
+            child
+            for item in level
+            for child in (item.values() if isinstance(item, dict) else item)
+            if isinstance(child, (dict, list))
+        ]
+        depth += 1
 
 
 def _check_strings(value: Any, path: str = "body") -> None:
     """
-    Refuse lone surrogates, which cannot be encoded for llama.cpp (an escaped
-    NUL is valid JSON and llama.cpp takes it; a raw NUL byte fails json.loads),
-    and bodies nested deeper than L{MAX_DEPTH}.
+    Refuse lone surrogates, which cannot be encoded for llama.cpp.  (An escaped
+    NUL is valid JSON and llama.cpp takes it; a raw NUL byte fails json.loads.)
     """
-    stack = [(value, path, 0)]
+    stack = [(value, path)]
     while stack:
-        item, where, depth = stack.pop()
-        if depth > MAX_DEPTH:
-            raise bad_request(f"request body is nested more than {MAX_DEPTH} deep", "invalid_json")
+        item, where = stack.pop()
         if isinstance(item, str):
             try:
                 item.encode("utf-8")
             except UnicodeEncodeError:
                 raise bad_request(f"{where} contains a lone surrogate", "invalid_string")
         elif isinstance(item, dict):
-            stack.extend((v, f"{where}.{k}", depth + 1) for k, v in item.items())
-            stack.extend((k, f"{where} key", depth + 1) for k in item)
+            stack.extend((v, f"{where}.{k}") for k, v in item.items())
+            stack.extend((k, f"{where} key") for k in item)
         elif isinstance(item, list):
-            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(item))
+            stack.extend((v, f"{where}[{i}]") for i, v in enumerate(item))
 
 
 def _check_content(content: Any, where: str) -> None:
@@ -145,34 +161,37 @@ def check_chat_request(body: dict[str, Any]) -> None:
     check_no_slot(body)
 
 
+def _check_function(item: Any, at: str, type_code: str = "invalid_request") -> dict[str, Any]:
+    """
+    A tool or a tool call as llama.cpp parses it (it answers 500 to a mistake
+    in one): C{{"type": "function", "function": {"name": ...}}}; its function.
+    """
+    if not isinstance(item, dict) or item.get("type") != "function":
+        raise bad_request(f"{at} must be an object whose 'type' is \"function\"", type_code)
+    function = item.get("function")
+    if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+        raise bad_request(f"{at}.function must be an object with a 'name'")
+    return function
+
+
 def _check_tool_calls(calls: Any, where: str) -> None:
-    """An assistant message's calls, as llama.cpp parses them (it answers 500 to a mistake in them)."""
     if calls is None:
         return
     if not isinstance(calls, list):
         raise bad_request(f"{where}.tool_calls must be an array")
     for i, call in enumerate(calls):
-        at = f"{where}.tool_calls[{i}]"
-        if not isinstance(call, dict) or call.get("type") != "function":
-            raise bad_request(f"{at} must be an object whose 'type' is \"function\"")
-        function = call.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
-            raise bad_request(f"{at}.function must be an object with a 'name'")
+        _check_function(call, f"{where}.tool_calls[{i}]")
         if not isinstance(call.get("id", ""), str):
-            raise bad_request(f"{at}.id must be a string")
+            raise bad_request(f"{where}.tool_calls[{i}].id must be a string")
 
 
 def _check_tools(tools: Any) -> None:
-    """As llama.cpp parses them, which answers 500 to a client's mistake in them."""
     if tools is None:
         return
     if not isinstance(tools, list):
         raise bad_request("'tools' must be an array of tools")
     for i, tool in enumerate(tools):
-        if not isinstance(tool, dict) or tool.get("type") != "function":
-            raise bad_request(f"tools[{i}] must be an object whose 'type' is \"function\"", "unsupported_tool")
-        function = tool.get("function")
-        if not isinstance(function, dict) or not isinstance(function.get("name"), str) or not function["name"]:
+        if not _check_function(tool, f"tools[{i}]", "unsupported_tool")["name"]:
             raise bad_request(f"tools[{i}].function must be an object with a 'name'")
 
 
