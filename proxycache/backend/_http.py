@@ -82,31 +82,17 @@ def is_stale_connection(failure: Failure) -> bool:
     )
 
 
-@implementer(IPushProducer)
-class _ClientPaced:
-    """llama.cpp's response as the client's producer: paused while the client's connection is full."""
-
-    def __init__(self, pipe: "_BodyPipe") -> None:
-        self.pipe = pipe
-
-    def pauseProducing(self) -> None:
-        self.pipe._producer().pauseProducing()
-        self.pipe._client_paused()
-
-    def resumeProducing(self) -> None:
-        self.pipe._client_flowing()
-        self.pipe._producer().resumeProducing()
-
-    def stopProducing(self) -> None:
-        self.pipe._client_flowing()
-        self.pipe._producer().stopProducing()
-
-
 class StreamStalled(UpstreamError):
     """No body bytes arrived for longer than the idle timeout."""
 
 
+@implementer(IPushProducer)
 class _BodyPipe(Protocol):
+    """
+    llama.cpp's response body, fed to C{on_data}; with a C{consumer} (the
+    client's request), also its producer: paused while the client's connection is full.
+    """
+
     def __init__(
         self,
         on_data: Callable[[bytes], None],
@@ -135,7 +121,7 @@ class _BodyPipe(Protocol):
         if self.consumer is not None:
             # Back-pressure: a client that reads slowly pauses llama.cpp's
             # connection instead of piling its output up in our memory.
-            self.consumer.registerProducer(_ClientPaced(self), True)
+            self.consumer.registerProducer(self, True)
 
     def dataReceived(self, data: bytes) -> None:
         if self._idle is not None and self._idle.active():
@@ -168,9 +154,20 @@ class _BodyPipe(Protocol):
     def _cancel(self, _: Deferred) -> None:
         self._stop()
 
-    def _client_paused(self) -> None:
+    # -- the client's producer --------------------------------------------
+
+    def pauseProducing(self) -> None:
+        self._producer().pauseProducing()
         if self.client_stall_timeout is not None and self._client_stall is None:
             self._client_stall = self.clock.callLater(self.client_stall_timeout, self._client_stalled)
+
+    def resumeProducing(self) -> None:
+        self._client_flowing()
+        self._producer().resumeProducing()
+
+    def stopProducing(self) -> None:
+        self._client_flowing()
+        self._producer().stopProducing()
 
     def _client_flowing(self) -> None:
         if self._client_stall is not None and self._client_stall.active():
