@@ -52,27 +52,33 @@ class ReplyTap:
             threading.Thread(target=self._relay, args=(client,), daemon=True).start()
 
     def _relay(self, client: socket.socket) -> None:
-        try:
-            upstream = socket.create_connection(self._target)
-        except OSError:
-            held = self._held
-            if held is None or not self._cut.is_set():
-                if held is not None:
-                    client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n[")
-                client.close()
-                self._cut.set()
-                return
-            held.wait()
-            try:
-                upstream = socket.create_connection(self._target)
-            except OSError:
-                client.close()
-                return
+        upstream = self._connect(client)
+        if upstream is None:
+            return
         reply = bytearray()
         self._replies.append(reply)
         self._sockets += [client, upstream]
         threading.Thread(target=_pump, args=(client, upstream, None), daemon=True).start()
         _pump(upstream, client, reply)
+
+    def _connect(self, client: socket.socket) -> socket.socket | None:
+        """The target for C{client}; None, C{client} closed, when the target refuses (see L{hold})."""
+        try:
+            return socket.create_connection(self._target)
+        except OSError:
+            pass
+        held = self._held
+        if held is not None and self._cut.is_set():
+            held.wait()
+            try:
+                return socket.create_connection(self._target)
+            except OSError:
+                pass
+        elif held is not None:
+            client.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n[")
+            self._cut.set()
+        client.close()
+        return None
 
     def bodies(self) -> list[bytes]:
         """The body of every HTTP response kept so far (transfer encoding undone), connection by connection."""
