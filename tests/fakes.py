@@ -18,7 +18,8 @@ from twisted.web.http_headers import Headers
 
 from proxycache.backend import Description, UpstreamError
 from proxycache.routing import Decision
-from proxycache.slots import Lease, Progress
+from proxycache.slots import Lease, Progress, Scheduler, Slot
+from proxycache.slots._scheduler import _Record
 
 
 @attrs.define
@@ -135,3 +136,14 @@ class RecordingExchange:
 def chat_response(timings: dict[str, Any] | None = None) -> FakeResponse:
     body = {"choices": [{"message": {"role": "assistant", "content": "x"}}], "timings": timings or {}}
     return FakeResponse(200, json.dumps(body).encode())
+
+
+def put(scheduler: Scheduler, slot: Slot) -> Slot:
+    """
+    A test's set-up: the scheduler believes slot C{slot.id} holds C{slot.content}
+    (last used at C{slot.last_used}), as if requests had left it so.  Only the
+    scheduler writes slot state; tests reach into it here, and only here.
+    """
+    record = scheduler._slots.setdefault(slot.id, _Record(slot.id))
+    record.content, record.last_used = slot.content, slot.last_used
+    return record.snapshot()

@@ -11,6 +11,8 @@ from twisted.web.client import ResponseNeverReceived
 
 from typing import Any
 
+import attrs
+
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.client import ResponseFailed
@@ -18,7 +20,7 @@ from twisted.web.client import ResponseFailed
 from proxycache.backend import Description, UpstreamError
 from proxycache.routing import Fingerprint, SlotId, SlotState
 from proxycache.slots import Monitor, Scheduler, SlotContent
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, put
 
 INTERVAL = 5.0
 DOWN_INTERVAL = 0.5
@@ -65,16 +67,17 @@ class MonitorTests(SynchronousTestCase):
 
     def test_a_restart_empties_the_slot_map(self) -> None:
         slot = next(iter(self.scheduler.slots.values()))
-        slot.content = SlotContent(SlotState.HOT, Fingerprint((1, 2, 3), 300, 48), tokens=99)
+        hot = SlotContent(SlotState.HOT, Fingerprint((1, 2, 3), 300, 48), tokens=99)
+        put(self.scheduler, attrs.evolve(slot, content=hot))
         self.backend.slot_list = [{"id": 0, "n_ctx": 4096, "is_processing": False},
                                   {"id": 1, "n_ctx": 4096, "is_processing": False}]  # no id_task: never used
         self.clock.advance(INTERVAL)
-        self.assertIs(slot.state, SlotState.FREE)
+        self.assertIs(self.scheduler.slots[slot.id].state, SlotState.FREE)
         self.assertEqual(self.health().restarts, 1)
 
     def test_a_slot_whose_request_never_reached_llama_cpp_is_no_restart(self) -> None:
         slot = next(iter(self.scheduler.slots.values()))
-        slot.content = SlotContent(SlotState.COLD)  # released after a failure: llama.cpp ran nothing there
+        put(self.scheduler, attrs.evolve(slot, content=SlotContent(SlotState.COLD)))  # released after a failure: llama.cpp ran nothing there
         self.backend.slot_list = [{"id": 0, "n_ctx": 4096, "is_processing": False},
                                   {"id": 1, "n_ctx": 4096, "is_processing": False, "id_task": 3}]
         self.clock.advance(INTERVAL)
@@ -244,11 +247,11 @@ def test_a_request_ending_while_the_slots_reply_travels_is_no_restart():
     backend.slots_reply = reply
     monitor.check()
     # meanwhile a request on slot 0 ends: the proxy now believes slot 0 holds tokens
-    slot = scheduler.slots[SlotId(backend.name, 0)]
-    slot.content = SlotContent(SlotState.HOT, Fingerprint((1, 2), 200, 32), tokens=50)
+    hot = SlotContent(SlotState.HOT, Fingerprint((1, 2), 200, 32), tokens=50)
+    slot = put(scheduler, attrs.evolve(scheduler.slots[SlotId(backend.name, 0)], content=hot))
     reply.callback([{"id": 0, "n_ctx": 4096, "is_processing": False}, {"id": 1, "n_ctx": 4096}])  # made before it
     assert monitor.health[backend.name].restarts == 0
-    assert slot.state is SlotState.HOT
+    assert scheduler.slots[slot.id].state is SlotState.HOT
 
 
 def test_a_restart_between_checks_is_seen_when_the_proxy_placed_nothing():

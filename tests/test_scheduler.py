@@ -368,21 +368,81 @@ def test_disk_lookup_gives_a_restore_plan_for_large_requests_only():
 # -- exclusive maintenance ---------------------------------------------------------
 
 
-def test_try_exclusive_and_done_exclusive():
+def test_try_hold_and_release():
     scheduler = make(1)
-    slot = scheduler.slots[A0]
-    assert scheduler.try_exclusive(slot) and slot.busy
-    assert not scheduler.try_exclusive(slot)  # already held
+    hold = scheduler.try_hold(A0)
+    assert hold is not None and scheduler.slots[A0].busy
+    assert scheduler.try_hold(A0) is None  # already held
     waiting = scheduler.acquire(large(20, 1))
     assert not waiting.called and scheduler.queue_depth == 1
-    scheduler.done_exclusive(slot)
+    hold.release()
     lease = lease_of(waiting)
-    assert lease.slot is slot and slot.busy
-    assert not scheduler.try_exclusive(slot)  # leased
+    assert lease.slot.id == A0 and scheduler.slots[A0].busy
+    assert scheduler.try_hold(A0) is None  # leased
     scheduler.release(lease, OK)
-    assert scheduler.try_exclusive(slot)
-    scheduler.done_exclusive(slot)
-    assert not slot.busy
+    with scheduler.try_hold(A0) as held:  # type: ignore[union-attr]
+        assert held.slot.busy
+    assert not scheduler.slots[A0].busy
+    hold.release()  # a second release of a hold changes nothing
+    assert not scheduler.slots[A0].busy and scheduler.try_hold(SlotId("a", 9)) is None
+
+
+def test_a_hold_when_idle_comes_before_the_queue_and_hands_the_slot_on():
+    clock = Clock()
+    scheduler = make(1, clock=clock)
+    lease = lease_of(scheduler.acquire(large(10, 1)))
+    held = Deferred.fromCoroutine(scheduler.hold_when_idle(A0, 30.0))
+    waiting = scheduler.acquire(large(20, 2))
+    assert not held.called and not waiting.called
+    scheduler.release(lease, OK)
+    hold = held.result
+    assert hold is not None and not waiting.called  # the save on stop goes first
+    hold.release()
+    assert lease_of(waiting).slot.id == A0
+
+
+def test_a_hold_when_idle_gives_up_after_its_timeout():
+    clock = Clock()
+    scheduler = make(1, clock=clock)
+    lease = lease_of(scheduler.acquire(large(10, 1)))
+    held = Deferred.fromCoroutine(scheduler.hold_when_idle(A0, 30.0))
+    clock.advance(30.0)
+    assert held.called and held.result is None
+    scheduler.release(lease, OK)
+    assert not scheduler.slots[A0].busy  # the abandoned wait took nothing
+    assert Deferred.fromCoroutine(scheduler.hold_when_idle(SlotId("a", 9), 1.0)).result is None
+
+
+def test_mark_saved_records_a_save_only_over_the_content_it_saved():
+    scheduler = make(1)
+    first = lease_of(scheduler.acquire(large(10, 1)))
+    scheduler.release(first, OK)
+    saving = scheduler.slots[A0].content
+    follow_up = lease_of(scheduler.acquire(large(14, 1)))  # the slot moved on while the save ran
+    scheduler.release(follow_up, OK)
+    assert not scheduler.mark_saved(A0, saving, "00000000000000a1")
+    assert scheduler.slots[A0].content.saved_key is None
+    now = scheduler.slots[A0].content
+    assert scheduler.mark_saved(A0, now, "00000000000000a2")
+    assert scheduler.slots[A0].content == attrs.evolve(now, saved_key="00000000000000a2", lineage="00000000000000a2")
+    assert not scheduler.mark_saved(SlotId("a", 9), now, "00000000000000a3")
+
+
+def test_a_closed_backend_takes_no_lease_until_reopened():
+    scheduler = make(1)
+    scheduler.close_backend("a")
+    waiting = scheduler.acquire(large(10, 1))
+    assert not waiting.called and scheduler.closed == {"a"}
+    scheduler.reopen("a")
+    assert lease_of(waiting).slot.id == A0 and scheduler.closed == set()
+
+
+def test_the_slot_map_is_read_only_outside_the_scheduler():
+    scheduler = make(1)
+    with pytest.raises(TypeError):
+        scheduler.slots[A0] = scheduler.slots[A0]  # type: ignore[index]
+    with pytest.raises(attrs.exceptions.FrozenInstanceError):
+        scheduler.slots[A0].content = SlotContent(HOT)  # type: ignore[misc]
 
 
 def test_reset_gives_a_waiting_follow_up_an_idle_slot_at_once():
@@ -390,13 +450,13 @@ def test_reset_gives_a_waiting_follow_up_an_idle_slot_at_once():
     scheduler = make(2, clock=clock)
     lease_of(scheduler.acquire(large(10, 1)))
     follow_up = scheduler.acquire(large(14, 1))  # waits for a#0 while a#1 is idle
-    idle = scheduler.slots[A1]
-    assert scheduler.try_exclusive(idle)  # nobody wants a#1: the follow-up waits for a#0
-    scheduler.done_exclusive(idle)
+    hold = scheduler.try_hold(A1)
+    assert hold is not None  # nobody wants a#1: the follow-up waits for a#0
+    hold.release()
     assert not follow_up.called
     scheduler.reset_backend("a")  # a#0 no longer holds the prefix: no reason to wait
     assert lease_of(follow_up).slot.id == A1
-    assert not scheduler.try_exclusive(idle)
+    assert scheduler.try_hold(A1) is None
 
 
 # -- invariants over random sequences --------------------------------------------
@@ -459,15 +519,15 @@ class Model:
         elif kind == "advance":
             self.clock.advance(op[1])
         elif kind == "exclusive":
-            slot = self.scheduler.slots.get(SlotId("a", op[1]))
-            if slot is not None and self.scheduler.try_exclusive(slot):
-                assert slot.id not in self.holders
-                self.holders[slot.id] = "exclusive"
-                self.exclusive.append(slot)
+            hold = self.scheduler.try_hold(SlotId("a", op[1]))
+            if hold is not None:
+                assert hold.slot.id not in self.holders
+                self.holders[hold.slot.id] = "exclusive"
+                self.exclusive.append(hold)
         elif kind == "done" and self.exclusive:
-            slot = self.exclusive.pop(op[1] % len(self.exclusive))
-            del self.holders[slot.id]
-            self.scheduler.done_exclusive(slot)
+            hold = self.exclusive.pop(op[1] % len(self.exclusive))
+            del self.holders[hold.slot.id]
+            hold.release()
         elif kind == "reset":
             self.scheduler.reset_backend("a")
         self.check()
@@ -544,7 +604,7 @@ def test_branch_does_not_wait_for_a_busy_slot_while_another_is_free():
     scheduler.release(user_a, OK)
     follow_up = Request(Fingerprint(user_a.request.fingerprint.blocks + (5, 6), 2800, 448), small=False)
     again = lease_of(scheduler.acquire(follow_up))
-    assert again.slot is user_a.slot and again.plan.decision is Decision.HIT and not again.plan.evicts
+    assert again.slot.id == user_a.slot.id and again.plan.decision is Decision.HIT and not again.plan.evicts
 
 
 def test_continuation_waits_for_its_busy_slot_until_affinity_ends_even_with_a_free_slot():
@@ -564,17 +624,18 @@ def test_fork_holds_the_source_slot_until_the_tier_releases_it():
     scheduler.release(user_a, OK)
     fork = lease_of(scheduler.acquire(branch(20, 5, 1, user=2)))
     assert fork.plan.decision is Decision.RESTORE and fork.plan.fork == user_a.slot.id
-    assert fork.source is user_a.slot and user_a.slot.busy and fork.slot is not user_a.slot
+    assert fork.source is not None and fork.source.id == user_a.slot.id and scheduler.slots[user_a.slot.id].busy
+    assert fork.slot.id != user_a.slot.id
     assert fork.lineage is None  # a branch starts an entry of its own
     # A's follow-up waits for its slot while the fork saves it
     follow_up = scheduler.acquire(Request(Fingerprint(user_a.request.fingerprint.blocks + (9,), 2500, 400), False))
     assert not follow_up.called
     scheduler.release_source(fork)
-    assert lease_of(follow_up).slot is user_a.slot
+    assert lease_of(follow_up).slot.id == user_a.slot.id
     scheduler.release_source(fork)  # twice: no effect on A's lease
-    assert user_a.slot.busy
+    assert scheduler.slots[user_a.slot.id].busy
     scheduler.release(fork, OK)
-    assert fork.slot.content.state is HOT
+    assert scheduler.slots[fork.slot.id].content.state is HOT
 
 
 def test_release_lets_an_unreleased_fork_source_go():
@@ -591,14 +652,15 @@ def test_lineage_follows_the_conversation_not_the_prefix():
     scheduler = make(2)
     first = lease_of(scheduler.acquire(large(10, 1)))
     scheduler.release(first, OK)
-    first.slot.content = attrs.evolve(first.slot.content, saved_key="00000000000000a1")
+    assert scheduler.mark_saved(first.slot.id, scheduler.slots[first.slot.id].content, "00000000000000a1")
     follow_up = lease_of(scheduler.acquire(large(14, 1)))
     assert follow_up.plan.decision is Decision.HIT and follow_up.lineage == "00000000000000a1"
     scheduler.release(follow_up, OK)
-    assert follow_up.slot.content.lineage == "00000000000000a1" and follow_up.slot.content.saved_key is None
+    released = scheduler.slots[follow_up.slot.id].content
+    assert released.lineage == "00000000000000a1" and released.saved_key is None
     # another user behind the same prefix, on the only idle slots: no lineage of A's
     other = lease_of(scheduler.acquire(branch(10, 3, 1, user=7)))
-    assert other.slot is not follow_up.slot and other.lineage is None
+    assert other.slot.id != follow_up.slot.id and other.lineage is None
 
 
 def test_restore_gives_the_restored_entry_as_lineage():

@@ -17,6 +17,7 @@ from proxycache.cache import Catalog, DiskTier, MetaEntry, load_index, write_met
 from proxycache.config import Config
 from proxycache.routing import Fingerprint
 from proxycache.slots import Scheduler
+from tests.fakes import put
 
 MODEL = "m0del"
 Usage = namedtuple("Usage", "total used free")
@@ -128,17 +129,16 @@ def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(t
     tier.backends = {"b": Broken()}
     tier.catalog.backend_up("b", MODEL)
     tier.store.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
-    slot = Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300))
-    tier.scheduler.slots[slot.id] = slot
+    slot = put(tier.scheduler, Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300)))
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        tier._schedule_write_behind(slot)
+        tier._schedule_write_behind(slot.id)
         tier.clock.advance(tier.config.write_behind)
         threads.run_newest_first()  # the free-space check
     finally:
         globalLogPublisher.removeObserver(events.append)
-    assert not slot.busy
+    assert not tier.scheduler.slots[slot.id].busy
     (logged,) = [e for e in events if "background save" in e.get("log_format", "")]
     assert logged["log_failure"].check(RuntimeError)
 
@@ -198,9 +198,7 @@ def _three_hot_slots(tmp_path: Path) -> tuple[DiskTier, Threads, _Saving, list[A
     slots = []
     for index in range(3):
         content = SlotContent(SlotState.HOT, Fingerprint((10 * index + 1, 10 * index + 2), 200, 32), tokens=300)
-        slot = Slot(SlotId("b", index), content=content, last_used=float(index))
-        tier.scheduler.slots[slot.id] = slot
-        slots.append(slot)
+        slots.append(put(tier.scheduler, Slot(SlotId("b", index), content=content, last_used=float(index))))
     return tier, threads, backend, slots
 
 
@@ -209,7 +207,7 @@ def _lease_taking(tier: DiskTier, slot: Any) -> Any:
     from proxycache.routing import Decision, Plan, Request
     from proxycache.slots import Lease
 
-    slot.lock.acquire()
+    assert tier.scheduler.try_hold(slot.id) is not None
     request = Request(Fingerprint((7, 8, 9), 300, 48), small=False)
     return Lease(slot, Plan(Decision.MISS, slot.id, evicts=True), request, waited=0.0, previous=slot.content)
 
@@ -230,7 +228,8 @@ def test_a_contended_backend_saves_the_next_victim_while_a_request_decodes(tmp_p
     tier.decoding(lease)
     threads.run_newest_first()
     assert backend.calls == [("save", 2), ("save", 0)]  # the least recently used idle slot
-    assert slots[0].content.saved_key is not None and not slots[0].busy
+    victim = tier.scheduler.slots[slots[0].id]
+    assert victim.content.saved_key is not None and not victim.busy
     tier.decoding(lease)  # a spare is kept: nothing more to save
     assert backend.calls == [("save", 2), ("save", 0)]
 
@@ -240,7 +239,7 @@ def test_no_early_save_on_a_backend_that_evicts_nobody(tmp_path):
     from proxycache.slots import Lease
 
     tier, threads, backend, slots = _three_hot_slots(tmp_path)
-    slots[2].lock.acquire()
+    assert tier.scheduler.try_hold(slots[2].id) is not None
     hit = Lease(slots[2], Plan(Decision.HIT, slots[2].id), Request(slots[2].content.fingerprint, small=False),
                 waited=0.0, previous=slots[2].content)
     _run(threads, tier._prepare(hit))

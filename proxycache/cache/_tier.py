@@ -28,7 +28,7 @@ from proxycache.cache._index import MetaEntry, bin_name
 from proxycache.cache._store import SavedCaches
 from proxycache.config import Config
 from proxycache.routing import Decision, SlotId, SlotState, fell_short
-from proxycache.slots import Lease, Outcome, Scheduler, Slot, SlotContent
+from proxycache.slots import Hold, Lease, Outcome, Scheduler, Slot, SlotContent
 
 log = Logger()
 
@@ -101,14 +101,14 @@ class DiskTier(Service):
         its last save, waiting up to C{wait} seconds for a slot still busy (a
         background save, or a request the drain let finish).
         """
-        for slot in [s for s in self.scheduler.slots.values() if backend in (None, s.id.backend)]:
-            try:
-                await slot.lock.acquire().addTimeout(wait, self.clock)
-            except TimeoutError:
-                log.warn("slot {slot} stayed busy: not saved on stop", slot=str(slot.id))
+        for slot_id in [i for i in self.scheduler.slots if backend in (None, i.backend)]:
+            hold = await self.scheduler.hold_when_idle(slot_id, wait)
+            if hold is None:
+                if slot_id in self.scheduler.slots:
+                    log.warn("slot {slot} stayed busy: not saved on stop", slot=str(slot_id))
                 continue
-            slot.lock.release()
-            await self._save_idle(slot)
+            with hold:
+                await self._save_idle(slot_id, hold)
 
     def backend_up(self, backend: str, model: str) -> None:
         """A backend came up (again) running C{model}; says once what that makes unusable."""
@@ -146,7 +146,7 @@ class DiskTier(Service):
             self._evicted_at[lease.slot.id.backend] = self.clock.seconds()
         if evicts and previous.saved_key is None:
             saved_here = await self.save(lease.slot, previous) is not None
-        self._cancel_write_behind(lease.slot)
+        self._cancel_write_behind(lease.slot.id)
         if lease.plan.fork is not None:
             key = await self._save_fork_source(lease)
             return Decision.RESTORE if key and await self._restore(lease, key) else Decision.MISS
@@ -166,8 +166,9 @@ class DiskTier(Service):
         restored = self._restored.pop(lease.slot.id, None)
         if restored is not None and outcome.measured:
             self._verify(lease, restored, outcome)
-        if outcome.succeeded and lease.slot.state is SlotState.HOT:
-            self._schedule_write_behind(lease.slot)
+        slot = self.scheduler.slot(lease.slot.id)  # as it is now: another request may have it already
+        if outcome.succeeded and slot is not None and slot.state is SlotState.HOT:
+            self._schedule_write_behind(slot.id)
 
     def _verify(self, lease: Lease, restored: _Restored, outcome: Outcome) -> None:
         if not fell_short(lease.plan, lease.request, outcome.cache_n, outcome.prompt_n):
@@ -345,57 +346,57 @@ class DiskTier(Service):
             return  # a slot to take without saving
         if idle:
             victim = min(idle, key=lambda s: s.last_used)
-            self._cancel_write_behind(victim)
-            self._start_save_idle(victim)
+            self._cancel_write_behind(victim.id)
+            self._start_save_idle(victim.id)
 
     # -- write-behind -------------------------------------------------------
 
-    def _schedule_write_behind(self, slot: Slot) -> None:
-        self._cancel_write_behind(slot)
-        self._write_behind[slot.id] = self.clock.callLater(self.config.write_behind, self._start_save_idle, slot)
+    def _schedule_write_behind(self, slot_id: SlotId) -> None:
+        self._cancel_write_behind(slot_id)
+        self._write_behind[slot_id] = self.clock.callLater(self.config.write_behind, self._start_save_idle, slot_id)
 
-    def _start_save_idle(self, slot: Slot) -> None:
+    def _start_save_idle(self, slot_id: SlotId) -> None:
         # Nobody waits on a background save: whatever it raises is logged here, not left in a Deferred.
-        d = Deferred.fromCoroutine(self._save_idle(slot))
-        d.addErrback(lambda f: log.failure("background save of slot {slot} failed", f, slot=str(slot.id)))
+        d = Deferred.fromCoroutine(self._save_idle(slot_id))
+        d.addErrback(lambda f: log.failure("background save of slot {slot} failed", f, slot=str(slot_id)))
 
-    def _cancel_write_behind(self, slot: Slot) -> None:
-        timer = self._write_behind.pop(slot.id, None)
+    def _cancel_write_behind(self, slot_id: SlotId) -> None:
+        timer = self._write_behind.pop(slot_id, None)
         if timer is not None and timer.active():
             timer.cancel()
 
-    async def _save_idle(self, slot: Slot) -> None:
-        self._write_behind.pop(slot.id, None)
-        content = slot.content
-        if content.state is not SlotState.HOT or content.saved_key is not None:
+    async def _save_idle(self, slot_id: SlotId, hold: Hold | None = None) -> None:
+        """Save an idle hot slot unless saved since it changed; C{hold}: the caller holds it already."""
+        self._write_behind.pop(slot_id, None)
+        slot = self.scheduler.slot(slot_id)
+        if slot is None or slot.state is not SlotState.HOT or slot.content.saved_key is not None:
             return
-        if not self.scheduler.try_exclusive(slot):
+        hold = hold or self.scheduler.try_hold(slot_id)
+        if hold is None:
             return  # in use: its next release schedules another save
-        try:
-            key = await self.save(slot, content)
-            if key is not None and slot.content is content:
-                slot.content = attrs.evolve(content, saved_key=key, lineage=key)
-        finally:
-            self.scheduler.done_exclusive(slot)
+        with hold:
+            key = await self.save(slot, slot.content)
+            if key is not None:
+                self.scheduler.mark_saved(slot_id, slot.content, key)
 
     # -- forks ----------------------------------------------------------------
 
     async def _save_fork_source(self, lease: Lease) -> str | None:
-        """Save a fork's source slot unless saved (its lock is held for us), then let it go."""
-        source = lease.source
+        """Save a fork's source slot unless saved (it is held for us), then let it go."""
         try:
-            if source is None:
+            if lease.source is None:
                 return None
+            source = self.scheduler.slot(lease.source.id) or lease.source  # held: it stays in the map
             content = source.content
             if content.saved_key is not None and content.saved_key in self.index.entries:
                 return content.saved_key
             key = await self.save(source, content)
-            if key is not None and source.content is content:
-                source.content = attrs.evolve(content, saved_key=key, lineage=key)
-                self._cancel_write_behind(source)
+            if key is not None and self.scheduler.mark_saved(source.id, content, key):
+                self._cancel_write_behind(source.id)
             return key
         finally:
             self.scheduler.release_source(lease)
+
 
 def _tokens_held(slot: dict[str, Any] | None) -> int | None:
     """The tokens llama.cpp says slot C{slot} (from C{GET /slots}) holds, when it says."""

@@ -13,9 +13,10 @@ from proxycache.slots._dispatch import (
 )
 from proxycache.slots._fleet import Fleet
 from proxycache.slots._monitor import BackendHealth, Monitor
-from proxycache.slots._scheduler import NOTHING, Lease, Outcome, QueueFull, Scheduler, Slot, SlotContent
+from proxycache.slots._scheduler import Hold, QueueFull, Scheduler
+from proxycache.slots._slot import NOTHING, Lease, Outcome, Slot, SlotContent
 
 __all__ = [
-    "NOTHING", "BackendHealth", "Dispatcher", "Exchange", "Fleet", "Lease", "Monitor", "NoCache", "Outcome", "Progress",
+    "NOTHING", "BackendHealth", "Dispatcher", "Exchange", "Fleet", "Hold", "Lease", "Monitor", "NoCache", "Outcome", "Progress",
     "QueueFull", "RequestRecord", "Scheduler", "Slot", "SlotContent", "SlotPreparer",
 ]

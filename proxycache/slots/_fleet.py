@@ -44,7 +44,7 @@ class Fleet:
         url = url.rstrip("/")
         for backend in self.backends.values():
             if backend.url == url:
-                self.scheduler.closed.discard(backend.name)  # re-adding a drained one opens it again
+                self.scheduler.reopen(backend.name)  # re-adding a drained one opens it again
                 return backend
         backend = self.connect(url)
         self.backends[backend.name] = backend
@@ -67,7 +67,7 @@ class Fleet:
         await self.drain(name)
         self.monitor.unwatch(name)
         self.scheduler.set_backend_slots(name, 0)
-        self.scheduler.closed.discard(name)
+        self.scheduler.reopen(name)
         del self.backends[name]
         log.info("backend {name} removed", name=name)
 

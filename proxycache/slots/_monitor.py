@@ -184,13 +184,17 @@ class Monitor(Service):
         # Taken before asking, and kept only if unchanged meanwhile and idle now: a reply describes
         # the moment it was made, not a request that ended while it travelled.
         before = {
-            s.id.index: (s, s.content) for s in self.scheduler.slots.values()
+            s.id: s.content for s in self.scheduler.slots.values()
             if s.id.backend == health.backend.name and s.content.tokens > 0
         }
         slots = await health.backend.slots()
         if slots is None:
             return None, False
-        in_use = {index for index, (slot, content) in before.items() if slot.content is content and not slot.busy}
+        now = self.scheduler.slots
+        in_use = {
+            slot_id.index for slot_id, content in before.items()
+            if (slot := now.get(slot_id)) is None or (slot.content is content and not slot.busy)
+        }
         return slots, restarted(slots, in_use, health.max_task_seen)
 
     def _restarted(self, health: BackendHealth) -> None:

@@ -9,6 +9,11 @@ calls exactly once (success, upstream error, client disconnect alike).  A fork
 (L{Plan.fork}) also holds its source slot's lock until the cache tier has saved
 the source and calls L{Scheduler.release_source}.
 
+The scheduler is the only writer of slot state: everyone else sees frozen
+L{Slot} snapshots (L{Scheduler.slots}, L{Scheduler.slot}), marks a save with
+the compare-and-set L{Scheduler.mark_saved}, and takes an idle slot for
+maintenance through a L{Hold}, whose release always hands the slot on.
+
 Each slot's content carries its lineage: the key of the disk entry it descends
 from within one conversation (the entry it was restored from, or last saved
 as).  A save replaces that entry only (L{proxycache.cache.Index.predecessor}),
@@ -17,16 +22,15 @@ never another conversation's entry that merely shares a prefix.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from types import MappingProxyType, TracebackType
+from typing import Callable, Mapping, Sequence
 
 import attrs
-from twisted.internet.defer import Deferred, DeferredLock
+from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
 from proxycache.routing import (
-    Fingerprint,
-    EMPTY,
     Decision,
     DiskMatch,
     Plan,
@@ -40,6 +44,7 @@ from proxycache.routing import (
     relation,
     state_after,
 )
+from proxycache.slots._slot import NOTHING, Lease, Outcome, Slot, SlotContent
 
 log = Logger()
 
@@ -48,23 +53,10 @@ class QueueFull(Exception):
     """Every slot is busy and the waiting queue is at its limit."""
 
 
-@attrs.frozen
-class SlotContent:
-    """What a slot holds, as far as the proxy knows."""
-
-    state: SlotState = SlotState.FREE
-    fingerprint: Fingerprint = EMPTY
-    tokens: int = 0  # tokens llama.cpp holds (prompt + generated), from timings
-    saved_key: str | None = None  # the disk entry holding exactly this, if saved since it changed
-    pinned: bool = False  # a client asked to keep this conversation on disk
-    lineage: str | None = None  # the disk entry this conversation's content descends from
-
-
-NOTHING = SlotContent()
-
-
 @attrs.define(eq=False)
-class Slot:
+class _Record:
+    """The scheduler's own, mutable state of one slot."""
+
     id: SlotId
     lock: DeferredLock = attrs.field(factory=DeferredLock)
     content: SlotContent = NOTHING
@@ -74,42 +66,44 @@ class Slot:
     def busy(self) -> bool:
         return self.lock.locked
 
-    @property
-    def state(self) -> SlotState:
-        return self.content.state
+    def snapshot(self) -> Slot:
+        return Slot(self.id, self.content, self.last_used, self.busy)
 
     def view(self) -> SlotView:
-        content = self.content
+        content = self.content  # built directly: the queue asks for every slot's view per waiter
         return SlotView(
             self.id, content.state, content.fingerprint, self.last_used, self.busy,
             content.tokens, content.saved_key is not None,
         )
 
-    def forget(self) -> None:
-        self.content = NOTHING
 
+class Hold:
+    """
+    An idle slot taken for maintenance (a save): nobody is granted it until
+    L{release}, which hands it on to whoever waits.  Also a context manager.
+    """
 
-@attrs.frozen
-class Lease:
-    slot: Slot
-    plan: Plan
-    request: Request
-    waited: float  # seconds spent queued
-    previous: SlotContent  # what the slot held before: the disk tier saves it if evicted
-    source: Slot | None = None  # a fork's source slot, locked until L{Scheduler.release_source}
-    lineage: str | None = None  # the disk entry the request's content will descend from
+    def __init__(self, scheduler: "Scheduler", record: _Record) -> None:
+        self._scheduler = scheduler
+        self._record = record
+        self._released = False
 
+    @property
+    def slot(self) -> Slot:
+        return self._record.snapshot()
 
-@attrs.frozen
-class Outcome:
-    """What became of a leased request, for the slot map."""
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._scheduler._let_go(self._record)
 
-    succeeded: bool  # llama.cpp processed the prompt (a client cancel after that still counts)
-    cache_n: int = 0
-    prompt_n: int = 0
-    predicted_n: int = 0
-    prompt_ms: float = 0.0
-    measured: bool = False  # llama.cpp's timings were seen: the counts above are real
+    def __enter__(self) -> "Hold":
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, value: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.release()
 
 
 @attrs.define(eq=False)
@@ -144,41 +138,73 @@ class Scheduler:
         self.max_queue = max_queue
         self.disk_lookup = disk_lookup or (lambda request: None)
         self.fork_pays = fork_pays  # None: HOT slots are never forked (no disk tier to do it)
-        self.slots: dict[SlotId, Slot] = {}
+        self._slots: dict[SlotId, _Record] = {}
         self._queue: list[_Waiter] = []
         self._pumping = False
-        self.closed: set[str] = set()  # backends being drained: no new leases there
+        self._closed: set[str] = set()  # backends being drained: no new leases there
         self._counts: dict[str, int] = {}  # declared slots per backend
-        self._sources: dict[int, Slot] = {}  # id(lease) -> the fork source it still holds
+        self._sources: dict[int, _Record] = {}  # id(lease) -> the fork source it still holds
 
     # -- the slot map -------------------------------------------------------
+
+    @property
+    def slots(self) -> Mapping[SlotId, Slot]:
+        """Every slot in the map, as it is now (a read-only snapshot)."""
+        return MappingProxyType({slot_id: record.snapshot() for slot_id, record in self._slots.items()})
+
+    def slot(self, slot_id: SlotId) -> Slot | None:
+        """Slot C{slot_id} as it is now; None when it is not in the map."""
+        record = self._slots.get(slot_id)
+        return None if record is None else record.snapshot()
+
+    @property
+    def closed(self) -> frozenset[str]:
+        """Backends being drained (L{close_backend}): no new leases there."""
+        return frozenset(self._closed)
 
     def set_backend_slots(self, backend: str, count: int) -> None:
         """(Re)declare C{backend}'s slots; existing slot state is kept where the index survives."""
         self._counts[backend] = count
         for index in range(count):
             slot_id = SlotId(backend, index)
-            self.slots.setdefault(slot_id, Slot(slot_id))
-        for slot_id in [s for s in self.slots if s.backend == backend and s.index >= count]:
-            if not self.slots[slot_id].busy:
-                del self.slots[slot_id]
+            self._slots.setdefault(slot_id, _Record(slot_id))
+        for slot_id in [s for s in self._slots if s.backend == backend and s.index >= count]:
+            if not self._slots[slot_id].busy:
+                del self._slots[slot_id]
         self.pump()
 
     def close_backend(self, backend: str) -> None:
         """Grant no new lease on C{backend}; waiters are planned elsewhere."""
-        self.closed.add(backend)
+        self._closed.add(backend)
+        self.pump()
+
+    def reopen(self, backend: str) -> None:
+        """Grant leases on C{backend} again (re-added after a drain, or removed)."""
+        self._closed.discard(backend)
         self.pump()
 
     def reset_backend(self, backend: str) -> None:
         """llama-server restarted: every slot of it is empty now."""
-        for slot in self.slots.values():
-            if slot.id.backend == backend:
-                slot.forget()
+        for record in self._slots.values():
+            if record.id.backend == backend:
+                record.content = NOTHING
         log.warn("slot map of {backend} reset", backend=backend)
         self.pump()
 
+    def mark_saved(self, slot_id: SlotId, expected: SlotContent, key: str) -> bool:
+        """
+        C{expected}, which slot C{slot_id} held when its save began, is saved as
+        C{key}: recorded only if the slot still holds exactly that (compare and
+        set), since a request or a reset may have changed it meanwhile.
+        """
+        record = self._slots.get(slot_id)
+        if record is None or record.content is not expected:
+            return False
+        record.content = attrs.evolve(expected, saved_key=key, lineage=key)
+        return True
+
     def views(self) -> list[SlotView]:
-        return [slot.view() for slot in self.slots.values()]
+        return [record.view() for record in self._slots.values()]
 
     @property
     def queue_depth(self) -> int:
@@ -206,7 +232,7 @@ class Scheduler:
 
     def release(self, lease: Lease, outcome: Outcome) -> None:
         self.release_source(lease)  # normally released by the cache tier already
-        slot = lease.slot
+        slot = self._slots[lease.slot.id]  # a busy slot never leaves the map
         slot.last_used = self.clock.seconds()
         if outcome.succeeded:
             slot.content = SlotContent(
@@ -222,32 +248,50 @@ class Scheduler:
         self._retire_if_gone(slot)
         self.pump()
 
-    def _retire_if_gone(self, slot: Slot) -> None:
+    def _retire_if_gone(self, slot: _Record) -> None:
         """A slot beyond its backend's declared count was kept only while busy."""
         declared = self._counts.get(slot.id.backend)
         if declared is not None and slot.id.index >= declared and not slot.busy:
-            self.slots.pop(slot.id, None)
+            self._slots.pop(slot.id, None)
 
     def release_source(self, lease: Lease) -> None:
         """A fork's source slot was saved (or could not be): it is free for others again."""
         source = self._sources.pop(id(lease), None)
         if source is not None:
-            self.done_exclusive(source)
+            self._let_go(source)
 
-    def try_exclusive(self, slot: Slot) -> bool:
-        """
-        Take an idle slot's lock for maintenance (a background save); False if
-        busy.  An idle slot is never wanted by the queue: L{pump} would have
-        handed it out already.  Release with L{done_exclusive}.
-        """
-        if slot.busy:
-            return False
-        slot.lock.acquire()
-        return True
+    # -- maintenance ----------------------------------------------------------
 
-    def done_exclusive(self, slot: Slot) -> None:
-        slot.lock.release()
-        self._retire_if_gone(slot)
+    def try_hold(self, slot_id: SlotId) -> Hold | None:
+        """
+        Take an idle slot for maintenance (a background save); None if it is
+        busy or not in the map.  An idle slot is never wanted by the queue:
+        L{pump} would have handed it out already.
+        """
+        record = self._slots.get(slot_id)
+        if record is None or record.busy:
+            return None
+        record.lock.acquire()  # idle, so this fires at once
+        return Hold(self, record)
+
+    async def hold_when_idle(self, slot_id: SlotId, timeout: float) -> Hold | None:
+        """
+        Take slot C{slot_id} for maintenance once whoever holds it lets it go
+        (before the queue gets it); None if it is still busy after C{timeout}
+        seconds, or not in the map.
+        """
+        record = self._slots.get(slot_id)
+        if record is None:
+            return None
+        try:
+            await record.lock.acquire().addTimeout(timeout, self.clock)
+        except TimeoutError:
+            return None
+        return Hold(self, record)
+
+    def _let_go(self, record: _Record) -> None:
+        record.lock.release()
+        self._retire_if_gone(record)
         self.pump()
 
     # -- the queue ----------------------------------------------------------
@@ -270,7 +314,7 @@ class Scheduler:
         kind = waiter.request.kind
         views = [
             view for view in views
-            if self.slot_class(view.id) in ("any", kind) and view.id.backend not in self.closed
+            if self.slot_class(view.id) in ("any", kind) and view.id.backend not in self._closed
         ]
         affinity = self.clock.seconds() < waiter.affinity_until
         disk = None if waiter.request.small else self.disk_lookup(waiter.request)
@@ -293,18 +337,16 @@ class Scheduler:
                 if decided.decision is Decision.WAIT:
                     self._wake_at_affinity_end(waiter)
                     continue
-                slot = self.slots[decided.slot]
+                slot = self._slots[decided.slot]
                 slot.lock.acquire()  # idle, so this fires at once
                 source = None
                 if decided.fork is not None:
-                    source = self.slots[decided.fork]
+                    source = self._slots[decided.fork]
                     source.lock.acquire()  # idle too: the plan only forks idle slots
                 self._leave(waiter)
                 now = self.clock.seconds()
-                lineage = _lineage(decided, waiter.request, slot.content)
-                lease = Lease(
-                    slot, decided, waiter.request, now - waiter.enqueued, slot.content, source, lineage
-                )
+                previous = slot.content
+                lineage = _lineage(decided, waiter.request, previous)
                 # Claim the slot for this conversation at once, so that a follow-up
                 # arriving meanwhile waits for it instead of computing it again elsewhere.
                 slot.content = SlotContent(
@@ -312,6 +354,10 @@ class Scheduler:
                     waiter.request.fingerprint,
                     pinned=waiter.request.pinned,
                     lineage=lineage,
+                )
+                lease = Lease(
+                    slot.snapshot(), decided, waiter.request, now - waiter.enqueued, previous,
+                    None if source is None else source.snapshot(), lineage,
                 )
                 if source is not None:
                     self._sources[id(lease)] = source
