@@ -16,7 +16,7 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from proxycache.backend import Description, UpstreamError
+from proxycache.backend import Description, FailureKind, IdleSlot, Restored, Saved, SlotActionFailed
 from proxycache.routing import Decision
 from proxycache.slots import Lease, Progress, Scheduler, Slot
 from proxycache.slots._scheduler import _Record
@@ -94,8 +94,11 @@ class FakeBackend:
     async def call(self, method: str, path: str, payload: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
         return 200, {}
 
-    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
-        raise UpstreamError("no slot actions here")
+    async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
+        raise SlotActionFailed("save", index, None, "no slot actions here", FailureKind.FAILED)
+
+    async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
+        raise SlotActionFailed("restore", index, None, "no slot actions here", FailureKind.FAILED)
 
     async def slots(self) -> list[dict[str, Any]] | None:
         if self.slots_error is not None:
@@ -110,7 +113,7 @@ class FakeBackend:
             raise self.describe_error
         return Description(self.props, self.props.get("total_slots"), self.model)
 
-    async def wait_until_idle(self, index: int) -> dict[str, Any] | None:
+    async def wait_until_idle(self, index: int) -> IdleSlot | None:
         return None
 
 

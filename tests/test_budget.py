@@ -10,6 +10,7 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
+from proxycache.backend import IdleSlot, Saved
 from proxycache.cache._budget import AUTO_CAP, GiB, auto_budget, headroom
 from proxycache.routing import Fingerprint, SlotId, SlotState
 from proxycache.slots import Slot, SlotContent
@@ -36,12 +37,12 @@ class FakeLlama:
     def __init__(self) -> None:
         self.actions: list[tuple[int, str, str | None]] = []
 
-    async def wait_until_idle(self, index: int) -> dict[str, Any]:
-        return {"id": index, "id_task": 3, "is_processing": False, "n_prompt_tokens": 500}
+    async def wait_until_idle(self, index: int) -> IdleSlot:
+        return IdleSlot(used=True, tokens=500)
 
-    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
-        self.actions.append((index, action, filename))
-        return {"n_saved": 500, "n_written": 4096}
+    async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
+        self.actions.append((index, "save", filename))
+        return Saved(tokens=500, bytes=4096, ms=1.0)
 
 
 def hot_slot() -> tuple[Slot, SlotContent]:

@@ -13,6 +13,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
+from proxycache.backend import IdleSlot, Restored, Saved
 from proxycache.cache import Catalog, DiskTier, MetaEntry, load_index, write_meta
 from proxycache.config import Config
 from proxycache.routing import Fingerprint
@@ -122,7 +123,7 @@ def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(t
     class Broken:
         name = url = "b"
 
-        async def wait_until_idle(self, index: int) -> dict[str, Any]:
+        async def wait_until_idle(self, index: int) -> IdleSlot:
             raise RuntimeError("something nobody expected")
 
     tier, threads = make_tier(tmp_path)
@@ -152,14 +153,19 @@ class _Saving:
         self.calls: list[tuple[str, int]] = []  # slot actions
         self.asked: list[str] = []  # every request, in order
 
-    async def wait_until_idle(self, index: int) -> dict[str, Any]:
+    async def wait_until_idle(self, index: int) -> IdleSlot:
         self.asked.append("slots")
-        return {"id": index, "id_task": 7, "is_processing": False, "n_prompt_tokens": 300}
+        return IdleSlot(used=True, tokens=300)
 
-    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
-        self.asked.append(action)
-        self.calls.append((action, index))
-        return {"n_saved": 300, "n_written": 4096} if action == "save" else {"n_restored": 100, "n_read": 4096}
+    async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
+        self.asked.append("save")
+        self.calls.append(("save", index))
+        return Saved(tokens=300, bytes=4096, ms=1.0)
+
+    async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
+        self.asked.append("restore")
+        self.calls.append(("restore", index))
+        return Restored(tokens=100, bytes=4096, ms=1.0)
 
 
 def _tier_on(tmp_path: Path) -> tuple[DiskTier, Threads, _Saving]:
@@ -249,20 +255,21 @@ def test_no_early_save_on_a_backend_that_evicts_nobody(tmp_path):
 
 
 def test_a_backend_without_a_save_directory_is_asked_to_save_once_until_it_restarts(tmp_path):
-    from proxycache.backend import UpstreamError
+    from proxycache.backend._actions import refused
     from proxycache.routing import SlotId, SlotState
     from proxycache.slots import Slot, SlotContent
 
     tier, threads, backend = _tier_on(tmp_path)
     refusing = True
 
-    async def slot_action(index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
-        backend.calls.append((action, index))
-        if refusing:
-            raise UpstreamError(f"slot {index} {action} failed: 501 This server does not support slots action")
-        return {"n_saved": 300, "n_written": 4096}
+    async def save_slot(index: int, filename: str, timeout: float) -> Saved:
+        backend.calls.append(("save", index))
+        if refusing:  # llama-server's answer without --slot-save-path
+            message = "This server does not support slots action. Start it with `--slot-save-path`"
+            raise refused("save", index, 501, {"error": {"code": 501, "message": message}})
+        return Saved(tokens=300, bytes=4096, ms=1.0)
 
-    backend.slot_action = slot_action  # type: ignore[method-assign]
+    backend.save_slot = save_slot  # type: ignore[method-assign]
     slot = Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300))
     for _ in range(3):
         assert _run(threads, tier.save(slot, slot.content)) is None

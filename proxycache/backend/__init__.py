@@ -2,6 +2,7 @@
 The llama.cpp backend: every llama-server specific behind L{Backend}.
 """
 
+from proxycache.backend._actions import FailureKind, IdleSlot, Restored, Saved, SlotActionFailed
 from proxycache.backend._features import (
     OLDEST_SUPPORTED_BUILD, RAM_CACHE, Features, backend_warnings, build_notice, build_number,
 )
@@ -9,11 +10,11 @@ from proxycache.backend._http import (
     UPSTREAM_FAILURES, StreamStalled, UpstreamError, cancelled, pipe_body, read_body, unreachable,
 )
 from proxycache.backend._identity import model_identity
-from proxycache.backend._llama import Description, LlamaServer, never_used, restarted
+from proxycache.backend._llama import Description, LlamaServer, restarted
 from proxycache.backend._protocol import Backend
 
 __all__ = [
     "OLDEST_SUPPORTED_BUILD", "RAM_CACHE", "Features", "backend_warnings", "build_notice", "build_number",
-    "UPSTREAM_FAILURES", "Backend", "Description", "LlamaServer", "StreamStalled", "UpstreamError",
-    "cancelled", "model_identity", "never_used", "pipe_body", "read_body", "restarted", "unreachable",
+    "UPSTREAM_FAILURES", "Backend", "Description", "FailureKind", "IdleSlot", "Restored", "Saved", "SlotActionFailed", "LlamaServer", "StreamStalled", "UpstreamError",
+    "cancelled", "model_identity", "pipe_body", "read_body", "restarted", "unreachable",
 ]

@@ -20,6 +20,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
 from twisted.web.iweb import IResponse
 
+from proxycache.backend._actions import IdleSlot, Restored, Saved, idle_slot, refused, restored, saved, unanswered
 from proxycache.backend._endpoints import BackendEndpoints
 from proxycache.backend._features import PROBE_FILENAME, Features, saves_enabled
 from proxycache.backend._http import UPSTREAM_FAILURES, UpstreamError, is_stale_connection, read_body
@@ -151,14 +152,21 @@ class LlamaServer:
         except ValueError:
             return response.code, None
 
-    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
-        """C{POST /slots/{index}?action=...}; raises L{UpstreamError} unless llama.cpp says 200."""
-        payload = {} if filename is None else {"filename": filename}
-        status, reply = await self.call("POST", f"/slots/{index}?action={action}", payload, timeout)
+    async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
+        return saved(await self._slot_action(index, "save", filename, timeout))
+
+    async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
+        return restored(await self._slot_action(index, "restore", filename, timeout))
+
+    async def _slot_action(self, index: int, action: str, filename: str, timeout: float) -> Any:
+        """C{POST /slots/{index}?action=...}: llama.cpp's reply; L{SlotActionFailed} unless it says 200."""
+        try:
+            status, reply = await self.call("POST", f"/slots/{index}?action={action}", {"filename": filename}, timeout)
+        except UPSTREAM_FAILURES as e:
+            raise unanswered(action, index, e) from e
         if status != 200:
-            message = (reply or {}).get("error", {}).get("message") if isinstance(reply, dict) else None
-            raise UpstreamError(f"slot {index} {action} failed: {status} {message or reply}")
-        return reply if isinstance(reply, dict) else {}
+            raise refused(action, index, status, reply)
+        return reply
 
     async def slots(self) -> list[dict[str, Any]] | None:
         """C{GET /slots}; None when llama-server does not show them (C{--no-slots})."""
@@ -236,7 +244,7 @@ class LlamaServer:
                      url=self.url, status=status, reply=reply)
         return answer
 
-    async def wait_until_idle(self, index: int) -> dict[str, Any] | None:
+    async def wait_until_idle(self, index: int) -> IdleSlot | None:
         """
         llama.cpp's own view of slot C{index} once it is idle (llama.cpp defers
         an action on a busy slot and resumes only one deferred task per slot
@@ -248,16 +256,13 @@ class LlamaServer:
             if slots is None:
                 return None
             slot = next((s for s in slots if s.get("id") == index), None)
-            if slot is None or not slot.get("is_processing"):
-                return slot
+            if slot is None:
+                return None
+            if not slot.get("is_processing"):
+                return idle_slot(slot)
             await deferLater(self.clock, delay, lambda: None)
             delay = min(delay * 2, IDLE_MAX_DELAY)
         raise TimeoutError(f"slot {index} stayed busy in llama.cpp")
-
-
-def never_used(slot: dict[str, Any] | None) -> bool:
-    """llama.cpp shows no task for a slot that served nothing since it started."""
-    return slot is not None and "id_task" not in slot
 
 
 def restarted(slots: list[dict[str, Any]], believed_in_use: set[int], max_task_seen: int) -> bool:

@@ -10,6 +10,7 @@ from typing import Any, Protocol
 from twisted.internet.defer import Deferred
 from twisted.web.iweb import IResponse
 
+from proxycache.backend._actions import IdleSlot, Restored, Saved
 from proxycache.backend._llama import Description
 
 
@@ -36,8 +37,17 @@ class Backend(Protocol):
     async def call(self, method: str, path: str, payload: Any = None, timeout: float = 10.0) -> tuple[int, Any]:
         """A JSON call: (status, decoded body or None)."""
 
-    async def slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> dict[str, Any]:
-        """Save, restore or erase slot C{index}'s KV cache."""
+    async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
+        """
+        Save slot C{index}'s KV cache as C{filename} (in the server's save
+        directory).  @raise SlotActionFailed: not saved, and why.
+        """
+
+    async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
+        """
+        Load C{filename} into slot C{index} (a failed restore leaves the slot
+        empty).  @raise SlotActionFailed: not restored, and why.
+        """
 
     async def slots(self) -> list[dict[str, Any]] | None:
         """The server's own view of its slots, when it shows them."""
@@ -45,5 +55,5 @@ class Backend(Protocol):
     async def describe(self, probe: bool = True) -> Description | None:
         """Properties and model identity, once it answers; C{probe}: ask the weights again."""
 
-    async def wait_until_idle(self, index: int) -> dict[str, Any] | None:
-        """Slot C{index} as the server shows it once the server itself reports it idle."""
+    async def wait_until_idle(self, index: int) -> IdleSlot | None:
+        """Slot C{index} as the server shows it once the server itself reports it idle (None: it does not show it)."""

@@ -22,7 +22,7 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from proxycache.backend import UPSTREAM_FAILURES, Backend, UpstreamError, never_used, unreachable
+from proxycache.backend import UPSTREAM_FAILURES, Backend, FailureKind, SlotActionFailed, UpstreamError, unreachable
 from proxycache.cache._catalog import Catalog
 from proxycache.cache._index import MetaEntry, bin_name
 from proxycache.cache._store import SavedCaches
@@ -214,13 +214,13 @@ class DiskTier(Service):
         started = self.clock.seconds()
         try:
             seen = await backend.wait_until_idle(slot.id.index)
-            if never_used(seen):
+            if seen is not None and not seen.used:
                 # Never used since llama-server started: it restarted behind our back, and
                 # saving now would write an empty file over this conversation's cache.
                 self.on_empty_slot()
                 raise UpstreamError(f"slot {slot.id.index} is empty in llama.cpp (restarted?)")
             expected = max(content.tokens, predecessor.tokens if predecessor else 0)
-            held = _tokens_held(seen)
+            held = seen.tokens if seen is not None else None
             if held is not None and held < expected * MIN_SAVED_SHARE:
                 # llama.cpp overwrote or cleared the slot behind the proxy's back (its RAM
                 # cache, an n_cmpl child task, an erase): the file holds more than the slot.
@@ -228,10 +228,10 @@ class DiskTier(Service):
                 raise UpstreamError(
                     f"slot {slot.id.index} holds {held} tokens in llama.cpp, {expected} expected: not saved over"
                 )
-            reply = await backend.slot_action(slot.id.index, "save", bin_name(key), self.config.slot_action_timeout)
+            saved = await backend.save_slot(slot.id.index, bin_name(key), self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             self.counters.save_failures += 1
-            if " 501 " in str(e):
+            if isinstance(e, SlotActionFailed) and e.kind is FailureKind.UNSUPPORTED:
                 # Each later save would fail the same way: not asked again until it restarts.
                 if backend.name not in self._cannot_save:
                     self._cannot_save.add(backend.name)
@@ -250,8 +250,8 @@ class DiskTier(Service):
             backend=backend.name,
             model=model,
             fingerprint=content.fingerprint,
-            tokens=int(reply.get("n_saved", content.tokens)),
-            bytes=int(reply.get("n_written", 0)),
+            tokens=content.tokens if saved.tokens is None else saved.tokens,
+            bytes=saved.bytes,
             created=predecessor.created if predecessor else now,
             last_used=now,
             pinned=content.pinned or bool(predecessor and predecessor.pinned),
@@ -261,7 +261,7 @@ class DiskTier(Service):
         self.counters.saves += 1
         self.counters.saved_bytes += entry.bytes
         took = now - started
-        self.speeds.observe_save(entry.bytes, float(reply.get("timings", {}).get("save_ms", 0)))
+        self.speeds.observe_save(entry.bytes, saved.ms)
         for observer in self.observers:
             observer("save", took, entry.bytes)
         (log.info if took >= 1 else log.debug)(
@@ -290,7 +290,7 @@ class DiskTier(Service):
         try:
             if not idle:
                 await backend.wait_until_idle(slot.id.index)
-            reply = await backend.slot_action(slot.id.index, "restore", entry.filename, self.config.slot_action_timeout)
+            restored = await backend.restore_slot(slot.id.index, entry.filename, self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             failure: Exception | None = e
         else:
@@ -306,19 +306,19 @@ class DiskTier(Service):
                 slot=str(slot.id),
                 error=failure,
             )
-            missing = "failed to open" in str(failure).lower() or "not found" in str(failure).lower()
+            missing = isinstance(failure, SlotActionFailed) and failure.kind is FailureKind.MISSING_FILE
             if missing and slot.id.backend == entry.backend:  # elsewhere, the storage may just not be shared
                 await self.store.drop(entry)
             return False
         took = self.clock.seconds() - started
-        n_restored = int(reply.get("n_restored", 0))
-        self.speeds.observe_restore(int(reply.get("n_read", 0)), float(reply.get("timings", {}).get("restore_ms", 0)))
+        n_restored = restored.tokens
+        self.speeds.observe_restore(restored.bytes or 0, restored.ms)
         self.counters.restores += 1
         self.counters.restored_tokens += n_restored
         if slot.id.backend != entry.backend:
             self.counters.cross_backend_restores += 1
         for observer in self.observers:
-            observer("restore", took, int(reply.get("n_read", entry.bytes)))
+            observer("restore", took, entry.bytes if restored.bytes is None else restored.bytes)
         self._restored[slot.id] = _Restored(entry, n_restored, lease.plan.common_blocks)
         self.store.update(entry, last_used=self.clock.seconds())
         (log.info if took >= 1 else log.debug)(
@@ -396,12 +396,6 @@ class DiskTier(Service):
             return key
         finally:
             self.scheduler.release_source(lease)
-
-
-def _tokens_held(slot: dict[str, Any] | None) -> int | None:
-    """The tokens llama.cpp says slot C{slot} (from C{GET /slots}) holds, when it says."""
-    n = (slot or {}).get("n_prompt_tokens")  # b11549: the prompt last processed, 0 after an erase
-    return n if isinstance(n, int) and not isinstance(n, bool) else None
 
 
 def _shielded(work: Deferred) -> Deferred:
