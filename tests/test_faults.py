@@ -221,17 +221,20 @@ def test_monitor_survives_a_slots_reply_cut_in_its_headers(stub, tmp_path):
 def test_a_client_gone_before_its_answer_is_no_failure_of_llama_server(llama, tmp_path):
     # A whole answer: llama.cpp sends its headers only once it has generated, so the client leaves
     # while the proxy waits for them.  Its request is cancelled: no 503, no traceback, no lost slot.
+    # Nothing waits for llama.cpp to stop: b11434 and b11549 go on generating a whole answer whose
+    # connection closed (they see a closed connection only when writing a stream), so that wait
+    # lasted as long as 4000 tokens take, over its 15 s on a loaded machine.
     from proxycache.testing import wait_for
 
     proxy = ProxyProcess(tmp_path, llama.url).start()
     try:
         with open_raw_chat(proxy.port, {"messages": HELLO, "max_tokens": 4000, "ignore_eos": True}):
             wait_for(lambda: any(slot["is_processing"] for slot in llama.slots()), what="llama.cpp generating")
-        wait_for(lambda: not any(slot["is_processing"] for slot in llama.slots()), what="llama.cpp stopped")
         wait_for(lambda: not any(slot["busy"] for slot in proxy.status()["slots"]), what="the slot free")
         log = proxy.log_text()
         assert "Unhandled Error" not in log and "not available" not in log, log
         assert "left before llama-server answered" in log  # said once, at info
+        # Served at once: the free slot goes first, not the one llama.cpp may still be generating on.
         assert http("POST", proxy.url + "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})[0] == 200
     finally:
         proxy.stop()
