@@ -70,7 +70,7 @@ def disconnect(url: str, rng: random.Random) -> tuple[str, float]:
     started = time.monotonic()
     with socket.create_connection((host, int(port))) as s:
         s.sendall(
-            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
             b"Content-Length: %d\r\n\r\n"
             % len(body)
             + body

@@ -205,7 +205,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("fim_slots", "FIM_SLOTS", None, _non_negative_int,
             "slots per llama-server kept for /infill (default: 1 with 3 slots or more, else 0 = shared)"),
     Setting("cors_origins", "CORS_ORIGINS", (), _words,
-            "browser origins allowed to call the proxy ('*' for any; none = no CORS headers)"),
+            "browser origins allowed to call the proxy ('*' for any); other pages' requests are refused (403)"),
+    Setting("allowed_hosts", "ALLOWED_HOSTS", (), _words,
+            "Host names accepted on a loopback connection besides localhost, 127.0.0.1 and [::1] ('*' for any); "
+            "others are refused (403), which defeats DNS rebinding"),
     Setting("allow_client_pins", "ALLOW_CLIENT_PINS", False, _flag,
             "honour clients' X-Proxycache-Pin header (off: only --pinned-keys pin)"),
     Setting("max_pinned_share", "MAX_PINNED_SHARE", 0.5, _share,
@@ -249,6 +252,7 @@ class Config:
     backend_save_dirs: tuple[str, ...] = ()
     fim_slots: int | None = None
     cors_origins: tuple[str, ...] = ()
+    allowed_hosts: tuple[str, ...] = ()
     allow_client_pins: bool = False
     max_pinned_share: float = 0.5
 

@@ -186,6 +186,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     from proxycache.slots import Dispatcher, Fleet, Monitor, Scheduler
     from proxycache.stats import Stats
     from proxycache.web import GuardedRequests, Proxy
+    from proxycache.web._browsers import BrowserPolicy
     from proxycache.web._admin import Admin
 
     top = OrderedServices()
@@ -247,7 +248,8 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     if reread is not None:
         ReloadOnHangup(reread, fleet, reactor).setServiceParent(top)
     site = Site(proxy.resource(), requestFactory=GuardedRequests(
-        config.max_body_bytes, config.api_keys + config.admin_keys if config.api_keys else ()
+        config.max_body_bytes, config.api_keys + config.admin_keys if config.api_keys else (),
+        BrowserPolicy(config.cors_origins, config.allowed_hosts),
     ))
     site.displayTracebacks = False
     strports.service(config.listen, site).setServiceParent(top)

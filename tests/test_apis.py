@@ -440,7 +440,8 @@ def test_lenient_input_and_http_niceties(llama, tmp_path):
         assert status == 204
         assert headers["Access-Control-Allow-Origin"] == "https://app.example"
         assert "x-api-key" in headers["Access-Control-Allow-Headers"]
-        _, headers, _ = http("GET", proxy.url + "/v1/models", None, {"Origin": "https://evil.example"})
+        status, headers, _ = http("GET", proxy.url + "/v1/models", None, {"Origin": "https://evil.example"})
+        assert status == 403
         assert "Access-Control-Allow-Origin" not in headers
     finally:
         proxy.stop()

@@ -29,7 +29,7 @@ def guarded_proxy(module_llama, tmp_path_factory):
 def _send_headers(port: int, headers: list[str]) -> socket.socket:
     sock = socket.create_connection(("127.0.0.1", port))
     sock.settimeout(15)  # without the guard the proxy waits for the body: the read times out
-    head = ["POST /v1/chat/completions HTTP/1.1", "Host: proxycache", "Content-Type: application/json", *headers]
+    head = ["POST /v1/chat/completions HTTP/1.1", "Host: localhost", "Content-Type: application/json", *headers]
     sock.sendall(("\r\n".join(head) + "\r\n\r\n").encode())
     return sock
 

@@ -4,6 +4,7 @@ Who may talk to the proxy, and what a client can never do.
 
 from __future__ import annotations
 
+import json
 import re
 
 import openai
@@ -90,3 +91,41 @@ def test_cache_files_are_never_named_from_client_text(llama, tmp_path):
         assert metas and all(re.fullmatch(r"[0-9a-f]{16}\.meta", n) for n in metas)
     finally:
         proxy.stop()
+
+
+@pytest.fixture(scope="module")
+def open_proxy(module_llama, tmp_path_factory):
+    """No keys, as most run it: only web pages are kept out."""
+    proxy = ProxyProcess(tmp_path_factory.mktemp("open"), module_llama.url, cors_origins="https://app.example").start()
+    yield proxy
+    proxy.stop()
+
+
+def test_a_web_page_cannot_drive_a_keyless_daemon(open_proxy):
+    before = http("GET", open_proxy.url + "/status")[2]["totals"]["requests"]
+    # What a hostile page's fetch(..., {mode: "no-cors", body: "..."}) sends: no preflight needed.
+    simple = {"Origin": "https://evil.example", "Content-Type": "text/plain"}
+    status, _, error = http("POST", open_proxy.url + "/v1/chat/completions", json.dumps(HELLO).encode(), simple)
+    assert (status, error["error"]["code"]) == (403, "origin_not_allowed")
+    for path in ("/status", "/metrics", "/v1/models", "/health"):
+        assert http("GET", open_proxy.url + path, None, {"Origin": "https://evil.example"})[0] == 403
+    # DNS rebinding: the page's own name resolves to 127.0.0.1 now, and it is same-origin with itself.
+    rebound = {"Host": "evil.example:8081", "Origin": "http://evil.example:8081"}
+    status, _, error = http("POST", open_proxy.url + "/v1/chat/completions", HELLO, rebound)
+    assert (status, error["error"]["code"]) == (403, "host_not_allowed")
+    assert http("GET", open_proxy.url + "/status", None, {"Host": "evil.example"})[0] == 403
+    assert http("GET", open_proxy.url + "/status")[2]["totals"]["requests"] == before  # nothing ran
+
+
+def test_clients_without_a_browser_keep_working(open_proxy):
+    import anthropic
+
+    assert open_proxy.client().chat.completions.create(model="any", messages=HELLO["messages"], max_tokens=2).choices
+    claude = anthropic.Anthropic(base_url=open_proxy.url, api_key="unused", max_retries=0)
+    assert claude.messages.create(model="any", max_tokens=2, messages=HELLO["messages"]).content is not None
+    localhost = open_proxy.url.replace("127.0.0.1", "localhost")
+    assert http("GET", localhost + "/status")[0] == 200
+    # an allowed page, and the proxy's own page (same origin)
+    status, headers, _ = http("POST", open_proxy.url + "/v1/chat/completions", HELLO, {"Origin": "https://app.example"})
+    assert (status, headers["Access-Control-Allow-Origin"]) == (200, "https://app.example")
+    assert http("POST", open_proxy.url + "/v1/chat/completions", HELLO, {"Origin": open_proxy.url})[0] == 200

@@ -321,7 +321,7 @@ def send_raw_chat(sock: socket.socket, body: dict[str, Any] | bytes) -> socket.s
     """Write a chat request on a plain socket (to disconnect or stall at will); returns it."""
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     sock.sendall(
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxycache\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         + b"Content-Length: %d\r\n\r\n" % len(raw) + raw
     )
     return sock

@@ -91,7 +91,7 @@ class Proxy:
 
     def resource(self) -> Any:
         resource = self.app.resource()
-        return CorsResource(resource, self.config.cors_origins) if self.config.cors_origins else resource
+        return CorsResource(resource, self.config.cors_origins, error_shape)
 
     # -- errors and auth ----------------------------------------------------
 

@@ -1,10 +1,12 @@
 """
 CORS for browser clients, from an allow-list of origins (C{--cors-origins}).
 
-An allowed C{Origin} is echoed back on every answer; a preflight
-(C{OPTIONS} with C{Access-Control-Request-Method}) is answered here, before
-auth, as browsers send it without credentials.  With no list, no CORS header
-is ever sent and preflights fall through to the routes (which refuse them).
+An allowed C{Origin} is echoed back on every answer.  A preflight (C{OPTIONS}
+with C{Access-Control-Request-Method}) is answered here, before auth and
+whatever keys are set, as browsers never send credentials with one: 204 with
+the allow headers for an allowed origin, 403 without them for any other.
+Requests from origins not allowed are refused on their headers before they
+get here (L{proxycache.web._browsers}).
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from typing import Any
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
 
+from proxycache.web._browsers import BrowserPolicy, forbidden
+from proxycache.web._shapes import ErrorShape
+
 ALLOWED_METHODS = b"GET, HEAD, POST, OPTIONS"
 EXPOSED_HEADERS = b"x-proxycache-decision, x-proxycache-slot, x-proxycache-cached-tokens, x-proxycache-prompt-tokens"
 MAX_AGE = b"600"
@@ -22,27 +27,34 @@ MAX_AGE = b"600"
 class CorsResource(Resource):
     isLeaf = True
 
-    def __init__(self, wrapped: Any, origins: tuple[str, ...]) -> None:
+    def __init__(self, wrapped: Any, origins: tuple[str, ...], shape_of: Any) -> None:
         super().__init__()
         self.wrapped = wrapped
-        self.origins = frozenset(o.rstrip("/") for o in origins)
+        self.policy = BrowserPolicy(origins)
+        self.shape_of: Any = shape_of  # path -> ErrorShape
 
     def allowed(self, origin: bytes | None) -> bool:
-        if not origin or not self.origins:
-            return False
-        return "*" in self.origins or origin.decode("latin-1").rstrip("/") in self.origins
+        return bool(origin) and self.policy.origin_allowed(origin.decode("latin-1"))  # type: ignore[union-attr]
 
     def render(self, request: IRequest) -> Any:
         origin = request.getHeader(b"origin")
+        preflight = request.method == b"OPTIONS" and request.getHeader(b"access-control-request-method")
         if self.allowed(origin):
             request.setHeader(b"access-control-allow-origin", origin)
             request.setHeader(b"vary", b"Origin")
             request.setHeader(b"access-control-expose-headers", EXPOSED_HEADERS)
-            if request.method == b"OPTIONS" and request.getHeader(b"access-control-request-method"):
+            if preflight:
                 request.setResponseCode(204)
                 request.setHeader(b"access-control-allow-methods", ALLOWED_METHODS)
                 asked = request.getHeader(b"access-control-request-headers")
                 request.setHeader(b"access-control-allow-headers", asked or b"authorization, content-type")
                 request.setHeader(b"access-control-max-age", MAX_AGE)
                 return b""
+        elif preflight:
+            error = forbidden("this origin may not call proxycache from a web page (see --cors-origins)",
+                              "origin_not_allowed")
+            shape: ErrorShape = self.shape_of(request.path.decode("utf-8", "replace"))
+            request.setResponseCode(403)
+            request.setHeader(b"content-type", b"application/json")
+            return shape.body(error)
         return self.wrapped.render(request)

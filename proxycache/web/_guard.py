@@ -3,10 +3,11 @@ Refuse a request body on its headers.
 
 Twisted reads a whole request body (to a temporary file when large) before
 any handler runs, so a check in the handler comes after a 300 MiB upload has
-been stored.  L{GuardedRequest} decides as soon as the headers are in: an
-over-limit C{Content-Length} answers 413 and a body without a valid API key
-401, and the connection is closed without reading the body; a chunked body
-is cut off as soon as it passes the limit.
+been stored.  L{GuardedRequest} decides as soon as the headers are in: a web
+page's request that L{BrowserPolicy} refuses (its C{Origin} or C{Host})
+answers 403, an over-limit C{Content-Length} 413 and a body without a valid
+API key 401, and the connection is closed without reading the body; a chunked
+body is cut off as soon as it passes the limit.
 """
 
 from __future__ import annotations
@@ -22,7 +23,9 @@ from twisted.web.server import Request
 from zope.interface import implementer
 
 from proxycache.web._auth import authorize
+from proxycache.web._browsers import BrowserPolicy
 from proxycache.web._errors import ApiError
+from proxycache.web._shapes import ANTHROPIC, OPENAI
 
 log = Logger()
 
@@ -36,6 +39,9 @@ class _Discard:
     def seek(self, offset: int, whence: int = 0) -> int:
         return 0
 
+    def tell(self) -> int:  # a request without a body is still parsed after its refusal
+        return 0
+
     def read(self, size: int = -1) -> bytes:
         return b""
 
@@ -44,24 +50,29 @@ class _Discard:
 
 
 def _error_body(request: Request, error: ApiError) -> bytes:
-    if request.requestHeaders.hasHeader(b"anthropic-version"):  # every Anthropic client sends it
-        kind = "authentication_error" if error.status == 401 else "request_too_large"
-        return json.dumps({"type": "error", "error": {"type": kind, "message": error.message}}).encode()
-    return error.body()
+    # The path is not parsed yet: every Anthropic client sends anthropic-version.
+    shape = ANTHROPIC if request.requestHeaders.hasHeader(b"anthropic-version") else OPENAI
+    return shape.body(error)
 
 
 class GuardedRequest(Request):
-    def __init__(self, *args: Any, max_body_bytes: int, api_keys: tuple[str, ...], **kwargs: Any) -> None:
+    def __init__(
+        self, *args: Any, max_body_bytes: int, api_keys: tuple[str, ...], browsers: BrowserPolicy, **kwargs: Any
+    ) -> None:
         super().__init__(*args, **kwargs)
         self.max_body_bytes = max_body_bytes
         self.api_keys = api_keys
+        self.browsers = browsers
         self.refused = False
         self._received = 0
 
     def gotLength(self, length: int | None) -> None:
         chunked = length is None and self.requestHeaders.hasHeader(b"transfer-encoding")
         has_body = chunked or bool(length)
-        if length is not None and length > self.max_body_bytes:
+        refused = self.browsers.refusal(self.requestHeaders, self.getHost())
+        if refused is not None:  # every request, with a body or not: GET /status too
+            self._refuse(refused)
+        elif length is not None and length > self.max_body_bytes:
             self._refuse(_too_large(self.max_body_bytes))
         elif has_body:
             try:
@@ -108,6 +119,9 @@ class GuardedRequests:
 
     max_body_bytes: int
     api_keys: tuple[str, ...]
+    browsers: BrowserPolicy = BrowserPolicy()
 
     def __call__(self, channel: Any) -> GuardedRequest:
-        return GuardedRequest(channel, max_body_bytes=self.max_body_bytes, api_keys=self.api_keys)
+        return GuardedRequest(
+            channel, max_body_bytes=self.max_body_bytes, api_keys=self.api_keys, browsers=self.browsers
+        )
