@@ -209,6 +209,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("allowed_hosts", "ALLOWED_HOSTS", (), _words,
             "Host names accepted on a loopback connection besides localhost, 127.0.0.1 and [::1] ('*' for any); "
             "others are refused (403), which defeats DNS rebinding"),
+    Setting("health_requires_key", "HEALTH_REQUIRES_KEY", False, _flag,
+            "with --api-keys, /health, /v1/health and /proxycache/health need a key too (off: load balancers "
+            "and uptime probes, which send none, get an answer)"),
     Setting("allow_client_pins", "ALLOW_CLIENT_PINS", False, _flag,
             "honour clients' X-Proxycache-Pin header (off: only --pinned-keys pin)"),
     Setting("max_pinned_share", "MAX_PINNED_SHARE", 0.5, _share,
@@ -253,6 +256,7 @@ class Config:
     fim_slots: int | None = None
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
+    health_requires_key: bool = False
     allow_client_pins: bool = False
     max_pinned_share: float = 0.5
 

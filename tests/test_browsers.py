@@ -182,3 +182,34 @@ def test_host_is_not_checked_off_loopback(local):
 def test_ipv6_loopback_connection_checks_host():
     reply = daemon().send(request("GET", "/status", {"Host": "evil.example"}), IPv6Address("TCP", "::1", 8081))
     assert status_of(reply) == 403
+
+
+PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-Headers": "authorization, content-type"}
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/status", "/tokenize"])
+def test_a_preflight_never_needs_a_key(path):
+    # Browsers send preflights without credentials: an allowed origin gets its allow headers whatever the keys...
+    keyed = daemon(api_keys=("k",), cors_origins=("https://app.example",))
+    reply = keyed.send(request("OPTIONS", path, {"Host": "localhost", "Origin": "https://app.example", **PREFLIGHT}))
+    assert status_of(reply) == 204
+    assert b"Access-Control-Allow-Origin: https://app.example" in reply
+    # ...and any other, or none, a 403 without them: never a 401.
+    for settings in ({"api_keys": ("k",)}, {"api_keys": ("k",), "cors_origins": ("https://app.example",)}):
+        for headers in ({"Origin": "https://evil.example"}, {}):
+            reply = daemon(**settings).send(request("OPTIONS", path, {"Host": "localhost", **headers, **PREFLIGHT}))
+            assert status_of(reply) == 403, reply
+            assert b"Access-Control-Allow" not in reply
+
+
+def test_health_answers_probes_without_a_key():
+    keyed = daemon(api_keys=("k",))
+    for path in ("/health", "/v1/health", "/proxycache/health"):
+        assert status_of(keyed.send(request("GET", path, {"Host": "localhost"}))) == 200, path
+        assert status_of(keyed.send(request("HEAD", path, {"Host": "localhost"}))) == 200, path
+    assert status_of(keyed.send(request("GET", "/status", {"Host": "localhost"}))) == 401
+    assert status_of(keyed.send(request("GET", "/v1/models", {"Host": "localhost"}))) == 401
+    strict = daemon(api_keys=("k",), health_requires_key=True)
+    for path in ("/health", "/v1/health", "/proxycache/health"):
+        assert status_of(strict.send(request("GET", path, {"Host": "localhost"}))) == 401, path
+        assert status_of(strict.send(request("GET", path, {"Host": "localhost", "Authorization": "Bearer k"}))) == 200

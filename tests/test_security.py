@@ -58,6 +58,28 @@ def test_right_keys_are_let_in(keyed_proxy):
     assert http("GET", keyed_proxy.url + "/proxycache/health")[0] == 200
 
 
+def test_probes_and_preflights_need_no_key(keyed_proxy):
+    # Load balancers and uptime probes send no key; llama-server answers its /health without one too.
+    for path in ("/health", "/v1/health", "/proxycache/health"):
+        assert http("GET", keyed_proxy.url + path)[0] == 200, path
+    # A browser's preflight carries no credentials: never a 401 (no origin is allowed here: a 403).
+    preflight = {"Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    status, headers, error = http("OPTIONS", keyed_proxy.url + "/v1/chat/completions", None, preflight)
+    assert status == 403, error
+    assert "Access-Control-Allow-Origin" not in headers
+
+
+def test_health_can_require_a_key(module_llama, tmp_path):
+    proxy = ProxyProcess(tmp_path, module_llama.url, {"HEALTH_REQUIRES_KEY": "1"}, api_keys="k").start(wait_ready=False)
+    try:
+        assert http("GET", proxy.url + "/health")[0] == 401
+        assert http("GET", proxy.url + "/proxycache/health")[0] == 401
+        assert http("GET", proxy.url + "/v1/health", api_key="k")[0] == 200
+    finally:
+        proxy.stop()
+
+
 def test_upstream_api_key_is_forwarded(llama_factory, tmp_path):
     llama = llama_factory(api_key="llama-secret")
     without = ProxyProcess(tmp_path / "without", llama.url).start(wait_ready=False)

@@ -41,6 +41,8 @@ _DASHBOARD = Path(__file__).parent.parent / "static" / "dashboard.html"
 # llama.cpp endpoints clients may use directly. Generating ones go through the
 # scheduler like chat, so they cannot land on (and overwrite) a hot slot.
 PASSTHROUGH_GET = frozenset({"/v1/models", "/models", "/health", "/v1/health", "/props"})
+# Load balancers and uptime probes send no key (see --health-requires-key).
+HEALTH_ROUTES = frozenset({"/health", "/v1/health", "/proxycache/health"})
 PASSTHROUGH_POST = frozenset(
     {"/v1/embeddings", "/embeddings", "/embedding", "/tokenize", "/detokenize", "/apply-template"}
 ) | frozenset(PASSTHROUGH_BY_ROUTE)
@@ -110,6 +112,10 @@ class Proxy:
 
     def _authorize(self, request: IRequest) -> None:
         authorize(request, self.config.api_keys)
+
+    def _authorize_health(self, request: IRequest) -> None:
+        if self.config.health_requires_key:
+            self._authorize(request)
 
     def _read_body(self, request: IRequest) -> bytes:
         length = request.getHeader(b"content-length")
@@ -239,6 +245,7 @@ class Proxy:
 
     @app.route("/proxycache/health", methods=["GET"])
     def own_health(self, request: IRequest) -> bytes:
+        self._authorize_health(request)
         ok, details = self.health()
         details = dict(details, version=__version__, ok=ok)
         return _json_response(request, 200 if ok else 503, json.dumps(details).encode())
@@ -266,11 +273,14 @@ class Proxy:
 
     @app.route("/", branch=True, methods=["GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"])
     async def passthrough(self, request: IRequest) -> bytes:
-        self._authorize(request)
         path = request.path.decode("utf-8", "replace")
         method = request.method.decode()
         if method == "HEAD":  # a GET whose body twisted.web leaves out
             method = "GET"
+        if method == "GET" and path in HEALTH_ROUTES:
+            self._authorize_health(request)
+        else:
+            self._authorize(request)
         allowed = PASSTHROUGH_GET if method == "GET" else PASSTHROUGH_POST if method == "POST" else frozenset()
         if path not in allowed:
             if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED | OWN_ROUTES:
