@@ -30,6 +30,7 @@ from proxycache.web._cors import CorsResource
 from proxycache.web._errors import ApiError, upstream_unavailable
 from proxycache.web._exchange import ClientExchange, relay_headers
 from proxycache.web._inflight import InFlight
+from proxycache.web._one_slot import check_one_slot
 from proxycache.web._fanout import serve_choices
 from proxycache.web._fanout_stream import stream_choices
 from proxycache.web._validate import choices_wanted, parse_json_object
@@ -189,7 +190,8 @@ class Proxy:
         return b""
 
     async def dispatch(self, wanted: Request, path: str, body: dict[str, Any], exchange: Any) -> None:
-        """The dispatcher's failures as API errors."""
+        """The dispatcher's failures as API errors; the one place every scheduled request passes."""
+        check_one_slot(path, body)
         try:
             await self.dispatcher.dispatch(wanted, path, body, exchange)
         except QueueFull:
