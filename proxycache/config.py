@@ -149,7 +149,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("min_prefix_chars", "MIN_PREFIX_CHARS", 2000, _non_negative_int,
             "requests with fewer characters are small"),
     Setting("min_prefix_words", "MIN_PREFIX_WORDS", 300, _non_negative_int,
-            "requests with fewer words are small"),
+            "requests with fewer words are small (a word longer than 32 characters counts once per 32)"),
     Setting("min_prefix_blocks", "MIN_PREFIX_BLOCKS", 16, _non_negative_int,
             "requests with fewer word blocks are small"),
     Setting("block_words", "BLOCK_WORDS", 16, _positive_int,

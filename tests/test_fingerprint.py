@@ -15,14 +15,22 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from proxycache.routing import Fingerprint, conversation_text, fingerprint
+from proxycache.routing import Fingerprint, conversation_text, fingerprint, fingerprint_text
 
 FAST = settings(max_examples=50, deadline=None)
 
 
+def reference_words(text: str) -> list[str]:
+    """Words, a word longer than 32 characters as pieces of 32, each after the first after a tab."""
+    words = []
+    for word in text.split():
+        words += [("\t" if i else "") + word[i : i + 32] for i in range(0, len(word), 32)]
+    return words
+
+
 def reference_blocks(text: str, block_words: int) -> tuple[int, ...]:
     """The block hashes exactly as specified, written the plain way."""
-    words = text.split()
+    words = reference_words(text)
     blocks = []
     previous = b""
     for i in range(len(words) // block_words):
@@ -255,7 +263,7 @@ def test_any_request_renders(msgs: list, tools: Any):
     text = conversation_text(request)
     assert text == conversation_text(reorder(request))
     fp = fingerprint(request, 4)
-    assert fp.chars == len(text) and fp.words == len(text.split())
+    assert fp.chars == len(text) and fp.words == len(reference_words(text))
 
 
 # Blocks
@@ -266,7 +274,7 @@ def test_blocks_match_the_specification():
     text = conversation_text(request)
     fp = fingerprint(request)
     assert fp.blocks == reference_blocks(text, 16)
-    assert (fp.chars, fp.words) == (len(text), len(text.split()))
+    assert (fp.chars, fp.words) == (len(text), len(reference_words(text)))
     assert all(0 <= b < 2**64 for b in fp.blocks)
 
 
@@ -289,7 +297,7 @@ def test_blocks_match_the_specification_for_any_whitespace(text: str, block_word
     fp = fingerprint(request, block_words)
     rendered = conversation_text(request)
     assert fp.blocks == reference_blocks(rendered, block_words)
-    assert fp.words == len(rendered.split())
+    assert fp.words == len(reference_words(rendered))
 
 
 @pytest.mark.parametrize("separator", ["\x1c", "\x1f", "\xa0", "\u3000", "\u2028", "\x85"])
@@ -482,3 +490,27 @@ def test_blocks_are_stored_as_a_tuple():
     fp = Fingerprint([1, 2], 0, 0)  # type: ignore[arg-type]
     assert fp.blocks == (1, 2)
     assert hash(fp) == hash(Fingerprint((1, 2), 0, 0))
+
+
+# Words without spaces
+
+
+def test_a_long_word_is_measured_by_its_size():
+    fp = fingerprint_text("x" * 5_000_000)  # a 5 MB prompt that is one "word"
+    assert fp.words == 5_000_000 // 32
+    assert len(fp.blocks) == fp.words // 16
+    cjk = fingerprint_text("日本語のテキスト" * 1000)  # 8000 characters, no space
+    assert cjk.words == 250 and len(cjk.blocks) == 15
+
+
+def test_pieces_of_a_word_differ_from_words():
+    glued, spaced = "a" * 32 + "b" * 8, "a" * 32 + " " + "b" * 8
+    assert fingerprint_text(glued * 20, 4).blocks != fingerprint_text(spaced * 20, 4).blocks
+
+
+def test_appending_to_a_long_word_keeps_every_full_block():
+    # The next turn follows a newline: the last long word of the shorter text is whole in both.
+    shorter = "y" * 10_000
+    longer = shorter + "\n" + "z" * 5_000
+    a, b = fingerprint_text(shorter, 8), fingerprint_text(longer, 8)
+    assert a.blocks and b.blocks[: len(a.blocks)] == a.blocks

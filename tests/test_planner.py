@@ -98,6 +98,14 @@ def test_is_small_below_any_threshold(chars, words, blocks, expected):
     assert is_small(f, 2000, 300, 16) is expected
 
 
+def test_a_large_prompt_without_spaces_is_not_small():
+    from proxycache.routing import fingerprint_text
+
+    assert not is_small(fingerprint_text("x" * 5_000_000), 2000, 300, 16)  # one 5 MB "word"
+    assert not is_small(fingerprint_text("漢字" * 6000), 2000, 300, 16)  # 12,000 CJK characters
+    assert is_small(fingerprint_text("x" * 1_999), 2000, 300, 16)
+
+
 def test_is_small_zero_thresholds_never_small():
     assert not is_small(EMPTY, 0, 0, 0)
 

@@ -3,7 +3,9 @@ A conversation's fingerprint: chained hashes of its word blocks.
 
 The conversation is rendered to text in a stable, role-aware way
 (L{conversation_text}), split into words (C{str.split()}), and grouped into
-blocks of C{block_words} words.  Block i's hash covers the block and the hash
+blocks of C{block_words} words.  A word longer than L{MAX_WORD_CHARS} counts
+as pieces of that many characters (text without spaces: CJK, base64, minified
+code, a 5 MB "word"), so that the words and blocks measure its size too.  Block i's hash covers the block and the hash
 before it, so equal hashes at i mean equal prefixes up to i: the common prefix
 of two fingerprints is found by binary search.  A trailing partial block is
 left out because the next turn appends to it.
@@ -34,6 +36,9 @@ _HEX = re.compile(r"[0-9a-fA-F]*")
 # What str.split() splits on besides ASCII whitespace; bytes.split() does not
 # know them.  ASCII text without these splits the same both ways.
 _ASCII_ONLY_STR_SEPARATORS = "\x1c\x1d\x1e\x1f"
+# Longer words are split into pieces this long; every piece after a word's first is marked with a
+# tab (never part of a word), so "abc…p qrst" and "abc…pqrst" stay different.
+MAX_WORD_CHARS = 32  # more than a media marker (<image_url:0123abcd>), an identifier, most URLs
 
 
 def _stable_json(value: Any) -> str:
@@ -174,15 +179,33 @@ class Fingerprint:
         return cls(struct.unpack(f">{len(data) // _HASH_BYTES}Q", data), chars, words)
 
 
+def _pieces(words: list[Any], mark: Any) -> list[Any]:
+    """C{words} with each one longer than L{MAX_WORD_CHARS} as its pieces (see there)."""
+    limit = MAX_WORD_CHARS
+    lengths = list(map(len, words))
+    if max(lengths, default=0) <= limit:
+        return words
+    pieces: list[Any] = []
+    start = 0
+    for i in [i for i, n in enumerate(lengths) if n > limit]:
+        pieces += words[start:i]
+        word = words[i]
+        pieces.append(word[:limit])
+        pieces += [mark + word[j : j + limit] for j in range(limit, len(word), limit)]
+        start = i + 1
+    pieces += words[start:]
+    return pieces
+
+
 def _block_bytes(text: str, block_words: int) -> tuple[list[bytes], int]:
     """The full blocks of C{text}'s words, each as its words joined by a space; and the word count."""
     if text.isascii() and not any(c in text for c in _ASCII_ONLY_STR_SEPARATORS):
         # Same words as str.split(), without encoding each block separately.
-        words: list[Any] = text.encode("ascii").split()
+        words: list[Any] = _pieces(text.encode("ascii").split(), b"\t")
         full = len(words) - len(words) % block_words
         join = b" ".join
         return [join(words[i : i + block_words]) for i in range(0, full, block_words)], len(words)
-    unicode_words = text.split()
+    unicode_words = _pieces(text.split(), "\t")
     full = len(unicode_words) - len(unicode_words) % block_words
     return [
         " ".join(unicode_words[i : i + block_words]).encode("utf-8", "surrogatepass")
