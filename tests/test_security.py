@@ -151,3 +151,48 @@ def test_clients_without_a_browser_keep_working(open_proxy):
     status, headers, _ = http("POST", open_proxy.url + "/v1/chat/completions", HELLO, {"Origin": "https://app.example"})
     assert (status, headers["Access-Control-Allow-Origin"]) == (200, "https://app.example")
     assert http("POST", open_proxy.url + "/v1/chat/completions", HELLO, {"Origin": open_proxy.url})[0] == 200
+
+
+HOSTILE_PAGE = """<!doctype html><title>cat pictures</title><script>
+// What any page can do without a preflight: a "simple" POST, its answer unreadable, its effect not.
+const body = JSON.stringify({messages: [{role: "user", content: "spend your slots " + "x ".repeat(400)}], max_tokens: 2});
+Promise.allSettled([
+  fetch("PROXY/v1/chat/completions", {method: "POST", mode: "no-cors", headers: {"Content-Type": "text/plain"}, body}),
+  fetch("PROXY/v1/completions", {method: "POST", mode: "no-cors", body: '{"prompt": "x", "max_tokens": 2}'}),
+  fetch("PROXY/status").then(r => r.text()).then(t => { document.body.dataset.status = t; }),
+]).then(() => { document.body.dataset.done = "1"; });
+</script>"""
+
+
+@pytest.mark.browser
+def test_a_page_in_a_real_browser_cannot_drive_the_daemon(open_proxy, tmp_path):
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from tests.test_dashboard import find_chromium, render
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium")
+    page = HOSTILE_PAGE.replace("PROXY", open_proxy.url).encode()
+
+    class Hostile(BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(200)
+            self.send_header("Content-Type", "text/html")
+            self.end_headers()
+            self.wfile.write(page)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hostile)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        before = http("GET", open_proxy.url + "/status")[2]["totals"]["requests"]
+        dom = render(chromium, f"http://127.0.0.1:{server.server_address[1]}/", tmp_path / "profile", "--dump-dom")
+        assert 'data-done="1"' in dom, dom  # the page ran its requests
+        assert "data-status" not in dom  # and read nothing
+        assert http("GET", open_proxy.url + "/status")[2]["totals"]["requests"] == before  # nothing was generated
+    finally:
+        server.shutdown()
