@@ -3,11 +3,12 @@ A conversation's fingerprint: chained hashes of its word blocks.
 
 The conversation is rendered to text in a stable, role-aware way
 (L{conversation_text}), split into words (C{str.split()}), and grouped into
-blocks of C{block_words} words.  A word longer than L{MAX_WORD_CHARS} counts
+blocks of C{block_words} words; a word longer than L{MAX_WORD_CHARS} counts
 as pieces of that many characters (text without spaces: CJK, base64, minified
-code, a 5 MB "word"), so that the words and blocks measure its size too.  Block i's hash covers the block and the hash
-before it, so equal hashes at i mean equal prefixes up to i: the common prefix
-of two fingerprints is found by binary search.  A trailing partial block is
+code, a 5 MB "word"), so that words and blocks measure its size too.  Block
+i's hash covers the block and the hash before it, so equal hashes at i mean
+equal prefixes up to i: the common prefix of two fingerprints is found by
+binary search.  A trailing partial block is
 left out because the next turn appends to it.
 
 Appending messages never changes the blocks already there: the text of the

@@ -11,7 +11,7 @@ get here (L{proxycache.web._browsers}).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from twisted.web.iweb import IRequest
 from twisted.web.resource import Resource
@@ -27,14 +27,14 @@ MAX_AGE = b"600"
 class CorsResource(Resource):
     isLeaf = True
 
-    def __init__(self, wrapped: Any, origins: tuple[str, ...], shape_of: Any) -> None:
+    def __init__(self, wrapped: Any, origins: tuple[str, ...], shape_of: Callable[[str], ErrorShape]) -> None:
         super().__init__()
         self.wrapped = wrapped
         self.policy = BrowserPolicy(origins)
-        self.shape_of: Any = shape_of  # path -> ErrorShape
+        self.shape_of = shape_of  # the error shape of a path's API
 
     def allowed(self, origin: bytes | None) -> bool:
-        return bool(origin) and self.policy.origin_allowed(origin.decode("latin-1"))  # type: ignore[union-attr]
+        return origin is not None and self.policy.origin_allowed(origin.decode("latin-1"))
 
     def render(self, request: IRequest) -> Any:
         origin = request.getHeader(b"origin")
@@ -53,8 +53,7 @@ class CorsResource(Resource):
         elif preflight:
             error = forbidden("this origin may not call proxycache from a web page (see --cors-origins)",
                               "origin_not_allowed")
-            shape: ErrorShape = self.shape_of(request.path.decode("utf-8", "replace"))
             request.setResponseCode(403)
             request.setHeader(b"content-type", b"application/json")
-            return shape.body(error)
+            return self.shape_of(request.path.decode("utf-8", "replace")).body(error)
         return self.wrapped.render(request)
