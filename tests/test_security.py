@@ -196,3 +196,25 @@ def test_a_page_in_a_real_browser_cannot_drive_the_daemon(open_proxy, tmp_path):
         assert http("GET", open_proxy.url + "/status")[2]["totals"]["requests"] == before  # nothing was generated
     finally:
         server.shutdown()
+
+
+@pytest.mark.browser
+def test_a_rebound_name_in_a_real_browser_reads_nothing(open_proxy, tmp_path):
+    """
+    DNS rebinding as the browser sees it: a name of the attacker's now resolves
+    to 127.0.0.1, so its page is same-origin with the proxy and sends no foreign
+    Origin.  Here the proxy's own page stands in for the attacker's script: it
+    reads /status same-origin, under that name.
+    """
+    from tests.test_dashboard import find_chromium, render
+
+    chromium = find_chromium()
+    if chromium is None:
+        pytest.skip("no Chromium")
+    port = open_proxy.port
+    mapped = "--host-resolver-rules=MAP rebound.example 127.0.0.1"
+    dom = render(chromium, f"http://localhost:{port}/", tmp_path / "local", "--dump-dom", mapped)
+    assert re.search(r'<tr class="slot"', dom)  # under a loopback name the page reads /status
+    dom = render(chromium, f"http://rebound.example:{port}/", tmp_path / "rebound", "--dump-dom", mapped)
+    assert "host_not_allowed" in dom
+    assert not re.search(r'<tr class="slot"', dom)
