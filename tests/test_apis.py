@@ -177,6 +177,35 @@ def test_responses_conversation_hits_and_streams(proxy):
     assert status == 400 and "previous_response_id" in body["error"]["message"]
 
 
+def test_responses_input_as_the_conversation_state_guide_writes_it(proxy):
+    """
+    OpenAI's conversation-state guide sends earlier answers as {"role": "assistant", "content": "..."}, no type;
+    llama.cpp refuses that ("Cannot determine type of 'item'"): the proxy sends it as an output message.
+    """
+    client = proxy.client(api_key=KEY)
+    items = [{"role": "user", "content": "Tell me a joke about the slot map."}]
+    first = client.responses.create(model="any", instructions=SYSTEM, input=items, max_output_tokens=4)
+    items += [
+        {"role": "assistant", "content": first.output_text},
+        {"type": "reasoning", "id": "rs_1", "summary": []},  # nothing readable in it: left out
+        {"role": "user", "content": "Tell me another."},
+    ]
+    raw = client.responses.with_raw_response.create(model="any", instructions=SYSTEM, input=items, max_output_tokens=4)
+    second = raw.parse()
+    assert raw.headers["x-proxycache-decision"] == "hit"
+    assert second.usage.input_tokens_details.cached_tokens > 100
+    items += [{"role": "assistant", "content": [{"type": "input_text", "text": second.output_text}]},
+              {"role": "user", "content": "One more."}]
+    with client.responses.with_streaming_response.create(
+        model="any", instructions=SYSTEM, input=items, max_output_tokens=4, stream=True
+    ) as response:
+        assert response.headers["x-proxycache-decision"] == "hit"
+        assert any('"response.completed"' in line for line in response.iter_lines())
+    with pytest.raises(openai.BadRequestError) as caught:  # a stored item cannot be referred to
+        client.responses.create(model="any", input=items + [{"type": "item_reference", "id": "msg_1"}])
+    assert "item reference" in caught.value.message
+
+
 def test_evicted_conversations_come_back_from_disk_on_every_api(llama_factory, tmp_path):
     """Four conversations (Messages, Responses, two chats) on two slots: the evicted ones come back as restores."""
     # No RAM prompt cache: llama.cpp would otherwise empty idle slots itself (--cache-idle-slots).

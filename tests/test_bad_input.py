@@ -154,6 +154,13 @@ CASES = [
         "previous_response_id_not_supported",
     ),
     ("responses without input", "POST", "/v1/responses", b'{"model": "x"}', {}, 400, "missing_input"),
+    # the Responses reference allows them, no local server can serve them (llama.cpp: "Cannot determine type")
+    ("responses item reference", "POST", "/v1/responses",
+     json.dumps({"input": [{"type": "item_reference", "id": "msg_1"}]}).encode(), {}, 400,
+     "item_reference_not_supported"),
+    ("responses hosted tool item", "POST", "/v1/responses",
+     json.dumps({"input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}]}).encode(), {}, 400,
+     "unsupported_item"),
     (
         "client names a slot on infill",
         "POST",

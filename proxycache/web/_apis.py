@@ -15,7 +15,7 @@ from typing import Any, Callable, Protocol
 import attrs
 
 from proxycache.routing import _render
-from proxycache.web import _anthropic, _validate
+from proxycache.web import _anthropic, _responses, _validate
 from proxycache.web._shapes import (
     ANTHROPIC,
     OPENAI,
@@ -78,6 +78,7 @@ RESPONSES_API = Api(
     "responses", ("/v1/responses", "/responses"), "/v1/responses",
     _validate.check_responses_request, _render.responses_text, errors=RESPONSES,
     counts=responses_counts, markers=(b'"timings"',), passthrough=("/v1/responses/input_tokens",),
+    translate=_responses.upstream_body,
 )
 INFILL = Api(
     "infill", ("/infill",), "/infill", _validate.check_infill_request, _render.infill_text, kind="fim",

@@ -12,6 +12,7 @@ import re
 from typing import Any
 
 from proxycache.web._errors import bad_request
+from proxycache.web._responses import check_input
 
 # llama.cpp takes any role; these are the ones chat templates know (ipython: Llama 3 tool results).
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "ipython"})
@@ -225,6 +226,7 @@ def check_responses_request(body: dict[str, Any]) -> None:
             "send the whole conversation in 'input' (the proxy reuses its cached prefix)",
             "previous_response_id_not_supported",
         )
+    check_input(body)
     check_stream(body)
     check_no_slot(body)
 
