@@ -227,3 +227,18 @@ def test_stream_without_timings_and_with_an_error():
     assert events[-1] == {"type": "error", "error": {"type": "api_error", "message": "slot died"}}
     empty = MessagesStream()
     assert _events(empty.feed(b"data: [DONE]\n\n"))[0]["type"] == "message_start"  # nothing generated: still whole
+
+
+def test_the_stop_sequence_that_matched_is_said():
+    assert upstream_body(dict(BODY, stream=False))["verbose"] is True  # llama.cpp then says which stop word
+    assert "verbose" not in upstream_body({"messages": [], "stop_sequences": []})
+    verbose = {"stop_type": "word", "stopping_word": "END", "prompt": "..."}
+    stopped = dict(CHAT_ANSWER, choices=[{"finish_reason": "stop", "message": {"content": "x"}}], __verbose=verbose)
+    message = chat_to_message(stopped)
+    assert (message["stop_reason"], message["stop_sequence"]) == ("stop_sequence", "END")
+    eos = dict(stopped, __verbose=dict(verbose, stop_type="eos", stopping_word=""))
+    assert (chat_to_message(eos)["stop_reason"], chat_to_message(eos)["stop_sequence"]) == ("end_turn", None)
+    # streamed: llama.cpp puts __verbose on the first chunk of its final result
+    plain = _chunk({"role": "assistant", "content": None}) + _chunk({"content": "Hi"})
+    events = _events(_translate(plain + _chunk({}, finish="stop", __verbose=verbose) + b"data: [DONE]\n\n", 3))
+    assert events[-2]["delta"] == {"stop_reason": "stop_sequence", "stop_sequence": "END"}

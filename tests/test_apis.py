@@ -105,6 +105,22 @@ def test_messages_are_pinned_to_the_proxys_slot(proxy, llama):
     assert slots[0] != slots[1] and slots[2:] == slots[:2]
 
 
+def test_messages_say_which_stop_sequence_matched(proxy):
+    client = _anthropic(proxy)
+    messages = [{"role": "user", "content": "Tell me a story about the sea and the wind. " * 5}]
+    greedy = dict(model="any", max_tokens=24, system=SYSTEM, messages=messages, extra_body={"temperature": 0})
+    first = client.messages.create(**greedy)
+    text = "".join(block.text for block in first.content if block.type == "text")
+    # the same greedy answer again, stopped by two of its characters (the noise model writes some broken UTF-8)
+    stop = next(text[i:i + 2] for i in range(2, len(text) - 1) if "\ufffd" not in text[i:i + 2])
+    again = client.messages.create(**greedy, stop_sequences=["never in a noise answer", stop])
+    assert (again.stop_reason, again.stop_sequence) == ("stop_sequence", stop), (text, again)
+    with client.messages.stream(**greedy, stop_sequences=[stop]) as stream:
+        final = stream.get_final_message()
+    assert (final.stop_reason, final.stop_sequence) == ("stop_sequence", stop)
+    assert first.stop_sequence is None and first.stop_reason == "max_tokens"
+
+
 def test_anthropic_errors_have_anthropic_shape(proxy):
     bad = anthropic.Anthropic(base_url=proxy.url, api_key="wrong", max_retries=0)
     with pytest.raises(anthropic.AuthenticationError) as caught:

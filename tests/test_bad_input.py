@@ -5,8 +5,10 @@ one table, one real daemon, one real llama.cpp server.
 
 from __future__ import annotations
 
+import gzip
 import json
 
+import anthropic
 import openai
 import pytest
 
@@ -97,6 +99,28 @@ CASES = [
         "invalid_string",
     ),
     ("stream not a boolean", "POST", "/v1/chat/completions", chat(stream="yes"), {}, 400, "invalid_request"),
+    # valid JSON, but Infinity to Python, and "Infinity" is no JSON to llama.cpp (it answered 500)
+    ("number too large", "POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "hi"}], '
+     b'"temperature": 1e999}', {}, 400, "invalid_json"),
+    ("encoding not gzip", "POST", "/v1/chat/completions", chat(), {"Content-Encoding": "br"}, 415,
+     "unsupported_encoding"),
+    ("gzip cut off", "POST", "/v1/chat/completions", gzip.compress(chat())[:-12], {"Content-Encoding": "gzip"},
+     400, "invalid_gzip"),
+    # 2 KB that inflate past --max-body-bytes (400 KB here): decoding stops at the limit
+    ("gzip bomb", "POST", "/v1/chat/completions", gzip.compress(b" " * 2_000_000), {"Content-Encoding": "gzip"},
+     413, "body_too_large"),
+    # a tool call re-sent cut off: llama.cpp answers 500 ("Failed to parse tool call arguments as JSON")
+    ("tool call arguments cut off", "POST", "/v1/chat/completions",
+     calling([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Lis'}}]), {}, 400,
+     "invalid_tool_arguments"),
+    ("tool call arguments empty", "POST", "/v1/chat/completions",
+     calling([{"id": "c1", "type": "function", "function": {"name": "f", "arguments": ""}}]), {}, 400,
+     "invalid_tool_arguments"),
+    ("responses function call cut off", "POST", "/v1/responses", json.dumps({"input": [
+        {"role": "user", "content": "hi"},
+        {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"city": "Lis'},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"}]}).encode(), {}, 400,
+     "invalid_tool_arguments"),
     # llama.cpp answers these with a 500
     ("tools not an array", "POST", "/v1/chat/completions", chat(tools={"a": 1}), {}, 400, "invalid_request"),
     ("tool without a type", "POST", "/v1/chat/completions", chat(tools=[{"function": {"name": "f"}}]), {}, 400,
@@ -225,6 +249,61 @@ def test_bad_input(served, name, method, path, body, headers, status, code):
     assert not any(slot["busy"] for slot in after["slots"])
     assert _slot_map(after) == _slot_map(before)
     assert after["totals"]["requests"] == before["totals"]["requests"]
+
+
+def messages(**fields):
+    return json.dumps({"max_tokens": 2, "messages": GOOD, **fields}).encode()
+
+
+# Messages: Anthropic's error shape.  (name, raw body, headers, expected status, Anthropic error type)
+MESSAGES_CASES = [
+    # llama.cpp answers these with a 500 (which the SDKs retry)
+    ("role missing", messages(messages=[{"content": "hi"}]), {}, 400, "invalid_request_error"),
+    ("role a number", messages(messages=[{"role": 1, "content": "hi"}]), {}, 400, "invalid_request_error"),
+    ("message not an object", messages(messages=["hi"]), {}, 400, "invalid_request_error"),
+    ("number too large", b'{"max_tokens": 2, "temperature": 1e999, "messages": [{"role": "user", "content": "hi"}]}',
+     {}, 400, "invalid_request_error"),
+    ("tool use input cut off", messages(messages=GOOD + [
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": '{"city": "Lis'}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "sunny"}]}]),
+     {}, 400, "invalid_request_error"),
+    # llama.cpp answers it with a 200
+    ("no messages", messages(messages=[]), {}, 400, "invalid_request_error"),
+    ("encoding not gzip", messages(), {"Content-Encoding": "deflate"}, 415, "invalid_request_error"),
+]
+
+
+@pytest.mark.parametrize("name, body, headers, status, kind", MESSAGES_CASES, ids=[c[0] for c in MESSAGES_CASES])
+def test_bad_messages_input(served, name, body, headers, status, kind):
+    proxy, _ = served
+    before = proxy.status()
+    got, _, error = http("POST", proxy.url + "/v1/messages", body, headers)
+    assert got == status, error
+    assert error["type"] == "error" and error["error"]["type"] == kind and error["error"]["message"]
+    after = proxy.status()
+    assert _slot_map(after) == _slot_map(before)
+    assert after["totals"]["requests"] == before["totals"]["requests"]
+
+
+def test_the_anthropic_sdk_gets_a_400_for_a_message_without_a_role(served):
+    proxy, _ = served
+    requests = proxy.status()["totals"]["requests"]
+    client = anthropic.Anthropic(base_url=proxy.url, api_key="none")  # retries 5xx twice by default
+    with pytest.raises(anthropic.BadRequestError) as caught:
+        client.messages.create(model="m", max_tokens=2, messages=[{"content": "hi"}])  # type: ignore[typeddict-item]
+    assert "role" in caught.value.body["error"]["message"]
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="m", max_tokens=2, messages=[])
+    assert proxy.status()["totals"]["requests"] == requests
+
+
+def test_a_gzip_body_is_decoded(served):
+    proxy, _ = served
+    for path, body in (("/v1/chat/completions", chat()), ("/v1/messages", messages()), ("/tokenize",
+                                                                                       b'{"content": "hello"}')):
+        status, _, answer = http("POST", proxy.url + path, gzip.compress(body), {"Content-Encoding": "gzip"})
+        assert status == 200, (path, answer)
+    assert answer["tokens"]  # passed through decoded
 
 
 def test_images_pass_through_and_fingerprint_on_text(served):

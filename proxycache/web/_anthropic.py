@@ -37,6 +37,9 @@ def upstream_body(body: dict[str, Any]) -> dict[str, Any]:
     can say how much of the prompt was reused, as llama.cpp's own stream does.
     """
     chat = anthropic_to_chat(body)
+    if isinstance(chat.get("stop"), list) and chat["stop"]:
+        # Chat answers do not say which stop string ended them; llama.cpp's debugging fields (__verbose) do.
+        chat["verbose"] = True
     if chat.get("stream") is True:
         chat["stream_options"] = {"include_usage": True}
         chat["timings_per_token"] = True
@@ -80,6 +83,20 @@ def _tool_input(arguments: Any) -> Any:
     return parsed if isinstance(parsed, dict) else {}
 
 
+def stop_word(chunk: dict[str, Any]) -> str | None:
+    """The stop string that ended an answer, where llama.cpp says so (C{__verbose}, asked for by L{upstream_body})."""
+    verbose = _dict(chunk.get("__verbose"))
+    word = verbose.get("stopping_word")
+    return word if verbose.get("stop_type") == "word" and isinstance(word, str) and word else None
+
+
+def _stop(finish: Any, word: str | None) -> tuple[str, str | None]:
+    """Anthropic's C{stop_reason} and C{stop_sequence}."""
+    if word is not None and finish == "stop":
+        return "stop_sequence", word
+    return STOP_REASONS.get(str(finish), "end_turn"), None
+
+
 def chat_to_message(answer: Any) -> Any:
     """A whole chat answer as an Anthropic message (anything else is left as it is)."""
     if not isinstance(answer, dict) or not isinstance(answer.get("choices"), list) or not answer["choices"]:
@@ -98,10 +115,11 @@ def chat_to_message(answer: Any) -> Any:
         if isinstance(function, dict):
             content.append({"type": "tool_use", "id": call.get("id") or "", "name": function.get("name") or "",
                             "input": _tool_input(function.get("arguments"))})
+    stop_reason, stop_sequence = _stop(choice.get("finish_reason"), stop_word(answer))
     return {
         "id": answer.get("id"), "type": "message", "role": "assistant", "content": content,
-        "model": answer.get("model"), "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
-        "stop_sequence": None, "usage": usage_of(answer.get("usage"), answer.get("timings")),
+        "model": answer.get("model"), "stop_reason": stop_reason,
+        "stop_sequence": stop_sequence, "usage": usage_of(answer.get("usage"), answer.get("timings")),
     }
 
 
@@ -130,6 +148,7 @@ class MessagesStream:
         self._blocks = 0  # content blocks opened so far
         self._open: tuple[str, int] | None = None  # ("text" / "thinking" / "tool:N", its index)
         self._finish: Any = None
+        self._stop_word: str | None = None
         self.ended = False  # message_stop (or an error) was sent
 
     def feed(self, data: bytes) -> bytes:
@@ -163,6 +182,7 @@ class MessagesStream:
             self._timings = chunk["timings"]
         if isinstance(chunk.get("usage"), dict):
             self._usage = chunk["usage"]
+        self._stop_word = stop_word(chunk) or self._stop_word
         out: list[bytes] = []
         choices = chunk.get("choices")
         choice = _dict(choices[0]) if isinstance(choices, list) and choices else {}
@@ -230,9 +250,9 @@ class MessagesStream:
     def _end(self) -> bytes:
         out = (b"" if self._started else self._start()) + self._close()
         self.ended = True
-        stop = STOP_REASONS.get(str(self._finish), "end_turn")
+        stop, sequence = _stop(self._finish, self._stop_word)
         out += _event("message_delta", {"type": "message_delta",
-                                        "delta": {"stop_reason": stop, "stop_sequence": None},
+                                        "delta": {"stop_reason": stop, "stop_sequence": sequence},
                                         "usage": usage_of(self._usage, self._timings)})
         return out + _event("message_stop", {"type": "message_stop"})
 

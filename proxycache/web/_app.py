@@ -27,6 +27,7 @@ from proxycache.web._admin import Admin
 from proxycache.web._apis import APIS, BY_ROUTE, PASSTHROUGH_BY_ROUTE, Api, error_shape
 from proxycache.web._auth import authorize
 from proxycache.web._cors import CorsResource
+from proxycache.web._encoding import decoded_body
 from proxycache.web._errors import ApiError, upstream_unavailable
 from proxycache.web._exchange import ClientExchange, relay_headers
 from proxycache.web._inflight import InFlight
@@ -126,7 +127,7 @@ class Proxy:
         body = request.content.read(limit + 1)
         if len(body) > limit:
             raise ApiError(413, f"request body is larger than {limit} bytes", "invalid_request_error", "body_too_large")
-        return body
+        return decoded_body(request.getHeader(b"content-encoding"), body, limit)
 
     def _json_body(self, request: IRequest) -> dict[str, Any]:
         # A JSON body is taken whatever its Content-Type, as llama.cpp does (curl -d sends a form type).

@@ -8,11 +8,12 @@ does not know pass through to llama.cpp untouched.
 from __future__ import annotations
 
 import json
+import math
 import re
 from typing import Any
 
 from proxycache.web._errors import bad_request
-from proxycache.web._responses import check_input
+from proxycache.web._responses import check_arguments, check_input
 
 # llama.cpp takes any role; these are the ones chat templates know (ipython: Llama 3 tool results).
 ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function", "ipython"})
@@ -22,6 +23,14 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    # 1e999 is valid JSON but Infinity to Python, which would be sent on as the non-JSON "Infinity".
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"number {text[:40]} is too large")
+    return value
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
     """Decode a request body that must be a JSON object."""
     try:
@@ -29,7 +38,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     except UnicodeDecodeError as e:
         raise bad_request(f"request body is not valid UTF-8 (byte {e.start})", "invalid_utf8")
     try:
-        value = json.loads(text, parse_constant=_reject_constant)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite)
     except ValueError as e:
         raise bad_request(f"request body is not valid JSON: {e}", "invalid_json")
     except RecursionError:  # a few kilobytes of "[" are enough
@@ -181,9 +190,12 @@ def _check_tool_calls(calls: Any, where: str) -> None:
     if not isinstance(calls, list):
         raise bad_request(f"{where}.tool_calls must be an array")
     for i, call in enumerate(calls):
-        _check_function(call, f"{where}.tool_calls[{i}]")
+        function = _check_function(call, f"{where}.tool_calls[{i}]")
         if not isinstance(call.get("id", ""), str):
             raise bad_request(f"{where}.tool_calls[{i}].id must be a string")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):  # llama.cpp parses them (answering 500 when it cannot); an object is dumped
+            check_arguments(arguments, f"{where}.tool_calls[{i}].function.arguments")
 
 
 def _check_tools(tools: Any) -> None:
@@ -202,16 +214,30 @@ def check_completion_request(body: dict[str, Any]) -> None:
 
 
 def check_messages_request(body: dict[str, Any]) -> None:
-    """An Anthropic Messages body: what the proxy itself needs to route it."""
+    """
+    An Anthropic Messages body: what the proxy itself needs to route it, and
+    what llama.cpp answers with a 500 (which the SDKs retry) although the
+    client is at fault.
+    """
     messages = body.get("messages")
     if not isinstance(messages, list):
         raise bad_request("'messages' is required and must be an array", "missing_messages")
+    if not messages:  # llama.cpp answers it; Anthropic refuses it
+        raise bad_request("'messages' must hold at least one message", "missing_messages")
     for i, message in enumerate(messages):
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            raise bad_request(f"messages[{i}] must be an object")
+        if not isinstance(message.get("role"), str):
+            raise bad_request(f"messages[{i}].role must be a string (\"user\" or \"assistant\")")
+        content = message.get("content")
         for j, block in enumerate(content if isinstance(content, list) else []):
-            # llama.cpp answers 500 to a text block without its text
-            if isinstance(block, dict) and block.get("type") == "text" and not isinstance(block.get("text"), str):
+            if not isinstance(block, dict):
+                continue
+            kind = block.get("type")
+            if kind == "text" and not isinstance(block.get("text"), str):
                 raise bad_request(f"messages[{i}].content[{j}].text must be a string")
+            if kind == "tool_use" and not isinstance(block.get("input", {}), dict):
+                raise bad_request(f"messages[{i}].content[{j}].input must be an object", "invalid_tool_arguments")
     check_stream(body)
     check_no_slot(body)
 
