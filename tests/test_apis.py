@@ -430,6 +430,24 @@ def test_several_streamed_choices_are_served_on_one_slot(proxy, llama):
     assert raw.headers["x-proxycache-decision"] == "hit"  # the extra choices did not land on its slot
 
 
+def test_several_choices_with_a_fixed_seed_differ_and_come_again(proxy):
+    """Served one after another, each choice has its own seed (seed + index): not n copies of one answer."""
+    client = proxy.client(api_key=KEY)
+    ask = dict(model="any", max_tokens=8, n=3, seed=42, temperature=1.0, extra_body={"ignore_eos": True},
+               messages=[{"role": "user", "content": "Three different answers please. " * 20}])
+    texts = [choice.message.content for choice in client.chat.completions.create(**ask).choices]
+    assert len(set(texts)) == 3, texts
+    assert [choice.message.content for choice in client.chat.completions.create(**ask).choices] == texts
+    streamed: dict[int, str] = {}
+    for chunk in client.chat.completions.create(**ask, stream=True):
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+    assert sorted(streamed) == [0, 1, 2] and len(set(streamed.values())) == 3, streamed
+    completions = client.completions.create(model="any", prompt="Two completions please. " * 20, max_tokens=8, n=2,
+                                            seed=7, temperature=1.0, extra_body={"ignore_eos": True})
+    assert completions.choices[0].text != completions.choices[1].text
+
+
 def test_several_streamed_completions_come_with_one_summed_usage(proxy):
     stream = proxy.client(api_key=KEY).completions.create(
         model="any", prompt="Two streamed completions please. " * 20, max_tokens=3, n=2, stream=True,

@@ -82,6 +82,23 @@ def summed_usage(usages: list[dict[str, Any]]) -> dict[str, Any]:
     return usage
 
 
+# llama.cpp's LLAMA_DEFAULT_SEED: a seed drawn at random for the request (so is -1)
+RANDOM_SEED = 0xFFFFFFFF
+
+
+def for_choice(body: dict[str, Any], index: int) -> dict[str, Any]:
+    """
+    The body choice C{index} is sent as.  With a fixed C{seed}, every choice
+    sent alone would sample alike: each gets its own (seed + index), as the
+    choices of one llama.cpp request differ; the same request gives the same
+    choices again.
+    """
+    seed = body.get("seed")
+    if index == 0 or not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < RANDOM_SEED:
+        return body
+    return dict(body, seed=(seed + index) % RANDOM_SEED)
+
+
 def one_choice(
     proxy: "Proxy", request: HTTPRequest, api: Api, route: str, body: dict[str, Any]
 ) -> tuple[Request, str, dict[str, Any]]:
@@ -111,7 +128,7 @@ async def serve_choices(
         exchange = CollectingExchange(
             request, proxy.clock, proxy.config.stream_idle_timeout, proxy.backend_numbers, api, first=index == 0
         )
-        await proxy.dispatch(wanted, upstream, single, exchange)
+        await proxy.dispatch(wanted, upstream, for_choice(single, index), exchange)
         if exchange.status != 200 or not isinstance(exchange.decoded, dict):
             status, raw = api.errors.convert(exchange.status or 502, exchange.raw)
             request.setResponseCode(status)

@@ -25,7 +25,7 @@ from proxycache.slots import Lease, Progress
 from proxycache.web._apis import Api
 from proxycache.web._errors import ApiError
 from proxycache.web._exchange import ClientExchange, no_buffering, relay_headers
-from proxycache.web._fanout import one_choice, summed_usage
+from proxycache.web._fanout import for_choice, one_choice, summed_usage
 
 if TYPE_CHECKING:
     from proxycache.web._app import Proxy
@@ -172,7 +172,7 @@ async def stream_choices(
             ChoiceRelay(stream, index), proxy.config.client_stall_timeout,
         )
         try:
-            await proxy.dispatch(wanted, upstream, single, exchange)
+            await proxy.dispatch(wanted, upstream, for_choice(single, index), exchange)
         except ApiError as e:
             if index == 0:  # nothing sent yet: answered as an error
                 raise
