@@ -5,6 +5,7 @@ the admin route or SIGHUP, drained, and one killed under a running team.
 
 from __future__ import annotations
 
+import json
 import signal
 
 
@@ -132,3 +133,57 @@ def test_a_conversation_continues_on_another_backend_from_its_saved_file(llama_f
         assert proxy.status()["disk"]["cross_backend_restores"] == 1
     finally:
         proxy.stop()
+
+
+def _files(directory) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in directory.glob("slotcache_*.bin")}
+
+
+def test_each_backends_save_directory_is_kept_within_the_budget_and_across_a_restart(llama_factory, tmp_path):
+    """
+    --backend-save-dirs: files are deleted from, counted in and reconciled with
+    the directory of the backend that wrote them (they stayed past the budget,
+    and a restart dropped the other backend's metas).
+    """
+    first, second = llama_factory(), llama_factory()  # each its own save directory
+    dirs = {first.url: first.save_dir, second.url: second.save_dir}
+    options = dict(backend_save_dirs=f"{first.save_dir},{second.save_dir}", slot_save_path=str(first.save_dir),
+                   write_behind=0.3, **LIMITS)
+    # one conversation's file, measured, sets a budget of about three
+    proxy = ProxyProcess(tmp_path / "measure", f"{first.url},{second.url}", **options).start()
+    try:
+        User("probe", context_words=300).turn(proxy.client())
+        wait_until(lambda: proxy.status()["disk"]["saves"] >= 1)
+        size = proxy.status()["disk"]["bytes"]
+    finally:
+        proxy.stop()
+    for directory in dirs.values():
+        for path in directory.iterdir():
+            path.unlink()
+    budget = int(size * 3.5)
+    proxy = ProxyProcess(tmp_path / "proxy", f"{first.url},{second.url}", max_cache_bytes=budget, **options).start()
+    try:
+        wait_until(lambda: len(proxy.status()["slots"]) == 4)
+        users = [User(f"user{i}", context_words=300) for i in range(8)]
+        for user in users:
+            user.turn(proxy.client())
+            saves = proxy.status()["disk"]["saves"]
+            wait_until(lambda: proxy.status()["disk"]["saves"] > saves)  # written behind, budget enforced
+        status = proxy.status()
+        assert status["disk"]["evicted_entries"] >= 4
+        files = {url: _files(directory) for url, directory in dirs.items()}
+        assert all(files.values()), files  # both backends saved
+        assert sum(sum(f.values()) for f in files.values()) <= budget, files
+        metas = {p.stem: json.loads(p.read_text())["backend"] for p in (tmp_path / "proxy" / "meta").glob("*.meta")}
+        assert {f"slotcache_{key}.bin" for key, url in metas.items() if url == second.url} == set(files[second.url])
+        assert {f"slotcache_{key}.bin" for key, url in metas.items() if url == first.url} == set(files[first.url])
+    finally:
+        proxy.stop()
+    saved = len(list((tmp_path / "proxy" / "meta").glob("*.meta")))  # the stop may have saved a slot more
+    restarted = ProxyProcess(tmp_path / "proxy", f"{first.url},{second.url}", max_cache_bytes=budget, **options)
+    restarted.start()
+    try:
+        assert restarted.status()["disk"]["entries"] == saved  # no backend's metas were dropped
+        assert "whose .bin is gone" not in restarted.log_text()
+    finally:
+        restarted.stop()

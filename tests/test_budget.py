@@ -73,3 +73,79 @@ def test_the_tier_chooses_a_budget_at_start_and_saves_only_above_the_headroom(tm
         assert skipped.result is None
     assert len(llama.actions) == 1 and tier.counters.saves_skipped_low_space == 2
     assert tier.counters.save_failures == 0
+
+
+def _store_over(tmp_path, **settings: Any) -> tuple[Any, Any, dict[str, Any]]:
+    """A SavedCaches for backends "a" and "b", each with its own save directory (--backend-save-dirs)."""
+    from proxycache.cache import Catalog
+    from proxycache.cache._store import SavedCaches
+    from proxycache.config import Config
+    from tests.test_tier_races import Threads
+
+    dirs = {name: tmp_path / f"saves-{name}" for name in ("a", "b")}
+    for directory in dirs.values():
+        directory.mkdir()
+    config = Config.load({"meta_dir": str(tmp_path / "meta"), **settings}, environ={})
+    catalog = Catalog(min_ratio=0.85, storage={name: str(d) for name, d in dirs.items()})
+    threads = Threads()
+    return SavedCaches(config, catalog, to_thread=threads), threads, dirs
+
+
+def _entry(key: str, backend: str, last_used: float, size: int = 4096) -> Any:
+    from proxycache.cache import MetaEntry
+
+    return MetaEntry(key, backend, MODEL, Fingerprint((int(key[:4], 16),), 300, 48), 100, size, 1.0, last_used)
+
+
+def _run(threads: Any, coroutine: Any) -> Any:
+    d = Deferred.fromCoroutine(coroutine)
+    threads.run_newest_first()
+    return d.result
+
+
+def test_each_backends_files_are_deleted_and_counted_in_its_own_directory(tmp_path):
+    store, threads, dirs = _store_over(tmp_path, max_cache_bytes=3 * 4096)
+    _run(threads, store.load())
+    entries = [_entry(f"{i:04x}aaaaaaaa", "ab"[i % 2], last_used=float(i)) for i in range(5)]
+    for entry in entries:
+        (dirs[entry.backend] / entry.filename).write_bytes(b"k" * entry.bytes)
+        assert _run(threads, store.record(entry))
+    _run(threads, store.enforce_budget())
+    on_disk = sorted(p.name for d in dirs.values() for p in d.iterdir())
+    assert on_disk == sorted(e.filename for e in entries[2:])  # the two oldest went, from their own directory
+    assert sum(p.stat().st_size for d in dirs.values() for p in d.iterdir()) <= store.catalog.max_bytes
+    assert sorted(p.stem for p in store.meta_dir.iterdir()) == sorted(e.key for e in entries[2:])
+
+
+def test_a_conversation_saved_by_a_backend_with_other_storage_leaves_no_file_behind(tmp_path):
+    store, threads, dirs = _store_over(tmp_path)
+    first, then = _entry("1234aaaaaaaa", "a", 1.0), _entry("1234aaaaaaaa", "b", 2.0)
+    for entry in (first, then):
+        (dirs[entry.backend] / entry.filename).write_bytes(b"kv")
+        assert _run(threads, store.record(entry))
+    assert not (dirs["a"] / first.filename).exists() and (dirs["b"] / then.filename).exists()
+
+
+def test_start_up_reconciles_each_entry_with_its_own_backends_directory(tmp_path):
+    from proxycache.cache import write_meta
+
+    store, threads, dirs = _store_over(tmp_path, slot_save_path=str(tmp_path / "saves-a"))
+    kept = [_entry("1111aaaaaaaa", "a", 1.0), _entry("2222aaaaaaaa", "b", 1.0)]
+    gone = _entry("3333aaaaaaaa", "b", 1.0)  # its file is in the other backend's directory: not its own
+    for entry in kept + [gone]:
+        write_meta(store.meta_dir, entry)
+    for entry, directory in ((kept[0], "a"), (kept[1], "b"), (gone, "a")):
+        (dirs[directory] / entry.filename).write_bytes(b"kv")
+    store.disk_usage = lambda path: Usage(500 * GiB, 0, 100 * GiB)
+    _run(threads, store.load())
+    assert sorted(store.index.entries) == sorted(e.key for e in kept)
+    assert not (store.meta_dir / f"{gone.key}.meta").exists()
+    assert store.catalog.counters.stray_files == 1  # gone's file, in a's directory
+    assert store.catalog.max_bytes == auto_budget(100 * GiB, 500 * GiB, 2 * 4096)  # one file system, counted once
+
+
+def test_a_budget_is_chosen_when_only_backend_directories_are_known(tmp_path):
+    store, threads, _ = _store_over(tmp_path)  # --backend-save-dirs without --slot-save-path
+    store.disk_usage = lambda path: Usage(500 * GiB, 0, 100 * GiB)
+    _run(threads, store.load())
+    assert store.catalog.max_bytes == 50 * GiB

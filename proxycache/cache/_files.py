@@ -9,6 +9,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
+from typing import Mapping
 
 import attrs
 
@@ -49,8 +50,9 @@ def _fsync_directory(directory: Path) -> None:
         os.close(fd)
 
 
-def remove_entry_files(meta_dir: Path, save_dir: Path | None, key: str) -> None:
-    for path in [meta_dir / f"{key}.meta"] + ([save_dir / bin_name(key)] if save_dir else []):
+def remove_entry_files(meta_dir: Path | None, save_dir: Path | None, key: str) -> None:
+    """A key's meta (unless C{meta_dir} is None) and its file in C{save_dir} (if visible)."""
+    for path in ([meta_dir / f"{key}.meta"] if meta_dir else []) + ([save_dir / bin_name(key)] if save_dir else []):
         try:
             path.unlink()
         except FileNotFoundError:
@@ -86,8 +88,12 @@ def _read_meta(path: Path) -> MetaEntry:
     return entry
 
 
-def load_index(meta_dir: Path, save_dir: Path | None) -> Loaded:
-    """Read every meta; reconcile with the save directory when it is visible."""
+def load_index(meta_dir: Path, save_dir: Path | None, save_dirs: Mapping[str, Path] | None = None) -> Loaded:
+    """
+    Read every meta; reconcile each with its backend's save directory
+    (C{save_dirs}, by backend; C{save_dir} for the others) when it is visible.
+    """
+    save_dirs = save_dirs or {}
     entries, skipped, missing = [], [], []
     meta_dir.mkdir(parents=True, exist_ok=True)
     if meta_dir.is_dir():
@@ -97,15 +103,17 @@ def load_index(meta_dir: Path, save_dir: Path | None) -> Loaded:
             except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:  # whatever is in the file
                 skipped.append(f"{path.name}: {e}")
                 continue
-            if save_dir is not None and not (save_dir / entry.filename).exists():
+            where = save_dirs.get(entry.backend, save_dir)
+            if where is not None and not (where / entry.filename).exists():
                 missing.append(entry.key)
                 path.unlink(missing_ok=True)
                 continue
             entries.append(entry)
         for leftover in meta_dir.glob(f".*{TEMP_SUFFIX}"):
             leftover.unlink(missing_ok=True)  # a save killed half-way
+    known = {(str(save_dirs.get(e.backend, save_dir)), e.filename) for e in entries}
     stray = []
-    if save_dir is not None and save_dir.is_dir():
-        known = {e.filename for e in entries}
-        stray = sorted(p.name for p in save_dir.glob("slotcache_*.bin") if p.name not in known)
+    for directory in sorted({str(d) for d in [save_dir, *save_dirs.values()] if d is not None}):
+        if Path(directory).is_dir():
+            stray += sorted(p.name for p in Path(directory).glob("slotcache_*.bin") if (directory, p.name) not in known)
     return Loaded(entries, skipped, missing, stray)

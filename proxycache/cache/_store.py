@@ -6,6 +6,7 @@ free space left to everything else where llama-server writes.
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 from typing import Any, Callable
@@ -42,14 +43,27 @@ class SavedCaches:
         self.to_thread = to_thread
         self.disk_usage = disk_usage
         self.meta_dir = Path(config.meta_dir)
+        # llama-server's save directory as seen here: each backend's own (--backend-save-dirs, or given when
+        # added at run time: the catalog's storage), this one for the rest
         self.save_dir = Path(config.slot_save_path) if config.slot_save_path else None
         self.pinned = frozenset(config.pinned_keys)
         self._low_space = False  # logged once per spell of low free space
         self._key_locks: dict[str, DeferredLock] = {}
 
+    def directory(self, backend: str) -> Path | None:
+        """Where C{backend} writes its files, as seen here (None: not visible)."""
+        shared = self.catalog.storage.get(backend)
+        return Path(shared) if shared else self.save_dir
+
+    def directories(self) -> list[Path]:
+        """Every save directory visible here, each once."""
+        found = {str(self.save_dir)} if self.save_dir else set()
+        return [Path(d) for d in sorted(found | {d for d in self.catalog.storage.values() if d})]
+
     async def load(self) -> None:
         """Read the index back from the meta directory, then choose the disk budget."""
-        loaded = await self.to_thread(load_index, self.meta_dir, self.save_dir)
+        save_dirs = {backend: Path(d) for backend, d in self.catalog.storage.items() if d}
+        loaded = await self.to_thread(load_index, self.meta_dir, self.save_dir, save_dirs)
         for entry in loaded.entries:
             self.index.put(entry)
         if loaded.skipped:  # one line, however many (an old format leaves many)
@@ -75,26 +89,28 @@ class SavedCaches:
         if configured is not None:
             self.catalog.max_bytes = configured
             return
-        if self.save_dir is None:
+        directories = self.directories()
+        if not directories:
             log.info("disk budget: none (llama-server's save directory is not visible here: see --slot-save-path)")
             return
-        usage = await self.to_thread(_usage, self.disk_usage, self.save_dir)
-        self.catalog.max_bytes = auto_budget(usage.free, usage.total, self.index.total_bytes)
+        free, total = await self.to_thread(_usage_of_all, self.disk_usage, directories)
+        self.catalog.max_bytes = auto_budget(free, total, self.index.total_bytes)
         log.info(
             "disk budget: {gb:.2f} GB, chosen at start ({share:.0%} of the {free:.1f} GB free in {dir} "
             "and the caches already there; --max-cache-bytes sets it)",
             gb=self.catalog.max_bytes / 1e9,
             share=AUTO_SHARE,
-            free=usage.free / 1e9,
-            dir=self.save_dir,
+            free=free / 1e9,
+            dir=", ".join(map(str, directories)),
         )
 
-    async def room_to_save(self) -> bool:
-        """Is there free space beyond the headroom where llama-server writes?  Logged once when not."""
-        if self.save_dir is None:
+    async def room_to_save(self, backend: str | None = None) -> bool:
+        """Is there free space beyond the headroom where C{backend} writes?  Logged once when not."""
+        directory = self.save_dir if backend is None else self.directory(backend)
+        if directory is None:
             return True
         try:
-            usage = await self.to_thread(_usage, self.disk_usage, self.save_dir)
+            usage = await self.to_thread(_usage, self.disk_usage, directory)
         except OSError:
             return True  # cannot tell: llama-server's own reply will say
         if usage.free >= headroom(usage.total):
@@ -106,7 +122,7 @@ class SavedCaches:
             log.warn(
                 "not saving slot caches: {free:.1f} GB free in {dir}, under the {room:.1f} GB left to everything else",
                 free=usage.free / 1e9,
-                dir=self.save_dir,
+                dir=directory,
                 room=headroom(usage.total) / 1e9,
             )
         return False
@@ -130,7 +146,14 @@ class SavedCaches:
             self.counters.save_failures += 1
             log.warn("writing cache meta {key} failed: {error}", key=entry.key, error=e)
             return False
+        replaced = self.index.entries.get(entry.key)
         self.index.put(entry)
+        if replaced is not None:
+            # One conversation saved by a backend with other storage than its last writer's: the older file,
+            # no longer indexed, would stay on disk outside the budget.
+            before, now = self.directory(replaced.backend), self.directory(entry.backend)
+            if before is not None and before != now:
+                await self.to_thread(remove_entry_files, None, before, entry.key)
         return True
 
     def update(self, entry: MetaEntry, **changes: Any) -> None:
@@ -163,7 +186,7 @@ class SavedCaches:
         lock = await self.lock_key(entry.key)
         try:
             if entry.key not in self.index.entries:  # a save of this key while we waited keeps its files
-                await self.to_thread(remove_entry_files, self.meta_dir, self.save_dir, entry.key)
+                await self.to_thread(remove_entry_files, self.meta_dir, self.directory(entry.backend), entry.key)
         finally:
             self.unlock_key(entry.key, lock)
 
@@ -181,8 +204,28 @@ class SavedCaches:
             await self.drop(victim)
 
 
-def _usage(disk_usage: Callable[[str], Any], path: Path) -> Any:
-    """Blocking: the disk usage where C{path} is, or would be (its nearest existing parent)."""
+def _existing(path: Path) -> Path:
+    """C{path}, or its nearest existing parent."""
     while not path.exists() and path.parent != path:
         path = path.parent
-    return disk_usage(str(path))
+    return path
+
+
+def _usage(disk_usage: Callable[[str], Any], path: Path) -> Any:
+    """Blocking: the disk usage where C{path} is, or would be (its nearest existing parent)."""
+    return disk_usage(str(_existing(path)))
+
+
+def _usage_of_all(disk_usage: Callable[[str], Any], paths: list[Path]) -> tuple[int, int]:
+    """Blocking: free and total bytes of the file systems C{paths} are on, each file system once."""
+    free = total = 0
+    seen = set()
+    for path in paths:
+        path = _existing(path)
+        device = os.stat(path).st_dev
+        if device in seen:
+            continue
+        seen.add(device)
+        usage = disk_usage(str(path))
+        free, total = free + usage.free, total + usage.total
+    return free, total

@@ -192,7 +192,7 @@ class DiskTier(Service):
         fp = content.fingerprint
         if model is None or not fp.blocks or backend.name in self._cannot_save:
             return None
-        if not await self.store.room_to_save():
+        if not await self.store.room_to_save(backend.name):
             return None
         predecessor = self.index.predecessor(fp, backend.name, model, content.lineage)
         key = predecessor.key if predecessor else fp.key
