@@ -211,6 +211,7 @@ def test_responses_input_as_the_conversation_state_guide_writes_it(proxy):
     assert raw.headers["x-proxycache-decision"] == "hit"
     assert second.usage.input_tokens_details.cached_tokens > 100
     items += [{"role": "assistant", "content": [{"type": "input_text", "text": second.output_text}]},
+              {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "Not that."}]},
               {"role": "user", "content": "One more."}]
     with client.responses.with_streaming_response.create(
         model="any", instructions=SYSTEM, input=items, max_output_tokens=4, stream=True

@@ -21,6 +21,7 @@ def test_easy_assistant_messages_become_output_messages():
         {"role": "assistant", "content": "Sunny."},  # OpenAI's conversation-state guide
         {"role": "assistant", "content": [{"type": "input_text", "text": "More."}]},  # an easy message's parts
         {"role": "assistant", "content": [{"type": "output_text", "text": "Yes."}], "phase": "final_answer"},
+        {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
         USER,
     ], "model": "x"}
     sent = upstream_body(body)
@@ -29,11 +30,12 @@ def test_easy_assistant_messages_become_output_messages():
                                 "content": [{"type": "output_text", "text": "Sunny."}]}
     assert sent["input"][2]["content"] == [{"type": "output_text", "text": "More."}]
     assert sent["input"][3]["type"] == "message" and sent["input"][3]["phase"] == "final_answer"
+    assert sent["input"][4]["content"] == [{"type": "output_text", "text": "No."}]
     assert body["input"][1] == {"role": "assistant", "content": "Sunny."}  # the client's body is left alone
     # one assistant turn, rendered as llama.cpp will convert it
     messages = responses_to_chat(sent)["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user"]
-    assert [p["text"] for p in messages[1]["content"]] == ["Sunny.", "More.", "Yes."]
+    assert [p["text"] for p in messages[1]["content"]] == ["Sunny.", "More.", "Yes.", "No."]
 
 
 def test_reasoning_without_readable_content_is_left_out():

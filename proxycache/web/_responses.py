@@ -9,6 +9,7 @@ rewritten here, before the body is fingerprinted and sent:
 - an easy input message from the assistant (C{{"role": "assistant",
   "content": "..."}}, no C{"type"}: OpenAI's conversation-state guide writes
   turns that way): a C{message} item with C{output_text} parts;
+- a C{refusal} part of an assistant message: its text, as C{output_text};
 - a C{reasoning} item without readable content (a C{summary} only, or
   C{encrypted_content}): left out, there is nothing in it a local model can
   read; one with content but no C{summary} gets an empty one.
@@ -104,6 +105,10 @@ def _assistant_part(part: Any) -> Any:
     # assistant, older builds only output_text: output_text is what both take.
     if isinstance(part, dict) and part.get("type") == "input_text":
         return dict(part, type="output_text")
+    # A refusal passes llama.cpp's Responses conversion, then its chat parser refuses it ("unsupported
+    # content[].type"): it is what the assistant said, as text.
+    if isinstance(part, dict) and part.get("type") == "refusal" and isinstance(part.get("refusal"), str):
+        return {"type": "output_text", "text": part["refusal"]}
     return part
 
 
