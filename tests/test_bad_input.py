@@ -329,3 +329,19 @@ def test_images_pass_through_and_fingerprint_on_text(served):
         "POST", proxy.url + "/v1/chat/completions", {"messages": [{"role": "user", "content": content}], "n": 2}
     )
     assert status == 400 and "image input is not supported" in body["error"]["message"]
+
+
+def test_the_openai_sdk_gets_a_400_for_a_tool_call_cut_off(served):
+    proxy, _ = served
+    requests = proxy.status()["totals"]["requests"]
+    client = openai.OpenAI(base_url=proxy.url + "/v1", api_key="none")  # retries 5xx twice by default
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"city": "Lis'}}
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model="m", max_tokens=2, messages=GOOD + [
+            {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "tool_call_id": "c1", "content": "sunny"}])
+    assert "not valid JSON" in caught.value.message
+    with pytest.raises(openai.BadRequestError):
+        client.responses.create(model="m", input=GOOD + [
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"city": "Lis'},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"}])
+    assert proxy.status()["totals"]["requests"] == requests  # refused before a slot, and not retried
