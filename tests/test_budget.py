@@ -149,3 +149,18 @@ def test_a_budget_is_chosen_when_only_backend_directories_are_known(tmp_path):
     store.disk_usage = lambda path: Usage(500 * GiB, 0, 100 * GiB)
     _run(threads, store.load())
     assert store.catalog.max_bytes == 50 * GiB
+
+
+def test_an_entry_of_a_backend_no_longer_configured_is_kept_and_its_file_left_alone(tmp_path):
+    # each backend has its own directory: where one no longer listed wrote cannot be told
+    store, threads, dirs = _store_over(tmp_path, slot_save_path=str(tmp_path / "saves-a"),
+                                       backend_save_dirs="a-dir,b-dir", llama_url="http://a,http://b")
+    from proxycache.cache import write_meta
+
+    gone = _entry("4444aaaaaaaa", "http://removed", 1.0)
+    write_meta(store.meta_dir, gone)
+    (dirs["a"] / gone.filename).write_bytes(b"not its file: a's directory is not where it wrote")
+    _run(threads, store.load())
+    assert list(store.index.entries) == [gone.key]
+    _run(threads, store.drop(store.index.entries[gone.key]))
+    assert (dirs["a"] / gone.filename).exists() and not (store.meta_dir / f"{gone.key}.meta").exists()

@@ -50,20 +50,28 @@ class SavedCaches:
         self._low_space = False  # logged once per spell of low free space
         self._key_locks: dict[str, DeferredLock] = {}
 
+    @property
+    def default_directory(self) -> Path | None:
+        """
+        Where a backend of unknown storage (one no longer configured) writes:
+        the directory all share, unless each backend was given its own.
+        """
+        return None if self.config.backend_save_dirs else self.save_dir
+
     def directory(self, backend: str) -> Path | None:
         """Where C{backend} writes its files, as seen here (None: not visible)."""
         shared = self.catalog.storage.get(backend)
-        return Path(shared) if shared else self.save_dir
+        return Path(shared) if shared else self.default_directory
 
     def directories(self) -> list[Path]:
         """Every save directory visible here, each once."""
-        found = {str(self.save_dir)} if self.save_dir else set()
+        found = {str(self.default_directory)} if self.default_directory else set()
         return [Path(d) for d in sorted(found | {d for d in self.catalog.storage.values() if d})]
 
     async def load(self) -> None:
         """Read the index back from the meta directory, then choose the disk budget."""
         save_dirs = {backend: Path(d) for backend, d in self.catalog.storage.items() if d}
-        loaded = await self.to_thread(load_index, self.meta_dir, self.save_dir, save_dirs)
+        loaded = await self.to_thread(load_index, self.meta_dir, self.default_directory, save_dirs)
         for entry in loaded.entries:
             self.index.put(entry)
         if loaded.skipped:  # one line, however many (an old format leaves many)
