@@ -127,10 +127,13 @@ class DrainService(Service):
     grace period; a second SIGTERM or SIGINT meanwhile exits at once.
     """
 
-    def __init__(self, in_flight: InFlight, grace: float, clock: IReactorTime) -> None:
+    def __init__(
+        self, in_flight: InFlight, grace: float, clock: IReactorTime, on_drain: Callable[[], Any] = lambda: None
+    ) -> None:
         self.in_flight = in_flight
         self.grace = grace
         self.clock = clock
+        self.on_drain = on_drain  # requests waiting for a backend are answered now, not held through the drain
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -139,6 +142,7 @@ class DrainService(Service):
     async def _drain(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: os._exit(1))
+        self.on_drain()
         if self.in_flight:
             log.info("waiting up to {grace:g}s for {n} requests in flight", grace=self.grace, n=len(self.in_flight))
         left = await self.in_flight.drain(self.grace)
@@ -183,7 +187,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
 
     from proxycache.backend import Backend, LlamaServer
     from proxycache.cache import Catalog, DiskTier
-    from proxycache.slots import Dispatcher, Fleet, Monitor, Scheduler
+    from proxycache.slots import Dispatcher, Fleet, Monitor, ReadyGate, Scheduler
     from proxycache.stats import Stats
     from proxycache.web import GuardedRequests, Proxy
     from proxycache.web._browsers import BrowserPolicy
@@ -212,6 +216,11 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,
         on_up=lambda backend, model: tier.backend_up(backend.name, model),  # tier: built below
+        on_change=lambda: gate.changed(),  # gate: built below
+    )
+    gate = ReadyGate(
+        reactor, scheduler, config.queue_timeout,
+        look=monitor.look_now, usable=monitor.usable, some_down=monitor.some_down,
     )
     stats = Stats(
         reactor, scheduler, catalog, monitor,
@@ -227,6 +236,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         on_stale=lambda slot_id: monitor.check(),
         on_unreachable=monitor.take_out,
         on_own_cache=monitor.noticed_ram_cache,
+        gate=gate,
     )
     fleet = Fleet(
         by_name, scheduler, monitor,
@@ -244,7 +254,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     )
     tier.setServiceParent(top)
     monitor.setServiceParent(top)
-    DrainService(proxy.in_flight, config.grace, reactor).setServiceParent(top)
+    DrainService(proxy.in_flight, config.grace, reactor, on_drain=gate.stop).setServiceParent(top)
     if reread is not None:
         ReloadOnHangup(reread, fleet, reactor).setServiceParent(top)
     site = Site(proxy.resource(), requestFactory=GuardedRequests(
