@@ -95,6 +95,24 @@ class Options(usage.Options):
                     value = "auto"
                 print(f"{setting.option} = {value!r}  [{source}]")
             sys.exit(0)
+        check_listen(self.config.listen)
+
+
+def check_listen(listen: str) -> None:
+    """
+    A C{systemd:} endpoint needs the socket systemd passes (socket activation): say so in one
+    line rather than with the traceback of an empty descriptor list.
+    """
+    if listen.startswith("systemd:"):
+        from twisted.internet import endpoints, reactor
+
+        try:  # Twisted reads (and removes) LISTEN_FDS when it loads: ask its parser
+            endpoints.serverFromString(reactor, listen)
+        except (IndexError, KeyError):
+            raise usage.UsageError(
+                f"--listen {listen}: systemd passed no socket (LISTEN_FDS); start it through its socket unit "
+                "(systemctl start proxycache.socket), or listen with tcp:PORT"
+            )
 
 
 def makeService(options: Any) -> IService:
