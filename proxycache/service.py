@@ -151,7 +151,7 @@ class DrainService(Service):
         self.in_flight = in_flight
         self.grace = grace
         self.clock = clock
-        self.on_drain = on_drain  # requests waiting for a backend are answered now, not held through the drain
+        self.on_drain = on_drain  # requests waiting for a backend are answered within the grace
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -272,7 +272,12 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     )
     tier.setServiceParent(top)
     monitor.setServiceParent(top)
-    DrainService(proxy.in_flight, config.grace, reactor, on_drain=gate.stop).setServiceParent(top)
+    # Requests waiting for a backend go on waiting through the drain (the monitor still looks: a proxy
+    # stopped right after it started serves them once its first look is done), answered before it ends.
+    drain_wait = max(0.0, config.grace - 2 * FLUSH_PAUSE)
+    DrainService(
+        proxy.in_flight, config.grace, reactor, on_drain=lambda: gate.stop(within=drain_wait)
+    ).setServiceParent(top)
     if reread is not None:
         ReloadOnHangup(reread, fleet, reactor).setServiceParent(top)
     site = Site(proxy.resource(), requestFactory=GuardedRequests(

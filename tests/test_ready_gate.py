@@ -121,13 +121,13 @@ class GateTests(SynchronousTestCase):
         self.monitor.startService()
         self.addCleanup(self.monitor.stopService)
 
-    def send(self, method: str, path: str, body: Any = None) -> Client:
+    def send(self, method: str, path: str, body: Any = None, version: bytes = b"HTTP/1.0") -> Client:
         raw = b"" if body is None else json.dumps(body).encode()
         channel = self.site.buildProtocol(None)
         transport = StringTransport()
         channel.makeConnection(transport)
         channel.dataReceived(
-            method.encode() + b" " + path.encode() + b" HTTP/1.0\r\nContent-Type: application/json\r\n"
+            method.encode() + b" " + path.encode() + b" " + version + b"\r\nContent-Type: application/json\r\n"
             b"Content-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw
         )
         return Client(channel, transport)
@@ -251,15 +251,39 @@ class GateTests(SynchronousTestCase):
         self.clock.advance(0.5)
         self.assertEqual(self.backend.sent, [])  # nothing was sent for the client gone
 
-    def test_a_drain_answers_the_waiting_requests_and_finishes(self) -> None:
+    def test_a_drain_answers_the_waiting_requests_within_its_grace(self) -> None:
         self.build(down=True)
         client = self.chat()
-        self.gate.stop()  # what DrainService does first
-        drained = Deferred.fromCoroutine(self.proxy.in_flight.drain(60))
+        self.gate.stop(within=10)  # what DrainService does first
+        drained = Deferred.fromCoroutine(self.proxy.in_flight.drain(12))
+        self.clock.advance(9.9)
+        self.assertFalse(client.answered)
+        self.clock.advance(0.1)
         self.assertEqual(self.successResultOf(drained), 0)
         self.assertEqual(client.status, 503)
         self.assertIn("shutting down", client.json()["error"]["message"])
+        self.assertEqual(client.header(b"retry-after"), b"10")
         self.assertNothingLeft()
+
+    def test_a_request_waiting_through_a_drain_is_served_when_the_backend_comes(self) -> None:
+        self.build(down=True)  # a proxy stopped before its first look found the backend
+        client = self.chat()
+        self.gate.stop(within=10)
+        drained = Deferred.fromCoroutine(self.proxy.in_flight.drain(12))
+        self.come_back()
+        self.clock.advance(0.5)
+        self.answer_all()
+        self.assertEqual(client.status, 200)
+        self.assertEqual(self.successResultOf(drained), 0)
+
+    def test_a_request_on_an_open_connection_during_a_drain_is_served_and_its_connection_closed(self) -> None:
+        self.build(down=False)
+        Deferred.fromCoroutine(self.proxy.in_flight.drain(12))  # the port is closed by now
+        client = self.send("POST", "/v1/chat/completions", CHAT, version=b"HTTP/1.1")  # a kept-alive one
+        self.answer_all()
+        self.assertEqual(client.status, 200)
+        self.assertEqual(client.header(b"connection"), b"close")
+        self.assertTrue(client.transport.disconnecting)  # the next request goes to the listening socket
 
     # -- looks asked for by requests are rate-limited ----------------------------
 

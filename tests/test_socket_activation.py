@@ -11,7 +11,7 @@ import socket
 import subprocess
 import threading
 import time
-from typing import Any
+from typing import Any, Callable
 
 from proxycache.testing import TWISTD, ProxyProcess, http
 
@@ -28,11 +28,11 @@ def listening_socket() -> socket.socket:
 
 
 class Sender(threading.Thread):
-    """Sends chat requests one after another, each on a new connection, and keeps every outcome."""
+    """Sends chat requests one after another and keeps every outcome."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, send: Callable[[], Any]) -> None:
         super().__init__(daemon=True)
-        self.url = url
+        self.send = send
         self.stopping = threading.Event()
         self.outcomes: list[tuple[float, float, Any]] = []  # (sent, answered, status or the error)
 
@@ -40,8 +40,8 @@ class Sender(threading.Thread):
         while not self.stopping.is_set():
             sent = time.monotonic()
             try:
-                outcome: Any = http("POST", self.url + "/v1/chat/completions", BODY, timeout=120)[0]
-            except OSError as e:  # refused, reset: what socket activation is for
+                outcome = self.send()
+            except Exception as e:  # refused, reset, an error status: what must not happen
                 outcome = repr(e)
             self.outcomes.append((sent, time.monotonic(), outcome))
 
@@ -60,7 +60,11 @@ def read_response(sock: socket.socket) -> bytes:
 def test_a_restart_under_load_refuses_nothing_and_fails_nothing(llama, tmp_path):
     sock = listening_socket()
     proxy = ProxyProcess(tmp_path, llama.url, listen_socket=sock, health_interval=5)
-    senders = [Sender(proxy.url) for _ in range(2)]
+    # each request on a new connection, and the OpenAI SDK's kept-alive ones (no retries)
+    fresh = Sender(lambda: http("POST", proxy.url + "/v1/chat/completions", BODY, timeout=120)[0])
+    client = proxy.client(timeout=120)
+    kept_alive = Sender(lambda: 200 if client.chat.completions.create(model="any", **BODY).choices else "empty")
+    senders = [fresh, kept_alive]
     try:
         proxy.start()
         old_pid = proxy.pid

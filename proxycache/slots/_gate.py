@@ -69,7 +69,7 @@ class ReadyGate:
         self.look = look
         self.usable = usable
         self.some_down = some_down
-        self.stopped = False
+        self.deadline: float | None = None  # stopping: every wait for a backend ends by then
         self._held: set[_Held] = set()
         self._until: list[_Until] = []
 
@@ -119,9 +119,16 @@ class ReadyGate:
         for held in list(self._held):
             self._arm_or_disarm(held)
 
-    def stop(self) -> None:
-        """Shutting down: whoever waits for a backend is answered now, and so is anyone who would."""
-        self.stopped = True
+    def stop(self, within: float = 0.0) -> None:
+        """
+        Shutting down: whoever waits for a backend (or comes to) still may, the monitor still
+        looks, but is answered within C{within} seconds (the drain's grace), not cut off by the exit.
+        """
+        self.deadline = self.clock.seconds() + within
+        for held in list(self._held):
+            if held.timer is not None and held.timer.active() and held.timer.getTime() > self.deadline:
+                held.timer.cancel()
+                held.timer = None
         self.changed()
 
     # -- internals ------------------------------------------------------------
@@ -135,15 +142,19 @@ class ReadyGate:
                     held.timer.cancel()
                 held.timer = None
             return
-        if self.stopped:
-            self._expire(held, NoBackend("proxycache is shutting down", retry_after=10))
-        elif self.timeout <= 0:
-            self._expire(held, NoBackend("no llama-server is ready"))
-        elif held.timer is None:
-            held.timer = self.clock.callLater(
-                self.timeout, self._expire, held,
-                NoBackend(f"no llama-server became ready within {self.timeout:g} s"),
-            )
+        if held.timer is not None:
+            return
+        now = self.clock.seconds()
+        if self.deadline is not None and self.deadline - now < self.timeout:
+            delay, error = self.deadline - now, NoBackend("proxycache is shutting down", retry_after=10)
+        elif self.timeout > 0:
+            delay, error = self.timeout, NoBackend(f"no llama-server became ready within {self.timeout:g} s")
+        else:  # nothing to wait for (no monitor)
+            delay, error = 0.0, NoBackend("no llama-server is ready")
+        if delay <= 0:
+            self._expire(held, error)
+        else:
+            held.timer = self.clock.callLater(delay, self._expire, held, error)
 
     def _expire(self, held: _Held, error: NoBackend) -> None:
         held.expired = error

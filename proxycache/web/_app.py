@@ -29,7 +29,7 @@ from proxycache.web._auth import authorize
 from proxycache.web._cors import CorsResource
 from proxycache.web._errors import ApiError, upstream_unavailable
 from proxycache.web._exchange import ClientExchange, relay_headers
-from proxycache.web._inflight import InFlight
+from proxycache.web._inflight import InFlight, close_after
 from proxycache.web._one_slot import check_one_slot
 from proxycache.web._fanout import serve_choices
 from proxycache.web._fanout_stream import stream_choices
@@ -170,19 +170,25 @@ class Proxy:
             kind=api.kind,
         )
 
-    def check_ready(self) -> None:
+    def check_ready(self, request: IRequest) -> None:
         # No slot known yet is no reason to refuse: the dispatcher's gate holds the request until a
         # backend is ready (or its queue timeout runs out).
+        self.close_if_draining(request)
+
+    def close_if_draining(self, request: IRequest) -> None:
+        """
+        Stopping: a request on a connection accepted before is still served (a client cannot tell
+        a keep-alive connection went stale), then that connection closes, so that the client's next
+        request goes to the listening socket: the next process's, with socket activation.
+        """
         if self.in_flight.draining:
-            raise ApiError(
-                503, "proxycache is shutting down", "server_error", "shutting_down", (("Retry-After", "10"),)
-            )
+            close_after(request)
 
     async def _generate(self, request: HTTPRequest, api: Api, route: str, body: dict[str, Any]) -> bytes:
         if api.translate is not None:  # an API the proxy converts (Messages): route and send the converted body
             body = api.translate(body)
         wanted = self.wanted(request, api, body)
-        self.check_ready()
+        self.check_ready(request)
         self.in_flight.track(request)
         exchange = ClientExchange(
             request, self.clock, self.config.stream_idle_timeout, body.get("stream") is True, self.backend_numbers, api,
@@ -302,6 +308,7 @@ class Proxy:
             if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED | OWN_ROUTES:
                 raise ApiError(405, f"{method} is not allowed on {path}", "invalid_request_error", "method_not_allowed")
             raise ApiError(404, f"no route {method} {path}", "invalid_request_error", "unknown_route")
+        self.close_if_draining(request)
         backend = self.healthy_backend()
         if backend is None and path not in NO_WAIT:
             backend = await self._healthy_soon()
