@@ -12,11 +12,12 @@ from typing import Any
 
 import attrs
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone, ConnectionRefusedError
+from twisted.internet.error import ConnectionDone, ConnectionLost, ConnectionRefusedError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from twisted.web.client import ResponseNeverReceived
 from twisted.web.server import Site
 
 from proxycache.backend import Description
@@ -195,6 +196,23 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(len(self.backend.sent), 2)  # the refused attempt, then the one served
         self.assertNothingLeft()
 
+    def test_a_request_queued_behind_a_busy_slot_of_a_backend_that_goes_away_is_bounded_too(self) -> None:
+        self.build(down=False, max_queue=4)
+        self.scheduler.set_backend_slots(self.backend.name, 1)
+        busy = self.chat()
+        queued = self.chat()  # waits for the one slot, with a backend ready: no deadline
+        self.assertEqual(self.scheduler.queue_depth, 1)
+        self.assertEqual(self.gate.held, 0)
+        self.backend.down = True
+        self.monitor.take_out(self.backend.name)  # seen gone: the busy slot leaves the map when released
+        # it was running there (llama.cpp had it): it fails, as before
+        self.backend.pending.pop(0).errback(ResponseNeverReceived([Failure(ConnectionLost())]))
+        self.assertEqual(busy.status, 503)
+        self.assertEqual(self.gate.held, 1)  # the queued one now waits for a backend, bounded
+        self.clock.advance(QUEUE_TIMEOUT)
+        self.assertEqual(queued.status, 503)
+        self.assertNothingLeft()
+
     # -- bounds: the queue timeout, --max-queue --------------------------------
 
     def test_the_queue_timeout_answers_503_with_retry_after(self) -> None:
@@ -343,3 +361,20 @@ def _request() -> Any:
     from proxycache.routing import Request, fingerprint_text
 
     return Request(fingerprint_text("hello", 16), True)
+
+
+class TwoBackendsTests(SynchronousTestCase):
+    def test_a_request_after_a_backend_was_seen_down_asks_for_a_look(self) -> None:
+        clock = Clock()
+        up, down = SwitchedBackend(url="http://up"), SwitchedBackend(url="http://down", down=True)
+        scheduler = Scheduler(clock, min_ratio=0.5, affinity_wait=5.0, max_queue=4)
+        monitor = Monitor(clock, scheduler, [up, down], INTERVAL, None, on_change=lambda: gate.changed())
+        gate = ReadyGate(clock, scheduler, QUEUE_TIMEOUT, look=monitor.look_now, usable=monitor.usable,
+                         some_down=monitor.some_down)
+        monitor.startService()
+        self.addCleanup(monitor.stopService)
+        down.down = False  # back, unseen: the next poll is INTERVAL away
+        lease = self.successResultOf(gate.bounded(scheduler.acquire(_request())))
+        self.assertEqual(lease.slot.id.backend, "http://up")  # served at once where it could be
+        self.assertTrue(monitor.health["http://down"].up)  # and the other one rejoined without a poll
+        self.assertEqual(up.looks, 1)  # the look was only at the one down
