@@ -86,15 +86,18 @@ def test_requests_while_the_only_backend_is_down_wait_for_it(llama, tmp_path):
     try:
         llama.stop()
         until(lambda: not backend_up(proxy), what="the proxy seeing llama-server down")
-        with ThreadPoolExecutor(2) as pool:
+        with ThreadPoolExecutor(3) as pool:
+            models = pool.submit(lambda: proxy.client().models.list().data)  # a passthrough route
             chats = pool.submit(chat, proxy)
             messages = pool.submit(
                 messages_client.messages.create, model="any", max_tokens=2, messages=MESSAGES
             )
-            until(lambda: proxy.status()["queue_depth"] == 2, what="both requests waiting")
+            until(lambda: proxy.status()["queue_depth"] == 2, what="both generating requests waiting")
+            assert not models.done()  # waiting for a healthy backend too, not answered 503
             llama.start()
             assert chats.result(timeout=120).choices
             assert messages.result(timeout=120).content is not None
+            assert models.result(timeout=120)
         assert proxy.status()["queue_depth"] == 0
     finally:
         proxy.stop()
