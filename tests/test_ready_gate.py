@@ -39,9 +39,12 @@ class SwitchedBackend(FakeBackend):
     down: bool = False
     looks: int = 0
     refuse_next_generate: bool = False
+    slow: Deferred[None] | None = None  # when set, /props answers when it fires
 
     async def describe(self, probe: bool = True) -> Description | None:
         self.looks += 1
+        if self.slow is not None:
+            await self.slow
         if self.down:
             raise ConnectionRefusedError()
         return await super().describe(probe)
@@ -320,6 +323,19 @@ class GateTests(SynchronousTestCase):
         self.answer_all()
         self.answer_all()
         self.assertTrue(all(c.answered for c in clients + more))
+
+    def test_the_monitors_poll_does_not_look_over_a_look_under_way(self) -> None:
+        self.build(down=True)
+        self.come_back()
+        self.backend.slow = Deferred()  # a server just up, slow to answer its first look
+        client = self.chat()
+        self.assertEqual(self.backend.looks, 2)  # the first poll, then the request's look
+        self.clock.advance(INTERVAL)  # polls come and go meanwhile: none probes it a second time
+        self.assertEqual(self.backend.looks, 2)
+        slow, self.backend.slow = self.backend.slow, None
+        slow.callback(None)
+        self.answer_all()
+        self.assertEqual(client.status, 200)
 
     # -- every route that reaches a slot, and the passthrough ones ---------------
 

@@ -89,7 +89,7 @@ class Monitor(Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.check)
+        self._loop = LoopingCall(self._poll)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True)
 
@@ -111,6 +111,11 @@ class Monitor(Service):
 
     def check(self) -> Deferred[None]:
         return self._look(only_down=False)
+
+    def _poll(self) -> Deferred[None] | None:
+        # Not over a look under way (one a request asked for, say): two at once would each probe
+        # a server that just came up, on its slots, at the same time.
+        return None if self._checks else self.check()
 
     def look_now(self) -> None:
         """
