@@ -243,6 +243,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     stats = Stats(
         reactor, scheduler, catalog, monitor,
         max_cache_bytes=config.max_cache_bytes or 0, max_cache_entries=config.max_cache_entries,
+        waiting_for_backend=lambda: gate.held,
     )
     tier = DiskTier(
         config, reactor, scheduler, by_name, catalog, on_empty_slot=monitor.check, observers=[stats.slot_action]

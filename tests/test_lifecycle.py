@@ -92,8 +92,10 @@ def test_requests_while_the_only_backend_is_down_wait_for_it(llama, tmp_path):
             messages = pool.submit(
                 messages_client.messages.create, model="any", max_tokens=2, messages=MESSAGES
             )
-            until(lambda: proxy.status()["queue_depth"] == 2, what="both generating requests waiting")
-            assert not models.done()  # waiting for a healthy backend too, not answered 503
+            until(lambda: proxy.status()["waiting_for_backend"] == 3, what="all three requests waiting")
+            assert proxy.status()["queue_depth"] == 2  # the generating ones, in the scheduler's queue
+            assert proxy.metrics()["proxycache_waiting_for_backend"] == 3
+            assert not models.done()  # the passthrough one waits for a healthy backend too
             llama.start()
             assert chats.result(timeout=120).choices
             assert messages.result(timeout=120).content is not None
