@@ -105,7 +105,7 @@ def json_request(body: dict[str, Any]) -> bytes:
 
     raw = json.dumps(body).encode()
     return (
-        b"POST /v1/chat/completions HTTP/1.1\r\nHost: proxycache\r\nContent-Type: application/json\r\n"
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
         b"Connection: close\r\nContent-Length: " + str(len(raw)).encode() + b"\r\n\r\n" + raw
     )
 
