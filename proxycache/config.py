@@ -158,6 +158,9 @@ SETTINGS: tuple[Setting, ...] = (
             "how long a follow-up waits for its busy hot slot"),
     Setting("max_queue", "MAX_QUEUE", 64, _non_negative_int,
             "requests allowed to wait for a slot before 429"),
+    Setting("queue_timeout", "QUEUE_TIMEOUT_SECONDS", 30.0, _seconds,
+            "how long a request waits for a ready llama-server (none known yet, or all down) before "
+            "503 + Retry-After"),
     Setting("max_body_bytes", "MAX_BODY_BYTES", 32 * 1024 * 1024, _positive_int,
             "largest request body accepted (413 above)"),
     Setting("first_byte_timeout", "UPSTREAM_TIMEOUT", 1800.0, _seconds,
@@ -259,6 +262,7 @@ class Config:
     health_requires_key: bool = False
     allow_client_pins: bool = False
     max_pinned_share: float = 0.5
+    queue_timeout: float = 30.0
 
     @property
     def embedded(self) -> bool:

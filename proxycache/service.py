@@ -95,6 +95,24 @@ class Options(usage.Options):
                     value = "auto"
                 print(f"{setting.option} = {value!r}  [{source}]")
             sys.exit(0)
+        check_listen(self.config.listen)
+
+
+def check_listen(listen: str) -> None:
+    """
+    A C{systemd:} endpoint needs the socket systemd passes (socket activation): say so in one
+    line rather than with the traceback of an empty descriptor list.
+    """
+    if listen.startswith("systemd:"):
+        from twisted.internet import endpoints, reactor
+
+        try:  # Twisted reads (and removes) LISTEN_FDS when it loads: ask its parser
+            endpoints.serverFromString(reactor, listen)
+        except (IndexError, KeyError):
+            raise usage.UsageError(
+                f"--listen {listen}: systemd passed no socket (LISTEN_FDS); start it through its socket unit "
+                "(systemctl start proxycache.socket), or listen with tcp:PORT"
+            )
 
 
 def makeService(options: Any) -> IService:
@@ -127,10 +145,13 @@ class DrainService(Service):
     grace period; a second SIGTERM or SIGINT meanwhile exits at once.
     """
 
-    def __init__(self, in_flight: InFlight, grace: float, clock: IReactorTime) -> None:
+    def __init__(
+        self, in_flight: InFlight, grace: float, clock: IReactorTime, on_drain: Callable[[], Any] = lambda: None
+    ) -> None:
         self.in_flight = in_flight
         self.grace = grace
         self.clock = clock
+        self.on_drain = on_drain  # requests waiting for a backend are answered within the grace
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -139,6 +160,7 @@ class DrainService(Service):
     async def _drain(self) -> None:
         for signum in (signal.SIGTERM, signal.SIGINT):
             signal.signal(signum, lambda *_: os._exit(1))
+        self.on_drain()
         if self.in_flight:
             log.info("waiting up to {grace:g}s for {n} requests in flight", grace=self.grace, n=len(self.in_flight))
         left = await self.in_flight.drain(self.grace)
@@ -183,7 +205,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
 
     from proxycache.backend import Backend, LlamaServer
     from proxycache.cache import Catalog, DiskTier
-    from proxycache.slots import Dispatcher, Fleet, Monitor, Scheduler
+    from proxycache.slots import Dispatcher, Fleet, Monitor, ReadyGate, Scheduler
     from proxycache.stats import Stats
     from proxycache.web import GuardedRequests, Proxy
     from proxycache.web._browsers import BrowserPolicy
@@ -212,10 +234,16 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,
         on_up=lambda backend, model: tier.backend_up(backend.name, model),  # tier: built below
+        on_change=lambda: gate.changed(),  # gate: built below
+    )
+    gate = ReadyGate(
+        reactor, scheduler, config.queue_timeout,
+        look=monitor.look_now, usable=monitor.usable, some_down=monitor.some_down,
     )
     stats = Stats(
         reactor, scheduler, catalog, monitor,
         max_cache_bytes=config.max_cache_bytes or 0, max_cache_entries=config.max_cache_entries,
+        waiting_for_backend=lambda: gate.held,
     )
     tier = DiskTier(
         config, reactor, scheduler, by_name, catalog, on_empty_slot=monitor.check, observers=[stats.slot_action]
@@ -227,6 +255,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         on_stale=lambda slot_id: monitor.check(),
         on_unreachable=monitor.take_out,
         on_own_cache=monitor.noticed_ram_cache,
+        gate=gate,
     )
     fleet = Fleet(
         by_name, scheduler, monitor,
@@ -244,7 +273,12 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     )
     tier.setServiceParent(top)
     monitor.setServiceParent(top)
-    DrainService(proxy.in_flight, config.grace, reactor).setServiceParent(top)
+    # Requests waiting for a backend go on waiting through the drain (the monitor still looks: a proxy
+    # stopped right after it started serves them once its first look is done), answered before it ends.
+    drain_wait = max(0.0, config.grace - 2 * FLUSH_PAUSE)
+    DrainService(
+        proxy.in_flight, config.grace, reactor, on_drain=lambda: gate.stop(within=drain_wait)
+    ).setServiceParent(top)
     if reread is not None:
         ReloadOnHangup(reread, fleet, reactor).setServiceParent(top)
     site = Site(proxy.resource(), requestFactory=GuardedRequests(

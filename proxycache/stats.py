@@ -9,7 +9,7 @@ slot, queue and disk state through C{prometheus_client}.
 from __future__ import annotations
 
 import collections
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import attrs
 from twisted.internet.interfaces import IReactorTime
@@ -47,8 +47,10 @@ class Stats:
         *,
         max_cache_bytes: int = 0,
         max_cache_entries: int = 0,
+        waiting_for_backend: Callable[[], int] = lambda: 0,
     ) -> None:
         self.clock = clock
+        self.waiting_for_backend = waiting_for_backend  # requests held while no backend is ready
         self.scheduler = scheduler
         self.catalog = catalog
         self.monitor = monitor
@@ -186,6 +188,7 @@ class Stats:
             "backends": backends,
             "slots": slots,
             "queue_depth": self.scheduler.queue_depth,
+            "waiting_for_backend": self.waiting_for_backend(),
             "disk": disk,
             "totals": {
                 "requests": sum(self.requests.values()),
@@ -251,6 +254,10 @@ class _Collector(Collector):
             "proxycache_queue_depth", "Requests waiting for a slot", value=stats.scheduler.queue_depth
         )
         yield queue
+        yield GaugeMetricFamily(
+            "proxycache_waiting_for_backend", "Requests waiting because no llama-server is ready",
+            value=stats.waiting_for_backend(),
+        )
         slots = GaugeMetricFamily("proxycache_slots", "Slots by state", labels=["state"])
         for state in SlotState:
             slots.add_metric([state.value], sum(1 for s in stats.scheduler.slots.values() if s.state is state))

@@ -82,7 +82,7 @@ def test_upstream_errors_keep_status_and_body(stub_proxy, content, status, kind)
 
 
 def test_llama_server_killed_mid_stream(llama, tmp_path):
-    proxy = ProxyProcess(tmp_path, llama.url).start()
+    proxy = ProxyProcess(tmp_path, llama.url, queue_timeout=1).start()
     try:
         connection = open_raw_chat(
             proxy.port, {"messages": HELLO, "max_tokens": 6000, "stream": True, "ignore_eos": True}

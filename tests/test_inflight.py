@@ -11,11 +11,20 @@ from twisted.trial.unittest import SynchronousTestCase
 from proxycache.web._inflight import InFlight
 
 
+class _Channel:
+    persistent = True
+
+
 class _Request:
     """What L{InFlight} needs of a request: to hear when it finishes."""
 
     def __init__(self) -> None:
         self._finished: list[Deferred[None]] = []
+        self.headers: dict[bytes, bytes] = {}
+        self.channel = _Channel()
+
+    def setHeader(self, name: bytes, value: bytes) -> None:
+        self.headers[name] = value
 
     def notifyFinish(self) -> Deferred[None]:
         d: Deferred[None] = Deferred()
@@ -49,3 +58,12 @@ class InFlightTests(SynchronousTestCase):
         for finished in request.finish():  # the timed-out waiter must not be fired again (AlreadyCalledError)
             self.successResultOf(finished)
         self.assertEqual(len(in_flight), 0)
+
+    def test_a_drain_closes_the_connections_of_requests_in_flight_after_their_response(self) -> None:
+        in_flight = InFlight(Clock())
+        request = _Request()
+        in_flight.track(request)  # type: ignore[arg-type]
+        Deferred.fromCoroutine(in_flight.drain(30))
+        # kept alive, the client's next request would reach a stopping process, not the listening socket
+        self.assertFalse(request.channel.persistent)
+        self.assertEqual(request.headers[b"connection"], b"close")

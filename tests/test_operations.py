@@ -20,17 +20,19 @@ CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 
 
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
-@pytest.mark.parametrize("unit", sorted(p.name for p in CONTRIB.glob("*.service")))
+@pytest.mark.parametrize("unit", sorted(p.name for p in [*CONTRIB.glob("*.service"), *CONTRIB.glob("*.socket")]))
 def test_unit_files_verify(unit, tmp_path):
-    text = (CONTRIB / unit).read_text()
-    # verify checks that executables exist: point them at one that does
-    for command in (
-        "/opt/proxycache/bin/twistd",
-        "%h/.local/share/proxycache/venv/bin/twistd",
-        "/usr/local/bin/llama-server",
-    ):
-        text = text.replace(command, sys.executable)
-    (tmp_path / unit).write_text(text)
+    # every unit beside it, as installed: a service requires its socket, a socket needs its service
+    for path in [*CONTRIB.glob("*.service"), *CONTRIB.glob("*.socket")]:
+        text = path.read_text()
+        # verify checks that executables exist: point them at one that does
+        for command in (
+            "/opt/proxycache/bin/twistd",
+            "%h/.local/share/proxycache/venv/bin/twistd",
+            "/usr/local/bin/llama-server",
+        ):
+            text = text.replace(command, sys.executable)
+        (tmp_path / path.name).write_text(text)
     result = subprocess.run(["systemd-analyze", "verify", str(tmp_path / unit)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 

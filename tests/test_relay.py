@@ -190,11 +190,14 @@ def test_client_disconnect_mid_stream_stops_llama_cpp(proxy, llama):
 
 def test_llama_server_down_gives_503_json_and_recovery(tmp_path, llama_factory):
     port = free_port()
-    proxy = ProxyProcess(tmp_path, f"http://127.0.0.1:{port}", **SMALL_LIMITS).start(wait_ready=False)
+    proxy = ProxyProcess(
+        tmp_path, f"http://127.0.0.1:{port}", queue_timeout=1, **SMALL_LIMITS
+    ).start(wait_ready=False)
     try:
-        status, _, body = http("POST", proxy.url + "/v1/chat/completions", {"messages": MESSAGES})
-        assert status == 503
+        status, headers, body = http("POST", proxy.url + "/v1/chat/completions", {"messages": MESSAGES})
+        assert status == 503  # after waiting --queue-timeout for a backend
         assert body["error"]["code"] == "upstream_unavailable"
+        assert headers["Retry-After"] == "5"
         assert http("GET", proxy.url + "/proxycache/health")[0] == 503
         # llama-server comes up later on that port: the proxy starts serving
         llama_factory(port=port)

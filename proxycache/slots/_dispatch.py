@@ -21,7 +21,8 @@ from twisted.web.iweb import IResponse
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, cancelled, unreachable
 from proxycache.routing import Decision, Request, SlotId, fell_short, reused_unplanned
-from proxycache.slots._scheduler import Lease, Outcome, Scheduler
+from proxycache.slots._gate import NoBackend, ReadyGate
+from proxycache.slots._scheduler import Lease, Outcome, QueueFull, Scheduler
 
 log = Logger()
 
@@ -126,6 +127,7 @@ class Dispatcher:
         on_stale: Callable[[SlotId], Any] = lambda slot_id: None,
         on_unreachable: Callable[[str], Any] = lambda backend: None,
         on_own_cache: Callable[[str], Any] = lambda backend: None,
+        gate: ReadyGate | None = None,
     ) -> None:
         self.clock = clock
         self.scheduler = scheduler
@@ -137,12 +139,15 @@ class Dispatcher:
         self.on_unreachable = on_unreachable  # nobody listens at a backend: take it out of the map
         self.on_own_cache = on_own_cache  # llama-server moved a conversation itself (--cache-ram)
         self._noticed_ram_cache: set[str] = set()
+        # Without a monitor to wait for, a request that finds no slot fails at once.
+        self.gate = gate or ReadyGate(clock, scheduler, timeout=0.0)
 
     async def dispatch(self, wanted: Request, path: str, body: dict[str, Any], exchange: Exchange) -> None:
         """
         Serve C{body} on C{path} through a leased slot.
 
         @raise QueueFull: every slot is busy and the queue is full.
+        @raise NoBackend: no backend was ready, nor became ready within the gate's timeout.
         @raise TimeoutError: llama-server sent no headers in time.
         @raise UPSTREAM_FAILURES: llama-server could not be reached.
         """
@@ -150,18 +155,25 @@ class Dispatcher:
             await self._dispatch_once(wanted, path, body, exchange)
         except _Unreachable as gone:
             self.on_unreachable(gone.backend)
-            if not any(slot_id.backend != gone.backend for slot_id in self.scheduler.slots):
+            elsewhere = any(slot_id.backend != gone.backend for slot_id in self.scheduler.slots)
+            if not elsewhere and self.gate.ready:  # still planned on (no monitor took it out): no use waiting
                 gone.record()
                 assert gone.__cause__ is not None
-                raise gone.__cause__  # nowhere else to go: the client hears why
-            # Nothing reached llama.cpp, so nothing was sent to the client: once more, elsewhere.
-            log.warn("llama-server {backend} is unreachable; sending the request elsewhere", backend=gone.backend)
-            await self._dispatch_once(wanted, path, body, exchange, retry=False)
+                raise gone.__cause__
+            # Nothing reached llama.cpp, so nothing was sent to the client: once more, elsewhere, or
+            # here once it answers again (the gate holds the request until a backend is ready).
+            log.warn("llama-server {backend} is unreachable; sending the request elsewhere or waiting for it",
+                     backend=gone.backend)
+            try:
+                await self._dispatch_once(wanted, path, body, exchange, retry=False)
+            except (NoBackend, QueueFull):
+                gone.record()  # never sent again: the failed attempt is the request's record
+                raise
 
     async def _dispatch_once(
         self, wanted: Request, path: str, body: dict[str, Any], exchange: Exchange, retry: bool = True
     ) -> None:
-        lease = await self.scheduler.acquire(wanted)
+        lease = await self.gate.bounded(self.scheduler.acquire(wanted))
         started = self.clock.seconds()
         progress = Progress(decoding=lambda: self.cache.decoding(lease))
         gone: _Unreachable | None = None

@@ -10,7 +10,7 @@ from typing import Any, Callable
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -52,6 +52,9 @@ DOWN_INTERVAL = 0.5
 # A busy llama-server can be slow to answer /slots during a long prefill: only this many
 # failed checks in a row (or nobody listening at all) take its slots out of the map.
 DOWN_AFTER_FAILURES = 3
+# A look a request asks for (it found no backend ready, or one down) comes at once, but at most this
+# often, so that a flood of requests does not become a flood of checks.
+LOOK_GAP = 0.2
 
 
 class Monitor(Service):
@@ -69,6 +72,7 @@ class Monitor(Service):
         interval: float,
         configured_slots: int | None,
         on_up: Callable[[Backend, str], Any] = lambda backend, model: None,
+        on_change: Callable[[], Any] = lambda: None,
     ) -> None:
         self.clock = clock
         self.scheduler = scheduler
@@ -76,11 +80,16 @@ class Monitor(Service):
         self.configured_slots = configured_slots
         self.health = {b.name: BackendHealth(b, configured_slots) for b in backends}
         self.on_up = on_up
+        self.on_change = on_change  # after every look and take-out: what is ready may have changed
         self._loop: LoopingCall | None = None
+        self._checks = 0  # looks under way
+        self._last_look = float("-inf")  # when a look asked for by a request last started
+        self._look_again = False
+        self._look_timer: IDelayedCall | None = None
 
     def startService(self) -> None:
         super().startService()
-        self._loop = LoopingCall(self.check)
+        self._loop = LoopingCall(self._poll)
         self._loop.clock = self.clock
         self._loop.start(self.interval, now=True)
 
@@ -88,6 +97,8 @@ class Monitor(Service):
         super().stopService()
         if self._loop is not None and self._loop.running:
             self._loop.stop()
+        if self._look_timer is not None and self._look_timer.active():
+            self._look_timer.cancel()
         return None
 
     def watch(self, backend: Backend) -> None:
@@ -99,10 +110,56 @@ class Monitor(Service):
         self.health.pop(name, None)
 
     def check(self) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._check_all())
+        return self._look(only_down=False)
 
-    async def _check_all(self) -> None:
+    def _poll(self) -> Deferred[None] | None:
+        # Not over a look under way (one a request asked for, say): two at once would each probe
+        # a server that just came up, on its slots, at the same time.
+        return None if self._checks else self.check()
+
+    def look_now(self) -> None:
+        """
+        A request found no backend ready (or one down): look at the backends that are not up now
+        rather than at the next poll; once after a look under way, and at most every L{LOOK_GAP} s.
+        """
+        if not self.running:
+            return
+        if self._checks:
+            self._look_again = True  # the look under way may have asked before the backend came back
+            return
+        wait = self._last_look + LOOK_GAP - self.clock.seconds()
+        if wait > 0:
+            if self._look_timer is None or not self._look_timer.active():
+                self._look_timer = self.clock.callLater(wait, self.look_now)
+            return
+        self._last_look = self.clock.seconds()
+        self._look(only_down=True)
+
+    def _look(self, only_down: bool) -> Deferred[None]:
+        self._checks += 1
+        return Deferred.fromCoroutine(self._check_all(only_down)).addBoth(self._looked)
+
+    def _looked(self, result: Any) -> Any:
+        self._checks -= 1
+        self.on_change()
+        if self._look_again and not self._checks:
+            self._look_again = False
+            if not all(h.up for h in self.health.values()):
+                self.look_now()
+        return result
+
+    def usable(self, name: str) -> bool:
+        """Backend C{name}'s slots may be planned on: it was not taken out (or is not watched)."""
+        health = self.health.get(name)
+        return health is None or not health.taken_out
+
+    def some_down(self) -> bool:
+        return not all(h.up for h in self.health.values())
+
+    async def _check_all(self, only_down: bool = False) -> None:
         for health in list(self.health.values()):
+            if only_down and health.up:
+                continue
             try:
                 await self._check(health)
             except UPSTREAM_FAILURES as e:
@@ -223,6 +280,7 @@ class Monitor(Service):
             log.warn("llama-server {url} is unreachable: its slots are out of the map until it answers",
                      url=health.backend.url)
             self.scheduler.set_backend_slots(name, 0)
+        self.on_change()
 
     def noticed_ram_cache(self, name: str) -> None:
         """llama-server C{name} reused tokens the proxy did not place: its own RAM prompt cache is on."""

@@ -55,6 +55,7 @@ class ChildProcess:
     """
 
     process: subprocess.Popen[bytes] | None = None
+    pass_fds: tuple[int, ...] = ()  # descriptors the child inherits (a listening socket)
 
     def __init__(
         self, argv: list[str], log_path: Path, env: dict[str, str] | None = None, cwd: Path | None = None
@@ -83,7 +84,7 @@ class ChildProcess:
         # stdin stays a pipe: proxycache.embedded's child exits when it closes
         self.process = subprocess.Popen(
             self.argv(), stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT, env=self.child_env(),
-            cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent,
+            cwd=self.cwd, start_new_session=True, preexec_fn=_die_with_parent, pass_fds=self.pass_fds,
         )
 
     def wait_for(self, url: str, timeout: float, what: str, interval: float = 0.05) -> None:
@@ -239,15 +240,24 @@ class ProxyProcess(ChildProcess):
     C{twistd -n proxycache} with the given options (C{None} leaves one out), on
     a free port, logging to C{workdir/proxy-<port>.log}. Its environment has no
     C{LLAMA_*} or C{PROXY*} variables but those in C{env}.
+
+    C{listen_socket}: a bound, listening socket the daemon inherits as from
+    systemd's socket activation (L{proxycache.testing.activation}) instead of
+    listening itself; it stays open here across restarts of the daemon.
     """
 
-    def __init__(self, workdir: Path, llama_url: str | None, env: dict[str, str] | None = None, **options: Any):
+    def __init__(
+        self, workdir: Path, llama_url: str | None, env: dict[str, str] | None = None,
+        listen_socket: socket.socket | None = None, **options: Any,
+    ):
         self.workdir = workdir
-        self.port = free_port()
+        self.listen_socket = listen_socket
+        self.port = free_port() if listen_socket is None else listen_socket.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         options = {"health_interval": "0.5", **options}
+        listen = f"tcp:{self.port}:interface=127.0.0.1" if listen_socket is None else "systemd:domain=INET:index=0"
         self.options = {
-            "listen": f"tcp:{self.port}:interface=127.0.0.1",
+            "listen": listen,
             "meta-dir": str(workdir / "meta"),
             **({"llama-url": llama_url} if llama_url else {}),
             **{k.replace("_", "-"): str(v) for k, v in options.items() if v is not None},
@@ -255,10 +265,16 @@ class ProxyProcess(ChildProcess):
         super().__init__([], workdir / f"proxy-{self.port}.log", cwd=workdir)
         self.output = None  # twistd writes log_path itself
         self.env = env or {}
+        if listen_socket is not None:
+            self.pass_fds = (listen_socket.fileno(),)
 
     def argv(self) -> list[str]:
         flags = [f"--{name}={value}" for name, value in self.options.items()]
-        return [TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "proxycache", *flags]
+        twistd = [TWISTD, "-n", "--pidfile=", f"--logfile={self.log_path}", "proxycache", *flags]
+        if self.listen_socket is None:
+            return twistd
+        activate = [sys.executable, "-m", "proxycache.testing.activation", str(self.listen_socket.fileno())]
+        return activate + twistd
 
     def start(self, wait_ready: bool = True, timeout: float = 60) -> ProxyProcess:
         """Start; return once C{/proxycache/health} answers (200, with C{wait_ready})."""

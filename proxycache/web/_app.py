@@ -22,7 +22,7 @@ from proxycache import __version__
 from proxycache.backend import UPSTREAM_FAILURES, Backend, pipe_body
 from proxycache.config import Config
 from proxycache.routing import Request, fingerprint_text, is_small
-from proxycache.slots import Dispatcher, QueueFull
+from proxycache.slots import Dispatcher, NoBackend, QueueFull
 from proxycache.web._admin import Admin
 from proxycache.web._apis import APIS, BY_ROUTE, PASSTHROUGH_BY_ROUTE, Api, error_shape
 from proxycache.web._auth import authorize
@@ -30,7 +30,7 @@ from proxycache.web._cors import CorsResource
 from proxycache.web._encoding import decoded_body
 from proxycache.web._errors import ApiError, upstream_unavailable
 from proxycache.web._exchange import ClientExchange, relay_headers
-from proxycache.web._inflight import InFlight
+from proxycache.web._inflight import InFlight, close_after
 from proxycache.web._one_slot import check_one_slot
 from proxycache.web._fanout import serve_choices
 from proxycache.web._fanout_stream import stream_choices
@@ -50,6 +50,8 @@ PASSTHROUGH_POST = frozenset(
 ) | frozenset(PASSTHROUGH_BY_ROUTE)
 SCHEDULED = frozenset(BY_ROUTE)
 OWN_ROUTES = frozenset({"/metrics", "/status", "/proxycache/health", "/dashboard"})
+# Health probes are answered at once: a load balancer asking must hear "not yet", not wait.
+NO_WAIT = frozenset({"/health", "/v1/health"})
 PIN_HEADER_VALUES = (b"1", b"true", b"yes")
 
 
@@ -169,19 +171,25 @@ class Proxy:
             kind=api.kind,
         )
 
-    def check_ready(self) -> None:
+    def check_ready(self, request: IRequest) -> None:
+        # No slot known yet is no reason to refuse: the dispatcher's gate holds the request until a
+        # backend is ready (or its queue timeout runs out).
+        self.close_if_draining(request)
+
+    def close_if_draining(self, request: IRequest) -> None:
+        """
+        Stopping: a request on a connection accepted before is still served (a client cannot tell
+        a keep-alive connection went stale), then that connection closes, so that the client's next
+        request goes to the listening socket: the next process's, with socket activation.
+        """
         if self.in_flight.draining:
-            raise ApiError(
-                503, "proxycache is shutting down", "server_error", "shutting_down", (("Retry-After", "10"),)
-            )
-        if not self.dispatcher.scheduler.slots:
-            raise upstream_unavailable("no slots known yet (is llama-server up?)")
+            close_after(request)
 
     async def _generate(self, request: HTTPRequest, api: Api, route: str, body: dict[str, Any]) -> bytes:
         if api.translate is not None:  # an API the proxy converts (Messages): route and send the converted body
             body = api.translate(body)
         wanted = self.wanted(request, api, body)
-        self.check_ready()
+        self.check_ready(request)
         self.in_flight.track(request)
         exchange = ClientExchange(
             request, self.clock, self.config.stream_idle_timeout, body.get("stream") is True, self.backend_numbers, api,
@@ -195,7 +203,11 @@ class Proxy:
         check_one_slot(path, body)
         try:
             await self.dispatcher.dispatch(wanted, path, body, exchange)
+        except NoBackend as e:
+            raise upstream_unavailable(str(e), e.retry_after)
         except QueueFull:
+            if not self.dispatcher.gate.ready:  # it could not even wait for a backend: say why
+                raise upstream_unavailable("no llama-server is ready and the queue is full")
             raise ApiError(
                 429,
                 "all slots are busy and the queue is full; retry shortly",
@@ -207,6 +219,14 @@ class Proxy:
             raise ApiError(504, "llama-server did not answer in time", "server_error", "upstream_timeout")
         except UPSTREAM_FAILURES as e:
             raise upstream_unavailable(str(e))
+
+    async def _healthy_soon(self) -> Backend | None:
+        """A backend that answers, waiting for one to come up (the queue timeout at most)."""
+        try:
+            await self.dispatcher.gate.until(lambda: self.healthy_backend() is not None)
+        except NoBackend:
+            return None  # try the first one anyway: its own answer says what is wrong
+        return self.healthy_backend()
 
     # -- the proxy's own pages -----------------------------------------------
 
@@ -289,7 +309,11 @@ class Proxy:
             if path in PASSTHROUGH_GET | PASSTHROUGH_POST | SCHEDULED | OWN_ROUTES:
                 raise ApiError(405, f"{method} is not allowed on {path}", "invalid_request_error", "method_not_allowed")
             raise ApiError(404, f"no route {method} {path}", "invalid_request_error", "unknown_route")
-        backend = self.healthy_backend() or next(iter(self.backends.values()), None)
+        self.close_if_draining(request)
+        backend = self.healthy_backend()
+        if backend is None and path not in NO_WAIT:
+            backend = await self._healthy_soon()
+        backend = backend or next(iter(self.backends.values()), None)
         if backend is None:
             raise upstream_unavailable("no backend configured")
         query = request.uri.partition(b"?")[2]

@@ -34,5 +34,8 @@ def bad_request(message: str, code: str = "invalid_request") -> ApiError:
     return ApiError(400, message, "invalid_request_error", code)
 
 
-def upstream_unavailable(detail: str) -> ApiError:
-    return ApiError(503, f"llama-server is not available: {detail}", "server_error", "upstream_unavailable")
+def upstream_unavailable(detail: str, retry_after: int = 5) -> ApiError:
+    return ApiError(
+        503, f"llama-server is not available: {detail}", "server_error", "upstream_unavailable",
+        (("Retry-After", str(retry_after)),),
+    )

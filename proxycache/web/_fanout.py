@@ -113,7 +113,7 @@ def one_choice(
         )
     single = {k: v for k, v in body.items() if k not in api.choices}
     wanted = proxy.wanted(request, api, body)
-    proxy.check_ready()
+    proxy.check_ready(request)
     proxy.in_flight.track(request)
     return wanted, api.upstream_path(route), single
 

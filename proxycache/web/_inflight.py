@@ -7,7 +7,19 @@ from __future__ import annotations
 
 from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
+from twisted.web.iweb import IRequest
 from twisted.web.server import Request
+
+
+def close_after(request: IRequest) -> None:
+    """
+    Close the connection once this response is sent, so that the client's next request goes to the
+    listening socket (the next process's, with socket activation) rather than to a stopping one.
+    """
+    request.setHeader(b"connection", b"close")  # ignored if the headers went already: the close says it
+    channel = getattr(request, "channel", None)
+    if channel is not None:
+        channel.persistent = False
 
 
 class InFlight:
@@ -34,11 +46,13 @@ class InFlight:
 
     async def drain(self, grace: float) -> int:
         """
-        Refuse new generations and wait up to C{grace} seconds for those in
-        flight (queued ones included) to be answered.  Returns how many were
+        Close connections after their next response (the port is closed already) and wait up to
+        C{grace} seconds for the requests in flight (queued ones included) to be answered.  Returns how many were
         still running.
         """
         self.draining = True
+        for request in self._requests:
+            close_after(request)
         if self._requests:
             idle: Deferred[None] = Deferred()
             self._idle_waiters.append(idle)
