@@ -349,6 +349,27 @@ class GateTests(SynchronousTestCase):
         self.assertEqual(client.status, 200)
         self.assertEqual(len(client.json()["choices"]), 2)
 
+    def test_every_scheduled_route_waits_then_reaches_llama_cpp(self) -> None:
+        text = "hello " * 50
+        bodies = {
+            "/v1/chat/completions": CHAT,
+            "/v1/completions": {"prompt": text, "max_tokens": 2},
+            "/completion": {"prompt": text, "n_predict": 2},
+            "/v1/messages": {"model": "m", "max_tokens": 2, "messages": [{"role": "user", "content": text}]},
+            "/v1/responses": {"input": text, "max_output_tokens": 16},
+            "/infill": {"input_prefix": "def f():\n", "input_suffix": "\n", "prompt": "    ", "n_predict": 2},
+        }
+        for path, body in bodies.items():
+            with self.subTest(path):
+                self.build(down=True)
+                client = self.chat(body, path)
+                self.assertFalse(client.answered, client.transport.value()[:300])
+                self.assertEqual(self.backend.sent, [])
+                self.come_back()
+                self.clock.advance(0.5)
+                self.assertEqual(len(self.backend.sent), 1)  # held, then sent once llama-server is back
+                self.monitor.stopService()
+
     def test_a_passthrough_route_waits_for_a_healthy_backend(self) -> None:
         self.build(down=True)
         client = self.send("GET", "/v1/models")
