@@ -8,9 +8,11 @@ weights); every request's outcome is kept.
 
 Runs the proxy restarts twice, listening itself (C{--listen tcp:...}) and
 with the socket handed over as systemd's socket activation does
-(L{proxycache.testing.activation}), then the llama-server restarts. Prints one
+(L{proxycache.testing.activation}), then once more with SIGKILL instead of
+SIGTERM (socket activation), then the llama-server restarts. Prints one
 JSON summary: answered and failed requests per run, the failures by message,
-and how many of them were in flight on a llama-server when it stopped.
+and how many of them were sent before a process exited and ended after it was
+signalled (for a SIGKILL: in flight when it died).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import collections
 import json
+import signal
 import socket
 import tempfile
 import threading
@@ -68,14 +71,15 @@ def under_load(proxy: ProxyProcess, clients: int, restarts: int, between: float,
 
 
 def summary(name: str, outcomes: list[tuple[float, float, str | None]],
-            stops: list[float] | None = None) -> dict[str, Any]:
+            stops: list[tuple[float, float]]) -> dict[str, Any]:
+    """C{stops}: when each stop began and when the process had exited."""
     failed = [(sent, ended, error) for sent, ended, error in outcomes if error is not None]
-    in_flight = [1 for sent, ended, _ in failed if any(sent < stop < ended for stop in stops or ())]
+    in_flight = [1 for sent, ended, _ in failed if any(sent < gone and ended > began for began, gone in stops)]
     return {
         "run": name,
         "answered": len(outcomes) - len(failed),
         "failed": len(failed),
-        "failed_in_flight_at_a_stop": len(in_flight) if stops else None,
+        "failed_while_stopping": len(in_flight),  # sent before the exit, ended after the signal
         "failures": dict(collections.Counter(error for _, _, error in failed).most_common(5)),
     }
 
@@ -97,7 +101,7 @@ def main() -> None:
             work / "llama.log",
         ).start()
         try:
-            for activated in (False, True):
+            for activated, sig in ((False, signal.SIGTERM), (True, signal.SIGTERM), (True, signal.SIGKILL)):
                 sock = None
                 if activated:
                     sock = socket.socket()
@@ -107,8 +111,14 @@ def main() -> None:
                 proxy = ProxyProcess(work / f"proxy-{activated}", llama.url, listen_socket=sock, health_interval=5)
                 proxy.start()
 
-                def restart_proxy(proxy: ProxyProcess = proxy) -> None:
-                    proxy.stop()
+                stops: list[tuple[float, float]] = []
+
+                def restart_proxy(
+                    proxy: ProxyProcess = proxy, sig: int = sig, stops: list[tuple[float, float]] = stops
+                ) -> None:
+                    began = time.monotonic()
+                    proxy.stop(sig)
+                    stops.append((began, time.monotonic()))
                     proxy.spawn()
 
                 try:
@@ -117,15 +127,17 @@ def main() -> None:
                     proxy.stop()
                     if sock is not None:
                         sock.close()
-                results.append(summary("proxy restarts, " + ("socket activation" if activated else "--listen tcp"),
-                                       outcomes))
+                how = ("socket activation" if activated else "--listen tcp") + (", SIGKILL" if sig == signal.SIGKILL else "")
+                results.append(summary("proxy restarts, " + how, outcomes, stops))
 
             proxy = ProxyProcess(work / "proxy-llama", llama.url, health_interval=5).start()
-            stops: list[float] = []
+            stops = []
 
             def restart_llama() -> None:
-                stops.append(time.monotonic())
-                llama.restart()
+                began = time.monotonic()
+                llama.stop()
+                stops.append((began, time.monotonic()))
+                llama.start()
 
             try:
                 outcomes = under_load(proxy, args.clients, args.restarts, args.between, restart_llama)

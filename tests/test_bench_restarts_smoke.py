@@ -22,6 +22,8 @@ def test_restarts_bench_runs(capsys):
         sys.argv = argv
     results = {r["run"]: r for r in json.loads(capsys.readouterr().out)["results"]}
     assert set(results) == {"proxy restarts, --listen tcp", "proxy restarts, socket activation",
-                            "llama-server restarts"}
+                            "proxy restarts, socket activation, SIGKILL", "llama-server restarts"}
+    killed = results["proxy restarts, socket activation, SIGKILL"]
+    assert killed["failed"] == killed["failed_while_stopping"], killed  # only those in flight at the kill
     assert results["proxy restarts, socket activation"]["answered"] > 0
     assert results["proxy restarts, socket activation"]["failed"] == 0, results
