@@ -110,6 +110,27 @@ def _optional_text(text: str) -> str | None:
     return text or None
 
 
+def _weights(text: str) -> tuple[tuple[str, float], ...]:
+    """C{tenant=weight} pairs, comma or space separated."""
+    pairs = []
+    for word in _words(text):
+        name, sep, value = word.rpartition("=")
+        if not sep or not name:
+            raise ValueError(f"{word!r} is not tenant=weight")
+        weight = _float(value)
+        if weight <= 0:
+            raise ValueError(f"{word!r}: a weight must be positive")
+        pairs.append((name, weight))
+    return tuple(pairs)
+
+
+def _discipline(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("fair", "fifo"):
+        raise ValueError("must be fair or fifo")
+    return value
+
+
 def _flag(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
@@ -219,6 +240,21 @@ SETTINGS: tuple[Setting, ...] = (
             "honour clients' X-Proxycache-Pin header (off: only --pinned-keys pin)"),
     Setting("max_pinned_share", "MAX_PINNED_SHARE", 0.5, _share,
             "share of the disk budget pinned caches may hold; beyond it the oldest are evictable"),
+    Setting("tenant_header", "TENANT_HEADER", None, _optional_text,
+            "request header naming the tenant when no API keys are set (e.g. X-User; default: the body's "
+            "user field, else the client address)"),
+    Setting("queue", "QUEUE_DISCIPLINE", "fair", _discipline,
+            "waiting requests served 'fair' across tenants (weighted by prompt size) or 'fifo'"),
+    Setting("tenant_weights", "TENANT_WEIGHTS", (), _weights,
+            "tenant=weight pairs for the fair queue (e.g. key1=2,user:ci=0.5; default weight 1)"),
+    Setting("tenant_max_in_flight", "TENANT_MAX_IN_FLIGHT", 0, _non_negative_int,
+            "slots one tenant may hold at once; more wait in the queue (0 = no limit)"),
+    Setting("tenant_max_queued", "TENANT_MAX_QUEUED", 0, _non_negative_int,
+            "requests one tenant may have waiting; more are refused with 429 (0 = no limit)"),
+    Setting("side_call_wait", "SIDE_CALL_WAIT", 3.0, _seconds,
+            "seconds a small request waits rather than evict a conversation in use or used that recently"),
+    Setting("fim_idle", "FIM_IDLE_SECONDS", 30.0, _seconds,
+            "seconds without FIM requests after which a slot holding FIM goes back to chat"),
 )
 
 
@@ -263,6 +299,13 @@ class Config:
     allow_client_pins: bool = False
     max_pinned_share: float = 0.5
     queue_timeout: float = 30.0
+    tenant_header: str | None = None
+    queue: str = "fair"
+    tenant_weights: tuple[tuple[str, float], ...] = ()
+    tenant_max_in_flight: int = 0
+    tenant_max_queued: int = 0
+    side_call_wait: float = 3.0
+    fim_idle: float = 30.0
 
     @property
     def embedded(self) -> bool:

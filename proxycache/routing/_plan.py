@@ -125,6 +125,7 @@ class Request:
     small: bool
     pinned: bool = False  # its saved cache is never evicted from disk
     kind: str = "chat"  # slot class: "fim" requests (editor completions) keep to their own slots
+    tenant: str = ""  # who sent it (a short label, never a key): the fair queue's unit
 
 
 @attrs.frozen

@@ -32,6 +32,7 @@ from proxycache.web._errors import ApiError, upstream_unavailable
 from proxycache.web._exchange import ClientExchange, relay_headers
 from proxycache.web._inflight import InFlight, close_after
 from proxycache.web._one_slot import check_one_slot
+from proxycache.web._tenant import tenant_of
 from proxycache.web._fanout import serve_choices
 from proxycache.web._fanout_stream import stream_choices
 from proxycache.web._validate import choices_wanted, parse_json_object
@@ -155,8 +156,12 @@ class Proxy:
             generating = app.route(_path, methods=["POST"], defaults={"route": _path})(generating)
     del _route, _path
 
-    def wanted(self, request: IRequest, api: Api, body: dict[str, Any]) -> Request:
-        """The routing request for C{body}: its fingerprint, size and slot class."""
+    def tenant(self, request: IRequest, body: dict[str, Any]) -> str:
+        """Who sent C{body} (as the client sent it, before any conversion)."""
+        return tenant_of(request, body, self.config.api_keys, self.config.tenant_header)
+
+    def wanted(self, request: IRequest, api: Api, body: dict[str, Any], tenant: str | None = None) -> Request:
+        """The routing request for C{body}: its fingerprint, size, slot class and tenant."""
         config = self.config
         text = api.render(body)
         fp = fingerprint_text(text, config.block_words)
@@ -169,6 +174,7 @@ class Proxy:
             pinned=config.allow_client_pins
             and (request.getHeader(b"x-proxycache-pin") or b"").lower() in PIN_HEADER_VALUES,
             kind=api.kind,
+            tenant=self.tenant(request, body) if tenant is None else tenant,
         )
 
     def check_ready(self, request: IRequest) -> None:
@@ -186,9 +192,10 @@ class Proxy:
             close_after(request)
 
     async def _generate(self, request: HTTPRequest, api: Api, route: str, body: dict[str, Any]) -> bytes:
+        tenant = self.tenant(request, body)
         if api.translate is not None:  # an API the proxy converts (Messages): route and send the converted body
             body = api.translate(body)
-        wanted = self.wanted(request, api, body)
+        wanted = self.wanted(request, api, body, tenant)
         self.check_ready(request)
         self.in_flight.track(request)
         exchange = ClientExchange(
