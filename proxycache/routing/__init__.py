@@ -4,6 +4,7 @@ plan against what llama.cpp reports.  No I/O and no Twisted import.
 """
 
 from proxycache.routing._costs import MIN_MEASURED_PREFILL_TOKENS, Speeds
+from proxycache.routing._fair import FairShares, Tag, prefill_cost
 from proxycache.routing._fingerprint import Fingerprint, conversation_text, fingerprint, fingerprint_text
 from proxycache.routing._plan import (
     EMPTY,
@@ -31,5 +32,5 @@ __all__ = [
     "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "Plan", "Relation", "Request", "SlotId",
     "SlotState", "SlotView", "Speeds", "backend_load", "best_match", "conversation_text", "expected_reuse",
     "fell_short", "fingerprint", "fingerprint_text", "is_small", "plan", "relation", "reused_unplanned", "state_after",
-    "target_slot",
+    "target_slot", "FairShares", "Tag", "prefill_cost",
 ]

@@ -1,6 +1,6 @@
 """
-Slot ownership: one L{DeferredLock} per slot, a fair FIFO queue, and the map
-of what each slot holds.
+Slot ownership: one L{DeferredLock} per slot, a queue fair across tenants
+(L{proxycache.slots._fairqueue}), and the map of what each slot holds.
 
 The planner (L{proxycache.routing.plan}) decides; this module holds the state
 the decisions are made against and hands out L{Lease}s.  A lease holds its
@@ -27,7 +27,7 @@ from typing import Callable, Mapping, Sequence
 
 import attrs
 from twisted.internet.defer import Deferred, DeferredLock, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxycache.routing import (
@@ -41,16 +41,14 @@ from proxycache.routing import (
     SlotState,
     SlotView,
     plan,
+    prefill_cost,
     relation,
     state_after,
 )
+from proxycache.slots._fairqueue import FairQueue, QueueFull, Waiter
 from proxycache.slots._slot import NOTHING, Lease, Outcome, Slot, SlotContent
 
 log = Logger()
-
-
-class QueueFull(Exception):
-    """Every slot is busy and the waiting queue is at its limit."""
 
 
 @attrs.define(eq=False)
@@ -106,15 +104,6 @@ class Hold:
         self.release()
 
 
-@attrs.define(eq=False)
-class _Waiter:
-    request: Request
-    deferred: Deferred
-    enqueued: float
-    affinity_until: float
-    timer: IDelayedCall | None = None
-
-
 DiskLookup = Callable[[Request], "DiskMatch | None"]
 
 
@@ -129,6 +118,10 @@ class Scheduler:
         disk_lookup: DiskLookup | None = None,
         fim_slots: int | None = None,
         fork_pays: ForkPays | None = None,
+        fair: bool = True,
+        tenant_weights: Mapping[str, float] | None = None,
+        tenant_max_in_flight: int = 0,
+        tenant_max_queued: int = 0,
     ) -> None:
         self.clock = clock
         self.fim_slots = fim_slots  # slots per backend kept for "fim" requests; None: 1 from 3 slots up
@@ -139,7 +132,9 @@ class Scheduler:
         self.disk_lookup = disk_lookup or (lambda request: None)
         self.fork_pays = fork_pays  # None: HOT slots are never forked (no disk tier to do it)
         self._slots: dict[SlotId, _Record] = {}
-        self._queue: list[_Waiter] = []
+        self._queue = FairQueue(
+            fair=fair, weights=tenant_weights, max_in_flight=tenant_max_in_flight, max_queued=tenant_max_queued
+        )
         self._pumping = False
         self._closed: set[str] = set()  # backends being drained: no new leases there
         self._counts: dict[str, int] = {}  # declared slots per backend
@@ -218,12 +213,13 @@ class Scheduler:
         Cancelling the Deferred leaves the queue cleanly.
 
         @raise QueueFull: the request would have to wait and the queue is full.
+        @raise TenantLimit: its tenant has as many requests waiting as it may.
         """
         self._fim_seen |= request.kind == "fim"
         now = self.clock.seconds()
-        waiter = _Waiter(request, None, now, now + self.affinity_wait)  # type: ignore[arg-type]
+        waiter = Waiter(request, None, now, now + self.affinity_wait)  # type: ignore[arg-type]
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
-        self._queue.append(waiter)
+        self._queue.add(waiter, prefill_cost(request, self.views()))
         self.pump()
         if not waiter.deferred.called and len(self._queue) > self.max_queue:
             self._leave(waiter)
@@ -232,6 +228,7 @@ class Scheduler:
 
     def release(self, lease: Lease, outcome: Outcome) -> None:
         self.release_source(lease)  # normally released by the cache tier already
+        self._queue.released(lease.request.tenant)
         slot = self._slots[lease.slot.id]  # a busy slot never leaves the map
         slot.last_used = self.clock.seconds()
         if outcome.succeeded:
@@ -296,9 +293,8 @@ class Scheduler:
 
     # -- the queue ----------------------------------------------------------
 
-    def _leave(self, waiter: _Waiter) -> None:
-        if waiter in self._queue:
-            self._queue.remove(waiter)
+    def _leave(self, waiter: Waiter, served: bool = False) -> None:
+        self._queue.remove(waiter, served=served)
         if waiter.timer is not None and waiter.timer.active():
             waiter.timer.cancel()
 
@@ -310,7 +306,7 @@ class Scheduler:
             return "any"
         return "fim" if slot_id.index >= count - kept else "chat"
 
-    def _plan_for(self, waiter: _Waiter, views: Sequence[SlotView]) -> Plan | None:
+    def _plan_for(self, waiter: Waiter, views: Sequence[SlotView]) -> Plan | None:
         kind = waiter.request.kind
         views = [
             view for view in views
@@ -324,13 +320,15 @@ class Scheduler:
         )
 
     def pump(self) -> None:
-        """Give idle slots to waiters in FIFO order, each planned against the state of now."""
+        """Give idle slots to waiters in the queue's order, each planned against the state of now."""
         if self._pumping:
             return
         self._pumping = True
         granted: list[tuple[Deferred, Lease]] = []
         try:
-            for waiter in list(self._queue):
+            for waiter in self._queue:
+                if not self._queue.may_start(waiter.request.tenant):
+                    continue
                 decided = self._plan_for(waiter, self.views())
                 if decided is None:
                     continue
@@ -343,7 +341,7 @@ class Scheduler:
                 if decided.fork is not None:
                     source = self._slots[decided.fork]
                     source.lock.acquire()  # idle too: the plan only forks idle slots
-                self._leave(waiter)
+                self._leave(waiter, served=True)
                 now = self.clock.seconds()
                 previous = slot.content
                 lineage = _lineage(decided, waiter.request, previous)
@@ -367,7 +365,7 @@ class Scheduler:
         for deferred, lease in granted:
             deferred.callback(lease)
 
-    def _wake_at_affinity_end(self, waiter: _Waiter) -> None:
+    def _wake_at_affinity_end(self, waiter: Waiter) -> None:
         # Re-arm a timer that already fired: its delay was computed from a later
         # "now" than the enqueue, so it may fire a float step before affinity_until.
         if waiter.timer is None or not waiter.timer.active():

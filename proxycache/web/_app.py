@@ -22,7 +22,7 @@ from proxycache import __version__
 from proxycache.backend import UPSTREAM_FAILURES, Backend, pipe_body
 from proxycache.config import Config
 from proxycache.routing import Request, fingerprint_text, is_small
-from proxycache.slots import Dispatcher, NoBackend, QueueFull
+from proxycache.slots import Dispatcher, NoBackend, QueueFull, TenantLimit
 from proxycache.web._admin import Admin
 from proxycache.web._apis import APIS, BY_ROUTE, PASSTHROUGH_BY_ROUTE, Api, error_shape
 from proxycache.web._auth import authorize
@@ -212,6 +212,8 @@ class Proxy:
             await self.dispatcher.dispatch(wanted, path, body, exchange)
         except NoBackend as e:
             raise upstream_unavailable(str(e), e.retry_after)
+        except TenantLimit as e:
+            raise ApiError(429, f"{e}; retry shortly", "rate_limit_error", "tenant_queue_full", (("Retry-After", "5"),))
         except QueueFull:
             if not self.dispatcher.gate.ready:  # it could not even wait for a backend: say why
                 raise upstream_unavailable("no llama-server is ready and the queue is full")
