@@ -234,6 +234,8 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         tenant_weights=dict(config.tenant_weights),
         tenant_max_in_flight=config.tenant_max_in_flight,
         tenant_max_queued=config.tenant_max_queued,
+        fim_idle=config.fim_idle,
+        side_call_wait=config.side_call_wait,
     )
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,

@@ -253,8 +253,11 @@ def test_small_requests_never_take_hot_while_cold_or_free_idle():
     # a#0 HOT and a#2 COLD idle: a small request goes to the COLD one
     third = lease_of(scheduler.acquire(small(2, 4)))
     assert third.slot.id == SlotId("a", 2) and not third.plan.evicts
-    # now only the HOT slot is idle: it gets it, evicting
-    fourth = lease_of(scheduler.acquire(small(2, 5)))
+    # now only the HOT slot is idle, used just now: the small request waits a little, then evicts it
+    waiting = scheduler.acquire(small(2, 5))
+    assert not waiting.called
+    clock.advance(3.0)
+    fourth = lease_of(waiting)
     assert fourth.slot.id == A0 and fourth.plan.evicts
     assert fourth.previous.state is HOT
 

@@ -45,6 +45,8 @@ from proxycache.routing import (
     relation,
     state_after,
 )
+from proxycache.routing._classes import fim_cap
+from proxycache.slots._classes import SlotClasses
 from proxycache.slots._fairqueue import FairQueue, QueueFull, Waiter
 from proxycache.slots._slot import NOTHING, Lease, Outcome, Slot, SlotContent
 
@@ -122,10 +124,14 @@ class Scheduler:
         tenant_weights: Mapping[str, float] | None = None,
         tenant_max_in_flight: int = 0,
         tenant_max_queued: int = 0,
+        fim_idle: float = 30.0,
+        side_call_wait: float = 3.0,
     ) -> None:
         self.clock = clock
-        self.fim_slots = fim_slots  # slots per backend kept for "fim" requests; None: 1 from 3 slots up
-        self._fim_seen = False  # by default, slots are kept for FIM from the first FIM request on
+        self.fim_slots = fim_slots  # most slots per backend holding "fim" requests; None: 1 from 3 slots up
+        self.classes = SlotClasses(
+            clock, fim_slots=fim_slots, fim_idle=fim_idle, side_call_wait=side_call_wait, wake=self.pump
+        )
         self.min_ratio = min_ratio
         self.affinity_wait = affinity_wait
         self.max_queue = max_queue
@@ -166,6 +172,7 @@ class Scheduler:
         for slot_id in [s for s in self._slots if s.backend == backend and s.index >= count]:
             if not self._slots[slot_id].busy:
                 del self._slots[slot_id]
+                self.classes.forget(slot_id)
         self.pump()
 
     def close_backend(self, backend: str) -> None:
@@ -183,6 +190,7 @@ class Scheduler:
         for record in self._slots.values():
             if record.id.backend == backend:
                 record.content = NOTHING
+                self.classes.forget(record.id)
         log.warn("slot map of {backend} reset", backend=backend)
         self.pump()
 
@@ -215,7 +223,7 @@ class Scheduler:
         @raise QueueFull: the request would have to wait and the queue is full.
         @raise TenantLimit: its tenant has as many requests waiting as it may.
         """
-        self._fim_seen |= request.kind == "fim"
+        self.classes.seen(request)
         now = self.clock.seconds()
         waiter = Waiter(request, None, now, now + self.affinity_wait)  # type: ignore[arg-type]
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
@@ -229,6 +237,7 @@ class Scheduler:
     def release(self, lease: Lease, outcome: Outcome) -> None:
         self.release_source(lease)  # normally released by the cache tier already
         self._queue.released(lease.request.tenant)
+        self.classes.released(lease.request)
         slot = self._slots[lease.slot.id]  # a busy slot never leaves the map
         slot.last_used = self.clock.seconds()
         if outcome.succeeded:
@@ -299,25 +308,30 @@ class Scheduler:
             waiter.timer.cancel()
 
     def slot_class(self, slot_id: SlotId) -> str:
-        """"fim" or "chat" when the backend's last slots are kept for FIM requests; "any" when shared."""
-        count = self._counts.get(slot_id.backend, 0)
-        kept = self.fim_slots if self.fim_slots is not None else (1 if count >= 3 and self._fim_seen else 0)
-        if not 0 < kept < count:
+        """"fim" while the slot holds editor completions, else "chat"; "any" when its backend shares all slots."""
+        if not fim_cap(self.fim_slots, self._counts.get(slot_id.backend, 0)):
             return "any"
-        return "fim" if slot_id.index >= count - kept else "chat"
+        return self.classes.kind(slot_id)
 
     def _plan_for(self, waiter: Waiter, views: Sequence[SlotView]) -> Plan | None:
-        kind = waiter.request.kind
-        views = [
-            view for view in views
-            if self.slot_class(view.id) in ("any", kind) and view.id.backend not in self._closed
-        ]
-        affinity = self.clock.seconds() < waiter.affinity_until
-        disk = None if waiter.request.small else self.disk_lookup(waiter.request)
-        return plan(
-            waiter.request, views, min_ratio=self.min_ratio, affinity=affinity, disk=disk,
-            fork_pays=self.fork_pays,
+        request = waiter.request
+        now = self.clock.seconds()
+        views = [view for view in views if view.id.backend not in self._closed]
+        # A side call waits a little rather than evict a conversation its owner is using.
+        patience = waiter.enqueued + self.classes.side_call_wait
+        protected: set[SlotId] = set()
+        unprotected_at = None
+        if request.small and request.kind != "fim" and now < patience:
+            protected, unprotected_at = self.classes.protected(views, self._queue.in_flight)
+        views = self.classes.eligible(request, views, self._counts, protected)
+        affinity = now < waiter.affinity_until
+        disk = None if request.small else self.disk_lookup(request)
+        decided = plan(
+            request, views, min_ratio=self.min_ratio, affinity=affinity, disk=disk, fork_pays=self.fork_pays,
         )
+        if decided is None and protected:
+            self._wake_at(waiter, min(patience, unprotected_at or patience))
+        return decided
 
     def pump(self) -> None:
         """Give idle slots to waiters in the queue's order, each planned against the state of now."""
@@ -333,7 +347,7 @@ class Scheduler:
                 if decided is None:
                     continue
                 if decided.decision is Decision.WAIT:
-                    self._wake_at_affinity_end(waiter)
+                    self._wake_at(waiter, waiter.affinity_until)
                     continue
                 slot = self._slots[decided.slot]
                 slot.lock.acquire()  # idle, so this fires at once
@@ -359,17 +373,18 @@ class Scheduler:
                 )
                 if source is not None:
                     self._sources[id(lease)] = source
+                self.classes.granted(slot.id, waiter.request)
                 granted.append((waiter.deferred, lease))
         finally:
             self._pumping = False
         for deferred, lease in granted:
             deferred.callback(lease)
 
-    def _wake_at_affinity_end(self, waiter: Waiter) -> None:
+    def _wake_at(self, waiter: Waiter, when: float) -> None:
         # Re-arm a timer that already fired: its delay was computed from a later
-        # "now" than the enqueue, so it may fire a float step before affinity_until.
+        # "now" than the enqueue, so it may fire a float step before C{when}.
         if waiter.timer is None or not waiter.timer.active():
-            delay = max(0.0, waiter.affinity_until - self.clock.seconds())
+            delay = max(0.0, when - self.clock.seconds())
             waiter.timer = self.clock.callLater(delay, self.pump)
 
 
