@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from proxycache.cache import Catalog
 from proxycache.routing import MIN_MEASURED_PREFILL_TOKENS, Decision, SlotState
 from proxycache.slots import BackendHealth, Monitor, RequestRecord, Scheduler
+from proxycache.tenant_stats import TenantBook
 
 HISTORY_STEP = 10.0  # seconds per point of the page's chart
 HISTORY_POINTS = 180
@@ -65,6 +66,7 @@ class Stats:
         self.by_backend: dict[str, BackendTotals] = {}
         self.recent: collections.deque = collections.deque(maxlen=50)
         self.history: collections.deque = collections.deque(maxlen=HISTORY_POINTS)
+        self.tenants = TenantBook()
         self.registry = CollectorRegistry(auto_describe=True)
         self.queue_wait = Histogram(
             "proxycache_queue_wait_seconds",
@@ -107,6 +109,7 @@ class Stats:
         self.queue_wait.observe(record.waited)
         self.request_seconds.observe(record.seconds)
         self.recent.appendleft(record)
+        self.tenants.request_done(record)
         self._add_history(record)
         served = self.by_backend.setdefault(record.backend, BackendTotals())
         served.requests += 1
@@ -170,6 +173,8 @@ class Stats:
                 "tokens": slot.content.tokens,
                 "saved": slot.content.saved_key is not None,
                 "busy": slot.busy,
+                "class": self.scheduler.slot_class(slot.id),
+                "tenant": self.scheduler.classes.owners.get(slot.id),
                 "idle_seconds": round(now - slot.last_used, 1) if slot.last_used else None,
             }
             for slot in sorted(self.scheduler.slots.values(), key=lambda s: s.id)
@@ -189,6 +194,7 @@ class Stats:
             "slots": slots,
             "queue_depth": self.scheduler.queue_depth,
             "waiting_for_backend": self.waiting_for_backend(),
+            "tenants": self.tenants.status(*self.scheduler.tenant_load()),
             "disk": disk,
             "totals": {
                 "requests": sum(self.requests.values()),
@@ -205,6 +211,7 @@ class Stats:
                     "finished": r.at,
                     "decision": r.decision.value,
                     "slot": r.slot,
+                    "tenant": self.tenants.label(r.tenant),
                     "status": r.status,
                     "cache_n": r.cache_n,
                     "prompt_n": r.prompt_n,
@@ -258,6 +265,7 @@ class _Collector(Collector):
             "proxycache_waiting_for_backend", "Requests waiting because no llama-server is ready",
             value=stats.waiting_for_backend(),
         )
+        yield from stats.tenants.metrics(*stats.scheduler.tenant_load())
         slots = GaugeMetricFamily("proxycache_slots", "Slots by state", labels=["state"])
         for state in SlotState:
             slots.add_metric([state.value], sum(1 for s in stats.scheduler.slots.values() if s.state is state))

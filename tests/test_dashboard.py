@@ -66,6 +66,7 @@ def test_page_shows_slots_and_a_hit(chromium, llama, tmp_path):
         assert sorted(slot for _, slot in rows) == ["0", "1"]
         assert any(state == "hot" for state, _ in rows)
         assert re.search(r'<tr class="request" data-decision="hit">', dom)
+        assert re.search(r'<tr class="tenant" data-tenant="ip:127.0.0.1">', dom)  # who used the slots
         assert '<div id="error"></div>' in dom
         assert re.search(r'id="hit-rate">\d+%<', dom)
         assert 'class="bar"' in dom  # the chart drew

@@ -112,6 +112,7 @@ class RequestRecord:
     prompt_ms: float
     waited: float
     seconds: float
+    tenant: str = ""
 
 
 class Dispatcher:
@@ -218,6 +219,7 @@ class Dispatcher:
             similarity=lease.plan.similarity, blocks=len(lease.request.fingerprint.blocks),
             cache_n=outcome.cache_n, prompt_n=outcome.prompt_n, predicted_n=outcome.predicted_n,
             prompt_ms=outcome.prompt_ms, waited=lease.waited, seconds=finished - started,
+            tenant=lease.request.tenant,
         )
         log.info(
             "{decision} slot={slot} status={status} similarity={similarity:.2f} blocks={blocks} "

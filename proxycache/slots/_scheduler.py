@@ -213,6 +213,10 @@ class Scheduler:
     def queue_depth(self) -> int:
         return len(self._queue)
 
+    def tenant_load(self) -> tuple[dict[str, int], dict[str, int]]:
+        """Leases held and requests waiting, per tenant."""
+        return dict(self._queue.in_flight), dict(self._queue.queued)
+
     # -- leases -------------------------------------------------------------
 
     def acquire(self, request: Request) -> "Deferred[Lease]":
