@@ -1,0 +1,191 @@
+"""
+Fair sharing between tenants (issue 22), side by side in one run on a real
+llama-server: one tenant floods (many parallel long requests, each its own
+conversation) while a few others hold interactive conversations (a turn, a
+short pause, the next turn), on few slots.
+
+  alone   the flood by itself: its throughput, the reference
+  fifo    flood + interactive users, --queue fifo (the old single FIFO)
+  fair    flood + interactive users, --queue fair
+
+Reported: the interactive turns' queue wait (p50, p95, max; from
+X-Proxycache-Queue-Wait-Ms), their hit share, their mean request time, and the
+flood's throughput against running alone.
+
+    python -m bench.fairness                      # 2 slots, flood of 16, 4 users
+    python -m bench.fairness --slots 2 --flood 16 --users 4 --turns 6
+
+Prints one JSON summary (and writes it to --out if given).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import random
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.processes import Proxy
+from proxycache.embedded import LlamaServerSpec, free_port
+from proxycache.testing import LlamaProcess, http
+from proxycache.tinymodel import BENCH, TINY, ensure_model
+
+DEFAULT_MODELS = Path(os.environ.get("PROXYCACHE_TEST_MODELS") or Path.home() / ".cache/proxycache/test-models")
+WORDS = "slot cache prefix token stream route proxy client server block hash queue tenant fair turn".split()
+LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
+
+
+def words(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def chat(url: str, user: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[dict[str, str], str]:
+    body = {"messages": messages, "max_tokens": max_tokens, "user": user, "ignore_eos": True}
+    status, headers, answer = http("POST", url + "/v1/chat/completions", body, timeout=1800)
+    if status != 200:
+        raise RuntimeError(f"{user}: {status} {answer!r}")
+    return dict(headers), answer["choices"][0]["message"]["content"] or ""
+
+
+def percentile(values: list[float], share: float) -> float:
+    if not values:
+        return 0.0
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
+
+
+def flood(url: str, workers: int, each: int, prompt_words: int, max_tokens: int, seed: str) -> dict[str, Any]:
+    """C{workers} parallel loops of C{each} long requests, each a new conversation; their throughput."""
+    rng_lock = threading.Lock()
+    rng = random.Random(seed)
+
+    took: list[float] = []
+
+    def worker(n: int) -> int:
+        for i in range(each):
+            with rng_lock:
+                prompt = f"flood {seed} {n} {i}. " + words(rng, prompt_words)
+            sent = time.perf_counter()
+            headers, _ = chat(url, "flood", [{"role": "user", "content": prompt}], max_tokens)
+            # its service time: from the slot granted to the answer (the queue wait taken off)
+            took.append(time.perf_counter() - sent - float(headers.get("X-Proxycache-Queue-Wait-Ms", 0)) / 1000)
+        return each
+
+    started = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+        done = sum(pool.map(worker, range(workers)))
+    seconds = time.perf_counter() - started
+    return {"requests": done, "seconds": round(seconds, 2), "per_minute": round(60 * done / seconds, 2),
+            "service_mean": round(statistics.mean(took), 3)}
+
+
+def interactive(url: str, user: str, turns: int, context_words: int, max_tokens: int, pause: float,
+                out: list[dict[str, Any]]) -> None:
+    rng = random.Random(user)
+    messages = [{"role": "system", "content": f"Project of {user}. " + words(rng, context_words)}]
+    for _ in range(turns):
+        messages.append({"role": "user", "content": words(rng, 12)})
+        started = time.perf_counter()
+        headers, answer = chat(url, f"user-{user}", messages, max_tokens)
+        messages.append({"role": "assistant", "content": answer})
+        out.append({
+            "user": user,
+            "wait": float(headers.get("X-Proxycache-Queue-Wait-Ms", 0)) / 1000,
+            "decision": headers.get("X-Proxycache-Decision"),
+            "seconds": time.perf_counter() - started,
+        })
+        time.sleep(pause)
+
+
+def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Namespace, with_users: bool,
+             seed: str) -> dict[str, Any]:
+    proxy = Proxy(llama.url, workdir, queue=queue, slot_save_path=str(llama.save_dir), **LIMITS).start()
+    try:
+        turns: list[dict[str, Any]] = []
+        with concurrent.futures.ThreadPoolExecutor(1 + args.users) as pool:
+            flooding = pool.submit(flood, proxy.url, args.flood, args.each, args.flood_words, args.flood_tokens, seed)
+            users = []
+            if with_users:
+                time.sleep(args.head_start)  # the flood's backlog is queued first
+                users = [
+                    pool.submit(interactive, proxy.url, f"u{n}", args.turns, args.context_words, args.user_tokens,
+                                args.pause, turns)
+                    for n in range(args.users)
+                ]
+            for user in users:
+                user.result()
+            flood_result = flooding.result()
+        waits = [t["wait"] for t in turns]
+        result: dict[str, Any] = {"queue": queue, "flood": flood_result}
+        if turns:
+            result["interactive"] = {
+                "turns": len(turns),
+                "wait_p50": round(percentile(waits, 0.5), 3),
+                "wait_p95": round(percentile(waits, 0.95), 3),
+                "wait_max": round(max(waits), 3),
+                "seconds_mean": round(statistics.mean(t["seconds"] for t in turns), 3),
+                "hits": sum(t["decision"] in ("hit", "restore") for t in turns),
+                # the machine is shared and its speed varies: waits in units of one flood request's service time
+                "wait_p50_in_services": round(percentile(waits, 0.5) / flood_result["service_mean"], 2),
+                "wait_p95_in_services": round(percentile(waits, 0.95) / flood_result["service_mean"], 2),
+            }
+        return result
+    finally:
+        proxy.stop()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--slots", type=int, default=2)
+    parser.add_argument("--flood", type=int, default=16, help="parallel flood requests")
+    parser.add_argument("--each", type=int, default=2, help="requests per flood worker")
+    parser.add_argument("--flood-words", type=int, default=1200)
+    parser.add_argument("--flood-tokens", type=int, default=48)
+    parser.add_argument("--users", type=int, default=4)
+    parser.add_argument("--turns", type=int, default=5)
+    parser.add_argument("--context-words", type=int, default=400)
+    parser.add_argument("--user-tokens", type=int, default=16)
+    parser.add_argument("--pause", type=float, default=0.5, help="seconds an interactive user thinks")
+    parser.add_argument("--head-start", type=float, default=1.0, help="seconds the flood starts before the users")
+    parser.add_argument("--model", choices=("tiny", "bench"), default="tiny",
+                        help="generated model: tiny (fast, the default on a shared box) or bench (prefill costs more)")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
+    parser.add_argument("--binary", default=os.environ.get("LLAMA_SERVER_BIN"), help="llama-server (default: built)")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    if args.binary is None:
+        from proxycache.testing.llamabin import ensure_llama_server
+
+        args.binary = str(ensure_llama_server())
+    model = ensure_model(args.models_dir, TINY if args.model == "tiny" else BENCH)
+    results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    with tempfile.TemporaryDirectory(prefix="fairness-") as tmp:
+        root = Path(tmp)
+        spec = LlamaServerSpec(model=str(model), slots=args.slots, ctx_per_slot=8192, save_dir=str(root / "slots"),
+                               port=free_port(), cache_ram_mib=0, binary=args.binary)
+        llama = LlamaProcess(spec, root / "llama.log").start()
+        try:
+            for name, queue, with_users in (("alone", "fair", False), ("fifo", "fifo", True), ("fair", "fair", True)):
+                workdir = root / name
+                workdir.mkdir()
+                results[name] = scenario(llama, workdir, queue, args, with_users, seed=name)
+                print(name, json.dumps(results[name]), flush=True)
+        finally:
+            llama.stop()
+    alone = results["alone"]["flood"]["per_minute"]
+    for name in ("fifo", "fair"):
+        results[name]["flood"]["vs_alone"] = round(results[name]["flood"]["per_minute"] / alone, 3)
+    print(json.dumps(results, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
