@@ -253,6 +253,8 @@ SETTINGS: tuple[Setting, ...] = (
             "requests one tenant may have waiting; more are refused with 429 (0 = no limit)"),
     Setting("side_call_wait", "SIDE_CALL_WAIT", 3.0, _seconds,
             "seconds a small request waits rather than evict a conversation in use or used that recently"),
+    Setting("isolate_tenants", "ISOLATE_TENANTS", False, _flag,
+            "no prefix reuse, fork or restore across tenants (a slot another tenant used is erased first)"),
     Setting("fim_idle", "FIM_IDLE_SECONDS", 30.0, _seconds,
             "seconds without FIM requests after which a slot holding FIM goes back to chat"),
 )
@@ -306,6 +308,7 @@ class Config:
     tenant_max_queued: int = 0
     side_call_wait: float = 3.0
     fim_idle: float = 30.0
+    isolate_tenants: bool = False
 
     @property
     def embedded(self) -> bool:

@@ -221,7 +221,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     by_name = {b.name: b for b in backends}
     # Saved entries are judged by the cost model (restore vs recompute of the common part), not by
     # similarity: a team's shared system prompt is worth restoring for another user (issue 13).
-    catalog = Catalog(min_ratio=0.0, storage=save_storage(config))
+    catalog = Catalog(min_ratio=0.0, storage=save_storage(config), isolate_tenants=config.isolate_tenants)
     scheduler = Scheduler(
         reactor,
         min_ratio=config.similarity_min_ratio,
@@ -236,6 +236,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         tenant_max_queued=config.tenant_max_queued,
         fim_idle=config.fim_idle,
         side_call_wait=config.side_call_wait,
+        isolate_tenants=config.isolate_tenants,
     )
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,
@@ -262,6 +263,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         on_unreachable=monitor.take_out,
         on_own_cache=monitor.noticed_ram_cache,
         gate=gate,
+        isolate_tenants=config.isolate_tenants,
     )
     fleet = Fleet(
         by_name, scheduler, monitor,

@@ -100,6 +100,9 @@ class FakeBackend:
     async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
         raise SlotActionFailed("restore", index, None, "no slot actions here", FailureKind.FAILED)
 
+    async def erase_slot(self, index: int, timeout: float) -> None:
+        raise SlotActionFailed("erase", index, None, "no slot actions here", FailureKind.FAILED)
+
     async def slots(self) -> list[dict[str, Any]] | None:
         if self.slots_error is not None:
             raise self.slots_error

@@ -158,10 +158,14 @@ class LlamaServer:
     async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
         return restored(await self._slot_action(index, "restore", filename, timeout))
 
-    async def _slot_action(self, index: int, action: str, filename: str, timeout: float) -> Any:
+    async def erase_slot(self, index: int, timeout: float) -> None:
+        await self._slot_action(index, "erase", None, timeout)
+
+    async def _slot_action(self, index: int, action: str, filename: str | None, timeout: float) -> Any:
         """C{POST /slots/{index}?action=...}: llama.cpp's reply; L{SlotActionFailed} unless it says 200."""
         try:
-            status, reply = await self.call("POST", f"/slots/{index}?action={action}", {"filename": filename}, timeout)
+            payload = {} if filename is None else {"filename": filename}
+            status, reply = await self.call("POST", f"/slots/{index}?action={action}", payload, timeout)
         except UPSTREAM_FAILURES as e:
             raise unanswered(action, index, e) from e
         if status != 200:

@@ -49,6 +49,9 @@ class Backend(Protocol):
         empty).  @raise SlotActionFailed: not restored, and why.
         """
 
+    async def erase_slot(self, index: int, timeout: float) -> None:
+        """Empty slot C{index}'s KV cache.  @raise SlotActionFailed: not erased, and why."""
+
     async def slots(self) -> list[dict[str, Any]] | None:
         """The server's own view of its slots, when it shows them."""
 

@@ -40,6 +40,7 @@ class Catalog:
     max_bytes: int = 0  # the disk budget in force (chosen at start when automatic), 0 = none
     # backend name -> its save directory as the proxy sees it; backends naming one directory share files
     storage: dict[str, str] = attrs.Factory(dict)
+    isolate_tenants: bool = False  # restore a tenant's own entries only
 
     def readers(self, writer: str, model: str) -> frozenset[str]:
         """Backends other than C{writer} that can restore a file it wrote for C{model}."""
@@ -76,7 +77,9 @@ class Catalog:
         best = None
         for model in set(self.models.values()):
             writers = [name for name, runs in self.models.items() if runs == model]
-            found = self.index.best(request.fingerprint, model, writers, self.min_ratio)
+            found = self.index.best(
+                request.fingerprint, model, writers, self.min_ratio, request.tenant if self.isolate_tenants else None
+            )
             if found and (best is None or found[1] > best[1]):
                 best = found
         if best is None:

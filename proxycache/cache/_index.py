@@ -53,6 +53,7 @@ class MetaEntry:
     last_used: float
     pinned: bool = False
     ineffective: bool = False  # a restore of it did not take: never restore it again
+    tenant: str = ""  # whose conversation it holds (--isolate-tenants restores it for that tenant only)
 
     @property
     def filename(self) -> str:
@@ -73,6 +74,7 @@ class MetaEntry:
             "last_used": self.last_used,
             "pinned": self.pinned,
             "ineffective": self.ineffective,
+            "tenant": self.tenant,
         }
 
     @classmethod
@@ -95,6 +97,7 @@ class MetaEntry:
             last_used=float(data["last_used"]),
             pinned=data.get("pinned") is True,
             ineffective=data.get("ineffective") is True,
+            tenant=str(data.get("tenant") or ""),  # entries written before tenants were known: ""
         )
 
 
@@ -175,9 +178,12 @@ class Index:
                 yield (1 << k) - 1, length_class
 
     def best(
-        self, fp: Fingerprint, model: str, backends: Iterable[str], min_ratio: float
+        self, fp: Fingerprint, model: str, backends: Iterable[str], min_ratio: float, tenant: str | None = None
     ) -> tuple[MetaEntry, int, float] | None:
-        """The restorable entry sharing the most leading blocks with C{fp}: (entry, common, ratio)."""
+        """
+        The restorable entry sharing the most leading blocks with C{fp}: (entry, common, ratio);
+        only C{tenant}'s entries when given.
+        """
         allowed = set(backends)
         n = len(fp.blocks)
         if not n or not self.entries or not allowed:
@@ -201,6 +207,8 @@ class Index:
                     entry = self.entries[key]
                     self.touched += 1
                     if entry.ineffective or entry.model != model or entry.backend not in allowed:
+                        continue
+                    if tenant is not None and entry.tenant != tenant:
                         continue
                     common = fp.common_blocks(entry.fingerprint)
                     ratio = common / min(n, len(entry.fingerprint.blocks))

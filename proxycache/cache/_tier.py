@@ -255,6 +255,7 @@ class DiskTier(Service):
             created=predecessor.created if predecessor else now,
             last_used=now,
             pinned=content.pinned or bool(predecessor and predecessor.pinned),
+            tenant=content.tenant,
         )
         if not await self.store.record(entry):
             return None

@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, cancelled, unreachable
-from proxycache.routing import Decision, Request, SlotId, fell_short, reused_unplanned
+from proxycache.routing import Decision, Request, SlotId, SlotState, fell_short, reused_unplanned
 from proxycache.slots._gate import NoBackend, ReadyGate
 from proxycache.slots._scheduler import Lease, Outcome, QueueFull, Scheduler
 
@@ -129,6 +129,7 @@ class Dispatcher:
         on_unreachable: Callable[[str], Any] = lambda backend: None,
         on_own_cache: Callable[[str], Any] = lambda backend: None,
         gate: ReadyGate | None = None,
+        isolate_tenants: bool = False,
     ) -> None:
         self.clock = clock
         self.scheduler = scheduler
@@ -142,6 +143,7 @@ class Dispatcher:
         self._noticed_ram_cache: set[str] = set()
         # Without a monitor to wait for, a request that finds no slot fails at once.
         self.gate = gate or ReadyGate(clock, scheduler, timeout=0.0)
+        self.isolate_tenants = isolate_tenants  # erase a slot another tenant's request left content in
 
     async def dispatch(self, wanted: Request, path: str, body: dict[str, Any], exchange: Exchange) -> None:
         """
@@ -183,6 +185,9 @@ class Dispatcher:
             exchange.begin(lease, progress.decision, self.cache.restored_tokens(lease))
             backend = self.backends[lease.slot.id.backend]
             try:
+                if self.isolate_tenants and _foreign(lease, progress.decision):
+                    # llama.cpp would reuse any common prefix it finds there: its timing tells.
+                    await backend.erase_slot(lease.slot.id.index, self.first_byte_timeout)
                 response = await backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
             except (*UPSTREAM_FAILURES, ConnectingCancelledError) as e:
                 if cancelled(e):  # no failure of llama-server's: the client went away while it worked
@@ -259,6 +264,14 @@ class _Unreachable(Exception):
         super().__init__(backend)
         self.backend = backend
         self.record: Callable[[], None] = lambda: None  # the failed attempt, if nothing else serves it
+
+
+def _foreign(lease: Lease, decision: Decision) -> bool:
+    """The slot may hold another tenant's prompt, which the request is not restored over."""
+    previous = lease.previous
+    return previous.state is not SlotState.FREE and previous.tenant != lease.request.tenant and (
+        decision is not Decision.RESTORE
+    )
 
 
 def _shown(lease: Lease, decision: Decision) -> Decision:

@@ -31,6 +31,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from proxycache.routing import (
+    EMPTY,
     Decision,
     DiskMatch,
     Plan,
@@ -126,6 +127,7 @@ class Scheduler:
         tenant_max_queued: int = 0,
         fim_idle: float = 30.0,
         side_call_wait: float = 3.0,
+        isolate_tenants: bool = False,
     ) -> None:
         self.clock = clock
         self.fim_slots = fim_slots  # most slots per backend holding "fim" requests; None: 1 from 3 slots up
@@ -137,6 +139,7 @@ class Scheduler:
         self.max_queue = max_queue
         self.disk_lookup = disk_lookup or (lambda request: None)
         self.fork_pays = fork_pays  # None: HOT slots are never forked (no disk tier to do it)
+        self.isolate_tenants = isolate_tenants  # a request sees no other tenant's slot content
         self._slots: dict[SlotId, _Record] = {}
         self._queue = FairQueue(
             fair=fair, weights=tenant_weights, max_in_flight=tenant_max_in_flight, max_queued=tenant_max_queued
@@ -251,6 +254,7 @@ class Scheduler:
                 outcome.cache_n + outcome.prompt_n + outcome.predicted_n,
                 pinned=lease.request.pinned,
                 lineage=lease.lineage,
+                tenant=lease.request.tenant,
             )
         else:
             slot.content = SlotContent(SlotState.COLD)
@@ -321,6 +325,11 @@ class Scheduler:
         request = waiter.request
         now = self.clock.seconds()
         views = [view for view in views if view.id.backend not in self._closed]
+        if self.isolate_tenants:  # another tenant's content is nothing to reuse, fork or wait for
+            views = [
+                view if self._slots[view.id].content.tenant == request.tenant else attrs.evolve(view, fingerprint=EMPTY)
+                for view in views
+            ]
         # A side call waits a little rather than evict a conversation its owner is using.
         patience = waiter.enqueued + self.classes.side_call_wait
         protected: set[SlotId] = set()
@@ -370,6 +379,7 @@ class Scheduler:
                     waiter.request.fingerprint,
                     pinned=waiter.request.pinned,
                     lineage=lineage,
+                    tenant=waiter.request.tenant,
                 )
                 lease = Lease(
                     slot.snapshot(), decided, waiter.request, now - waiter.enqueued, previous,

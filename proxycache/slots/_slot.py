@@ -21,6 +21,7 @@ class SlotContent:
     saved_key: str | None = None  # the disk entry holding exactly this, if saved since it changed
     pinned: bool = False  # a client asked to keep this conversation on disk
     lineage: str | None = None  # the disk entry this conversation's content descends from
+    tenant: str = ""  # whose request left this content
 
 
 NOTHING = SlotContent()
