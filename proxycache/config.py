@@ -255,6 +255,8 @@ SETTINGS: tuple[Setting, ...] = (
             "seconds a small request waits rather than evict a conversation in use or used that recently"),
     Setting("isolate_tenants", "ISOLATE_TENANTS", False, _flag,
             "no prefix reuse, fork or restore across tenants (a slot another tenant used is erased first)"),
+    Setting("tenant_disk_share", "TENANT_DISK_SHARE", 1.0, _share,
+            "share of the disk budget one tenant's saved caches may hold (1 = no limit)"),
     Setting("fim_idle", "FIM_IDLE_SECONDS", 30.0, _seconds,
             "seconds without FIM requests after which a slot holding FIM goes back to chat"),
 )
@@ -309,6 +311,7 @@ class Config:
     side_call_wait: float = 3.0
     fim_idle: float = 30.0
     isolate_tenants: bool = False
+    tenant_disk_share: float = 1.0
 
     @property
     def embedded(self) -> bool:

@@ -75,3 +75,45 @@ def test_isolated_tenants_share_no_cached_prefix_on_a_real_server(llama_factory,
         assert record["decision"] == "restore" and record["cache_n"] > 300, record
     finally:
         proxy.stop()
+
+
+# -- each tenant's share of the disk budget ----------------------------------------
+
+
+def test_a_tenant_over_its_disk_share_loses_its_own_oldest_entries_only():
+    from proxycache.cache._shares import over_tenant_share
+
+    team = entry(disk_fp(8, 1), tenant="key2", bytes=100, last_used=1.0)
+    flood = [entry(disk_fp(8, 10 + n), tenant="key1", bytes=100, last_used=2.0 + n) for n in range(6)]
+    pinned = entry(disk_fp(8, 99), tenant="key1", bytes=100, last_used=0.5, pinned=True)
+    victims = over_tenant_share([team, pinned, *flood], 1000, 0.5, frozenset())
+    # key1 holds 700 of a 1000 budget: its two oldest unpinned entries go, key2's stays
+    assert victims == flood[:2]
+    assert over_tenant_share([team, *flood], 1000, 1.0) == []  # 1: no limit
+    assert over_tenant_share([team, *flood], 0, 0.5) == []  # no budget: no share either
+
+
+def saved_tenants(meta_dir) -> list[str]:
+    import json
+
+    return sorted(json.loads(path.read_text())["tenant"] for path in meta_dir.glob("*.meta"))
+
+
+def test_one_tenants_many_conversations_do_not_push_out_anothers_on_a_real_server(llama_factory, tmp_path):
+    llama = llama_factory(slots=1)
+    proxy = ProxyProcess(
+        tmp_path, llama.url, api_keys=",".join(KEYS), slot_save_path=str(llama.save_dir), health_interval=60,
+        max_cache_bytes=3_000_000, tenant_disk_share=0.5, min_prefix_chars=10, min_prefix_words=5,
+        min_prefix_blocks=1,
+    ).start()
+    try:
+        alice_client, bob_client = (openai.OpenAI(base_url=proxy.url + "/v1", api_key=k, max_retries=0) for k in KEYS)
+        bob = User("bob", context_words=300)
+        bob.turn(bob_client)
+        for n in range(5):  # alice's agent: conversation after conversation, each evicting the last (saved)
+            User(f"alice{n}", context_words=300).turn(alice_client)
+        tenants = saved_tenants(tmp_path / "meta")
+        assert "key2" in tenants, tenants  # bob's conversation is still on disk
+        assert tenants.count("key1") < 3, tenants  # alice keeps to her half of the budget
+    finally:
+        proxy.stop()

@@ -20,6 +20,7 @@ from proxycache.cache._budget import AUTO_SHARE, auto_budget, headroom
 from proxycache.cache._catalog import Catalog
 from proxycache.cache._files import load_index, remove_entry_files, write_meta
 from proxycache.cache._index import MetaEntry
+from proxycache.cache._shares import over_tenant_share
 from proxycache.config import Config
 
 log = Logger()
@@ -199,6 +200,16 @@ class SavedCaches:
             self.unlock_key(entry.key, lock)
 
     async def enforce_budget(self) -> None:
+        over_share = over_tenant_share(
+            list(self.index.entries.values()), self.catalog.max_bytes, self.config.tenant_disk_share, self.pinned
+        )
+        for victim in over_share:
+            self.counters.evicted_entries += 1
+            log.info(
+                "disk budget: dropping cache {key} ({mb:.1f} MB) of {tenant}, over its share",
+                key=victim.key, mb=victim.bytes / 1e6, tenant=victim.tenant,
+            )
+            await self.drop(victim)
         victims = self.index.over_budget(
             self.catalog.max_bytes,
             self.config.max_cache_entries,
