@@ -1,10 +1,11 @@
 """
 Fair sharing between tenants (issue 22), side by side in one run on a real
 llama-server: one tenant floods (many parallel long requests, each its own
-conversation) while a few others hold interactive conversations (a turn, a
-short pause, the next turn), on few slots.
+conversation, sent again as each ends: a standing backlog) while a few others
+hold interactive conversations (a turn, a short pause, the next turn), on few
+slots.
 
-  alone   the flood by itself: its throughput, the reference
+  alone   the flood by itself for --alone-seconds: its throughput, the reference
   fifo    flood + interactive users, --queue fifo (the old single FIFO)
   fair    flood + interactive users, --queue fair
 
@@ -61,22 +62,24 @@ def percentile(values: list[float], share: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(share * (len(ordered) - 1))))]
 
 
-def flood(url: str, workers: int, each: int, prompt_words: int, max_tokens: int, seed: str) -> dict[str, Any]:
-    """C{workers} parallel loops of C{each} long requests, each a new conversation; their throughput."""
+def flood(url: str, workers: int, stop: threading.Event, prompt_words: int, max_tokens: int,
+          seed: str) -> dict[str, Any]:
+    """C{workers} parallel loops of long requests, each a new conversation, until C{stop}; their throughput."""
     rng_lock = threading.Lock()
     rng = random.Random(seed)
-
     took: list[float] = []
 
     def worker(n: int) -> int:
-        for i in range(each):
+        i = 0
+        while not stop.is_set():
+            i += 1
             with rng_lock:
                 prompt = f"flood {seed} {n} {i}. " + words(rng, prompt_words)
             sent = time.perf_counter()
             headers, _ = chat(url, "flood", [{"role": "user", "content": prompt}], max_tokens)
             # its service time: from the slot granted to the answer (the queue wait taken off)
             took.append(time.perf_counter() - sent - float(headers.get("X-Proxycache-Queue-Wait-Ms", 0)) / 1000)
-        return each
+        return i
 
     started = time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
@@ -110,9 +113,12 @@ def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Name
     try:
         turns: list[dict[str, Any]] = []
         with concurrent.futures.ThreadPoolExecutor(1 + args.users) as pool:
-            flooding = pool.submit(flood, proxy.url, args.flood, args.each, args.flood_words, args.flood_tokens, seed)
+            stop = threading.Event()
+            flooding = pool.submit(flood, proxy.url, args.flood, stop, args.flood_words, args.flood_tokens, seed)
             users = []
-            if with_users:
+            if not with_users:
+                time.sleep(args.alone_seconds)
+            else:
                 time.sleep(args.head_start)  # the flood's backlog is queued first
                 users = [
                     pool.submit(interactive, proxy.url, f"u{n}", args.turns, args.context_words, args.user_tokens,
@@ -121,6 +127,7 @@ def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Name
                 ]
             for user in users:
                 user.result()
+            stop.set()  # the flood's requests under way still end, and count
             flood_result = flooding.result()
         waits = [t["wait"] for t in turns]
         result: dict[str, Any] = {"queue": queue, "flood": flood_result}
@@ -145,7 +152,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--flood", type=int, default=16, help="parallel flood requests")
-    parser.add_argument("--each", type=int, default=2, help="requests per flood worker")
+    parser.add_argument("--alone-seconds", type=float, default=60.0, help="how long the flood runs alone")
     parser.add_argument("--flood-words", type=int, default=1200)
     parser.add_argument("--flood-tokens", type=int, default=48)
     parser.add_argument("--users", type=int, default=4)
