@@ -153,7 +153,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--flood", type=int, default=16, help="parallel flood requests")
     parser.add_argument("--alone-seconds", type=float, default=60.0, help="how long the flood runs alone")
-    parser.add_argument("--flood-words", type=int, default=1200)
+    parser.add_argument("--flood-words", type=int, default=1000)
     parser.add_argument("--flood-tokens", type=int, default=48)
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--turns", type=int, default=5)
