@@ -174,7 +174,7 @@ class Stats:
                 "saved": slot.content.saved_key is not None,
                 "busy": slot.busy,
                 "class": self.scheduler.slot_class(slot.id),
-                "tenant": self.scheduler.classes.owners.get(slot.id),
+                "tenant": slot.content.tenant or None,
                 "idle_seconds": round(now - slot.last_used, 1) if slot.last_used else None,
             }
             for slot in sorted(self.scheduler.slots.values(), key=lambda s: s.id)

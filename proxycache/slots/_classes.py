@@ -1,7 +1,7 @@
 """
 What the request classes (L{proxycache.routing._classes}) need to know of the
-slots, kept up to date as leases come and go: which slots hold FIM, whether
-FIM is in use, and whose conversation each slot holds.
+slots, kept up to date as leases come and go: which slots hold FIM and whether
+FIM is in use.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ class SlotClasses:
         self.side_call_wait = side_call_wait  # a small request waits this long rather than evict a busy owner
         self.wake = wake  # the scheduler's pump: a slot became eligible by time alone
         self.fim_held: set[SlotId] = set()
-        self.owners: dict[SlotId, str] = {}  # tenant whose conversation the slot holds
         self._fim_in_flight = 0
         self._fim_last = float("-inf")
         self._fim_timer: IDelayedCall | None = None
@@ -41,19 +40,20 @@ class SlotClasses:
     def kind(self, slot_id: SlotId) -> str:
         return "fim" if slot_id in self.fim_held else "chat"
 
-    def protected(self, views: Sequence[SlotView], in_flight: Mapping[str, int]) -> tuple[set[SlotId], float | None]:
+    def protected(
+        self, views: Sequence[SlotView], owner: Callable[[SlotId], str], in_flight: Mapping[str, int]
+    ) -> tuple[set[SlotId], float | None]:
         """
-        Idle HOT slots a side call must not take (their owner has a request in flight,
-        or they were used within C{side_call_wait}), and when the earliest of the
-        latter stops being protected by time.
+        Idle HOT slots a side call must not take (their C{owner} has a request in
+        flight, or they were used within C{side_call_wait}), and when the earliest
+        of the latter stops being protected by time.
         """
         now = self.clock.seconds()
         protected, until = set(), None
         for view in views:
             if view.busy or view.state is not SlotState.HOT:
                 continue
-            owner = self.owners.get(view.id)
-            if owner is not None and in_flight.get(owner, 0) > 0:
+            if in_flight.get(owner(view.id), 0) > 0:
                 protected.add(view.id)
             elif now - view.last_used < self.side_call_wait:
                 protected.add(view.id)
@@ -81,8 +81,6 @@ class SlotClasses:
             self._fim_in_flight += 1
         elif not request.small:  # a chat conversation took the slot back
             self.fim_held.discard(slot_id)
-        if not request.small:
-            self.owners[slot_id] = request.tenant
 
     def released(self, request: Request) -> None:
         if request.kind != "fim":
@@ -97,4 +95,3 @@ class SlotClasses:
 
     def forget(self, slot_id: SlotId) -> None:
         self.fim_held.discard(slot_id)
-        self.owners.pop(slot_id, None)

@@ -335,7 +335,9 @@ class Scheduler:
         protected: set[SlotId] = set()
         unprotected_at = None
         if request.small and request.kind != "fim" and now < patience:
-            protected, unprotected_at = self.classes.protected(views, self._queue.in_flight)
+            protected, unprotected_at = self.classes.protected(
+                views, lambda slot_id: self._slots[slot_id].content.tenant, self._queue.in_flight
+            )
         views = self.classes.eligible(request, views, self._counts, protected)
         affinity = now < waiter.affinity_until
         disk = None if request.small else self.disk_lookup(request)
