@@ -14,7 +14,7 @@ X-Proxycache-Queue-Wait-Ms), their hit share, their mean request time, and the
 flood's throughput against running alone.
 
     python -m bench.fairness                      # 2 slots, flood of 16, 4 users
-    python -m bench.fairness --slots 2 --flood 16 --users 4 --turns 6
+    python -m bench.fairness --slots 2 --flood 16 --users 4 --turns 5 --flood-words 1000
 
 Prints one JSON summary (and writes it to --out if given).
 """
@@ -152,12 +152,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slots", type=int, default=2)
     parser.add_argument("--flood", type=int, default=16, help="parallel flood requests")
-    parser.add_argument("--alone-seconds", type=float, default=60.0, help="how long the flood runs alone")
-    parser.add_argument("--flood-words", type=int, default=1000)
+    parser.add_argument("--alone-seconds", type=float, default=30.0, help="how long the flood runs alone")
+    parser.add_argument("--flood-words", type=int, default=500)
     parser.add_argument("--flood-tokens", type=int, default=48)
     parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--turns", type=int, default=5)
-    parser.add_argument("--context-words", type=int, default=400)
+    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--context-words", type=int, default=200)
     parser.add_argument("--user-tokens", type=int, default=16)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds an interactive user thinks")
     parser.add_argument("--head-start", type=float, default=1.0, help="seconds the flood starts before the users")
