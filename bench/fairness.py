@@ -6,8 +6,8 @@ hold interactive conversations (a turn, a short pause, the next turn), on few
 slots.
 
   alone   the flood by itself for --alone-seconds: its throughput, the reference
-  fifo    flood + interactive users, --queue fifo (the old single FIFO)
-  fair    flood + interactive users, --queue fair
+  fifo    flood + interactive users, --queue-discipline fifo (the old single FIFO)
+  fair    flood + interactive users, --queue-discipline fair
 
 Reported: the interactive turns' queue wait (p50, p95, max; from
 X-Proxycache-Queue-Wait-Ms), their hit share, their mean request time, and the
@@ -109,7 +109,7 @@ def interactive(url: str, user: str, turns: int, context_words: int, max_tokens:
 
 def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Namespace, with_users: bool,
              seed: str) -> dict[str, Any]:
-    proxy = Proxy(llama.url, workdir, queue=queue, slot_save_path=str(llama.save_dir), **LIMITS).start()
+    proxy = Proxy(llama.url, workdir, queue_discipline=queue, slot_save_path=str(llama.save_dir), **LIMITS).start()
     try:
         turns: list[dict[str, Any]] = []
         with concurrent.futures.ThreadPoolExecutor(1 + args.users) as pool:

@@ -243,7 +243,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("tenant_header", "TENANT_HEADER", None, _optional_text,
             "request header naming the tenant when no API keys are set (e.g. X-User; default: the body's "
             "user field, else the client address)"),
-    Setting("queue", "QUEUE_DISCIPLINE", "fair", _discipline,
+    Setting("queue_discipline", "QUEUE_DISCIPLINE", "fair", _discipline,
             "waiting requests served 'fair' across tenants (weighted by prompt size) or 'fifo'"),
     Setting("tenant_weights", "TENANT_WEIGHTS", (), _weights,
             "tenant=weight pairs for the fair queue (e.g. key1=2,user:ci=0.5; default weight 1)"),
@@ -304,7 +304,7 @@ class Config:
     max_pinned_share: float = 0.5
     queue_timeout: float = 30.0
     tenant_header: str | None = None
-    queue: str = "fair"
+    queue_discipline: str = "fair"
     tenant_weights: tuple[tuple[str, float], ...] = ()
     tenant_max_in_flight: int = 0
     tenant_max_queued: int = 0

@@ -230,7 +230,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         disk_lookup=catalog.lookup,
         fim_slots=config.fim_slots,
         fork_pays=catalog.fork_pays,  # forks of HOT slots are carried out by the disk tier
-        fair=config.queue == "fair",
+        fair=config.queue_discipline == "fair",
         tenant_weights=dict(config.tenant_weights),
         tenant_max_in_flight=config.tenant_max_in_flight,
         tenant_max_queued=config.tenant_max_queued,

@@ -81,7 +81,9 @@ class TenantBook:
 
     def metrics(self, in_flight: Mapping[str, int], queued: Mapping[str, int]) -> Iterable[Any]:
         families = {
-            "requests": CounterMetricFamily("proxycache_tenant_requests", "Requests served per tenant", labels=["tenant"]),
+            "requests": CounterMetricFamily(
+                "proxycache_tenant_requests", "Requests served per tenant", labels=["tenant"]
+            ),
             "hits": CounterMetricFamily("proxycache_tenant_hits", "Hits and restores per tenant", labels=["tenant"]),
             "prefill_tokens": CounterMetricFamily(
                 "proxycache_tenant_prefill_tokens", "Prompt tokens computed per tenant", labels=["tenant"]

@@ -66,7 +66,9 @@ class TenantLimitTests(SynchronousTestCase):
         self.post("/v1/chat/completions", chat("alice"))  # holds the slot
         self.post("/v1/chat/completions", chat("alice"))  # waits: alice's one queued request
         code, body, retry = self.refused(self.post("/v1/chat/completions", chat("alice")))
-        self.assertEqual((code, body["error"]["code"], body["error"]["type"]), (429, "tenant_queue_full", "rate_limit_error"))
+        self.assertEqual(
+            (code, body["error"]["code"], body["error"]["type"]), (429, "tenant_queue_full", "rate_limit_error")
+        )
         self.assertIn("user:alice", body["error"]["message"])
         self.assertEqual(retry, [b"5"])
         self.post("/v1/chat/completions", chat("bob"))  # bob queues
