@@ -73,6 +73,8 @@ class FakeBackend:
     describe_error: Exception | None = None
     slots_error: Exception | None = None
     slots_reply: Deferred[Any] | None = None  # when set, GET /slots answers when this fires
+    busy_slots: set[int] = attrs.Factory(set)  # llama.cpp computes there: wait_until_idle waits
+    idle_waits: list[Deferred[Any]] = attrs.Factory(list)  # those waits: fire (idle) or errback (TimeoutError)
 
     @property
     def name(self) -> str:
@@ -117,6 +119,10 @@ class FakeBackend:
         return Description(self.props, self.props.get("total_slots"), self.model)
 
     async def wait_until_idle(self, index: int) -> IdleSlot | None:
+        if index in self.busy_slots:
+            wait: Deferred[Any] = Deferred()
+            self.idle_waits.append(wait)
+            await wait
         return None
 
 

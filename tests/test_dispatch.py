@@ -123,6 +123,59 @@ class DispatcherTests(SynchronousTestCase):
         self.assertEqual(self.busy(), 0)
         self.assertEqual(len(self.cache.released_with), 1)
 
+    def test_a_whole_answer_given_up_on_keeps_its_slot_until_llama_cpp_stops(self) -> None:
+        # llama.cpp goes on generating a whole answer whose client left: nothing is sent to
+        # that slot meanwhile (it would wait there unseen), the next requests take the other
+        # slot or wait in the proxy's queue, where it shows.
+        dispatcher = self.dispatcher()
+        orphan = Deferred.fromCoroutine(dispatcher.dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        [(_, _, busy)] = self.backend.sent
+        self.backend.busy_slots.add(busy)
+        orphan.cancel()
+        self.failureResultOf(orphan, CancelledError)
+        self.assertEqual(len(self.records), 1)  # the request ended; its slot did not
+        self.assertTrue(self.scheduler.slots[SlotId(self.backend.name, busy)].busy)
+        other = Deferred.fromCoroutine(dispatcher.dispatch(wanted(2), "/p", {}, RecordingExchange()))
+        queued = Deferred.fromCoroutine(dispatcher.dispatch(wanted(3), "/p", {}, RecordingExchange()))
+        self.assertEqual([slot for _, _, slot in self.backend.sent[1:]], [1 - busy])
+        self.assertEqual(self.scheduler.queue_depth, 1)
+        for _ in range(3):  # llama.cpp still busy at each look
+            self.clock.advance(9)
+            self.backend.idle_waits.pop().errback(TimeoutError())
+            self.assertEqual(len(self.backend.sent), 2)
+        self.backend.idle_waits.pop().callback(None)  # llama.cpp stopped: the queued request gets the slot
+        self.assertEqual(self.backend.sent[2][2], busy)
+        self.assertNoResult(queued)
+        self.assertNoResult(other)
+
+    def test_a_slot_llama_cpp_never_frees_is_released_after_the_first_byte_timeout(self) -> None:
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        self.backend.busy_slots.add(self.backend.sent[0][2])
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        for _ in range(4):  # first_byte_timeout is 30 s here
+            self.assertEqual(self.busy(), 1)
+            self.clock.advance(9)
+            self.backend.idle_waits.pop().errback(TimeoutError())
+        self.assertEqual(self.busy(), 0)
+        self.assertEqual(self.backend.idle_waits, [])
+
+    def test_a_backend_gone_while_its_slot_is_awaited_releases_it(self) -> None:
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        self.backend.busy_slots.add(self.backend.sent[0][2])
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.busy(), 1)
+        self.backend.idle_waits.pop().errback(ConnectionRefusedError())
+        self.assertEqual(self.busy(), 0)
+
+    def test_a_finished_answer_is_released_without_asking_llama_cpp(self) -> None:
+        self.backend.busy_slots = {0, 1}  # would wait, if asked
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        self.backend.pending[0].callback(FakeResponse())
+        self.successResultOf(d)
+        self.assertEqual((self.busy(), self.backend.idle_waits), (0, []))
+
     def test_a_request_is_recorded_as_ending_before_the_next_one_starts(self) -> None:
         dispatcher = self.dispatcher()
         first = Deferred.fromCoroutine(dispatcher.dispatch(wanted(1), "/p", {}, RecordingExchange()))

@@ -5,7 +5,10 @@ The dispatcher takes a slot from the scheduler, lets the cache tier prepare
 it (save what it evicts, restore a saved cache), sends the request to the
 slot's backend, hands the response to the client's L{Exchange}, then releases
 the slot, records what happened and checks the plan against llama.cpp's
-timings.  Every path (success, upstream error, client gone) releases once.
+timings.  Every path (success, upstream error, client gone) releases once,
+and only when nothing runs in the slot any more: a save or restore goes on
+after its client left (the cache tier's L{SlotPreparer.settling}), and so
+does llama.cpp's generation of a whole answer (L{Dispatcher._until_idle}).
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ from __future__ import annotations
 from typing import Any, Callable, Mapping, Protocol, Sequence
 
 import attrs
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -180,10 +183,12 @@ class Dispatcher:
         started = self.clock.seconds()
         progress = Progress(decoding=lambda: self.cache.decoding(lease))
         gone: _Unreachable | None = None
+        sent = ended = False
         try:
             progress.decision = _shown(lease, await self.cache.prepare(lease))
             exchange.begin(lease, progress.decision, self.cache.restored_tokens(lease))
             backend = self.backends[lease.slot.id.backend]
+            sent = True
             try:
                 if self.isolate_tenants and _foreign(lease, progress.decision):
                     # llama.cpp would reuse any common prefix it finds there: its timing tells.
@@ -199,18 +204,55 @@ class Dispatcher:
                 raise
             progress.answered, progress.status = True, response.code
             await exchange.deliver(response, progress)
+            ended = True
         finally:
             outcome = _outcome(progress)
             finished = self.clock.seconds()  # before the release hands the slot on
-            settling = self.cache.settling(lease)
+            settling = self.cache.settling(lease)  # cancelled during a save or restore: released when it ends
+            if settling is None and sent and not ended and gone is None:
+                # Given up on (client gone, timeout, broken off): llama.cpp may still compute there.
+                settling = Deferred.fromCoroutine(self._until_idle(lease))
             if settling is None:
                 self._release(lease, outcome)
-            else:  # cancelled during a save or restore: the slot is released when it ends
+            else:
                 settling.addBoth(lambda _: self._release(lease, outcome))
             if gone is None:
                 self._record(lease, outcome, progress, started, finished)
             else:  # recorded only if it is not sent elsewhere: one request, one record
                 gone.record = lambda: self._record(lease, outcome, progress, started, finished)
+
+    async def _until_idle(self, lease: Lease) -> None:
+        """
+        Return once llama.cpp reports C{lease}'s slot idle.  It goes on generating a
+        whole answer whose connection closed (b11434, b11549: it notices only when
+        writing a stream), up to its max_tokens: until then the slot stays leased,
+        shown busy, and no request is sent there to wait unseen inside llama.cpp.
+        Bounded by C{first_byte_timeout}: as long as llama.cpp is given to answer.
+        """
+        backend = self.backends[lease.slot.id.backend]
+        slot = str(lease.slot.id)
+        began = self.clock.seconds()
+        polls = 0
+        while True:
+            try:
+                await backend.wait_until_idle(lease.slot.id.index)
+            except TimeoutError:
+                polls += 1
+                waited = self.clock.seconds() - began
+                if waited < self.first_byte_timeout:
+                    if polls == 1:
+                        log.info("slot {slot}: llama.cpp goes on computing a request given up on; "
+                                 "the slot stays busy until it stops", slot=slot)
+                    continue
+                log.warn("slot {slot}: llama.cpp still busy {waited:.0f}s after its request was given up on; "
+                         "released anyway", slot=slot, waited=waited)
+                return
+            except UPSTREAM_FAILURES:
+                return  # gone or restarted: the monitor sees to it; nothing of ours computes there
+            if polls:
+                log.info("slot {slot}: llama.cpp stopped after {waited:.0f}s; the slot is free again",
+                         slot=slot, waited=self.clock.seconds() - began)
+            return
 
     def _release(self, lease: Lease, outcome: Outcome) -> None:
         self.scheduler.release(lease, outcome)
