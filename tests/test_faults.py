@@ -263,7 +263,7 @@ def test_no_request_is_sent_to_a_slot_still_generating_an_answer_nobody_waits_fo
 
     proxy = ProxyProcess(tmp_path, llama.url).start()
     try:
-        orphaned = leave_a_long_whole_answer(proxy, llama, 1500)
+        orphaned = leave_a_long_whole_answer(proxy, llama, 3000)
         for n in range(3):  # each would take the least recently used slot: the orphan's, once freed
             status, headers, _ = http(
                 "POST", proxy.url + "/v1/chat/completions",
@@ -273,7 +273,6 @@ def test_no_request_is_sent_to_a_slot_still_generating_an_answer_nobody_waits_fo
         assert orphaned in generating(llama), "the test needs llama.cpp still generating"
         wait_for(lambda: not proxy.status()["slots"][orphaned]["busy"], timeout=600, what="the orphan's end")
         assert orphaned not in generating(llama)  # freed once llama.cpp stopped, not before
-        assert "the slot is free again" in proxy.log_text()
         assert http("POST", proxy.url + "/v1/chat/completions", {"messages": HELLO, "max_tokens": 2})[0] == 200
     finally:
         proxy.stop()
