@@ -64,7 +64,7 @@ def test_the_tier_chooses_a_budget_at_start_and_saves_only_above_the_headroom(tm
     slot, content = hot_slot()
     saved = Deferred.fromCoroutine(tier.save(slot, content))
     threads.run_newest_first()
-    assert saved.result == content.fingerprint.key and len(llama.actions) == 1
+    assert saved.result in tier.index.entries and len(llama.actions) == 1
 
     free[0] = 4 * GiB  # under the 5 GiB headroom: no save, however often asked
     for _ in range(2):

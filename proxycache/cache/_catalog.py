@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from proxycache.cache._index import Index
+from proxycache.cache._index import Index, MetaEntry
 from proxycache.routing import DiskMatch, Request, SlotView, Speeds
 
 
@@ -42,13 +42,25 @@ class Catalog:
     storage: dict[str, str] = attrs.Factory(dict)
     isolate_tenants: bool = False  # restore a tenant's own entries only
 
-    def readers(self, writer: str, model: str) -> frozenset[str]:
-        """Backends other than C{writer} that can restore a file it wrote for C{model}."""
-        shared = self.storage.get(writer)
+    def readers(self, writer: str, model: str, save_dir: str | None = None) -> frozenset[str]:
+        """Backends other than C{writer} that can restore a file it wrote for C{model} (into C{save_dir})."""
+        shared = save_dir or self.storage.get(writer)
         return frozenset(
             name for name, runs in self.models.items()
             if name != writer and runs == model and shared is not None and self.storage.get(name) == shared
         )
+
+    def where(self, backend: str) -> str:
+        """Where C{backend}'s saves go, as a new entry's key names it: its save directory, else itself."""
+        return self.storage.get(backend) or f"backend {backend}"
+
+    def restorable_on(self, entry: MetaEntry, backend: str) -> bool:
+        """Does C{backend}, as it runs now, read C{entry}'s file, written by the same weights?"""
+        if self.models.get(backend) != entry.model:
+            return False
+        if backend == entry.backend:
+            return entry.save_dir is None or entry.save_dir == self.storage.get(backend)
+        return backend in self.readers(entry.backend, entry.model, entry.save_dir)
 
     def fork_pays(self, view: SlotView, common_blocks: int) -> bool:
         """
@@ -87,4 +99,5 @@ class Catalog:
         entry, common, ratio = best
         if not self.speeds.restore_pays(entry.tokens, entry.bytes, len(entry.fingerprint.blocks), common):
             return None
-        return DiskMatch(entry.key, entry.backend, common, ratio, self.readers(entry.backend, entry.model))
+        readers = self.readers(entry.backend, entry.model, entry.save_dir)
+        return DiskMatch(entry.key, entry.backend, common, ratio, readers)

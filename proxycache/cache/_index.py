@@ -9,6 +9,7 @@ matches a request, which to evict, which a new save replaces.  No I/O here.
 
 from __future__ import annotations
 
+import hashlib
 import re
 from typing import Iterable, Iterator
 
@@ -35,6 +36,17 @@ def _discard(index: dict, key: object, member: str) -> None:
             del index[key]
 
 
+def entry_key(conversation: str, model: str, where: str) -> str:
+    """
+    A new entry's key: the conversation (its fingerprint's key), the model
+    identity that computes it and where the file goes.  Two backends running
+    other weights of one shape, sharing one save directory, write the same
+    conversation under two names: neither file overwrites the other.
+    """
+    named = f"{conversation}\n{model}\n{where}".encode()
+    return hashlib.blake2b(named, digest_size=8).hexdigest()
+
+
 def bin_name(key: str) -> str:
     if not KEY_PATTERN.match(key):
         raise ValueError(f"not a cache key: {key!r}")
@@ -54,6 +66,9 @@ class MetaEntry:
     pinned: bool = False
     ineffective: bool = False  # a restore of it did not take: never restore it again
     tenant: str = ""  # whose conversation it holds (--isolate-tenants restores it for that tenant only)
+    # The save directory it was written to, as this host sees it (None: not visible here,
+    # or written before this was recorded): only a backend writing there can restore it.
+    save_dir: str | None = None
 
     @property
     def filename(self) -> str:
@@ -75,6 +90,7 @@ class MetaEntry:
             "pinned": self.pinned,
             "ineffective": self.ineffective,
             "tenant": self.tenant,
+            "save_dir": self.save_dir,
         }
 
     @classmethod
@@ -98,6 +114,7 @@ class MetaEntry:
             pinned=data.get("pinned") is True,
             ineffective=data.get("ineffective") is True,
             tenant=str(data.get("tenant") or ""),  # entries written before tenants were known: ""
+            save_dir=data["save_dir"] if isinstance(data.get("save_dir"), str) else None,
         )
 
 
@@ -220,16 +237,19 @@ class Index:
                 break  # every entry not seen yet shares fewer blocks
         return best
 
-    def predecessor(self, fp: Fingerprint, backend: str, model: str, lineage: str | None) -> MetaEntry | None:
+    def predecessor(
+        self, fp: Fingerprint, backend: str, model: str, lineage: str | None, save_dir: str | None = None
+    ) -> MetaEntry | None:
         """
         The entry holding an earlier turn of the conversation C{fp} continues: a
         new save replaces it, under its key.  Only the entry the content came
         from (C{lineage}: restored from, or last saved as) and whose blocks are
         a prefix of C{fp}: another conversation's entry that merely shares a
-        prefix (the same system prompt) is never replaced.
+        prefix (the same system prompt) is never replaced, nor one written by
+        other weights or into another directory (C{save_dir}).
         """
         entry = self.entries.get(lineage) if lineage else None
-        if entry is None or entry.backend != backend or entry.model != model:
+        if entry is None or entry.backend != backend or entry.model != model or entry.save_dir != save_dir:
             return None
         n = len(entry.fingerprint.blocks)
         return entry if n and fp.common_blocks(entry.fingerprint) == n else None

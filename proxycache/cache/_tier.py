@@ -24,7 +24,7 @@ from twisted.python.failure import Failure
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, FailureKind, SlotActionFailed, UpstreamError, unreachable
 from proxycache.cache._catalog import Catalog
-from proxycache.cache._index import MetaEntry, bin_name
+from proxycache.cache._index import MetaEntry, bin_name, entry_key
 from proxycache.cache._store import SavedCaches
 from proxycache.config import Config
 from proxycache.routing import Decision, SlotId, SlotState, fell_short
@@ -194,8 +194,9 @@ class DiskTier(Service):
             return None
         if not await self.store.room_to_save(backend.name):
             return None
-        predecessor = self.index.predecessor(fp, backend.name, model, content.lineage)
-        key = predecessor.key if predecessor else fp.key
+        save_dir = self.catalog.storage.get(backend.name)
+        predecessor = self.index.predecessor(fp, backend.name, model, content.lineage, save_dir)
+        key = predecessor.key if predecessor else entry_key(fp.key, model, self.catalog.where(backend.name))
         lock = await self.store.lock_key(key)
         try:
             entry = await self._save_locked(slot, content, backend, model, key)
@@ -256,6 +257,7 @@ class DiskTier(Service):
             last_used=now,
             pinned=content.pinned or bool(predecessor and predecessor.pinned),
             tenant=content.tenant,
+            save_dir=self.catalog.storage.get(backend.name),
         )
         if not await self.store.record(entry):
             return None
@@ -283,14 +285,15 @@ class DiskTier(Service):
         backend = self.backends[slot.id.backend]
         started = self.clock.seconds()
         lock = await self.store.lock_key(entry.key)  # not while a save of the same key rewrites the file
-        current = self.index.entries.get(entry.key)
-        if current is None or current.model != entry.model:
-            self.store.unlock_key(entry.key, lock)
-            return False  # dropped while we waited
-        entry = current
         try:
             if not idle:
                 await backend.wait_until_idle(slot.id.index)
+            # Judged now, not when planned: the key may hold a newer save, or be gone, and the
+            # backend may run other weights since.
+            current = self.index.entries.get(entry.key)
+            if current is None or not self.catalog.restorable_on(current, backend.name):
+                return False
+            entry = current
             restored = await backend.restore_slot(slot.id.index, entry.filename, self.config.slot_action_timeout)
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             failure: Exception | None = e

@@ -1,0 +1,88 @@
+"""
+Saved caches tied to the weights that wrote them, against real llama.cpp
+servers: two models of one shape sharing a save directory, a llama-server
+restarted with other weights between two looks of the monitor, one server
+under two spellings, a key per backend (issue 20).
+
+Every answer that went through a cache is compared with the one a reference
+llama-server running the same weights computes from scratch (C{cache_prompt:
+false}, greedy): llama.cpp on CPU answers a greedy request identically with
+and without a cached prefix, so any difference is a wrong cache.
+"""
+
+from __future__ import annotations
+
+import random
+
+from tests.conversations import text
+from tests.test_disk_tier import same_shape_models
+from proxycache.testing import ProxyProcess, http, wait_for
+
+LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
+ADMIN = {"Authorization": "Bearer admin-key"}
+ANSWER_TOKENS = 16
+
+
+def system_prompt(seed: str = "team", words: int = 600) -> str:
+    return "Team agent instructions. " + text(random.Random(seed), words)
+
+
+def ask(proxy: ProxyProcess, messages: list[dict]) -> tuple[str, dict[str, str]]:
+    """A greedy chat turn through the proxy: (answer, the proxy's headers)."""
+    raw = proxy.client(timeout=300).chat.completions.with_raw_response.create(
+        model="any", messages=messages, max_tokens=ANSWER_TOKENS, temperature=0,
+    )
+    return raw.parse().choices[0].message.content or "", dict(raw.headers)
+
+
+def reference(server, messages: list[dict]) -> str:
+    """What C{server}'s weights answer to C{messages} computed from scratch."""
+    body = {"messages": messages, "max_tokens": ANSWER_TOKENS, "temperature": 0, "cache_prompt": False}
+    return server.post_json("/v1/chat/completions", body)["choices"][0]["message"]["content"] or ""
+
+
+def admin(proxy: ProxyProcess, method: str, path: str, body: dict) -> dict:
+    status, _, reply = http(method, proxy.url + path, body, ADMIN)
+    assert status == 200, reply
+    return reply
+
+
+def saves(proxy: ProxyProcess) -> int:
+    return proxy.status()["disk"]["saves"]
+
+
+def test_one_conversation_saved_by_two_models_in_one_directory_restores_only_its_own(
+    llama_factory, models_dir, tmp_path
+):
+    a, b = same_shape_models(models_dir)
+    shared = tmp_path / "shared-saves"
+    shared.mkdir()
+    on_a, on_b = llama_factory(model=a, save_dir=str(shared)), llama_factory(model=b, save_dir=str(shared))
+    checker = llama_factory(model=a, save_dir=None)
+    proxy = ProxyProcess(
+        tmp_path / "proxy", f"{on_a.url},{on_b.url}", slot_save_path=str(shared), admin_keys="admin-key",
+        write_behind=0.2, **LIMITS,
+    ).start()
+    try:
+        wait_for(lambda: len(proxy.status()["slots"]) == 4, what="both backends up")
+        system = system_prompt()
+        first = [{"role": "system", "content": system}, {"role": "user", "content": "What is the plan?"}]
+        # The same conversation on A, then on B (A drained), each saved by write-behind.
+        admin(proxy, "POST", "/proxycache/backends/drain", {"url": on_b.url})
+        assert ask(proxy, first)[1]["x-proxycache-backend"] == "0"
+        wait_for(lambda: saves(proxy) == 1, what="A's save")
+        admin(proxy, "POST", "/proxycache/backends", {"url": on_b.url})
+        admin(proxy, "POST", "/proxycache/backends/drain", {"url": on_a.url})
+        answer, headers = ask(proxy, first)
+        assert headers["x-proxycache-backend"] == "1" and headers["x-proxycache-decision"] == "miss", headers
+        wait_for(lambda: saves(proxy) == 2, what="B's save")
+        assert len(list(shared.glob("slotcache_*.bin"))) == 2  # two models, two files
+        # A branch of the conversation on A (B drained): a fork of A's slot holding it.
+        admin(proxy, "POST", "/proxycache/backends", {"url": on_a.url})
+        admin(proxy, "POST", "/proxycache/backends/drain", {"url": on_b.url})
+        branch = [{"role": "system", "content": system}, {"role": "user", "content": "Who reviews the patch?"}]
+        answer, headers = ask(proxy, branch)
+        assert headers["x-proxycache-backend"] == "0" and headers["x-proxycache-decision"] == "restore", headers
+        assert answer == reference(checker, branch)
+    finally:
+        proxy.stop()
