@@ -240,8 +240,10 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     )
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,
-        on_up=lambda backend, model: tier.backend_up(backend.name, model),  # tier: built below
-        on_change=lambda: gate.changed(),  # gate: built below
+        # tier and gate: built below
+        on_up=lambda backend, described: tier.backend_up(backend.name, described.model, described.process),
+        on_lost=lambda name: tier.identity_lost(name),
+        on_change=lambda: gate.changed(),
     )
     gate = ReadyGate(
         reactor, scheduler, config.queue_timeout,

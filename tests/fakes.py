@@ -67,6 +67,7 @@ class FakeBackend:
         lambda: [{"id": 0, "n_ctx": 4096, "is_processing": False}, {"id": 1, "n_ctx": 4096, "is_processing": False}]
     )
     model: str = "model-a"
+    marker: str | None = None  # the process marker /props shows
     sent: list[tuple[str, dict[str, Any], int]] = attrs.Factory(list)
     pending: list[Deferred[Any]] = attrs.Factory(list)
     fail_with: Exception | None = None
@@ -116,7 +117,10 @@ class FakeBackend:
     async def describe(self, probe: bool = True) -> Description | None:
         if self.describe_error is not None:
             raise self.describe_error
-        return Description(self.props, self.props.get("total_slots"), self.model)
+        return Description(self.props, self.props.get("total_slots"), self.model, process=self.marker)
+
+    async def process(self) -> str | None:
+        return self.marker
 
     async def wait_until_idle(self, index: int) -> IdleSlot | None:
         if index in self.busy_slots:

@@ -37,6 +37,9 @@ class FakeLlama:
     def __init__(self) -> None:
         self.actions: list[tuple[int, str, str | None]] = []
 
+    async def process(self) -> str | None:
+        return None
+
     async def wait_until_idle(self, index: int) -> IdleSlot:
         return IdleSlot(used=True, tokens=500)
 

@@ -86,3 +86,52 @@ def test_one_conversation_saved_by_two_models_in_one_directory_restores_only_its
         assert answer == reference(checker, branch)
     finally:
         proxy.stop()
+
+
+def on_a_switchable_model(llama_factory, models_dir, tmp_path):
+    """
+    A server on a model path that is a symbolic link, and how to point it at other
+    weights of the same shape, or back (the file's size and time follow the link).
+    """
+    a, b = same_shape_models(models_dir)
+    link = tmp_path / "models" / "team.gguf"
+    link.parent.mkdir()
+    link.symlink_to(a)
+
+    def point_at(target) -> None:
+        link.unlink()
+        link.symlink_to(target)
+
+    return llama_factory(model=link), a, b, point_at
+
+
+def test_a_save_made_before_the_monitor_saw_a_restart_with_other_weights_is_not_restored_after_a_roll_back(
+    llama_factory, models_dir, tmp_path
+):
+    llama, a, b, point_at = on_a_switchable_model(llama_factory, models_dir, tmp_path)
+    checker = llama_factory(model=a, save_dir=None)
+    options = dict(slot_save_path=str(llama.save_dir), health_interval=60, write_behind=0.2, **LIMITS)
+    proxy = ProxyProcess(tmp_path / "proxy", llama.url, **options).start()
+    try:
+        # An upgrade to other weights at the same path; the monitor does not look again for a minute.
+        llama.stop()
+        point_at(b)
+        llama.start()
+        ben = [{"role": "system", "content": system_prompt("ben")}, {"role": "user", "content": "First question?"}]
+        answer, headers = ask(proxy, ben)  # computed by the new weights
+        assert headers["x-proxycache-decision"] == "miss"
+        ben += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the second?"}]
+        wait_for(lambda: proxy.status()["disk"]["saves"] + proxy.status()["disk"]["save_failures"] >= 1,
+                 what="the write-behind save")
+    finally:
+        proxy.stop()
+    # Rolled back to the old weights; the proxy restarts too.
+    llama.stop()
+    point_at(a)
+    llama.start()
+    proxy = ProxyProcess(tmp_path / "proxy", llama.url, **options).start()
+    try:
+        answer, headers = ask(proxy, ben)
+        assert answer == reference(checker, ben), headers
+    finally:
+        proxy.stop()

@@ -6,8 +6,13 @@ what the target backend runs when the slot action is made, not when planned.
 
 from __future__ import annotations
 
+import attrs
+from twisted.internet.defer import Deferred
+
+from proxycache.backend import IdleSlot, Restored, Saved
 from proxycache.cache import Catalog, MetaEntry
 from proxycache.cache._index import entry_key
+from proxycache.cache._probed import PROBE_WAIT
 from proxycache.routing import Decision, DiskMatch, Fingerprint, Plan, Request, SlotId, SlotState
 from proxycache.slots import NOTHING, Lease, Slot, SlotContent
 from tests.test_tier_races import MODEL, _run, _tier_on, saved_entry
@@ -25,8 +30,6 @@ def test_a_restore_planned_before_the_backend_changed_weights_is_not_made(tmp_pa
     tier, threads, backend = _tier_on(tmp_path)
     entry = saved_entry(tier)
     held = _run(threads, tier.store.lock_key(entry.key))  # a save of that key is under way
-    from twisted.internet.defer import Deferred
-
     prepared = Deferred.fromCoroutine(tier._prepare(restore_lease(entry.key)))
     tier.backend_up("b", OTHER)  # meanwhile the backend came back with other weights of the same shape
     tier.store.unlock_key(entry.key, held)
@@ -68,3 +71,96 @@ def test_a_save_names_its_directory_and_weights(tmp_path):
     entry = tier.index.entries[key]
     assert entry.save_dir == str(tmp_path / "saves") and entry.model == MODEL
     assert MetaEntry.from_json(entry.to_json()) == entry
+
+
+# -- the process a slot action reaches --------------------------------------
+
+class _Marked:
+    """A backend whose /props shows the markers the test scripts, one per call (the last one stays)."""
+
+    name = url = "b"
+
+    def __init__(self, *markers: str | None) -> None:
+        self.markers = list(markers)
+        self.calls: list[tuple[str, int]] = []
+
+    async def process(self) -> str | None:
+        return self.markers.pop(0) if len(self.markers) > 1 else self.markers[0]
+
+    async def wait_until_idle(self, index: int) -> IdleSlot:
+        return IdleSlot(used=True, tokens=300)
+
+    async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
+        self.calls.append(("save", index))
+        return Saved(tokens=300, bytes=4096, ms=1.0)
+
+    async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
+        self.calls.append(("restore", index))
+        return Restored(tokens=100, bytes=4096, ms=1.0)
+
+    async def erase_slot(self, index: int, timeout: float) -> None:
+        self.calls.append(("erase", index))
+
+
+def _tier_marked(tmp_path, *markers: str | None):
+    tier, threads, _ = _tier_on(tmp_path)
+    backend = _Marked(*markers)
+    tier.backends = {"b": backend}  # type: ignore[dict-item]
+    tier.backend_up("b", MODEL, "P1")
+    looks: list[bool] = []
+    tier.on_empty_slot = lambda: looks.append(True)
+    return tier, threads, backend, looks
+
+
+def hot(index: int = 0) -> Slot:
+    return Slot(SlotId("b", index), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300))
+
+
+def test_a_save_in_another_process_than_the_probed_one_is_not_made(tmp_path):
+    # llama-server restarted (other weights, perhaps) and the monitor has not looked since
+    tier, threads, backend, looks = _tier_marked(tmp_path, "P2")
+    slot = hot()
+    assert _run(threads, tier.save(slot, slot.content)) is None
+    assert backend.calls == [] and looks  # and the monitor looks again
+    assert tier.catalog.current_model("b") is None  # until described again
+    assert _run(threads, tier.save(slot, slot.content)) is None and backend.calls == []
+    tier.backend_up("b", "other-weights", "P2")  # the monitor probed the new process
+    key = _run(threads, tier.save(slot, slot.content))
+    assert tier.index.entries[key].model == "other-weights" and backend.calls == [("save", 0)]
+
+
+def test_a_save_the_next_process_may_have_made_is_dropped_with_what_its_key_held(tmp_path):
+    tier, threads, backend, looks = _tier_marked(tmp_path, "P1", "P1", "P1", "P2")
+    slot = hot()
+    key = _run(threads, tier.save(slot, slot.content))  # P1 before and after: kept
+    slot = attrs.evolve(slot, content=attrs.evolve(slot.content, lineage=key, tokens=400))
+    assert _run(threads, tier.save(slot, slot.content)) is None  # P1 before, P2 after
+    assert backend.calls == [("save", 0), ("save", 0)]
+    assert key not in tier.index.entries and not (tier.store.meta_dir / f"{key}.meta").exists()
+    assert looks
+
+
+def test_a_restore_around_which_the_process_changed_is_erased_and_recomputed(tmp_path):
+    tier, threads, backend, looks = _tier_marked(tmp_path, "P2")
+    entry = saved_entry(tier)
+    assert _run(threads, tier._prepare(restore_lease(entry.key))) is Decision.MISS
+    assert backend.calls == [("restore", 0), ("erase", 0)]
+    assert tier.counters.restores == 0 and looks
+    assert entry.key in tier.index.entries  # the file is fine: only where it went is not known
+
+
+def test_nothing_is_saved_or_restored_after_a_sign_of_a_restart_until_described_again(tmp_path):
+    tier, threads, backend, looks = _tier_marked(tmp_path, "P1")
+    entry = saved_entry(tier)
+    tier.identity_lost("b")  # the monitor saw a restart, or the backend went away
+    slot = hot(1)
+    assert _run(threads, tier.save(slot, slot.content)) is None
+    gave_up = Deferred.fromCoroutine(tier._prepare(restore_lease(entry.key)))
+    tier.clock.advance(PROBE_WAIT)  # a restore waits that long for the probe, then recomputes
+    assert _run(threads, _wait(gave_up)) is Decision.MISS
+    assert backend.calls == []
+    waited = Deferred.fromCoroutine(tier._prepare(restore_lease(entry.key)))
+    assert not waited.called
+    tier.backend_up("b", MODEL, "P1")  # probed again: the same weights
+    assert _run(threads, _wait(waited)) is Decision.RESTORE
+    assert backend.calls == [("restore", 0)]

@@ -34,7 +34,7 @@ class MonitorTests(SynchronousTestCase):
         self.ups: list[tuple[str, str]] = []
         self.monitor = Monitor(
             self.clock, self.scheduler, [self.backend], INTERVAL, None,
-            on_up=lambda backend, model: self.ups.append((backend.name, model)),
+            on_up=lambda backend, described: self.ups.append((backend.name, described.model)),
         )
         self.monitor.startService()
         self.addCleanup(self.monitor.stopService)

@@ -10,11 +10,11 @@ from proxycache.backend._http import (
     UPSTREAM_FAILURES, StreamStalled, UpstreamError, cancelled, pipe_body, read_body, unreachable,
 )
 from proxycache.backend._identity import model_identity
-from proxycache.backend._llama import Description, LlamaServer, restarted
+from proxycache.backend._llama import Description, LlamaServer, process_marker, restarted
 from proxycache.backend._protocol import Backend
 
 __all__ = [
     "OLDEST_SUPPORTED_BUILD", "RAM_CACHE", "Features", "backend_warnings", "build_notice", "build_number",
     "UPSTREAM_FAILURES", "Backend", "Description", "FailureKind", "IdleSlot", "Restored", "Saved", "SlotActionFailed", "LlamaServer", "StreamStalled", "UpstreamError",
-    "cancelled", "model_identity", "pipe_body", "read_body", "restarted", "unreachable",
+    "cancelled", "model_identity", "pipe_body", "process_marker", "read_body", "restarted", "unreachable",
 ]

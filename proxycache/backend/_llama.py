@@ -45,6 +45,7 @@ class Description:
     total_slots: int | None
     model: str  # L{model_identity}: what a saved cache must have been written by
     features: Features = Features()  # what it lacks of what proxycache relies on
+    process: str | None = None  # L{process_marker}: the process that was described
 
 
 @attrs.define(eq=False)
@@ -60,6 +61,7 @@ class LlamaServer:
     _probe: list[list[float]] | None = attrs.field(default=None, init=False)  # the weights' last probe answer
     _probe_slot: int | None = attrs.field(default=None, init=False)  # the slot the last probe used (erased)
     _saves: bool | None = attrs.field(default=None, init=False)  # the last slot-saves probe's finding
+    _probed_process: str | None = attrs.field(default=None, init=False)  # the process the weights answered in
 
     @classmethod
     def create(cls, reactor: Any, url: str, api_key: str | None, pool_size: int) -> "LlamaServer":
@@ -188,10 +190,13 @@ class LlamaServer:
         status, props = await self.call("GET", "/props")
         if status != 200 or not isinstance(props, dict):
             return None
+        process = process_marker(props)
         _, models = await self.call("GET", "/v1/models")
-        fresh = probe or self._probe is None
+        # Another process than the one whose weights answered last: they may be other weights.
+        fresh = probe or self._probe is None or process != self._probed_process
         if fresh:
             self._probe = await self._ask_the_weights()
+            self._probed_process = process
         path = props.get("model_path")
         digest = await self.to_thread(file_digest, path) if isinstance(path, str) and path else None
         total = props.get("total_slots")
@@ -200,7 +205,22 @@ class LlamaServer:
         if fresh:  # the proxy holds nothing in its slots yet: a failed restore may clear one
             self._saves = await self._saves_enabled(slots)
         features = Features(slots_endpoint=slots is not None, slot_saves=self._saves)
-        return Description(props, total if isinstance(total, int) else None, identity, features)
+        if process is not None and await self.process() != process:
+            # Restarted while it was described: the answers may come from two processes.
+            log.info("llama-server {url} restarted while it was described: looking again", url=self.url)
+            self._probed_process = None
+            return None
+        return Description(props, total if isinstance(total, int) else None, identity, features, process)
+
+    async def process(self) -> str | None:
+        """
+        The marker of the process answering now (L{process_marker}); None when it
+        shows none.  Raises L{UpstreamError} when C{/props} does not answer.
+        """
+        status, props = await self.call("GET", "/props")
+        if status != 200 or not isinstance(props, dict):
+            raise UpstreamError(f"GET /props: {status}")
+        return process_marker(props)
 
     async def _saves_enabled(self, slots: list[dict[str, Any]] | None) -> bool | None:
         """
@@ -267,6 +287,16 @@ class LlamaServer:
             await deferLater(self.clock, delay, lambda: None)
             delay = min(delay * 2, IDLE_MAX_DELAY)
         raise TimeoutError(f"slot {index} stayed busy in llama.cpp")
+
+
+def process_marker(props: dict[str, Any]) -> str | None:
+    """
+    What tells one llama-server process from the next: C{/props} C{media_marker},
+    a random string each process draws at start (unless C{LLAMA_MEDIA_MARKER}
+    pins it); None when it shows none (then only task ids tell a restart).
+    """
+    marker = props.get("media_marker")
+    return marker if isinstance(marker, str) and marker else None
 
 
 def restarted(slots: list[dict[str, Any]], believed_in_use: set[int], max_task_seen: int) -> bool:

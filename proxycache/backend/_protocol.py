@@ -58,5 +58,8 @@ class Backend(Protocol):
     async def describe(self, probe: bool = True) -> Description | None:
         """Properties and model identity, once it answers; C{probe}: ask the weights again."""
 
+    async def process(self) -> str | None:
+        """What tells the process answering now from another (None: it shows nothing that does)."""
+
     async def wait_until_idle(self, index: int) -> IdleSlot | None:
         """Slot C{index} as the server shows it once the server itself reports it idle (None: it does not show it)."""

@@ -41,6 +41,9 @@ class Catalog:
     # backend name -> its save directory as the proxy sees it; backends naming one directory share files
     storage: dict[str, str] = attrs.Factory(dict)
     isolate_tenants: bool = False  # restore a tenant's own entries only
+    # backend name -> the process its model identity was probed in (its marker, None if it shows
+    # none), while no sign of a restart came since: saves and restores happen only there.
+    confirmed: dict[str, str | None] = attrs.Factory(dict)
 
     def readers(self, writer: str, model: str, save_dir: str | None = None) -> frozenset[str]:
         """Backends other than C{writer} that can restore a file it wrote for C{model} (into C{save_dir})."""
@@ -54,9 +57,17 @@ class Catalog:
         """Where C{backend}'s saves go, as a new entry's key names it: its save directory, else itself."""
         return self.storage.get(backend) or f"backend {backend}"
 
+    def current_model(self, backend: str) -> str | None:
+        """What C{backend} runs, if probed in the process that answers now as far as anyone knows."""
+        return self.models.get(backend) if backend in self.confirmed else None
+
+    def identity_lost(self, backend: str) -> None:
+        """A sign that C{backend} restarted: no save or restore there until its weights are probed again."""
+        self.confirmed.pop(backend, None)
+
     def restorable_on(self, entry: MetaEntry, backend: str) -> bool:
         """Does C{backend}, as it runs now, read C{entry}'s file, written by the same weights?"""
-        if self.models.get(backend) != entry.model:
+        if self.current_model(backend) != entry.model:
             return False
         if backend == entry.backend:
             return entry.save_dir is None or entry.save_dir == self.storage.get(backend)
@@ -77,11 +88,15 @@ class Catalog:
         size = round(tokens * self.index.total_bytes / index_tokens) if index_tokens else None
         return self.speeds.fork_pays(tokens, size, blocks, common_blocks, view.saved)
 
-    def backend_up(self, backend: str, model: str) -> int:
-        """C{backend} runs C{model} now; returns how many of its saved caches another model wrote."""
+    def backend_up(self, backend: str, model: str, process: str | None = None) -> int:
+        """
+        C{backend} runs C{model} now, probed in C{process}; returns how many of
+        its saved caches another model wrote.
+        """
         if self.models.get(backend) not in (None, model):
             self.counters.model_changes += 1
         self.models[backend] = model
+        self.confirmed[backend] = process
         return sum(1 for e in self.index if e.backend == backend and e.model != model)
 
     def lookup(self, request: Request) -> DiskMatch | None:

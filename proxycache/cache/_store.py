@@ -199,6 +199,11 @@ class SavedCaches:
         finally:
             self.unlock_key(entry.key, lock)
 
+    async def remove_locked(self, key: str, backend: str) -> None:
+        """Forget C{key}'s entry and delete its files (where C{backend} writes); the caller holds C{key}'s lock."""
+        self.index.remove(key)
+        await self.to_thread(remove_entry_files, self.meta_dir, self.directory(backend), key)
+
     async def enforce_budget(self) -> None:
         over_share = over_tenant_share(
             list(self.index.entries.values()), self.catalog.max_bytes, self.config.tenant_disk_share, self.pinned

@@ -22,9 +22,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from proxycache.backend import UPSTREAM_FAILURES, Backend, FailureKind, SlotActionFailed, UpstreamError, unreachable
+from proxycache.backend import UPSTREAM_FAILURES, Backend, FailureKind, SlotActionFailed, UpstreamError
 from proxycache.cache._catalog import Catalog
 from proxycache.cache._index import MetaEntry, bin_name, entry_key
+from proxycache.cache._probed import NotProbed, ProbedProcesses
 from proxycache.cache._store import SavedCaches
 from proxycache.config import Config
 from proxycache.routing import Decision, SlotId, SlotState, fell_short
@@ -81,6 +82,7 @@ class DiskTier(Service):
         self._evicted_at: dict[str, float] = {}  # by backend: when a request last took another's slot
         self._cannot_save: set[str] = set()  # backends that answered 501 (no --slot-save-path) since they came up
         self.loaded: Deferred[None] = Deferred()
+        self.probed = ProbedProcesses(catalog, clock, on_lost=lambda: self.on_empty_slot())
 
     # -- service ------------------------------------------------------------
 
@@ -110,10 +112,13 @@ class DiskTier(Service):
             with hold:
                 await self._save_idle(slot_id, hold)
 
-    def backend_up(self, backend: str, model: str) -> None:
-        """A backend came up (again) running C{model}; says once what that makes unusable."""
+    def backend_up(self, backend: str, model: str, process: str | None = None) -> None:
+        """
+        A backend came up (again) running C{model}, probed in C{process}; says once
+        what that makes unusable.
+        """
         self._cannot_save.discard(backend)  # restarted: perhaps with --slot-save-path now
-        unusable = self.catalog.backend_up(backend, model)
+        unusable = self.probed.up(backend, model, process)
         if unusable:
             log.warn(
                 "{n} saved caches of {backend} were written by another model or llama.cpp build: "
@@ -121,6 +126,10 @@ class DiskTier(Service):
                 n=unusable,
                 backend=backend,
             )
+
+    def identity_lost(self, backend: str) -> None:
+        """A sign that C{backend} restarted: nothing saved or restored there until it is probed again."""
+        self.probed.lost(backend)
 
     # -- around a request ---------------------------------------------------
 
@@ -147,6 +156,8 @@ class DiskTier(Service):
         if evicts and previous.saved_key is None:
             saved_here = await self.save(lease.slot, previous) is not None
         self._cancel_write_behind(lease.slot.id)
+        if lease.plan.fork is not None or lease.plan.restore is not None:
+            await self.probed.described(lease.slot.id.backend)  # just restarted: probed again in a moment
         if lease.plan.fork is not None:
             key = await self._save_fork_source(lease)
             return Decision.RESTORE if key and await self._restore(lease, key) else Decision.MISS
@@ -188,7 +199,7 @@ class DiskTier(Service):
     async def save(self, slot: Slot, content: SlotContent) -> str | None:
         """Save what C{slot} holds (C{content}); the caller holds its lock.  Returns the entry key."""
         backend = self.backends[slot.id.backend]
-        model = self.catalog.models.get(backend.name)
+        model = self.catalog.current_model(backend.name)  # None until probed again after a restart
         fp = content.fingerprint
         if model is None or not fp.blocks or backend.name in self._cannot_save:
             return None
@@ -229,7 +240,12 @@ class DiskTier(Service):
                 raise UpstreamError(
                     f"slot {slot.id.index} holds {held} tokens in llama.cpp, {expected} expected: not saved over"
                 )
+            if not await self.probed.current(backend, model):
+                raise NotProbed(f"{backend.name} is not the process whose weights were probed: not saved")
             saved = await backend.save_slot(slot.id.index, bin_name(key), self.config.slot_action_timeout)
+            if not await self.probed.made_by(backend, model):
+                await self.store.remove_locked(key, backend.name)  # the file holds what another process had
+                raise NotProbed(f"{backend.name} restarted while saving: the file is dropped")
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             self.counters.save_failures += 1
             if isinstance(e, SlotActionFailed) and e.kind is FailureKind.UNSUPPORTED:
@@ -242,8 +258,9 @@ class DiskTier(Service):
                     )
                 return None
             log.warn("saving slot {slot} failed: {error}", slot=str(slot.id), error=e)
-            if unreachable(e):
-                self.on_empty_slot()  # nobody listens: the monitor takes it out and sees it come back
+            # Nobody listens, or another process (still loading, say) answered: the monitor looks
+            # again, takes it out if gone, and probes what answers there next.
+            self.on_empty_slot()
             return None
         now = self.clock.seconds()
         entry = MetaEntry(
@@ -295,12 +312,16 @@ class DiskTier(Service):
                 return False
             entry = current
             restored = await backend.restore_slot(slot.id.index, entry.filename, self.config.slot_action_timeout)
+            if not await self.probed.made_by(backend, entry.model):
+                raise NotProbed(f"{backend.name} restarted around the restore")
         except (TimeoutError, *UPSTREAM_FAILURES) as e:
             failure: Exception | None = e
         else:
             failure = None
         finally:
             self.store.unlock_key(entry.key, lock)
+        if isinstance(failure, NotProbed):
+            await self._erase(backend, slot.id.index)  # it may hold a file restored into other weights
         if failure is not None:
             # llama.cpp clears the slot when a restore fails: the request recomputes.
             self.counters.restore_failures += 1
@@ -333,6 +354,12 @@ class DiskTier(Service):
             took=took,
         )
         return True
+
+    async def _erase(self, backend: Backend, index: int) -> None:
+        try:
+            await backend.erase_slot(index, self.config.slot_action_timeout)
+        except (TimeoutError, *UPSTREAM_FAILURES) as e:
+            log.warn("erasing slot {index} of {backend} failed: {error}", index=index, backend=backend.name, error=e)
 
     def decoding(self, lease: Lease) -> None:
         """

@@ -15,7 +15,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from proxycache.backend import (
-    RAM_CACHE, UPSTREAM_FAILURES, Backend, backend_warnings, build_notice, restarted, unreachable,
+    RAM_CACHE, UPSTREAM_FAILURES, Backend, Description, backend_warnings, build_notice, restarted, unreachable,
 )
 from proxycache.slots._scheduler import Scheduler
 
@@ -29,6 +29,7 @@ class BackendHealth:
     up: bool = False
     props: dict[str, Any] = attrs.field(factory=dict)
     model: str | None = None  # what a saved cache must have been written by (backend.model_identity)
+    process: str | None = None  # the marker of the process that was probed (None: it shows none)
     max_task_seen: int = -1
     restarts: int = 0
     slot_context: int | None = None  # n_ctx of one slot
@@ -71,7 +72,8 @@ class Monitor(Service):
         backends: list[Backend],
         interval: float,
         configured_slots: int | None,
-        on_up: Callable[[Backend, str], Any] = lambda backend, model: None,
+        on_up: Callable[[Backend, Description], Any] = lambda backend, described: None,
+        on_lost: Callable[[str], Any] = lambda name: None,
         on_change: Callable[[], Any] = lambda: None,
     ) -> None:
         self.clock = clock
@@ -79,7 +81,8 @@ class Monitor(Service):
         self.interval = interval
         self.configured_slots = configured_slots
         self.health = {b.name: BackendHealth(b, configured_slots) for b in backends}
-        self.on_up = on_up
+        self.on_up = on_up  # described (again): its weights were probed in the process that answers
+        self.on_lost = on_lost  # a sign of a restart: what it runs is unknown until described again
         self.on_change = on_change  # after every look and take-out: what is ready may have changed
         self._loop: LoopingCall | None = None
         self._checks = 0  # looks under way
@@ -217,13 +220,17 @@ class Monitor(Service):
                 health.restarts += 1
                 health.max_task_seen = -1
             health.model = described.model
+            health.process = described.process
             health.up = True
-            self.on_up(backend, described.model)
+            self.on_up(backend, described)
             self.scheduler.set_backend_slots(backend.name, int(total))
         slots, new_process = await self._slots(health)
-        if slots is None:
-            return  # --no-slots: restarts are then only seen through failed requests
-        if new_process:
+        if not new_process and health.process is not None:
+            # Task ids only tell a restart until the new process has run as many tasks.
+            new_process = await backend.process() != health.process
+        if slots is None and not new_process:
+            return  # --no-slots (and no process marker): restarts are then only seen through failed requests
+        if new_process or slots is None:
             self._restarted(health)
             health.up = False  # read /props again: it may run another model now
             return
@@ -257,6 +264,7 @@ class Monitor(Service):
     def _restarted(self, health: BackendHealth) -> None:
         health.restarts += 1
         log.warn("llama-server {url} restarted: its slots are empty now", url=health.backend.url)
+        self.on_lost(health.backend.name)
         self.scheduler.reset_backend(health.backend.name)
         health.max_task_seen = -1
         health.probe_due = True
@@ -264,6 +272,9 @@ class Monitor(Service):
     def _failed(self, health: BackendHealth, gone: bool) -> None:
         health.up = False
         health.failures += 1
+        if health.process is None:
+            # Nothing to tell the next process by at the slot action: what it runs is unknown.
+            self.on_lost(health.backend.name)
         if gone or health.failures >= DOWN_AFTER_FAILURES:
             self.take_out(health.backend.name)
 
@@ -276,6 +287,7 @@ class Monitor(Service):
         health.up = False
         health.taken_out = True
         health.probe_due = True  # whatever answers there next may run other weights
+        self.on_lost(name)
         if any(slot_id.backend == name for slot_id in self.scheduler.slots):
             log.warn("llama-server {url} is unreachable: its slots are out of the map until it answers",
                      url=health.backend.url)
