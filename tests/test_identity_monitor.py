@@ -111,3 +111,35 @@ def test_a_description_spanning_a_restart_is_not_believed():
     server.markers = ["P2"]
     described = run(server.describe(probe=False))
     assert described.process == "P2" and server.asked.count("/completion") == 2  # probed in P2
+
+
+def test_a_backend_claiming_300000_slots_is_planned_on_a_sane_number_and_said_once():
+    from twisted.logger import globalLogPublisher
+
+    from proxycache.backend import MAX_SLOTS
+
+    backend = FakeBackend(props={"total_slots": 300_000, "model_path": "fake.gguf"})
+    monitor, scheduler, ups, lost = watched(backend)
+    events: list[dict] = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        check(monitor)
+        check(monitor)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert len(scheduler.slots) == MAX_SLOTS
+    assert max(slot_id.index for slot_id in scheduler.slots) == MAX_SLOTS - 1
+    (warning,) = [w for w in monitor.health[backend.name].warnings if "300000 slots" in w]
+    assert sum(1 for e in events if "300000 slots" in str(e.get("warning", ""))) == 1
+
+
+def test_usable_slots():
+    from proxycache.backend import MAX_SLOTS, usable_slots
+
+    assert usable_slots(4, None) == (4, None)
+    assert usable_slots(None, 3) == (3, None) and usable_slots(0, 3) == (3, None)
+    assert usable_slots(-2, None) == (1, None) and usable_slots(True, None) == (1, None)
+    assert usable_slots("9", None) == (1, None)
+    capped, warning = usable_slots(300_000, None)
+    assert capped == MAX_SLOTS and warning is not None and "300000" in warning
+    assert usable_slots(None, 100_000)[0] == MAX_SLOTS

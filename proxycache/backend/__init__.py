@@ -4,7 +4,8 @@ The llama.cpp backend: every llama-server specific behind L{Backend}.
 
 from proxycache.backend._actions import FailureKind, IdleSlot, Restored, Saved, SlotActionFailed
 from proxycache.backend._features import (
-    OLDEST_SUPPORTED_BUILD, RAM_CACHE, Features, backend_warnings, build_notice, build_number,
+    MAX_SLOTS, OLDEST_SUPPORTED_BUILD, RAM_CACHE, Features, backend_warnings, build_notice, build_number,
+    usable_slots,
 )
 from proxycache.backend._http import (
     UPSTREAM_FAILURES, StreamStalled, UpstreamError, cancelled, pipe_body, read_body, unreachable,
@@ -14,7 +15,8 @@ from proxycache.backend._llama import Description, LlamaServer, process_marker, 
 from proxycache.backend._protocol import Backend
 
 __all__ = [
-    "OLDEST_SUPPORTED_BUILD", "RAM_CACHE", "Features", "backend_warnings", "build_notice", "build_number",
+    "MAX_SLOTS", "OLDEST_SUPPORTED_BUILD", "RAM_CACHE", "Features", "backend_warnings", "build_notice",
+    "build_number", "usable_slots",
     "UPSTREAM_FAILURES", "Backend", "Description", "FailureKind", "IdleSlot", "Restored", "Saved", "SlotActionFailed", "LlamaServer", "StreamStalled", "UpstreamError",
     "cancelled", "model_identity", "pipe_body", "process_marker", "read_body", "restarted", "unreachable",
 ]

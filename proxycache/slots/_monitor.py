@@ -16,6 +16,7 @@ from twisted.logger import Logger
 
 from proxycache.backend import (
     RAM_CACHE, UPSTREAM_FAILURES, Backend, Description, backend_warnings, build_notice, restarted, unreachable,
+    usable_slots,
 )
 from proxycache.slots._scheduler import Scheduler
 
@@ -207,7 +208,9 @@ class Monitor(Service):
             notice = build_notice(props)
             if notice:
                 log.info("{url}: {notice}", url=backend.url, notice=notice)
-            total = described.total_slots or health.configured_slots or 1
+            total, too_many = usable_slots(described.total_slots, health.configured_slots)
+            if too_many:
+                health.warn(too_many)
             log.info(
                 "llama-server {url} is up: {total} slots, model {model}, build {build}",
                 url=backend.url, total=total, model=props.get("model_path"), build=props.get("build_info"),
