@@ -95,6 +95,17 @@ def backend_url(text: str) -> str:
     return url
 
 
+def _url_keys(text: str) -> tuple[tuple[str, str | None], ...]:
+    """C{URL=KEY} items (whitespace or comma separated); C{URL=} says: no key for that backend."""
+    pairs = []
+    for item in text.replace(",", " ").split():
+        url, equals, key = item.partition("=")
+        if not equals:
+            raise ValueError(f"{item!r} is not URL=KEY")
+        pairs.append((backend_url(url), key or None))
+    return tuple(pairs)
+
+
 def _bytes_or_auto(text: str) -> int | None:
     """A byte count, or "auto" (None): a share of the save directory's free space."""
     if text.strip().lower() == "auto":
@@ -208,7 +219,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("api_keys", "PROXY_API_KEYS", (), _words,
             "API keys clients must send as 'Authorization: Bearer' (none = open)"),
     Setting("upstream_api_key", "LLAMA_API_KEY", None, _optional_text,
-            "key sent to llama-server when it runs with --api-key"),
+            "key sent to each --llama-url llama-server when it runs with --api-key (see --backend-api-keys)"),
+    Setting("backend_api_keys", "BACKEND_API_KEYS", (), _url_keys,
+            "a key per --llama-url backend, as URL=KEY items (URL= for none); others get --upstream-api-key"),
     Setting("health_interval", "HEALTH_INTERVAL", 5.0, _seconds,
             "seconds between checks of llama-server's health and slots"),
     Setting("grace", "GRACE_SECONDS", 30.0, _seconds,
@@ -296,6 +309,7 @@ class Config:
     ctx_per_slot: int
     admin_keys: tuple[str, ...]
     backend_save_dirs: tuple[str, ...] = ()
+    backend_api_keys: tuple[tuple[str, str | None], ...] = ()
     fim_slots: int | None = None
     cors_origins: tuple[str, ...] = ()
     allowed_hosts: tuple[str, ...] = ()
@@ -407,3 +421,17 @@ def save_storage(config: Config) -> dict[str, str]:
     if config.slot_save_path:
         return {url: os.path.realpath(config.slot_save_path) for url in config.llama_url}
     return {}
+
+
+def upstream_keys(config: Config) -> dict[str, str | None]:
+    """
+    The key each C{--llama-url} backend is sent (by URL): its own from
+    C{--backend-api-keys}, else C{--upstream-api-key}.
+
+    @raise ConfigError: C{--backend-api-keys} names a URL that is not a C{--llama-url}.
+    """
+    own = dict(config.backend_api_keys)
+    unknown = [url for url in own if url not in config.llama_url]
+    if unknown:
+        raise ConfigError(f"--backend-api-keys names {', '.join(unknown)}, not among the --llama-url backends")
+    return {url: own[url] if url in own else config.upstream_api_key for url in config.llama_url}

@@ -19,7 +19,9 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from proxycache import __version__
-from proxycache.config import SETTINGS, Config, ConfigError, _flag, read_config_file, resolve, save_storage
+from proxycache.config import (
+    SETTINGS, Config, ConfigError, _flag, read_config_file, resolve, save_storage, upstream_keys,
+)
 
 if TYPE_CHECKING:
     from proxycache.cache import Catalog, DiskTier
@@ -84,6 +86,7 @@ class Options(usage.Options):
             resolved = self._resolve()
             self.config = Config(**{name: value for name, (value, _) in resolved.items()})
             save_storage(self.config)
+            upstream_keys(self.config)
         except ConfigError as e:
             raise usage.UsageError(str(e))
         if self["print-config"]:
@@ -91,6 +94,8 @@ class Options(usage.Options):
                 value, source = resolved[setting.name]
                 if setting.name in ("api_keys", "upstream_api_key") and value:
                     value = "(set)"
+                elif setting.name == "backend_api_keys" and value:
+                    value = " ".join(f"{url}={'(set)' if key else ''}" for url, key in value)
                 elif setting.name == "max_cache_bytes" and value is None:
                     value = "auto"
                 print(f"{setting.option} = {value!r}  [{source}]")
@@ -188,13 +193,15 @@ class ReloadOnHangup(Service):
 
     async def _reload(self) -> None:
         try:
-            urls = list(self.reread().llama_url)
+            config = self.reread()
+            keys = upstream_keys(config)
         except ConfigError as e:
             log.warn("SIGHUP: configuration not reloaded: {error}", error=e)
             return
+        urls = list(config.llama_url)
         log.info("SIGHUP: backends are now {urls} (other settings need a restart)", urls=", ".join(urls))
         try:
-            await self.fleet.reconcile(urls)
+            await self.fleet.reconcile(urls, keys)
         except Exception:
             log.failure("SIGHUP: changing the backends failed")
 
@@ -215,9 +222,8 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     if config.embedded:
         config = _start_embedded(config, top)
     pool_size = max(8, 4 * (config.slots or 8)) + 4
-    backends: list[Backend] = [
-        LlamaServer.create(reactor, url, config.upstream_api_key, pool_size) for url in config.llama_url
-    ]
+    keys = upstream_keys(config)
+    backends: list[Backend] = [LlamaServer.create(reactor, url, keys[url], pool_size) for url in config.llama_url]
     by_name = {b.name: b for b in backends}
     # Saved entries are judged by the cost model (restore vs recompute of the common part), not by
     # similarity: a team's shared system prompt is worth restoring for another user (issue 13).
@@ -269,7 +275,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     )
     fleet = Fleet(
         by_name, scheduler, monitor,
-        connect=lambda url: LlamaServer.create(reactor, url, config.upstream_api_key, pool_size),
+        connect=lambda url, api_key: LlamaServer.create(reactor, url, api_key, pool_size),
         on_added=lambda name, save_dir: _note_storage(catalog, name, save_dir or config.slot_save_path),
         save_hot_slots=lambda name: tier.flush(backend=name),
     )

@@ -16,7 +16,7 @@ import random
 
 from tests.conversations import text
 from tests.test_disk_tier import same_shape_models
-from proxycache.testing import ProxyProcess, http, wait_for
+from proxycache.testing import ProxyProcess, ReplyTap, http, wait_for
 
 LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
 ADMIN = {"Authorization": "Bearer admin-key"}
@@ -135,3 +135,60 @@ def test_a_save_made_before_the_monitor_saw_a_restart_with_other_weights_is_not_
         assert answer == reference(checker, ben), headers
     finally:
         proxy.stop()
+
+
+def backends_listed(proxy: ProxyProcess) -> dict[str, dict]:
+    status, _, body = http("GET", proxy.url + "/proxycache/backends", headers=ADMIN)
+    assert status == 200, body
+    return {b["url"]: b for b in body["backends"]}
+
+
+def test_a_backend_added_at_run_time_gets_its_own_key_or_none(llama_factory, tmp_path):
+
+    keyed = llama_factory(api_key="first-secret")
+    other = llama_factory(api_key="second-secret")
+    open_one = llama_factory()
+    tap = ReplyTap(open_one.url)  # sees what the proxy sends the backend that has no key
+    proxy = ProxyProcess(tmp_path, keyed.url, upstream_api_key="first-secret", admin_keys="admin-key").start()
+    try:
+        admin(proxy, "POST", "/proxycache/backends", {"url": tap.url})
+        admin(proxy, "POST", "/proxycache/backends", {"url": other.url, "api_key": "second-secret"})
+        wait_for(lambda: all(b["up"] for b in backends_listed(proxy).values()), timeout=60, what="all three up")
+        assert len(proxy.status()["slots"]) == 6
+        sent = tap.sent().lower()
+        assert b"get /props" in sent and b"authorization" not in sent and b"secret" not in sent
+        status, _, reply = http("POST", proxy.url + "/proxycache/backends", {"url": "http://127.0.0.1:9", "api_key": 7},
+                                ADMIN)
+        assert status == 400 and "api_key" in reply["error"]["message"]
+    finally:
+        proxy.stop()
+        tap.close()
+
+
+def test_each_configured_backend_gets_its_own_key_and_sighup_adds_one_with_its_key(llama_factory, tmp_path):
+    import signal
+
+    first, second = llama_factory(api_key="first-secret"), llama_factory(api_key="second-secret")
+    third = llama_factory()
+    tap = ReplyTap(third.url)
+    ini = tmp_path / "proxycache.ini"
+    ini.write_text(
+        f"[proxycache]\nllama_url = {first.url},{second.url}\nupstream_api_key = first-secret\n"
+        f"backend_api_keys = {second.url}=second-secret\n"
+    )
+    proxy = ProxyProcess(tmp_path, None, config=str(ini), admin_keys="admin-key").start()
+    try:
+        wait_for(lambda: len(proxy.status()["slots"]) == 4, timeout=60, what="both configured backends up")
+        # A third, added by SIGHUP, named with no key.
+        ini.write_text(
+            f"[proxycache]\nllama_url = {first.url},{second.url},{tap.url}\nupstream_api_key = first-secret\n"
+            f"backend_api_keys = {second.url}=second-secret {tap.url}=\n"
+        )
+        proxy.process.send_signal(signal.SIGHUP)
+        wait_for(lambda: backends_listed(proxy).get(tap.url, {}).get("up"), timeout=60, what="the third up")
+        sent = tap.sent().lower()
+        assert b"get /props" in sent and b"authorization" not in sent
+    finally:
+        proxy.stop()
+        tap.close()
+

@@ -1,7 +1,7 @@
 """
 A TCP relay that keeps every byte a server answers: put it between the daemon
 and llama.cpp, and a test sees exactly what llama.cpp sent, to compare with
-what the client got through the proxy.
+what the client got through the proxy (and what the daemon sent it).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ class ReplyTap:
         self._listener = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
         self._replies: list[bytearray] = []  # one per connection, as the target sent it
+        self._sent: list[bytearray] = []  # one per connection, as the client sent it
         self._sockets: list[socket.socket] = []
         self._held: threading.Event | None = None
         self._cut = threading.Event()
@@ -55,10 +56,11 @@ class ReplyTap:
         upstream = self._connect(client)
         if upstream is None:
             return
-        reply = bytearray()
+        reply, sent = bytearray(), bytearray()
         self._replies.append(reply)
+        self._sent.append(sent)
         self._sockets += [client, upstream]
-        threading.Thread(target=_pump, args=(client, upstream, None), daemon=True).start()
+        threading.Thread(target=_pump, args=(client, upstream, sent), daemon=True).start()
         _pump(upstream, client, reply)
 
     def _connect(self, client: socket.socket) -> socket.socket | None:
@@ -83,6 +85,10 @@ class ReplyTap:
     def bodies(self) -> list[bytes]:
         """The body of every HTTP response kept so far (transfer encoding undone), connection by connection."""
         return [body for reply in list(self._replies) for body in _responses(bytes(reply))]
+
+    def sent(self) -> bytes:
+        """Every byte the clients sent through the tap so far (requests, headers included)."""
+        return b"".join(bytes(sent) for sent in list(self._sent))
 
     def close(self) -> None:
         self.release()

@@ -2,8 +2,9 @@
 Run-time membership of the backends, for operators: C{/proxycache/backends}.
 
   GET    /proxycache/backends                  every backend: url, up, slots, busy, draining
-  POST   /proxycache/backends        {"url", "save_dir"?}  add one (it takes requests once it answers;
-                                               save_dir: its save directory as this host sees it)
+  POST   /proxycache/backends        {"url", "save_dir"?, "api_key"?}  add one (it takes requests once it
+                                               answers; save_dir: its save directory as this host sees it;
+                                               api_key: its --api-key, none sent without one)
   POST   /proxycache/backends/drain  {"url"}   no new requests there; answers once in-flight ones
                                                finished and its hot slots were saved
   DELETE /proxycache/backends        {"url"}   drain, then forget it
@@ -76,7 +77,10 @@ class Admin:
         save_dir = body.get("save_dir")
         if save_dir is not None and not isinstance(save_dir, str):
             raise bad_request("'save_dir' must be the backend's --slot-save-path as this host sees it")
-        self.fleet.add(self._url(body), save_dir)
+        api_key = body.get("api_key")
+        if api_key is not None and not (isinstance(api_key, str) and api_key):
+            raise bad_request("'api_key' must be the key the backend was started with (--api-key), or absent")
+        self.fleet.add(self._url(body), save_dir, api_key)
         return self._listing(request)
 
     async def drain(self, request: IRequest) -> bytes:
