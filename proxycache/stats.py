@@ -152,6 +152,7 @@ class Stats:
             "requests": served.requests,
             "prefill_tokens_per_second": served.speed,
             "warnings": list(health.warnings),
+            "duplicate_of": health.duplicate_of,
         }
 
     def hit_rate(self) -> float:

@@ -67,6 +67,9 @@ class Described:
     def __init__(self, features: Features) -> None:
         self.features = features
 
+    async def process(self) -> str | None:
+        return None  # shows no process marker
+
     async def describe(self, probe: bool = True) -> Description:
         return Description(PROPS, 2, "model", self.features)
 

@@ -192,3 +192,23 @@ def test_each_configured_backend_gets_its_own_key_and_sighup_adds_one_with_its_k
         proxy.stop()
         tap.close()
 
+
+def test_one_llama_server_added_under_a_second_spelling_is_not_counted_twice_nor_probed(llama, tmp_path):
+    proxy = ProxyProcess(
+        tmp_path, llama.url, admin_keys="admin-key", slot_save_path=str(llama.save_dir), write_behind=60, **LIMITS,
+    ).start()
+    try:
+        ana = [{"role": "system", "content": system_prompt("ana")}, {"role": "user", "content": "First question?"}]
+        answer, _ = ask(proxy, ana)
+        ana += [{"role": "assistant", "content": answer}, {"role": "user", "content": "And the second?"}]
+        other_spelling = llama.url.replace("127.0.0.1", "localhost")
+        admin(proxy, "POST", "/proxycache/backends", {"url": other_spelling})
+        wait_for(lambda: backends_listed(proxy)[other_spelling]["duplicate_of"] == llama.url, timeout=30,
+                 what="the second spelling seen as the same process")
+        assert len(proxy.status()["slots"]) == 2
+        # The hot slot was not overwritten by an identity probe: the conversation continues in it.
+        answer, headers = ask(proxy, ana)
+        assert headers["x-proxycache-decision"] == "hit", headers
+        assert int(headers["x-proxycache-cached-tokens"]) > 1000, headers
+    finally:
+        proxy.stop()

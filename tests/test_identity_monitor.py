@@ -143,3 +143,33 @@ def test_usable_slots():
     capped, warning = usable_slots(300_000, None)
     assert capped == MAX_SLOTS and warning is not None and "300000" in warning
     assert usable_slots(None, 100_000)[0] == MAX_SLOTS
+
+
+class _Counted(FakeBackend):
+    """Says each time it is described (each description of a new process probes its weights)."""
+
+    described: list[str] = []
+
+    async def describe(self, probe: bool = True) -> Any:
+        self.described.append(self.url)
+        return await super().describe(probe)
+
+
+def test_one_llama_server_under_two_spellings_is_used_once_and_never_probed_twice():
+    first = _Counted(url="http://127.0.0.1:8080", marker="P1")
+    second = _Counted(url="http://localhost:8080", marker="P1")
+    described = _Counted.described = []
+    clock = Clock()
+    scheduler = Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1)
+    monitor = Monitor(clock, scheduler, [first, second], 1.0, None)
+    check(monitor)
+    check(monitor)
+    assert described == [first.url]
+    assert {slot_id.backend for slot_id in scheduler.slots} == {first.url} and len(scheduler.slots) == 2
+    assert monitor.health[second.url].duplicate_of == first.url and not monitor.health[second.url].up
+    assert monitor.health[second.url].warnings == [f"the same llama-server process as {first.url}: not used twice"]
+    # Once the other spelling is gone (removed, or another process answers there), it is used.
+    monitor.unwatch(first.url)
+    check(monitor)
+    assert described == [first.url, second.url] and monitor.health[second.url].up
+    assert monitor.health[second.url].duplicate_of is None

@@ -163,6 +163,9 @@ class Scripted:
         self.probes: list[bool] = []
         self.slot_replies: list[Any] = []
 
+    async def process(self) -> str | None:
+        return None  # shows no process marker
+
     async def describe(self, probe: bool = True) -> Description:
         self.probes.append(probe)
         return Description({"total_slots": 1}, 1, "model")

@@ -15,8 +15,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from proxycache.backend import (
-    RAM_CACHE, UPSTREAM_FAILURES, Backend, Description, backend_warnings, build_notice, restarted, unreachable,
-    usable_slots,
+    RAM_CACHE, UPSTREAM_FAILURES, Backend, Description, UpstreamError, backend_warnings, build_notice, restarted,
+    unreachable, usable_slots,
 )
 from proxycache.slots._scheduler import Scheduler
 
@@ -31,6 +31,7 @@ class BackendHealth:
     props: dict[str, Any] = attrs.field(factory=dict)
     model: str | None = None  # what a saved cache must have been written by (backend.model_identity)
     process: str | None = None  # the marker of the process that was probed (None: it shows none)
+    duplicate_of: str | None = None  # the URL of another backend that is the same llama-server process
     max_task_seen: int = -1
     restarts: int = 0
     slot_context: int | None = None  # n_ctx of one slot
@@ -176,7 +177,7 @@ class Monitor(Service):
             else:
                 health.failures = 0
         if self._loop is not None:
-            all_up = all(h.up for h in self.health.values())
+            all_up = all(h.up or h.duplicate_of for h in self.health.values())
             wanted = self.interval if all_up else min(self.interval, DOWN_INTERVAL)
             sooner = wanted < (self._loop.interval or wanted)
             self._loop.interval = wanted
@@ -188,6 +189,15 @@ class Monitor(Service):
     async def _check(self, health: BackendHealth) -> None:
         backend = health.backend
         if not health.up:
+            # Before anything else: the identity probe would overwrite a slot of the other's.
+            try:
+                process = await backend.process()
+            except UpstreamError as e:
+                if unreachable(e):
+                    raise
+                process = None  # still loading, say: described (or not) below
+            if self._duplicate(health, process):
+                return
             if not health.probe_due:
                 # A check cut short by a quick restart looks like a blip: is it the
                 # process whose weights were probed?  Ask them again unless surely so.
@@ -217,6 +227,8 @@ class Monitor(Service):
             )
             if self.health.get(backend.name) is not health:
                 return  # removed while we asked
+            if self._duplicate(health, described.process):
+                return  # the other spelling came up while this one was described
             if health.taken_out:
                 # Nobody listened there a moment ago: a new process (or one that lost its slots to us).
                 health.taken_out = False
@@ -263,6 +275,24 @@ class Monitor(Service):
             if (slot := now.get(slot_id)) is None or (slot.content is content and not slot.busy)
         }
         return slots, restarted(slots, in_use, health.max_task_seen)
+
+    def _duplicate(self, health: BackendHealth, process: str | None) -> bool:
+        """
+        Is C{health}'s backend the very process another backend already is (one
+        llama-server under two spellings, C{localhost} and C{127.0.0.1})?  Then it
+        stays out of the slot map, so its slots are not counted twice.
+        """
+        same = next(
+            (h for h in self.health.values() if h is not health and h.up and process and h.process == process), None
+        )
+        if same is None:
+            health.duplicate_of = None
+            return False
+        if health.duplicate_of != same.backend.url:
+            health.duplicate_of = same.backend.url
+            health.warnings = []
+            health.warn(f"the same llama-server process as {same.backend.url}: not used twice")
+        return True
 
     def _restarted(self, health: BackendHealth) -> None:
         health.restarts += 1

@@ -63,6 +63,7 @@ class Admin:
             backends.append({
                 "url": backend.url, "up": bool(health and health.up), "slots": len(slots),
                 "busy": sum(1 for s in slots if s.busy), "draining": name in scheduler.closed,
+                "duplicate_of": health.duplicate_of if health else None,
             })
         request.setHeader(b"content-type", b"application/json")
         return json.dumps({"backends": backends}).encode()
