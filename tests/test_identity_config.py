@@ -35,6 +35,8 @@ def test_print_config_does_not_show_the_keys(capsys):
 
     options = Options()
     with pytest.raises(SystemExit):
-        options.parseOptions(["--llama-url", f"{A},{B}", "--backend-api-keys", f"{A}=secret-one {B}=", "--print-config"])
+        options.parseOptions(
+            ["--llama-url", f"{A},{B}", "--backend-api-keys", f"{A}=secret-one {B}=", "--print-config"]
+        )
     printed = capsys.readouterr().out
     assert "secret-one" not in printed and f"{A}=(set) {B}=" in printed

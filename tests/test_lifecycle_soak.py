@@ -13,13 +13,11 @@ from bench.lifecycle import PLAN, run
 
 
 def test_through_the_fleets_whole_life_no_answer_is_wrong_and_no_request_fails(tmp_path, models_dir, llama_binary):
-    report = run(
-        tmp_path, models_dir, conversations=3, rounds=len(PLAN) - 2, context_words=300, binary=llama_binary,
-        minutes=30,
-    )
+    rounds = len(PLAN)  # every event but the last roll-back
+    report = run(tmp_path, models_dir, conversations=3, rounds=rounds, context_words=300, binary=llama_binary, minutes=30)
     summary = report.summary()
-    assert [event.split()[0] for event in report.events] == [event for event, _ in PLAN[: len(PLAN) - 3]]
-    assert len(report.turns) == 3 * (len(PLAN) - 2), summary
+    assert [event.split()[0] for event in report.events] == [event for event, _ in PLAN[: rounds - 1]]
+    assert len(report.turns) == 3 * rounds, summary
     assert report.wrong == [], summary
     assert report.failed == [], summary
     assert report.kept_share() > 0.5, summary  # most later turns kept their cache through all that
