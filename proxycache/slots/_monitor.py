@@ -149,7 +149,7 @@ class Monitor(Service):
         self.on_change()
         if self._look_again and not self._checks:
             self._look_again = False
-            if not all(h.up for h in self.health.values()):
+            if self.some_down():
                 self.look_now()
         return result
 
@@ -159,7 +159,7 @@ class Monitor(Service):
         return health is None or not health.taken_out
 
     def some_down(self) -> bool:
-        return not all(h.up for h in self.health.values())
+        return not all(h.up or h.duplicate_of for h in self.health.values())  # a second spelling is no backend
 
     async def _check_all(self, only_down: bool = False) -> None:
         for health in list(self.health.values()):
@@ -177,7 +177,7 @@ class Monitor(Service):
             else:
                 health.failures = 0
         if self._loop is not None:
-            all_up = all(h.up or h.duplicate_of for h in self.health.values())
+            all_up = not self.some_down()
             wanted = self.interval if all_up else min(self.interval, DOWN_INTERVAL)
             sooner = wanted < (self._loop.interval or wanted)
             self._loop.interval = wanted
