@@ -3,7 +3,7 @@ Lifecycle soak (issue 20): conversations through proxycache over two
 llama-servers sharing one save directory while the fleet lives its life:
 a backend restarted with the same weights, upgraded to other weights of the
 same shape at the same path and rolled back, SIGKILLed and started again,
-drained and re-added, the proxy restarted (SIGTERM).  Events come between
+drained and re-added, the proxy restarted (SIGTERM) and killed (SIGKILL).  Events come between
 rounds of turns, one after another, on a fixed plan.
 
 Every answer (greedy, fixed max_tokens) is compared with the one a reference
@@ -24,6 +24,7 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import tempfile
 import time
 from pathlib import Path
@@ -55,6 +56,7 @@ PLAN: tuple[tuple[str, int | None], ...] = (
     ("upgrade", 1),
     ("restart", 0),
     ("rollback", 1),
+    ("proxy-kill", None),  # SIGKILL: no flush; write-behind had saved what it could
 )
 
 
@@ -234,8 +236,8 @@ def _happen(
         _admin(proxy, "/proxycache/backends/drain", fleet.backends[target].url)  # type: ignore[index]
     elif event == "readd":
         _admin(proxy, "/proxycache/backends", fleet.backends[target].url)  # type: ignore[index]
-    elif event == "proxy-restart":
-        proxy.stop()  # SIGTERM: flushes its hot slots
+    elif event in ("proxy-restart", "proxy-kill"):
+        proxy.stop(signal.SIGTERM if event == "proxy-restart" else signal.SIGKILL)  # SIGTERM flushes hot slots
         proxy = start_proxy()
     return proxy
 
