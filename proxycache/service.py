@@ -243,6 +243,8 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         fim_idle=config.fim_idle,
         side_call_wait=config.side_call_wait,
         isolate_tenants=config.isolate_tenants,
+        keep_pays=catalog.keep_pays,  # and saves and restores on a request's path judged in time
+        restore_beats=catalog.restore_beats,
     )
     monitor = Monitor(
         reactor, scheduler, backends, config.health_interval, config.slots,

@@ -90,3 +90,65 @@ def test_speeds_follow_save_measurements():
     assert 290e6 < speeds.write_bytes_per_second < 310e6
     speeds.observe_save(10, 1000.0)  # too small to say anything
     assert 290e6 < speeds.write_bytes_per_second < 310e6
+
+
+# -- issue 24: in time, at the context length --------------------------------------
+
+
+def test_prefill_time_grows_with_the_position_of_the_tokens():
+    # llama.cpp's timings from a model whose token at position n costs 100 us + 10 ns * n
+    speeds = Speeds()
+    a, b = 1e-4, 1e-8
+
+    def truth(start: int, end: int) -> float:
+        return a * (end - start) + b * (end * end - start * start) / 2
+
+    for cache_n, prompt_n in ((0, 2000), (0, 30_000), (28_000, 2_000), (2000, 500), (10_000, 4000)):
+        speeds.observe_prefill(prompt_n, truth(cache_n, cache_n + prompt_n) * 1000, cache_n)
+    # 2000 tokens at the end of a 30k context cost far more than the first 2000
+    assert abs(speeds.prefill_seconds(28_000, 30_000) - truth(28_000, 30_000)) < 0.01
+    assert abs(speeds.prefill_seconds(0, 2000) - truth(0, 2000)) < 0.01
+    assert speeds.prefill_seconds(28_000, 30_000) > 3 * speeds.prefill_seconds(0, 2000)
+    assert speeds.prefill_seconds(100, 100) == 0
+
+
+def test_prefill_at_one_context_length_fits_a_flat_rate():
+    speeds = Speeds()
+    for _ in range(3):
+        speeds.observe_prefill(4000, 2000.0)  # 2000 tok/s, all from an empty cache
+    assert abs(speeds.prefill_seconds(0, 4000) - 2.0) < 1e-6
+
+
+def test_kv_bytes_per_token_are_learnt_from_saves_and_restores():
+    speeds = Speeds()
+    assert speeds.size_of(1000) is None
+    speeds.observe_save(131_072_000, 500.0, 1000)  # a 7B-class model: 128 KiB a token
+    assert speeds.size_of(30_000) == 30_000 * 131_072
+    speeds.observe_restore(10, 1.0, 0)  # says nothing
+    assert speeds.bytes_per_token == 131_072
+
+
+def test_a_sibling_tail_of_65_tokens_is_recomputed_not_saved():
+    # 30,000 tokens of 128 KiB: a 3.9 GB file, 3.3 s to write at 1.2 GB/s; 65 tokens at position 30k
+    # cost ~0.05 s to compute again
+    speeds = Speeds(write_bytes_per_second=1.2e9, read_bytes_per_second=2e9)
+    speeds.observe_save(131_072_000, 110.0, 1000)
+    for cache_n, prompt_n in ((0, 2000), (0, 30_000), (28_000, 2_000)):
+        speeds.observe_prefill(prompt_n, (1e-4 * prompt_n + 1e-8 * ((cache_n + prompt_n) ** 2 - cache_n**2) / 2) * 1000,
+                               cache_n)
+    assert not speeds.keep_pays(30_065, 30_000, saved=False)
+    # keeping it costs 3.3 s of save and 2 s of restore: a team member's 20,000 private tokens
+    # after a shared 10,000 are worth it (6 s to compute there), 8,000 after 22,000 not (2.9 s)
+    assert speeds.keep_pays(30_000, 10_000, saved=False)
+    assert not speeds.keep_pays(30_000, 22_000, saved=False)
+    # already saved: only the restore counts
+    assert speeds.keep_pays(30_000, 20_000, saved=True)  # 3.5 s to compute
+    assert not speeds.keep_pays(30_000, 28_500, saved=True)  # 0.6 s
+
+
+def test_a_restore_is_judged_against_what_the_slot_keeps_in_place():
+    speeds = Speeds(read_bytes_per_second=1e9, prefill_tokens_per_second=1000)
+    # 10,000 tokens, 1.3 GB (1.35 s to read): against 0 in place it pays (10 s), against 9 of 10 blocks not (1 s)
+    assert speeds.restore_pays(10_000, 1_300_000_000, 10, 10)
+    assert not speeds.restore_pays(10_000, 1_300_000_000, 10, 10, have_blocks=9)
+    assert not speeds.restore_pays(10_000, 1_300_000_000, 10, 10, have_blocks=10)

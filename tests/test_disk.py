@@ -630,3 +630,38 @@ def test_readers_are_backends_sharing_the_writers_storage_and_model():
     assert catalog.readers("a", MODEL) == {"b"}
     assert catalog.readers("c", MODEL) == frozenset()
     assert catalog.readers("d", MODEL) == frozenset()  # its storage is unknown: its own files only
+
+
+def test_a_save_must_be_worth_its_time_against_what_a_sibling_entry_holds():
+    """
+    Issue 24: a slot holding a 30k-token context and a short question, with a saved
+    sibling entry holding the same context: not worth a save (the tail is computed
+    again faster).  A conversation's own earlier entry does not count: what it added
+    since is saved, so that its next turn computes only what is new.
+    """
+    from proxycache.cache import Catalog
+    from proxycache.routing import SlotId, SlotView, SlotState
+
+    from proxycache.routing import Speeds
+
+    # a 7B-class model on a GPU: 3000 tokens/s; its 30k-token file 3.9 GB, saved in 3.3 s, read in 2 s
+    catalog = Catalog(min_ratio=0.0, speeds=Speeds(write_bytes_per_second=1.2e9, read_bytes_per_second=2e9))
+    catalog.backend_up("a", MODEL)
+    speeds = catalog.speeds
+    speeds.observe_save(131_072_000, 110.0, 1000, took=0.115)  # 128 KiB a token
+    speeds.observe_prefill(30_000, 30_000 / 3000 * 1000)
+    sibling = entry(fp(300, tail=2, tag=1), tokens=30_100)
+    catalog.index.put(sibling)
+    previous = fp(300, tail=1, tag=2)  # the same context, another question
+    assert not catalog.save_pays("a", previous, 30_050)
+    view = SlotView(SlotId("a", 0), SlotState.HOT, previous, tokens=30_050)
+    assert not catalog.keep_pays(view, 0)
+    # with no sibling on disk, all of it is its own: worth a save
+    assert catalog.save_pays("a", fp(300, 7, tail=1, tag=3), 30_050)
+    # an earlier turn of the same conversation: the new turns are its own part
+    earlier = entry(fp(280, 8), tokens=28_000)
+    catalog.index.put(earlier)
+    assert catalog.save_pays("a", fp(280, 8, tail=20, tag=4), 30_000)
+    # the prefix a request keeps in place counts too
+    assert not catalog.keep_pays(SlotView(SlotId("a", 0), SlotState.HOT, fp(300, 9, tail=1, tag=5),
+                                          tokens=30_050), 300)

@@ -719,3 +719,80 @@ def test_new_work_goes_to_the_backend_with_the_fewest_busy_slots():
     ]
     chosen = plan(request, slots, min_ratio=0.85)
     assert chosen is not None and chosen.decision is Decision.MISS and chosen.slot.backend == "b"
+
+
+# -- issue 24: no save or restore on a request's path that costs more than it saves -----
+
+
+def test_a_sibling_reuses_the_shared_prefix_in_place_rather_than_restoring_it():
+    # one slot: the previous sibling (context + its question), saved or not; a saved entry holds
+    # the context too.  Restoring it gives the same reuse as the slot in place: no restore.
+    request = large(fp(30, 31, tag=2401))
+    previous = slot(0, HOT, fp(30, 31, tag=2402), tokens=30_000)
+    disk = DiskMatch("deadbeef", "a", 30, 30 / 31)
+    p = plan(request, [previous], min_ratio=0.0, disk=disk)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 30, 30 / 31, evicts=True)  # in place (its save judged)
+    assert p.restore is None
+    # the entry holding less than the slot: all the more so
+    less = DiskMatch("deadbeef", "a", 20, 20 / 31)
+    assert plan(request, [previous], min_ratio=0.0, disk=less).restore is None
+    # the entry holding more: restored (token rule, without a cost model)
+    more = DiskMatch("deadbeef", "a", 31, 1.0)
+    assert plan(large(fp(31, 32)), [previous], min_ratio=0.0, disk=more).restore == more
+
+
+def test_a_continuation_is_never_restored_from_its_own_saved_copy():
+    mine = fp(20, 20, tag=2403)
+    request = large(fp(20, 22, tag=2403))
+    disk = DiskMatch("deadbeef", "a", 20, 1.0)
+    p = plan(request, [slot(0, HOT, mine), slot(1, FREE)], min_ratio=0.0, disk=disk)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 20, 1.0) and p.restore is None
+
+
+def test_a_branch_whose_own_part_is_not_worth_keeping_is_taken_over_in_place_without_a_save():
+    # the previous sibling's own part is a short tail: cheaper to compute again than to save,
+    # so no fork into the free slot, no save: in place, as llama-server alone would
+    request = large(fp(30, 31, tag=2404))
+    previous = slot(0, HOT, fp(30, 31, tag=2405), tokens=30_000)
+    asked = []
+
+    def keep(view, common):
+        asked.append((view.id, common))
+        return False
+
+    p = plan(request, [previous, slot(1, FREE)], min_ratio=0.0, fork_pays=lambda v, c: True, keep_pays=keep)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 30, 30 / 31) and not p.evicts and p.fork is None
+    assert asked == [(SlotId("a", 0), 30)]
+    # worth keeping (a team member's private files): forked as before
+    p = plan(request, [previous, slot(1, FREE)], min_ratio=0.0, fork_pays=lambda v, c: True,
+             keep_pays=lambda v, c: True)
+    assert p.fork == SlotId("a", 0)
+    # ... and with no free slot, taken over in place but saved first
+    p = plan(request, [previous], min_ratio=0.0, keep_pays=lambda v, c: True)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 30, 30 / 31, evicts=True)
+
+
+def test_a_tail_not_worth_keeping_beats_a_restore_of_a_saved_entry_into_a_free_slot():
+    request = large(fp(30, 31, tag=2406))
+    disk = DiskMatch("deadbeef", "a", 30, 30 / 31)
+    slots = [slot(0, HOT, fp(30, 31, tag=2407)), slot(1, FREE)]
+    p = plan(request, slots, min_ratio=0.0, disk=disk, keep_pays=lambda v, c: False)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 30, 30 / 31) and p.restore is None
+
+
+def test_a_restore_must_beat_the_in_place_reuse_in_time():
+    # the entry holds 2 blocks more than the slot in place: restored only if the cost model says
+    # reading its file beats computing those 2 blocks
+    request = large(fp(32, 33, tag=2408))
+    slots = [slot(0, COLD, fp(30, 31, tag=2409)), slot(1, FREE)]
+    disk = DiskMatch("deadbeef", "a", 32, 32 / 33)
+    asked = []
+
+    def beats(match, have):
+        asked.append((match.key, have))
+        return False
+
+    p = plan(request, slots, min_ratio=0.0, disk=disk, restore_beats=beats)
+    assert p == Plan(Decision.HIT, SlotId("a", 0), 30, 30 / 31) and asked == [("deadbeef", 30)]
+    p = plan(request, slots, min_ratio=0.0, disk=disk, restore_beats=lambda match, have: True)
+    assert p.restore == disk and p.slot == SlotId("a", 1)

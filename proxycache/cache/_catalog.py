@@ -11,7 +11,7 @@ from __future__ import annotations
 import attrs
 
 from proxycache.cache._index import Index, MetaEntry
-from proxycache.routing import DiskMatch, Request, SlotView, Speeds
+from proxycache.routing import DiskMatch, Fingerprint, Request, SlotView, Speeds
 
 
 @attrs.define
@@ -73,20 +73,66 @@ class Catalog:
             return entry.save_dir is None or entry.save_dir == self.storage.get(backend)
         return backend in self.readers(entry.backend, entry.model, entry.save_dir)
 
+    def _saves_work(self, backend: str) -> bool:
+        saves_fail = self.counters.save_failures and not self.counters.saves
+        return self.models.get(backend) is not None and not saves_fail
+
+    def _size_of(self, tokens: int) -> float | None:
+        """A slot file's size for C{tokens}: from measured saves and restores, else the index's average."""
+        size = self.speeds.size_of(tokens)
+        if size is None and self.index.total_tokens:
+            size = tokens * self.index.total_bytes / self.index.total_tokens
+        return size
+
     def fork_pays(self, view: SlotView, common_blocks: int) -> bool:
         """
         The scheduler's cost model for a fork of HOT slot C{view} (L{Plan.fork}):
         save it unless saved, restore the file elsewhere, against recomputing
         the C{common_blocks} the request shares with it.
         """
-        saves_fail = self.counters.save_failures and not self.counters.saves
-        if self.models.get(view.id.backend) is None or saves_fail:
+        if not self._saves_work(view.id.backend):
             return False  # no model known yet, or saves do not work (no --slot-save-path)
         blocks = len(view.fingerprint.blocks)
-        tokens = view.tokens or view.fingerprint.words  # about one token a word when not measured
-        index_tokens = self.index.total_tokens  # KV bytes per token, from what was saved so far
-        size = round(tokens * self.index.total_bytes / index_tokens) if index_tokens else None
-        return self.speeds.fork_pays(tokens, size, blocks, common_blocks, view.saved)
+        tokens = _tokens(view)
+        return self.speeds.fork_pays(tokens, self._size_of(tokens), blocks, common_blocks, view.saved)
+
+    def covered_blocks(self, fp: Fingerprint, backend: str) -> int:
+        """
+        Leading blocks of slot content C{fp} that a saved entry C{backend} can
+        restore holds, when C{fp} branches off it (a sibling's entry: the shared
+        context, then another question).  An entry C{fp} continues is an earlier
+        state of the same conversation: what was added since is its own part,
+        saved as before, so that its next turn computes only what is new.
+        """
+        model = self.models.get(backend)
+        if model is None or not fp.blocks:
+            return 0
+        writers = [name for name, runs in self.models.items() if runs == model]
+        found = self.index.best(fp, model, writers, 0.0)
+        if found is None or found[1] >= len(found[0].fingerprint.blocks):
+            return 0
+        return found[1]
+
+    def keep_pays(self, view: SlotView, common_blocks: int) -> bool:
+        """
+        Is what HOT slot C{view} holds beyond the C{common_blocks} a request
+        would keep in place (or beyond what a saved entry holds already) worth a
+        save and a restore, against computing it again (L{Speeds.keep_pays})?
+        """
+        return self.save_pays(view.id.backend, view.fingerprint, _tokens(view), view.saved, common_blocks)
+
+    def save_pays(self, backend: str, fp: Fingerprint, tokens: int, saved: bool = False, kept_blocks: int = 0) -> bool:
+        """Is slot content C{fp} of C{tokens} worth saving (its first C{kept_blocks} survive anyway)?"""
+        if not self._saves_work(backend):
+            return True  # nothing can be saved: keeping it means leaving it in its slot
+        blocks = len(fp.blocks)
+        covered = max(kept_blocks, self.covered_blocks(fp, backend))
+        covered_tokens = round(tokens * covered / max(1, blocks))
+        return self.speeds.keep_pays(tokens, covered_tokens, saved)
+
+    def restore_beats(self, disk: DiskMatch, have_blocks: int) -> bool:
+        """Does restoring C{disk} beat reusing C{have_blocks} of it in place and computing the rest?"""
+        return self.speeds.restore_pays(disk.tokens, disk.bytes, disk.blocks, disk.common_blocks, have_blocks)
 
     def backend_up(self, backend: str, model: str, process: str | None = None) -> int:
         """
@@ -112,7 +158,13 @@ class Catalog:
         if best is None:
             return None
         entry, common, ratio = best
-        if not self.speeds.restore_pays(entry.tokens, entry.bytes, len(entry.fingerprint.blocks), common):
+        blocks = len(entry.fingerprint.blocks)
+        if not self.speeds.restore_pays(entry.tokens, entry.bytes, blocks, common):
             return None
         readers = self.readers(entry.backend, entry.model, entry.save_dir)
-        return DiskMatch(entry.key, entry.backend, common, ratio, readers)
+        return DiskMatch(entry.key, entry.backend, common, ratio, readers,
+                         tokens=entry.tokens, bytes=entry.bytes, blocks=blocks)
+
+
+def _tokens(view: SlotView) -> int:
+    return view.tokens or view.fingerprint.words  # about one token a word when not measured

@@ -28,7 +28,7 @@ from proxycache.cache._index import MetaEntry, bin_name, entry_key
 from proxycache.cache._probed import NotProbed, ProbedProcesses
 from proxycache.cache._store import SavedCaches
 from proxycache.config import Config
-from proxycache.routing import Decision, SlotId, SlotState, fell_short
+from proxycache.routing import Decision, Relation, SlotId, SlotState, fell_short, relation
 from proxycache.slots import Hold, Lease, Outcome, Scheduler, Slot, SlotContent
 
 log = Logger()
@@ -77,6 +77,7 @@ class DiskTier(Service):
         self.on_empty_slot = on_empty_slot  # llama-server looks restarted: the monitor looks again
         self.observers = list(observers)  # (action, seconds, bytes) of every save and restore
         self._restored: dict[SlotId, _Restored] = {}
+        self._path: dict[SlotId, tuple[float, float]] = {}  # seconds saving, restoring on a request's path
         self._write_behind: dict[SlotId, IDelayedCall] = {}
         self._settling: dict[SlotId, Deferred[Decision]] = {}
         self._evicted_at: dict[str, float] = {}  # by backend: when a request last took another's slot
@@ -149,31 +150,53 @@ class DiskTier(Service):
     async def _prepare(self, lease: Lease) -> Decision:
         previous = lease.previous
         saved_here = False
+        self._path[lease.slot.id] = (0.0, 0.0)
         # A HIT keeps the slot's content unless it takes over another conversation's (evicts).
         evicts = (lease.plan.evicts or lease.plan.decision is not Decision.HIT) and previous.state is SlotState.HOT
         if evicts:
             self._evicted_at[lease.slot.id.backend] = self.clock.seconds()
-        if evicts and previous.saved_key is None:
-            saved_here = await self.save(lease.slot, previous) is not None
+        # A save on a request's path must be worth its time: not for what a saved entry (or the
+        # prefix this request keeps in place) holds already and a short tail recomputed faster.
+        kept = lease.plan.common_blocks if lease.plan.decision is Decision.HIT else 0
+        if evicts and previous.saved_key is None and self._save_pays(lease.slot.id.backend, previous, kept):
+            saved_here = await self._on_path(lease, 0, self.save(lease.slot, previous)) is not None
         self._cancel_write_behind(lease.slot.id)
         if lease.plan.fork is not None or lease.plan.restore is not None:
             await self.probed.described(lease.slot.id.backend)  # just restarted: probed again in a moment
         if lease.plan.fork is not None:
-            key = await self._save_fork_source(lease)
-            return Decision.RESTORE if key and await self._restore(lease, key) else Decision.MISS
+            key = await self._on_path(lease, 0, self._save_fork_source(lease))
+            return Decision.RESTORE if key and await self._on_path(lease, 1, self._restore(lease, key)) else Decision.MISS
         if lease.plan.restore is not None:
             # Just saved under our lock, the slot is idle: one round trip to llama.cpp fewer on this
             # request's way (each waits for a batch of the other slots).
-            restored = await self._restore(lease, lease.plan.restore.key, idle=saved_here)
+            restored = await self._on_path(lease, 1, self._restore(lease, lease.plan.restore.key, idle=saved_here))
             return Decision.RESTORE if restored else Decision.MISS
         return lease.plan.decision
+
+    async def _on_path(self, lease: Lease, which: int, action: Any) -> Any:
+        """Await a save (C{which} 0) or restore (1) on C{lease}'s path, adding up its time."""
+        started = self.clock.seconds()
+        try:
+            return await action
+        finally:
+            took = list(self._path.get(lease.slot.id, (0.0, 0.0)))
+            took[which] += self.clock.seconds() - started
+            self._path[lease.slot.id] = (took[0], took[1])
+
+    def path_seconds(self, lease: Lease) -> tuple[float, float]:
+        """Seconds this request waited for saves and for restores before it was sent."""
+        return self._path.get(lease.slot.id, (0.0, 0.0))
+
+    def _save_pays(self, backend: str, content: SlotContent, kept_blocks: int = 0) -> bool:
+        return self.catalog.save_pays(backend, content.fingerprint, content.tokens, kept_blocks=kept_blocks)
 
     def restored_tokens(self, lease: Lease) -> int:
         restored = self._restored.get(lease.slot.id)
         return restored.n_restored if restored is not None else 0
 
     def released(self, lease: Lease, outcome: Outcome) -> None:
-        self.speeds.observe_prefill(outcome.prompt_n, outcome.prompt_ms)
+        self.speeds.observe_prefill(outcome.prompt_n, outcome.prompt_ms, outcome.cache_n)
+        self._path.pop(lease.slot.id, None)
         restored = self._restored.pop(lease.slot.id, None)
         if restored is not None and outcome.measured:
             self._verify(lease, restored, outcome)
@@ -281,7 +304,7 @@ class DiskTier(Service):
         self.counters.saves += 1
         self.counters.saved_bytes += entry.bytes
         took = now - started
-        self.speeds.observe_save(entry.bytes, saved.ms)
+        self.speeds.observe_save(entry.bytes, saved.ms, entry.tokens, took)
         for observer in self.observers:
             observer("save", took, entry.bytes)
         (log.info if took >= 1 else log.debug)(
@@ -337,7 +360,7 @@ class DiskTier(Service):
             return False
         took = self.clock.seconds() - started
         n_restored = restored.tokens
-        self.speeds.observe_restore(restored.bytes or 0, restored.ms)
+        self.speeds.observe_restore(restored.bytes or 0, restored.ms, n_restored, took)
         self.counters.restores += 1
         self.counters.restored_tokens += n_restored
         if slot.id.backend != entry.backend:
@@ -368,11 +391,21 @@ class DiskTier(Service):
         without a save.  Like a page cleaner: the save happens while llama.cpp
         generates, not on the next request's way (a save blocks llama.cpp's loop
         either way).  Write-behind would save it too, but only after its delay.
+
+        The same when the request branched off a shared prefix (a sibling, a
+        team member behind one system prompt): the next request is likely to
+        branch too, and to take over an idle slot holding that prefix, so those
+        are saved now, each only if its own part is worth a save.
         """
         backend = lease.slot.id.backend
+        idle = [s for s in self.scheduler.slots.values() if s.id.backend == backend and not s.busy]
+        if _branched(lease):
+            for slot in idle:
+                if slot.state is SlotState.HOT and lease.request.fingerprint.common_blocks(slot.content.fingerprint):
+                    self._cancel_write_behind(slot.id)
+                    self._start_save_idle(slot.id)
         if self.clock.seconds() - self._evicted_at.get(backend, float("-inf")) > CONTENDED_SECONDS:
             return
-        idle = [s for s in self.scheduler.slots.values() if s.id.backend == backend and not s.busy]
         if any(s.state is not SlotState.HOT or s.content.saved_key is not None for s in idle):
             return  # a slot to take without saving
         if idle:
@@ -402,6 +435,8 @@ class DiskTier(Service):
         slot = self.scheduler.slot(slot_id)
         if slot is None or slot.state is not SlotState.HOT or slot.content.saved_key is not None:
             return
+        if not self._save_pays(slot_id.backend, slot.content):
+            return  # a saved entry holds all but a tail cheaper to compute again: the save would only block
         hold = hold or self.scheduler.try_hold(slot_id)
         if hold is None:
             return  # in use: its next release schedules another save
@@ -427,6 +462,17 @@ class DiskTier(Service):
             return key
         finally:
             self.scheduler.release_source(lease)
+
+def _branched(lease: Lease) -> bool:
+    """Did C{lease}'s request branch off a prefix it shares with other content (a slot's, a saved entry's)?"""
+    plan = lease.plan
+    if plan.fork is not None:
+        return True
+    if plan.restore is not None:
+        return 0 < plan.restore.common_blocks < plan.restore.blocks
+    return plan.decision is Decision.HIT and relation(
+        lease.request.fingerprint, lease.previous.fingerprint
+    ) is Relation.BRANCH
 
 
 def _shielded(work: Deferred) -> Deferred:

@@ -11,9 +11,11 @@ from proxycache.routing._plan import (
     Decision,
     DiskMatch,
     ForkPays,
+    KeepPays,
     Plan,
     Relation,
     Request,
+    RestoreBeats,
     SlotId,
     SlotState,
     SlotView,
@@ -29,7 +31,7 @@ from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unp
 
 __all__ = [
     "MIN_MEASURED_PREFILL_TOKENS",
-    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "Plan", "Relation", "Request", "SlotId",
+    "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "KeepPays", "Plan", "Relation", "Request", "RestoreBeats", "SlotId",
     "SlotState", "SlotView", "Speeds", "backend_load", "best_match", "conversation_text", "expected_reuse",
     "fell_short", "fingerprint", "fingerprint_text", "is_small", "plan", "relation", "reused_unplanned", "state_after",
     "target_slot", "FairShares", "Tag", "prefill_cost",

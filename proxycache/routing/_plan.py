@@ -137,6 +137,10 @@ class DiskMatch:
     common_blocks: int
     similarity: float
     readers: frozenset[str] = frozenset()  # other backends that can restore it (same model, shared storage)
+    # The entry's size, for the cost model (0: unknown).
+    tokens: int = 0
+    bytes: int = 0
+    blocks: int = 0
 
 
 @attrs.frozen
@@ -154,8 +158,17 @@ class Plan:
 # recomputing the given number of its leading blocks?
 ForkPays = Callable[[SlotView, int], bool]
 
-# Among options reusing as many blocks, the least destructive wins (higher first).
-_PREFER_HIT, _PREFER_DISK, _PREFER_FORK, _PREFER_TAKEOVER = 3, 2, 1, 0
+# Is what this HOT slot holds beyond its first blocks (the given number) worth
+# keeping: a save (unless saved) and a restore later, against computing it again?
+KeepPays = Callable[[SlotView, int], bool]
+# Does restoring this saved entry beat keeping the given number of its blocks in
+# place and computing the rest?
+RestoreBeats = Callable[[DiskMatch, int], bool]
+
+# Among options reusing as many blocks, the cheapest and least destructive wins (higher first):
+# in place, then in place over a branch whose own part is cheaper to compute again than to keep,
+# then a restore, a fork, and a takeover (in place, but saving the slot first).
+_PREFER_HIT, _PREFER_IN_PLACE, _PREFER_DISK, _PREFER_FORK, _PREFER_TAKEOVER = 4, 3, 2, 1, 0
 
 
 def relation(request: Fingerprint, held: Fingerprint) -> Relation:
@@ -247,13 +260,17 @@ def backend_load(slots: Sequence[SlotView]) -> dict[str, int]:
 
 
 def _slot_option(
-    match: _Match, idle: Sequence[SlotView], fork_pays: ForkPays | None
+    match: _Match, idle: Sequence[SlotView], fork_pays: ForkPays | None, keep_pays: KeepPays | None = None
 ) -> tuple[int, Plan] | None:
     """How an idle matching slot can serve the request: (preference, plan), or None."""
     slot, common, ratio = match.slot, match.common, match.ratio
     if match.relation is Relation.CONTINUATION or slot.state is SlotState.COLD:
         return _PREFER_HIT, Plan(Decision.HIT, slot.id, common, ratio)
     # A branch of a HOT slot: its content after the shared prefix belongs to another conversation.
+    if keep_pays is not None and not keep_pays(slot, common):
+        # ... but that part (a sibling's last question) is cheaper to compute again than to save
+        # and restore, or it is saved already: reuse the shared prefix in place, as llama.cpp would.
+        return _PREFER_IN_PLACE, Plan(Decision.HIT, slot.id, common, ratio)
     spare = [s for s in idle if s.state is not SlotState.HOT]
     fork_target = target_slot([s for s in spare if s.id.backend == slot.id.backend])
     if fork_target is not None and fork_pays is not None and fork_pays(slot, common):
@@ -271,11 +288,16 @@ def plan(
     affinity: bool = True,
     disk: DiskMatch | None = None,
     fork_pays: ForkPays | None = None,
+    keep_pays: KeepPays | None = None,
+    restore_beats: RestoreBeats | None = None,
 ) -> Plan | None:
     """
     Decide where C{request} runs.  Returns a L{Plan}, a WAIT plan naming the
     busy slot whose conversation it continues (only while C{affinity}), or None
-    when nothing is idle.  C{fork_pays} judges forks of HOT slots (None: never).
+    when nothing is idle.  C{fork_pays} judges forks of HOT slots (None: never);
+    C{keep_pays} whether a HOT branch's own part is worth a save (None: always);
+    C{restore_beats} whether a restore beats the reuse a slot offers in place
+    (None: only when it reuses more blocks).
     """
     idle = [s for s in slots if not s.busy]
     load = backend_load(slots)
@@ -285,17 +307,21 @@ def plan(
     for match in matches:
         if match.slot.busy:
             continue
-        option = _slot_option(match, idle, None if request.small else fork_pays)
+        option = _slot_option(match, idle, None if request.small else fork_pays, keep_pays)
         if option is not None:
             preference, chosen = option
             # among equals: a hit on the most recent slot, a fork or takeover of the least recent
             recency = match.slot.last_used if preference == _PREFER_HIT else -match.slot.last_used
             options.append(((match.common, preference, recency), chosen))
     best_slot_common = max((rank[0] for rank, _ in options), default=0)
+    in_place = max((rank[0] for rank, p in options if p.fork is None), default=0)
 
     # A restore needs an idle slot on a backend that can read the file: the one that wrote it,
-    # or one sharing its save storage and model (the writer may be busy, or gone).
-    if disk is not None and not request.small:
+    # or one sharing its save storage and model (the writer may be busy, or gone).  Never one of
+    # a prefix a slot holds already: it must beat what a slot reuses in place, in time.
+    if disk is not None and not request.small and (
+        restore_beats(disk, in_place) if restore_beats is not None else disk.common_blocks > in_place
+    ):
         restore_target = target_slot([s for s in idle if s.id.backend in disk.readers | {disk.backend}], load)
         if restore_target is not None:
             restore = Plan(

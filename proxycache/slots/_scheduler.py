@@ -36,8 +36,10 @@ from proxycache.routing import (
     DiskMatch,
     Plan,
     ForkPays,
+    KeepPays,
     Relation,
     Request,
+    RestoreBeats,
     SlotId,
     SlotState,
     SlotView,
@@ -128,6 +130,8 @@ class Scheduler:
         fim_idle: float = 30.0,
         side_call_wait: float = 3.0,
         isolate_tenants: bool = False,
+        keep_pays: KeepPays | None = None,
+        restore_beats: RestoreBeats | None = None,
     ) -> None:
         self.clock = clock
         self.fim_slots = fim_slots  # most slots per backend holding "fim" requests; None: 1 from 3 slots up
@@ -140,6 +144,8 @@ class Scheduler:
         self.disk_lookup = disk_lookup or (lambda request: None)
         self.fork_pays = fork_pays  # None: HOT slots are never forked (no disk tier to do it)
         self.isolate_tenants = isolate_tenants  # a request sees no other tenant's slot content
+        self.keep_pays = keep_pays  # None: a HOT slot's own part is always worth keeping
+        self.restore_beats = restore_beats  # None: a restore must reuse more blocks than a slot in place
         self._slots: dict[SlotId, _Record] = {}
         self._queue = FairQueue(
             fair=fair, weights=tenant_weights, max_in_flight=tenant_max_in_flight, max_queued=tenant_max_queued
@@ -343,6 +349,7 @@ class Scheduler:
         disk = None if request.small else self.disk_lookup(request)
         decided = plan(
             request, views, min_ratio=self.min_ratio, affinity=affinity, disk=disk, fork_pays=self.fork_pays,
+            keep_pays=self.keep_pays, restore_beats=self.restore_beats,
         )
         if decided is None and protected:
             self._wake_at(waiter, min(patience, unprotected_at or patience))
