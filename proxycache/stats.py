@@ -87,6 +87,13 @@ class Stats:
             buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
             registry=self.registry,
         )
+        self.path_seconds = Histogram(
+            "proxycache_path_seconds",
+            "Time a request waited for saves and restores (its path) after it got its slot, before it was sent",
+            buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
+            registry=self.registry,
+        )
+        self.path_totals = {"save": 0.0, "restore": 0.0}
         self.slot_action_bytes = Histogram(
             "proxycache_slot_action_bytes",
             "Size of saved and restored slot caches",
@@ -108,6 +115,9 @@ class Stats:
             self.upstream_errors += 1
         self.queue_wait.observe(record.waited)
         self.request_seconds.observe(record.seconds)
+        self.path_seconds.observe(record.save_seconds + record.restore_seconds)
+        self.path_totals["save"] += record.save_seconds
+        self.path_totals["restore"] += record.restore_seconds
         self.recent.appendleft(record)
         self.tenants.request_done(record)
         self._add_history(record)
@@ -204,6 +214,9 @@ class Stats:
                 "cached_tokens": self.cached_tokens,
                 "prefill_tokens": self.prefill_tokens,
                 "prefill_seconds_saved": round(self.seconds_saved, 2),
+                # on requests' paths, before they were sent
+                "path_save_seconds": round(self.path_totals["save"], 3),
+                "path_restore_seconds": round(self.path_totals["restore"], 3),
             },
             "recent": [
                 {
@@ -217,6 +230,7 @@ class Stats:
                     "cache_n": r.cache_n,
                     "prompt_n": r.prompt_n,
                     "wait": round(r.waited, 3),
+                    "path_ms": round((r.save_seconds + r.restore_seconds) * 1000),
                     "seconds": round(r.seconds, 3),
                 }
                 for r in self.recent

@@ -137,10 +137,14 @@ class RecordingExchange:
     timings: dict[str, Any] = attrs.Factory(lambda: {"cache_n": 10, "prompt_n": 5, "predicted_n": 2})
     error: Exception | None = None
     begun: list[tuple[Lease, Decision, int]] = attrs.Factory(list)
+    paths: list[tuple[float, float]] = attrs.Factory(list)
     delivered: list[Any] = attrs.Factory(list)
 
-    def begin(self, lease: Lease, decision: Decision, restored_tokens: int) -> None:
+    def begin(
+        self, lease: Lease, decision: Decision, restored_tokens: int, path: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
         self.begun.append((lease, decision, restored_tokens))
+        self.paths.append(path)
 
     async def deliver(self, response: Any, progress: Progress) -> None:
         self.delivered.append(response)

@@ -46,6 +46,9 @@ class SlotPreparer(Protocol):
     def restored_tokens(self, lease: Lease) -> int:
         """Tokens loaded from disk into the slot for this request."""
 
+    def path_seconds(self, lease: Lease) -> tuple[float, float]:
+        """Seconds spent saving, and restoring, on this request's path before it was sent."""
+
     def released(self, lease: Lease, outcome: Outcome) -> None:
         """The slot was released with C{outcome}."""
 
@@ -64,6 +67,9 @@ class NoCache:
 
     def restored_tokens(self, lease: Lease) -> int:
         return 0
+
+    def path_seconds(self, lease: Lease) -> tuple[float, float]:
+        return (0.0, 0.0)
 
     def released(self, lease: Lease, outcome: Outcome) -> None:
         return None
@@ -86,13 +92,16 @@ class Progress:
     failed: bool = False  # the body broke off: the slot's content is uncertain
     # Called by the exchange at a stream's first bytes: the prompt is computed, the answer is coming.
     decoding: Callable[[], Any] = lambda: None
+    path: tuple[float, float] = (0.0, 0.0)  # seconds saving, restoring before the request was sent
 
 
 class Exchange(Protocol):
     """One client's request, as the HTTP layer serves it."""
 
-    def begin(self, lease: Lease, decision: Decision, restored_tokens: int) -> None:
-        """The slot is ready and the request is about to be sent."""
+    def begin(
+        self, lease: Lease, decision: Decision, restored_tokens: int, path: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
+        """The slot is ready and the request is about to be sent (after C{path}: seconds saving, restoring)."""
 
     async def deliver(self, response: IResponse, progress: Progress) -> None:
         """Relay llama.cpp's response to the client, filling C{progress.timings}."""
@@ -116,6 +125,8 @@ class RequestRecord:
     waited: float
     seconds: float
     tenant: str = ""
+    save_seconds: float = 0.0  # on the request's path, before it was sent
+    restore_seconds: float = 0.0
 
 
 class Dispatcher:
@@ -186,7 +197,8 @@ class Dispatcher:
         sent = ended = False
         try:
             progress.decision = _shown(lease, await self.cache.prepare(lease))
-            exchange.begin(lease, progress.decision, self.cache.restored_tokens(lease))
+            progress.path = self.cache.path_seconds(lease)
+            exchange.begin(lease, progress.decision, self.cache.restored_tokens(lease), progress.path)
             backend = self.backends[lease.slot.id.backend]
             sent = True
             try:
@@ -267,15 +279,16 @@ class Dispatcher:
             cache_n=outcome.cache_n, prompt_n=outcome.prompt_n, predicted_n=outcome.predicted_n,
             prompt_ms=outcome.prompt_ms, waited=lease.waited, seconds=finished - started,
             tenant=lease.request.tenant,
+            save_seconds=progress.path[0], restore_seconds=progress.path[1],
         )
         log.info(
             "{decision} slot={slot} status={status} similarity={similarity:.2f} blocks={blocks} "
             "cache_n={cache_n} prompt_n={prompt_n} predicted_n={predicted_n} prompt_ms={prompt_ms:.0f} "
-            "wait={wait:.3f}s took={took:.3f}s",
+            "wait={wait:.3f}s save={save:.3f}s restore={restore:.3f}s took={took:.3f}s",
             decision=decision.value, slot=str(lease.slot.id), status=progress.status or "-",
             similarity=record.similarity, blocks=record.blocks, cache_n=record.cache_n,
             prompt_n=record.prompt_n, predicted_n=record.predicted_n, prompt_ms=record.prompt_ms,
-            wait=record.waited, took=record.seconds,
+            wait=record.waited, save=record.save_seconds, restore=record.restore_seconds, took=record.seconds,
         )
         for observer in self.observers:
             observer(record)

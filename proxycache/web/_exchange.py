@@ -89,8 +89,11 @@ class ClientExchange:
         self.streaming = streaming
         self.backend_numbers = backend_numbers
 
-    def begin(self, lease: Lease, decision: Decision, restored_tokens: int) -> None:
+    def begin(
+        self, lease: Lease, decision: Decision, restored_tokens: int, path: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
         plan = lease.plan
+        save, restore = path
         headers = {
             b"x-proxycache-slot": str(lease.slot.id.index),
             b"x-proxycache-backend": str(self.backend_numbers.get(lease.slot.id.backend, 0)),
@@ -99,6 +102,10 @@ class ClientExchange:
             b"x-proxycache-reused-blocks": str(plan.common_blocks),
             b"x-proxycache-restored-tokens": str(restored_tokens),
             b"x-proxycache-queue-wait-ms": f"{lease.waited * 1000:.0f}",
+            # what saves and restores cost this request before llama.cpp got it (issue 24)
+            b"x-proxycache-path-ms": f"{(save + restore) * 1000:.0f}",
+            b"x-proxycache-save-ms": f"{save * 1000:.0f}",
+            b"x-proxycache-restore-ms": f"{restore * 1000:.0f}",
             b"x-proxycache-version": __version__,
         }
         for name, value in headers.items():

@@ -39,9 +39,11 @@ class CollectingExchange(ClientExchange):
         self.raw = b""
         self.decoded: Any = None
 
-    def begin(self, lease: Lease, decision: Decision, restored_tokens: int) -> None:
+    def begin(
+        self, lease: Lease, decision: Decision, restored_tokens: int, path: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
         if self.first:
-            super().begin(lease, decision, restored_tokens)
+            super().begin(lease, decision, restored_tokens, path)
 
     async def deliver(self, response: IResponse, progress: Progress) -> None:
         self.status = response.code

@@ -120,9 +120,11 @@ class StreamedChoiceExchange(ClientExchange):
         self.error: str | None = None
         self.answered = False  # the first choice's error answer was relayed whole: nothing more to send
 
-    def begin(self, lease: Lease, decision: Decision, restored_tokens: int) -> None:
+    def begin(
+        self, lease: Lease, decision: Decision, restored_tokens: int, path: tuple[float, float] = (0.0, 0.0)
+    ) -> None:
         if self.first:
-            super().begin(lease, decision, restored_tokens)
+            super().begin(lease, decision, restored_tokens, path)
 
     async def deliver(self, response: IResponse, progress: Progress) -> None:
         if response.code != 200:

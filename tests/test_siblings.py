@@ -1,0 +1,80 @@
+"""
+Siblings off one context, against a real llama.cpp server (issue 24): one large
+context, then requests that share it and differ in the last user message (a
+regenerate, many questions against one repository context).  llama-server alone
+reuses the shared prefix in place; so must the proxy, with no save or restore
+on a sibling's way.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from tests.conversations import text
+from proxycache.testing import ProxyProcess, wait_for
+
+LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
+
+
+def ask(client: Any, context: str, question: str) -> dict[str, Any]:
+    raw = client.chat.completions.with_raw_response.create(
+        model="any", max_tokens=4,
+        messages=[{"role": "system", "content": context}, {"role": "user", "content": question}],
+    )
+    timings = raw.parse().model_extra["timings"]
+    return {
+        "decision": raw.headers["x-proxycache-decision"],
+        "path_ms": float(raw.headers["x-proxycache-path-ms"]),
+        "cache_n": timings["cache_n"],
+        "prompt_n": timings["prompt_n"],
+    }
+
+
+def test_siblings_on_one_slot_reuse_the_shared_context_in_place(llama_factory, tmp_path):
+    llama = llama_factory(slots=1)
+    proxy = ProxyProcess(
+        tmp_path, llama.url, slot_save_path=str(llama.save_dir), write_behind=0.2, **LIMITS
+    ).start()
+    try:
+        client = proxy.client(timeout=300)
+        rng = random.Random("siblings")
+        context = "Repository context. " + text(rng, 600)
+        first = ask(client, context, "What does the parser do? " + text(rng, 10))
+        assert first["decision"] == "miss"
+        # the first sibling is saved in the background (write-behind): a disk entry holds the context
+        wait_for(lambda: proxy.status()["disk"]["saves"] == 1, 30, "the write-behind save")
+        for n in range(4):  # back to back, each another question against the same context
+            sibling = ask(client, context, f"Question {n}: " + text(rng, 10))
+            # reused in place: no restore of what the slot holds, no save of the previous sibling's short tail
+            assert sibling["decision"] == "hit", sibling
+            assert sibling["cache_n"] >= len(context) * 0.9, sibling
+            assert sibling["path_ms"] == 0, sibling
+        disk = proxy.status()["disk"]
+        assert (disk["saves"], disk["restores"]) == (1, 0), disk
+    finally:
+        proxy.stop()  # saves what is worth saving: not the last sibling's short tail either
+    assert len(list((tmp_path / "meta").glob("*.meta"))) == 1
+
+
+def test_the_save_and_restore_on_a_requests_path_are_shown(llama_factory, tmp_path):
+    llama = llama_factory(slots=1)
+    # write-behind far off: the save of ana's slot happens on ben's way
+    proxy = ProxyProcess(tmp_path, llama.url, slot_save_path=str(llama.save_dir), write_behind=600, **LIMITS).start()
+    try:
+        client = proxy.client(timeout=300)
+        rng = random.Random("path")
+        ana, ben = "Ana's project. " + text(rng, 500), "Ben's project. " + text(rng, 500)
+        assert ask(client, ana, "hi")["path_ms"] == 0
+        raw = client.chat.completions.with_raw_response.create(
+            model="any", max_tokens=4, messages=[{"role": "system", "content": ben}, {"role": "user", "content": "hi"}])
+        assert raw.headers["x-proxycache-decision"] == "miss"
+        assert int(raw.headers["x-proxycache-save-ms"]) > 0 and int(raw.headers["x-proxycache-restore-ms"]) == 0
+        assert int(raw.headers["x-proxycache-path-ms"]) >= int(raw.headers["x-proxycache-save-ms"])
+        back = ask(client, ana, "hi again")  # ben is saved on the way, ana restored
+        assert back["decision"] == "restore" and back["path_ms"] > 0, back
+        recent = proxy.status()["recent"]
+        assert recent[0]["path_ms"] > 0 and recent[0]["decision"] == "restore"
+        assert proxy.metrics()["proxycache_path_seconds_count"] == 3
+    finally:
+        proxy.stop()
