@@ -45,7 +45,15 @@ FIM_TOKENS = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
 
 @attrs.frozen
 class ModelShape:
-    """The size of a generated model; prefill cost grows with width and depth."""
+    """
+    The size of a generated model; prefill cost grows with width and depth.
+
+    C{kv_heads} and C{head_dim} (default: C{heads}, C{embedding // heads}) set the
+    KV cache's geometry apart from the width: a slot file takes layers x kv_heads
+    x head_dim x 2 (K and V) x 2 bytes (f16) per token, as in a real model of
+    that class, while the weights stay tiny (the attention over the context is
+    what such a model costs anyway).
+    """
 
     embedding: int = 64
     layers: int = 2
@@ -53,12 +61,30 @@ class ModelShape:
     feed_forward: int = 128
     context: int = 65536
     seed: int = 1
+    kv_heads: int | None = None
+    head_dim: int | None = None
+
+    @property
+    def n_kv_heads(self) -> int:
+        return self.kv_heads or self.heads
+
+    @property
+    def n_head_dim(self) -> int:
+        return self.head_dim or self.embedding // self.heads
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV cache bytes a token takes (f16 K and V), what a slot file grows by."""
+        return self.layers * self.n_kv_heads * self.n_head_dim * 2 * 2
 
     @property
     def filename(self) -> str:
+        geometry = "" if self.kv_heads is None and self.head_dim is None else (
+            f"-kv{self.n_kv_heads}-d{self.n_head_dim}"
+        )
         return (
             f"tiny-llama-e{self.embedding}-l{self.layers}-h{self.heads}"
-            f"-f{self.feed_forward}-s{self.seed}-v4.gguf"
+            f"-f{self.feed_forward}{geometry}-s{self.seed}-v4.gguf"
         )
 
 
@@ -66,6 +92,13 @@ TINY = ModelShape()
 BENCH = ModelShape(embedding=256, layers=4, heads=4, feed_forward=768)
 # Another geometry, for "a cache file written by a different model".
 OTHER = ModelShape(embedding=96, layers=3, heads=4, feed_forward=192, seed=2)
+# The KV geometry of real model classes (for benchmarks where a save takes real seconds), with tiny
+# weights: a 7B class (Llama-3-8B, Mistral-7B, Qwen2.5-7B-ish: 32 layers x 8 KV heads x 128, 128 KiB a
+# token) and a 30B class (Qwen2.5-32B: 64 layers x 8 KV heads x 128, 256 KiB a token).  No GQA: each
+# query head has its own KV head, the cheapest attention for that KV size.
+KV_7B = ModelShape(embedding=64, layers=32, heads=8, feed_forward=64, kv_heads=8, head_dim=128)
+KV_30B = ModelShape(embedding=64, layers=64, heads=8, feed_forward=64, kv_heads=8, head_dim=128)
+PRESETS = {"tiny": TINY, "bench": BENCH, "other": OTHER, "kv7b": KV_7B, "kv30b": KV_30B}
 
 
 def _vocabulary() -> tuple[list[bytes], list[int]]:
@@ -103,6 +136,7 @@ def write_model(path: Path, shape: ModelShape = TINY) -> Path:
     tokens, types = _vocabulary()
     vocab = len(tokens)
     e, f = shape.embedding, shape.feed_forward
+    q, kv = shape.heads * shape.n_head_dim, shape.n_kv_heads * shape.n_head_dim  # projection widths
 
     def weights(*dims: int) -> "np.ndarray":
         return (rng.standard_normal(dims) * 0.02).astype(np.float32)
@@ -115,8 +149,11 @@ def write_model(path: Path, shape: ModelShape = TINY) -> Path:
     writer.add_block_count(shape.layers)
     writer.add_feed_forward_length(f)
     writer.add_head_count(shape.heads)
-    writer.add_head_count_kv(shape.heads)
-    writer.add_rope_dimension_count(e // shape.heads)
+    writer.add_head_count_kv(shape.n_kv_heads)
+    if shape.head_dim is not None:
+        writer.add_key_length(shape.n_head_dim)
+        writer.add_value_length(shape.n_head_dim)
+    writer.add_rope_dimension_count(shape.n_head_dim)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
     writer.add_tokenizer_model("llama")
@@ -139,8 +176,10 @@ def write_model(path: Path, shape: ModelShape = TINY) -> Path:
     for layer in range(shape.layers):
         block = f"blk.{layer}"
         writer.add_tensor(f"{block}.attn_norm.weight", np.ones(e, dtype=np.float32))
-        for name in ("attn_q", "attn_k", "attn_v", "attn_output"):
-            writer.add_tensor(f"{block}.{name}.weight", weights(e, e))
+        writer.add_tensor(f"{block}.attn_q.weight", weights(q, e))
+        writer.add_tensor(f"{block}.attn_k.weight", weights(kv, e))
+        writer.add_tensor(f"{block}.attn_v.weight", weights(kv, e))
+        writer.add_tensor(f"{block}.attn_output.weight", weights(e, q))
         writer.add_tensor(f"{block}.ffn_norm.weight", np.ones(e, dtype=np.float32))
         writer.add_tensor(f"{block}.ffn_gate.weight", weights(f, e))
         writer.add_tensor(f"{block}.ffn_up.weight", weights(f, e))

@@ -39,10 +39,14 @@ may do with a slot follows from the relation (a continuation reuses it in
 place; a branch keeps another conversation's content) and from costs (forks,
 restores): a team's 12k-token system prompt behind 2k private tokens is worth
 reusing although it is "only" 85% of the shorter side.  Among the idle options below the one
-reusing the most blocks wins; on a tie, the least destructive (in this order):
+reusing the most blocks wins; on a tie, the cheapest and least destructive (in this order):
 
   a. HIT on an idle slot the request continues, or on an idle COLD slot (a
      COLD prompt is not protected): the prefix is reused in place;
+  a'. HIT on an idle HOT slot the request branches from, whose own part (after
+     the shared prefix, beyond what a sibling's saved entry holds) is cheaper to
+     compute again than to save and restore (C{keep_pays}: a sibling's short
+     last question): in place, no save;
   b. RESTORE a saved disk entry sharing the prefix into an idle slot of the
      backend that wrote it (free, then LRU cold, then LRU hot: evicted, saved
      first, L{Plan.evicts}); if that backend has none idle, the entry waits;
@@ -52,6 +56,10 @@ reusing the most blocks wins; on a tie, the least destructive (in this order):
      it beats recomputing the common part (C{fork_pays});
   d. take a HOT idle branch slot over (HIT with C{evicts}: saved first), only
      when no FREE/COLD slot is idle, so an eviction happens anyway.
+
+A restore (b) is an option only when it beats the best in-place option (a,
+a', d) in time (C{restore_beats}: reading the file against computing the blocks
+it adds): never a prefix a slot already holds.
 
 Before that, a large request whose best continuation is on a busy slot waits
 for it (WAIT) while it has affinity time, when that slot holds more than any
