@@ -1,0 +1,253 @@
+"""
+Siblings off one context, side by side with llama-server alone (issue 24).
+
+Two identical llama-servers (same model, slots, flags: --cache-ram 0 and a slot
+save directory), one behind proxycache.  One large context, then sibling
+requests that share it and differ in the last user message (a regenerate, many
+questions against one repository context), sent to both servers in turn (the
+order alternating), back to back and with pauses; the median sibling latency
+of each, and what the proxy put on each sibling's path (X-Proxycache-Path-Ms).
+Then two contexts alternating on the slots ("switch"): llama-server alone, its
+RAM cache off, recomputes each context; the proxy restores it.
+
+    python -m bench.siblings                                   # bench model, 2k to 30k chars, 1 and 2 slots
+    python -m bench.siblings --models kv7b --sizes 2000 --siblings 4   # 7B-class KV (128 KiB a token)
+    python -m bench.siblings --models bench,kv7b --out docs/benchmarks/siblings
+
+Models: proxycache.tinymodel.PRESETS (tiny, bench, kv7b, kv30b).  Writes OUT.json and OUT.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.processes import Proxy, wait_until_quiet
+from proxycache.embedded import LlamaServerSpec, free_port
+from proxycache.testing import LlamaProcess
+from proxycache.testing.http import http
+from proxycache.tinymodel import PRESETS, ensure_model
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_MODELS = Path.home() / ".cache/proxycache/test-models"
+WORDS = (
+    "def class return import self value list dict async await yield lambda for while if else try except "
+    "raise with open read write parse render cache slot token prefix block hash route proxy server client"
+).split()
+LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def words(rng: random.Random, chars: int) -> str:
+    out: list[str] = []
+    size = 0
+    while size < chars:
+        word = rng.choice(WORDS)
+        out.append(word)
+        size += len(word) + 1
+    return " ".join(out)
+
+
+def ask(url: str, context: str, question: str, max_tokens: int) -> dict[str, Any]:
+    body = {
+        "model": "any", "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True,
+        "messages": [{"role": "system", "content": context}, {"role": "user", "content": question}],
+    }
+    started = time.perf_counter()
+    status, headers, reply = http("POST", url + "/v1/chat/completions", body, timeout=3600)
+    seconds = time.perf_counter() - started
+    if status != 200:
+        raise RuntimeError(f"{url}: {status} {reply}")
+    timings = reply.get("timings", {})
+    return {
+        "seconds": seconds,
+        "cache_n": timings.get("cache_n"),
+        "prompt_n": timings.get("prompt_n"),
+        "prompt_ms": timings.get("prompt_ms"),
+        "decision": headers.get("x-proxycache-decision"),
+        "path_ms": float(headers.get("x-proxycache-path-ms") or 0),
+    }
+
+
+class Pair:
+    """Two identical llama-servers, one behind proxycache."""
+
+    def __init__(self, model: Path, slots: int, ctx: int, workdir: Path, binary: str | None, threads: int) -> None:
+        self.llamas = []
+        for name in ("alone", "proxied"):
+            directory = workdir / name
+            (directory / "saves").mkdir(parents=True, exist_ok=True)
+            spec = LlamaServerSpec(model=str(model), slots=slots, ctx_per_slot=ctx, save_dir=str(directory / "saves"),
+                                   port=free_port(), threads=threads, cache_ram_mib=0, binary=binary)
+            self.llamas.append(LlamaProcess(spec, directory / "llama.log"))
+        self.alone, self.proxied = self.llamas
+        self.proxy = Proxy(self.proxied.url, workdir / "proxy", slot_save_path=str(self.proxied.save_dir), **LIMITS)
+
+    def __enter__(self) -> "Pair":
+        for llama in self.llamas:
+            llama.start()
+        self.proxy.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.proxy.stop()
+        for llama in self.llamas:
+            llama.stop()
+
+    def both(self, n: int, context: str, question: str, max_tokens: int) -> tuple[dict, dict]:
+        """The same request to llama-server alone and through the proxy, in alternating order."""
+        targets = [("alone", self.alone.url), ("proxy", self.proxy.url)]
+        if n % 2:
+            targets.reverse()
+        got = {name: ask(url, context, question, max_tokens) for name, url in targets}
+        return got["alone"], got["proxy"]
+
+
+def summary(pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
+    alone = statistics.median(a["seconds"] for a, _ in pairs)
+    proxy = statistics.median(p["seconds"] for _, p in pairs)
+    return {
+        "n": len(pairs),
+        "alone_median_s": round(alone, 4),
+        "proxy_median_s": round(proxy, 4),
+        "ratio": round(proxy / alone, 3),
+        "proxy_path_ms_median": statistics.median(p["path_ms"] for _, p in pairs),
+        "proxy_path_ms_max": max(p["path_ms"] for _, p in pairs),
+        "proxy_decisions": sorted({p["decision"] for _, p in pairs}),
+        "alone_cache_n_median": statistics.median(a["cache_n"] or 0 for a, _ in pairs),
+        "proxy_cache_n_median": statistics.median(p["cache_n"] or 0 for _, p in pairs),
+        # tokens computed: what the machine's load does not change
+        "alone_prompt_n_median": statistics.median(a["prompt_n"] or 0 for a, _ in pairs),
+        "proxy_prompt_n_median": statistics.median(p["prompt_n"] or 0 for _, p in pairs),
+        "alone_prompt_ms_median": round(statistics.median(a["prompt_ms"] or 0 for a, _ in pairs), 1),
+        "proxy_prompt_ms_median": round(statistics.median(p["prompt_ms"] or 0 for _, p in pairs), 1),
+    }
+
+
+def siblings(pair: Pair, size: int, count: int, pause: float, max_tokens: int, seed: str) -> dict[str, Any]:
+    rng = random.Random(seed)
+    context = "Repository context. " + words(rng, size)
+    pair.both(0, context, "Summarize the repository. " + words(rng, 60), max_tokens)  # both compute it once
+    results = []
+    for n in range(count):
+        if pause:
+            time.sleep(pause)
+        results.append(pair.both(n, context, f"Question {n}: " + words(rng, 60), max_tokens))
+    return {"size_chars": size, "pause_s": pause, **summary(results), "raw": results}
+
+
+def switch(pair: Pair, size: int, count: int, max_tokens: int, seed: str) -> dict[str, Any]:
+    """Two contexts alternating on the slots: later requests of each are siblings of its earlier ones."""
+    rng = random.Random(seed)
+    contexts = ["Repository A. " + words(rng, size), "Repository B. " + words(rng, size)]
+    for n, context in enumerate(contexts):
+        pair.both(n, context, "Summarize the repository. " + words(rng, 60), max_tokens)
+    results = []
+    for n in range(count):
+        results.append(pair.both(n, contexts[n % 2], f"Question {n}: " + words(rng, 60), max_tokens))
+    return {"size_chars": size, "pause_s": 0, "contexts": 2, **summary(results), "raw": results}
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    workroot = Path(args.workdir or tempfile.mkdtemp(prefix="bench-siblings-"))
+    out: dict[str, Any] = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
+    for model_name in args.models.split(","):
+        shape = PRESETS[model_name]
+        model = ensure_model(DEFAULT_MODELS, shape)
+        sizes = [int(s) for s in (args.sizes_kv if shape.kv_bytes_per_token > 100_000 else args.sizes).split(",")]
+        ctx = max(sizes) + 1024
+        for slots in [int(s) for s in args.slots.split(",")]:
+            workdir = workroot / f"{model_name}-{slots}"
+            wait_until_quiet(args.quiet_wait)
+            with Pair(model, slots, ctx, workdir, args.binary, args.threads) as pair:
+                for size in sizes:
+                    for pause in (0.0, args.pause):
+                        log(f"{model_name}: {slots} slot(s), {size} chars, pause {pause} s")
+                        result = siblings(pair, size, args.siblings, pause, args.max_tokens, f"{size}-{pause}")
+                        out["runs"].append({"model": model_name, "kv_bytes_per_token": shape.kv_bytes_per_token,
+                                            "slots": slots, "workload": "siblings", **result})
+                        log(_line(out["runs"][-1]))
+                    if slots == 1 and size in [int(s) for s in args.switch_sizes.split(",") if s]:
+                        log(f"{model_name}: {slots} slot(s), {size} chars, two contexts alternating")
+                        result = switch(pair, size, args.siblings, args.max_tokens, f"switch-{size}")
+                        out["runs"].append({"model": model_name, "kv_bytes_per_token": shape.kv_bytes_per_token,
+                                            "slots": slots, "workload": "switch", **result})
+                        log(_line(out["runs"][-1]))
+                status = http("GET", pair.proxy.url + "/status")[2]
+                out["runs"][-1]["proxy_disk"] = {k: status["disk"][k] for k in ("saves", "restores", "saved_bytes")}
+    return out
+
+
+def _line(run: dict[str, Any]) -> str:
+    return (
+        f"{run['model']} {run['slots']} slot(s) {run['workload']} {run['size_chars']} chars pause {run['pause_s']}: "
+        f"alone {run['alone_median_s']:.3f} s, proxy {run['proxy_median_s']:.3f} s ({run['ratio']:.2f}x), "
+        f"path {run['proxy_path_ms_median']:.0f} ms median, {run['proxy_decisions']}"
+    )
+
+
+def markdown(out: dict[str, Any]) -> str:
+    lines = [
+        "# Siblings off one context: proxycache against llama-server alone",
+        "",
+        f"`{out['command']}` ({out['started']}). Two identical llama-servers (`-np S --cache-ram 0"
+        " --slot-save-path`), one behind proxycache; median latency of the sibling requests (each a new last"
+        " question against the same context, 8 answer tokens), both servers asked in turn.",
+        "",
+        "| model (KV/token) | slots | workload | context chars | pause | alone | proxy | proxy/alone |"
+        " proxy path (median / max) | prefilled tokens alone / proxy | proxy decisions |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for run in out["runs"]:
+        lines.append(
+            f"| {run['model']} ({run['kv_bytes_per_token'] / 1024:g} KiB) | {run['slots']} | {run['workload']} |"
+            f" {run['size_chars']} | {run['pause_s']:g} s | {run['alone_median_s']:.3f} s |"
+            f" {run['proxy_median_s']:.3f} s | {run['ratio']:.2f}x |"
+            f" {run['proxy_path_ms_median']:.0f} / {run['proxy_path_ms_max']:.0f} ms |"
+            f" {run['alone_prompt_n_median']:.0f} / {run['proxy_prompt_n_median']:.0f} |"
+            f" {', '.join(run['proxy_decisions'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", default="bench", help="comma separated: " + ", ".join(PRESETS))
+    parser.add_argument("--sizes", default="2000,8000,16000,30000", help="context sizes in characters")
+    parser.add_argument("--sizes-kv", default="2000", help="sizes for 7B/30B-class KV models (their attention is slow)")
+    parser.add_argument("--switch-sizes", default="8000,16000", help="sizes of the two-context workload (1 slot)")
+    parser.add_argument("--slots", default="1,2")
+    parser.add_argument("--siblings", type=int, default=6)
+    parser.add_argument("--pause", type=float, default=3.0, help="seconds between siblings in the paused runs")
+    parser.add_argument("--max-tokens", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--binary", default=None, help="llama-server binary (default: the one llamabin built, if any)")
+    parser.add_argument("--quiet-wait", type=float, default=30.0)
+    parser.add_argument("--workdir", default=None)
+    parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    args = parser.parse_args()
+    if args.binary is None:
+        from proxycache.testing.llamabin import binary_path
+
+        found = binary_path()
+        args.binary = str(found) if found.exists() else None
+    out = run(args)
+    text = markdown(out)
+    print(text)
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(out, indent=1))
+        Path(args.out + ".md").write_text(text)
+
+
+if __name__ == "__main__":
+    main()
