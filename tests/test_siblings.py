@@ -78,3 +78,31 @@ def test_the_save_and_restore_on_a_requests_path_are_shown(llama_factory, tmp_pa
         assert proxy.metrics()["proxycache_path_seconds_count"] == 3
     finally:
         proxy.stop()
+
+
+def test_while_a_branch_streams_the_idle_slot_of_another_branch_is_saved(llama_factory, tmp_path):
+    # Write-behind far off and no eviction (free slots: the backend is not contended): only the rule
+    # "a request that branched pre-saves the idle slots holding its prefix" saves carl's slot before
+    # a later branch needs it.
+    llama = llama_factory(slots=3)
+    proxy = ProxyProcess(tmp_path, llama.url, slot_save_path=str(llama.save_dir), write_behind=600, **LIMITS).start()
+    try:
+        client = proxy.client(timeout=300)
+        rng = random.Random("team")
+        system = "Team agent instructions. " + text(rng, 600)
+        alice, carl, dan = (system + f"\n{name}'s files. " + text(rng, 500) for name in ("Alice", "Carl", "Dan"))
+        assert ask(client, alice, "What does it do?")["decision"] == "miss"
+        # carl forks alice's slot: alice saved on his way, her file restored into a free slot
+        assert ask(client, carl, "What does it do?")["decision"] == "restore"
+        assert proxy.status()["disk"]["saves"] == 1
+        # dan starts from alice's saved entry (the shared prompt) in the last free slot; while his
+        # answer streams, carl's slot, idle and holding another branch of that prompt, is saved
+        stream = client.chat.completions.with_raw_response.create(
+            model="any", max_tokens=8, stream=True,
+            messages=[{"role": "system", "content": dan}, {"role": "user", "content": "What does it do?"}])
+        assert stream.headers["x-proxycache-decision"] == "restore"
+        assert list(stream.parse())
+        wait_for(lambda: proxy.status()["disk"]["saves"] == 2, 30, "the save of carl's slot")
+        assert [s["saved"] for s in sorted(proxy.status()["slots"], key=lambda s: s["slot"])] == [True, True, False]
+    finally:
+        proxy.stop()
