@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import signal
 import statistics
 import sys
 import tempfile
@@ -74,6 +75,8 @@ def ask(url: str, context: str, question: str, max_tokens: int) -> dict[str, Any
         "cache_n": timings.get("cache_n"),
         "prompt_n": timings.get("prompt_n"),
         "prompt_ms": timings.get("prompt_ms"),
+        # what the request took beyond llama.cpp's own prefill and decode: robust to the machine's load
+        "outside_s": seconds - ((timings.get("prompt_ms") or 0) + (timings.get("predicted_ms") or 0)) / 1000,
         "decision": headers.get("x-proxycache-decision"),
         "path_ms": float(headers.get("x-proxycache-path-ms") or 0),
     }
@@ -121,6 +124,8 @@ def summary(pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
         "alone_median_s": round(alone, 4),
         "proxy_median_s": round(proxy, 4),
         "ratio": round(proxy / alone, 3),
+        "alone_outside_ms_median": round(statistics.median(a["outside_s"] for a, _ in pairs) * 1000, 1),
+        "proxy_outside_ms_median": round(statistics.median(p["outside_s"] for _, p in pairs) * 1000, 1),
         "proxy_path_ms_median": statistics.median(p["path_ms"] for _, p in pairs),
         "proxy_path_ms_max": max(p["path_ms"] for _, p in pairs),
         "proxy_decisions": sorted({p["decision"] for _, p in pairs}),
@@ -158,6 +163,13 @@ def switch(pair: Pair, size: int, count: int, max_tokens: int, seed: str) -> dic
     return {"size_chars": size, "pause_s": 0, "contexts": 2, **summary(results), "raw": results}
 
 
+def save(out: dict[str, Any], prefix: str | None) -> None:
+    """Write what was measured so far (a run cut short keeps its results)."""
+    if prefix:
+        Path(prefix + ".json").write_text(json.dumps(out, indent=1))
+        Path(prefix + ".md").write_text(markdown(out))
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     workroot = Path(args.workdir or tempfile.mkdtemp(prefix="bench-siblings-"))
     out: dict[str, Any] = {"command": " ".join(sys.argv), "started": time.strftime("%Y-%m-%d %H:%M:%S"), "runs": []}
@@ -177,12 +189,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                         out["runs"].append({"model": model_name, "kv_bytes_per_token": shape.kv_bytes_per_token,
                                             "slots": slots, "workload": "siblings", **result})
                         log(_line(out["runs"][-1]))
+                        save(out, args.out)
                     if slots == 1 and size in [int(s) for s in args.switch_sizes.split(",") if s]:
                         log(f"{model_name}: {slots} slot(s), {size} chars, two contexts alternating")
                         result = switch(pair, size, args.siblings, args.max_tokens, f"switch-{size}")
                         out["runs"].append({"model": model_name, "kv_bytes_per_token": shape.kv_bytes_per_token,
                                             "slots": slots, "workload": "switch", **result})
                         log(_line(out["runs"][-1]))
+                        save(out, args.out)
                 status = http("GET", pair.proxy.url + "/status")[2]
                 out["runs"][-1]["proxy_disk"] = {k: status["disk"][k] for k in ("saves", "restores", "saved_bytes")}
     return out
@@ -192,6 +206,7 @@ def _line(run: dict[str, Any]) -> str:
     return (
         f"{run['model']} {run['slots']} slot(s) {run['workload']} {run['size_chars']} chars pause {run['pause_s']}: "
         f"alone {run['alone_median_s']:.3f} s, proxy {run['proxy_median_s']:.3f} s ({run['ratio']:.2f}x), "
+        f"outside llama.cpp {run['alone_outside_ms_median']:.0f} / {run['proxy_outside_ms_median']:.0f} ms, "
         f"path {run['proxy_path_ms_median']:.0f} ms median, {run['proxy_decisions']}"
     )
 
@@ -204,15 +219,20 @@ def markdown(out: dict[str, Any]) -> str:
         " --slot-save-path`), one behind proxycache; median latency of the sibling requests (each a new last"
         " question against the same context, 8 answer tokens), both servers asked in turn.",
         "",
+        "`outside llama.cpp`: the request's time beyond llama.cpp's own prefill and decode (its `timings`),"
+        " which the machine's load on llama.cpp's threads does not blur.",
+        "",
         "| model (KV/token) | slots | workload | context chars | pause | alone | proxy | proxy/alone |"
-        " proxy path (median / max) | prefilled tokens alone / proxy | proxy decisions |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        " outside llama.cpp alone / proxy | proxy path (median / max) | prefilled tokens alone / proxy |"
+        " proxy decisions |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for run in out["runs"]:
         lines.append(
             f"| {run['model']} ({run['kv_bytes_per_token'] / 1024:g} KiB) | {run['slots']} | {run['workload']} |"
             f" {run['size_chars']} | {run['pause_s']:g} s | {run['alone_median_s']:.3f} s |"
             f" {run['proxy_median_s']:.3f} s | {run['ratio']:.2f}x |"
+            f" {run['alone_outside_ms_median']:.0f} / {run['proxy_outside_ms_median']:.0f} ms |"
             f" {run['proxy_path_ms_median']:.0f} / {run['proxy_path_ms_max']:.0f} ms |"
             f" {run['alone_prompt_n_median']:.0f} / {run['proxy_prompt_n_median']:.0f} |"
             f" {', '.join(run['proxy_decisions'])} |"
@@ -236,17 +256,15 @@ def main() -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     if args.binary is None:
         from proxycache.testing.llamabin import binary_path
 
         found = binary_path()
         args.binary = str(found) if found.exists() else None
     out = run(args)
-    text = markdown(out)
-    print(text)
-    if args.out:
-        Path(args.out + ".json").write_text(json.dumps(out, indent=1))
-        Path(args.out + ".md").write_text(text)
+    print(markdown(out))
+    save(out, args.out)
 
 
 if __name__ == "__main__":
