@@ -103,10 +103,14 @@ def test_a_branch_is_served_by_a_fork_of_the_idle_slot_holding_the_shared_prefix
         # llama.cpp reused the whole shared prompt from the forked file, computed bob's part only
         assert record["restored_tokens"] >= record["cache_n"] >= alice.system_chars, record
         assert record["prompt_n"] < record["cache_n"] / 4, record
+        forked = {p.name for p in (tmp_path / "meta").glob("*.meta")}  # alice's entry, saved for the fork
+        assert len(forked) == 1
         # alice's slot was not touched: her next turn is a hit there
         again = alice.turn(client)
         assert again["decision"] == "hit" and again["slot"] == first["slot"] and close_to_new(again), again
     finally:
         proxy.stop()  # saves both hot slots
-    # two conversations, two entries: bob's save did not replace alice's
-    assert len(list((tmp_path / "meta").glob("*.meta"))) == 2
+    # bob's save did not replace alice's entry: two conversations, two entries, unless bob's own part (a
+    # short tail after the shared prompt its entry covers) was cheaper to compute again than to save (issue 24)
+    after = {p.name for p in (tmp_path / "meta").glob("*.meta")}
+    assert forked <= after and len(after) <= 2

@@ -123,10 +123,13 @@ class Catalog:
 
     def save_pays(self, backend: str, fp: Fingerprint, tokens: int, saved: bool = False, kept_blocks: int = 0) -> bool:
         """Is slot content C{fp} of C{tokens} worth saving (its first C{kept_blocks} survive anyway)?"""
-        if not self._saves_work(backend):
-            return True  # nothing can be saved: keeping it means leaving it in its slot
+        if not self._saves_work(backend) or self.speeds.bytes_per_token is None:
+            # nothing can be saved (keeping it means leaving it in its slot), or no save measured yet
+            return True
         blocks = len(fp.blocks)
         covered = max(kept_blocks, self.covered_blocks(fp, backend))
+        if not covered:
+            return True  # all of it is its own (a conversation's new turns): saved as before
         covered_tokens = round(tokens * covered / max(1, blocks))
         return self.speeds.keep_pays(tokens, covered_tokens, saved)
 
