@@ -81,7 +81,7 @@ def test_the_tier_chooses_a_budget_at_start_and_saves_only_above_the_headroom(tm
 def _store_over(tmp_path, **settings: Any) -> tuple[Any, Any, dict[str, Any]]:
     """A SavedCaches for backends "a" and "b", each with its own save directory (--backend-save-dirs)."""
     from proxycache.cache import Catalog
-    from proxycache.cache._store import SavedCaches
+    from proxycache.cache._saved_caches import SavedCaches
     from proxycache.config import Config
     from tests.test_tier_races import Threads
 
