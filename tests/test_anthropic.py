@@ -16,7 +16,8 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 from proxycache.routing import fingerprint_text
-from proxycache.routing._translate import anthropic_to_chat, chat_text, messages_text
+from proxycache.routing._render import chat_text, messages_text
+from proxycache.routing._translate import anthropic_to_chat
 from proxycache.web._anthropic import MessagesStream, chat_to_message, upstream_body
 
 STAMPED = "x-anthropic-billing-header: cc_version=2.1.101.e51; cc_entrypoint=cli; cch=a5145;You are Claude Code."

@@ -220,7 +220,7 @@ def fingerprint(request: dict, block_words: int = 16) -> Fingerprint:
 
 
 def fingerprint_text(text: str, block_words: int = 16) -> Fingerprint:
-    """Fingerprint already rendered C{text} (see L{proxycache.routing._translate})."""
+    """Fingerprint already rendered C{text} (see L{proxycache.routing._render})."""
     if block_words < 1:
         raise ValueError(f"block_words must be at least 1, not {block_words}")
     chunks, words = _block_bytes(text, block_words)

@@ -1,14 +1,12 @@
 """
-Each client API's request body as the text its fingerprint is made of.
-
-llama.cpp turns an Anthropic Messages or an OpenAI Responses body into a Chat
-Completions body before applying the chat template (system first, then the
-messages; tool uses become C{tool_calls}, tool results C{tool} messages).  The
-functions here do the same conversion, so that the rendered text follows the
-order of the prompt llama.cpp builds, turn 2 of a conversation renders as
-turn 1's text followed by more, and one conversation fingerprints alike
-whichever API it comes through.  They never raise on odd input: llama.cpp is
-the judge of what it accepts; a body it refuses is answered by its error.
+The API translations llama.cpp makes: an Anthropic Messages or an OpenAI
+Responses body turned into a Chat Completions body before the chat template
+is applied (system first, then the messages; tool uses become C{tool_calls},
+tool results C{tool} messages).  The proxy makes the same conversion to
+serve Messages through chat (L{proxycache.web._anthropic}) and to render each
+API's fingerprint text in llama.cpp's prompt order (L{proxycache.routing._render}).
+The functions never raise on odd input: llama.cpp is the judge of what it
+accepts; a body it refuses is answered by its error.
 
 Pure code: no I/O, no Twisted.
 """
@@ -18,54 +16,13 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxycache.routing._fingerprint import conversation_text
-
-__all__ = ["anthropic_to_chat", "chat_text", "completion_text", "infill_text", "messages_text", "responses_text",
-           "responses_to_chat"]
+__all__ = ["anthropic_to_chat", "as_string", "responses_to_chat"]
 
 _BILLING_HEADER = "x-anthropic-billing-header:"
 
 
-def chat_text(body: dict[str, Any]) -> str:
-    """A Chat Completions body: tools, then each message."""
-    return conversation_text(body)
-
-
-def completion_text(body: dict[str, Any]) -> str:
-    """A (legacy) completions body: its prompt, a string or token ids."""
-    prompt = body.get("prompt")
-    text = prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True)
-    return conversation_text({"messages": [{"role": "prompt", "content": text}]})
-
-
-def infill_text(body: dict[str, Any]) -> str:
-    """
-    An C{/infill} body in llama.cpp's order: the extra context chunks
-    (C{input_extra}, which editors resend request after request), then the
-    prefix and the prompt, then the suffix.
-    """
-    pieces = []
-    extra = body.get("input_extra")
-    if isinstance(extra, list):
-        for chunk in extra:
-            if isinstance(chunk, dict):
-                pieces.append(f"<|file {_string(chunk.get('filename'))}|>\n{_string(chunk.get('text'))}")
-    pieces.append("<|fim_prefix|>\n" + _string(body.get("input_prefix")) + _string(body.get("prompt")))
-    pieces.append("<|fim_suffix|>\n" + _string(body.get("input_suffix")))
-    return "\n".join(pieces)
-
-
-def messages_text(body: dict[str, Any]) -> str:
-    """An Anthropic Messages body, rendered as the chat body llama.cpp makes of it."""
-    return conversation_text(anthropic_to_chat(body))
-
-
-def responses_text(body: dict[str, Any]) -> str:
-    """An OpenAI Responses body, rendered as the chat body llama.cpp makes of it."""
-    return conversation_text(responses_to_chat(body))
-
-
-def _string(value: Any) -> str:
+def as_string(value: Any) -> str:
+    """A JSON value as text: a string as it is, null as nothing, anything else as sorted JSON."""
     return value if isinstance(value, str) else "" if value is None else json.dumps(value, sort_keys=True)
 
 
@@ -242,7 +199,7 @@ def _responses_content(content: Any) -> Any:
     for part in content:
         kind = part.get("type") if isinstance(part, dict) else None
         if kind in ("input_text", "output_text"):
-            parts.append({"type": "text", "text": _string(part.get("text"))})
+            parts.append({"type": "text", "text": as_string(part.get("text"))})
         elif kind == "input_image":
             parts.append({"type": "image_url", "image_url": {"url": part.get("image_url")}})
         elif kind == "refusal":
@@ -290,7 +247,7 @@ def responses_to_chat(body: dict[str, Any]) -> dict[str, Any]:
     """The Chat Completions tools and messages of an OpenAI Responses body."""
     messages: list[Any] = []
     if "instructions" in body:
-        messages.append({"role": "system", "content": _string(body.get("instructions"))})
+        messages.append({"role": "system", "content": as_string(body.get("instructions"))})
     given = body.get("input")
     if isinstance(given, str):
         messages.append({"role": "user", "content": given})

@@ -3,7 +3,7 @@ The client APIs the proxy serves, one L{Api} each.
 
 Adding an API is adding one row: the routes it answers, the llama.cpp path
 it is sent to, its checks, how its body renders to fingerprint text (in the
-order llama.cpp builds the prompt, L{proxycache.routing._translate}), its slot
+order llama.cpp builds the prompt, L{proxycache.routing._render}), its slot
 class, how its errors look and where llama.cpp's cache counts are in its
 answers.  Every generating API goes through the dispatcher the same way.
 """
@@ -14,7 +14,7 @@ from typing import Any, Callable, Protocol
 
 import attrs
 
-from proxycache.routing import _translate
+from proxycache.routing import _render
 from proxycache.web import _anthropic, _responses, _validate
 from proxycache.web._shapes import (
     ANTHROPIC,
@@ -60,28 +60,28 @@ class Api:
 
 CHAT = Api(
     "chat", ("/v1/chat/completions", "/chat/completions"), "/v1/chat/completions",
-    _validate.check_chat_request, _translate.chat_text, choices=("n", "n_cmpl"),
+    _validate.check_chat_request, _render.chat_text, choices=("n", "n_cmpl"),
     passthrough=("/v1/chat/completions/input_tokens",),
 )
 COMPLETIONS = Api(
     "completions", ("/v1/completions", "/completions", "/completion"), None,
-    _validate.check_completion_request, _translate.completion_text, choices=("n", "n_cmpl"),
+    _validate.check_completion_request, _render.completion_text, choices=("n", "n_cmpl"),
 )
 # llama.cpp b11549 drops id_slot on /v1/messages: the proxy converts Messages to chat itself (as llama.cpp
 # does) so that the request is pinned, and renders the converted body like any chat body.
 MESSAGES = Api(
     "messages", ("/v1/messages",), "/v1/chat/completions",
-    _validate.check_messages_request, _translate.chat_text, errors=ANTHROPIC, passthrough=("/v1/messages/count_tokens",),
+    _validate.check_messages_request, _render.chat_text, errors=ANTHROPIC, passthrough=("/v1/messages/count_tokens",),
     translate=_anthropic.upstream_body, answer=_anthropic.chat_to_message, stream=_anthropic.MessagesStream,
 )
 RESPONSES_API = Api(
     "responses", ("/v1/responses", "/responses"), "/v1/responses",
-    _validate.check_responses_request, _translate.responses_text, errors=RESPONSES,
+    _validate.check_responses_request, _render.responses_text, errors=RESPONSES,
     counts=responses_counts, markers=(b'"timings"',), passthrough=("/v1/responses/input_tokens",),
     translate=_responses.upstream_body,
 )
 INFILL = Api(
-    "infill", ("/infill",), "/infill", _validate.check_infill_request, _translate.infill_text, kind="fim",
+    "infill", ("/infill",), "/infill", _validate.check_infill_request, _render.infill_text, kind="fim",
 )
 
 APIS: tuple[Api, ...] = (CHAT, COMPLETIONS, MESSAGES, RESPONSES_API, INFILL)
