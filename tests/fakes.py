@@ -6,6 +6,7 @@ exchange that records what it was told.  (Real-server tests prove the rest.)
 
 from __future__ import annotations
 
+import itertools
 import json
 from typing import Any
 
@@ -16,8 +17,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
-from proxycache.backend import Description, FailureKind, IdleSlot, Restored, Saved, SlotActionFailed
-from proxycache.routing import Decision
+from proxycache.backend import Description, FailureKind, Features, IdleSlot, Restored, Saved, SlotActionFailed
+from proxycache.routing import Decision, Fingerprint
 from proxycache.slots import Lease, Progress, Scheduler, Slot
 from proxycache.slots._scheduler import _Record
 
@@ -61,6 +62,15 @@ class StreamingResponse:
 
 @attrs.define
 class FakeBackend:
+    """
+    A L{proxycache.backend.Backend} whose every answer the test sets.  By
+    default: two idle slots, requests answered when the test fires
+    C{pending}, slot actions refused.  It records what it was asked:
+    C{sent} (generation requests), C{asked} (what slot actions ask, in order:
+    "props" for the process marker, "slots", "save", "restore"), C{calls}
+    (slot actions and their slot), C{probes}.
+    """
+
     url: str = "http://fake"
     props: dict[str, Any] = attrs.Factory(lambda: {"total_slots": 2, "model_path": "fake.gguf"})
     slot_list: list[dict[str, Any]] | None = attrs.Factory(
@@ -68,6 +78,7 @@ class FakeBackend:
     )
     model: str = "model-a"
     marker: str | None = None  # the process marker /props shows
+    features: Features = Features()
     sent: list[tuple[str, dict[str, Any], int]] = attrs.Factory(list)
     pending: list[Deferred[Any]] = attrs.Factory(list)
     fail_with: Exception | None = None
@@ -76,6 +87,13 @@ class FakeBackend:
     slots_reply: Deferred[Any] | None = None  # when set, GET /slots answers when this fires
     busy_slots: set[int] = attrs.Factory(set)  # llama.cpp computes there: wait_until_idle waits
     idle_waits: list[Deferred[Any]] = attrs.Factory(list)  # those waits: fire (idle) or errback (TimeoutError)
+    slot_replies: list[Any] = attrs.Factory(list)  # GET /slots answers these in turn (an exception is raised)
+    idle: IdleSlot | Exception | None = None  # what wait_until_idle answers (or raises)
+    saved: Saved | Exception | None = None  # what a save answers (or raises); None: no slot actions here
+    restored: Restored | Exception | None = None  # the same for a restore
+    asked: list[str] = attrs.Factory(list)
+    calls: list[tuple[str, int]] = attrs.Factory(list)
+    probes: list[bool] = attrs.Factory(list)
 
     @property
     def name(self) -> str:
@@ -98,10 +116,22 @@ class FakeBackend:
         return 200, {}
 
     async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
-        raise SlotActionFailed("save", index, None, "no slot actions here", FailureKind.FAILED)
+        self.asked.append("save")
+        self.calls.append(("save", index))
+        if self.saved is None:
+            raise SlotActionFailed("save", index, None, "no slot actions here", FailureKind.FAILED)
+        if isinstance(self.saved, Exception):
+            raise self.saved
+        return self.saved
 
     async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
-        raise SlotActionFailed("restore", index, None, "no slot actions here", FailureKind.FAILED)
+        self.asked.append("restore")
+        self.calls.append(("restore", index))
+        if self.restored is None:
+            raise SlotActionFailed("restore", index, None, "no slot actions here", FailureKind.FAILED)
+        if isinstance(self.restored, Exception):
+            raise self.restored
+        return self.restored
 
     async def erase_slot(self, index: int, timeout: float) -> None:
         raise SlotActionFailed("erase", index, None, "no slot actions here", FailureKind.FAILED)
@@ -112,22 +142,32 @@ class FakeBackend:
         if self.slots_reply is not None:
             reply, self.slots_reply = self.slots_reply, None
             return await reply  # type: ignore[no-any-return]
+        if self.slot_replies:
+            scripted = self.slot_replies.pop(0)
+            if isinstance(scripted, Exception):
+                raise scripted
+            return scripted
         return self.slot_list
 
     async def describe(self, probe: bool = True) -> Description | None:
+        self.probes.append(probe)
         if self.describe_error is not None:
             raise self.describe_error
-        return Description(self.props, self.props.get("total_slots"), self.model, process=self.marker)
+        return Description(self.props, self.props.get("total_slots"), self.model, self.features, process=self.marker)
 
     async def process(self) -> str | None:
+        self.asked.append("props")
         return self.marker
 
     async def wait_until_idle(self, index: int) -> IdleSlot | None:
+        self.asked.append("slots")
         if index in self.busy_slots:
             wait: Deferred[Any] = Deferred()
             self.idle_waits.append(wait)
             await wait
-        return None
+        if isinstance(self.idle, Exception):
+            raise self.idle
+        return self.idle
 
 
 @attrs.define
@@ -147,6 +187,25 @@ class RecordingExchange:
         if self.error is not None:
             raise self.error
         progress.timings = dict(self.timings)
+
+
+_tags = itertools.count(1)
+
+
+def fp(shared: int, total: int | None = None, *, tag: int | None = None, base: int = 0) -> Fingerprint:
+    """
+    A fingerprint built by hand: C{shared} blocks of conversation C{base},
+    then C{total - shared} blocks nobody else has (those of C{tag}, a fresh
+    one unless given).  Two fingerprints of one base share min(shared) blocks;
+    as with real chained block hashes, once two differ at a block they differ
+    at every later one (L{Fingerprint.common_blocks} relies on it).
+    """
+    total = shared if total is None else total
+    assert total >= shared
+    tag = next(_tags) if tag is None else tag
+    blocks = tuple(base * 10**6 + i for i in range(shared))
+    blocks += tuple(10**12 + tag * 10**6 + i for i in range(shared, total))
+    return Fingerprint(blocks=blocks, chars=total * 100, words=total * 16)
 
 
 def chat_response(timings: dict[str, Any] | None = None) -> FakeResponse:
