@@ -208,14 +208,11 @@ class ReloadOnHangup(Service):
 
 def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = None) -> MultiService:
     """The whole daemon as one service tree, its collaborators passed in, never patched on."""
-    from twisted.web.server import Site
-
     from proxycache.backend import Backend, LlamaServer
     from proxycache.cache import Catalog, DiskTier
     from proxycache.slots import Dispatcher, Fleet, Monitor, ReadyGate, Scheduler
     from proxycache.stats import Stats
-    from proxycache.web import GuardedRequests, Proxy
-    from proxycache.web._browsers import BrowserPolicy
+    from proxycache.web import Proxy, guarded_site
     from proxycache.web._admin import Admin
 
     top = OrderedServices()
@@ -297,12 +294,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     ).setServiceParent(top)
     if reread is not None:
         ReloadOnHangup(reread, fleet, reactor).setServiceParent(top)
-    site = Site(proxy.resource(), requestFactory=GuardedRequests(
-        config.max_body_bytes, config.api_keys + config.admin_keys if config.api_keys else (),
-        BrowserPolicy(config.cors_origins, config.allowed_hosts),
-    ))
-    site.displayTracebacks = False
-    strports.service(config.listen, site).setServiceParent(top)
+    strports.service(config.listen, guarded_site(proxy.resource(), config)).setServiceParent(top)
     return top
 
 

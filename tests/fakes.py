@@ -1,26 +1,36 @@
 """
 In-process stand-ins for the Twisted layers' tests: a backend implementing
-L{proxycache.backend.Backend} whose replies the test controls, and a client
-exchange that records what it was told.  (Real-server tests prove the rest.)
+L{proxycache.backend.Backend} whose replies the test controls, a client
+exchange that records what it was told, fingerprints built by hand, and the
+daemon's request path over the fake backend (L{InProcessDaemon}).  (Real-server
+tests prove the rest.)
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+from email.message import Message
+from email.parser import BytesHeaderParser
 from typing import Any
 
 import attrs
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from proxycache.backend import Description, FailureKind, Features, IdleSlot, Restored, Saved, SlotActionFailed
+from proxycache.cache import Catalog
+from proxycache.config import Config
 from proxycache.routing import Decision, Fingerprint
-from proxycache.slots import Lease, Progress, Scheduler, Slot
+from proxycache.slots import Dispatcher, Lease, Monitor, NoCache, Progress, Scheduler, Slot
 from proxycache.slots._scheduler import _Record
+from proxycache.stats import Stats
+from proxycache.web import Proxy, guarded_site
 
 
 @attrs.define
@@ -222,3 +232,93 @@ def put(scheduler: Scheduler, slot: Slot) -> Slot:
     record = scheduler._slots.setdefault(slot.id, _Record(slot.id))
     record.content, record.last_used = slot.content, slot.last_used
     return record.snapshot()
+
+
+class InProcessDaemon:
+    """
+    The daemon's request path in process, over a L{FakeBackend} on a L{Clock}:
+    the site that judges each request on its headers, L{Proxy}, L{Dispatcher},
+    L{Scheduler}, L{Monitor} and L{Stats}, wired as L{proxycache.service.build}
+    wires them but for the disk tier (none).  Clients speak HTTP/1.1 over a
+    string transport on a loopback connection, as a local client does; what
+    reaches the backend waits in C{backend.pending} for the test to answer.
+    """
+
+    PORT = 8081
+
+    def __init__(self, backend: FakeBackend | None = None, **settings: Any) -> None:
+        self.clock = Clock()
+        self.backend = backend or FakeBackend()
+        self.config = config = attrs.evolve(Config.load({}, {}), **settings)
+        backends = {self.backend.name: self.backend}
+        catalog = Catalog(min_ratio=0.0)
+        self.scheduler = Scheduler(
+            self.clock, min_ratio=config.similarity_min_ratio, affinity_wait=config.affinity_wait,
+            max_queue=config.max_queue, disk_lookup=catalog.lookup, fim_slots=config.fim_slots,
+        )
+        self.monitor = Monitor(self.clock, self.scheduler, [self.backend], config.health_interval, config.slots)
+        self.stats = Stats(self.clock, self.scheduler, catalog, self.monitor,
+                           max_cache_bytes=config.max_cache_bytes or 0, max_cache_entries=config.max_cache_entries)
+        dispatcher = Dispatcher(self.clock, self.scheduler, backends, NoCache(),
+                                first_byte_timeout=config.first_byte_timeout, observers=[self.stats.request_done])
+        self.proxy = Proxy(
+            config, self.clock, dispatcher, backends,
+            status=self.stats.status, metrics=self.stats.metrics_text, health=lambda: (True, {}),
+            context_limit=self.monitor.slot_context, healthy_backend=self.monitor.healthy,
+        )
+        self.site = guarded_site(self.proxy.resource(), config, self.clock)
+        self.monitor.check()  # the slot map, as the daemon learns it at start
+
+    def send(self, method: str, path: str, body: bytes | None = None,
+             headers: dict[str, str] | None = None) -> StringTransport:
+        """Send one request on a new connection; the answer builds up in the returned transport."""
+        given = {name.lower(): value for name, value in (headers or {}).items()}
+        lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{self.PORT}", "Connection: close"]
+        if body is not None:
+            given.setdefault("content-type", "application/json")
+            given["content-length"] = str(len(body))
+        lines += [f"{name}: {value}" for name, value in given.items()]
+        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", self.PORT),
+                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        channel = self.site.buildProtocol(transport.getPeer())
+        channel.makeConnection(transport)
+        channel.dataReceived("\r\n".join(lines).encode() + b"\r\n\r\n" + (body or b""))
+        return transport
+
+    def http(self, method: str, path: str, body: Any = None,
+             headers: dict[str, str] | None = None) -> tuple[int, Message, Any]:
+        """
+        As L{proxycache.testing.http} does against a real daemon: C{(status,
+        headers, decoded JSON or raw bytes)}; C{body}: bytes as they are,
+        anything else as JSON.  The answer must be complete once the request
+        is in (nothing waits on the backend).
+        """
+        raw = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
+        return parse_response(self.send(method, path, raw, headers).value())
+
+    def status(self) -> dict[str, Any]:
+        code, _, status = self.http("GET", "/status")
+        assert code == 200, status
+        return status  # type: ignore[no-any-return]
+
+
+def parse_response(raw: bytes) -> tuple[int, Message, Any]:
+    """One whole HTTP/1.1 response: C{(status, headers, decoded JSON or raw bytes)}, a chunked body joined."""
+    head, separator, rest = raw.partition(b"\r\n\r\n")
+    assert separator, f"no complete response head: {raw[:200]!r}"
+    status_line, _, header_lines = head.partition(b"\r\n")
+    headers = BytesHeaderParser().parsebytes(header_lines)
+    if headers.get("Transfer-Encoding", "").lower() == "chunked":
+        body = b""
+        while True:
+            size_line, _, rest = rest.partition(b"\r\n")
+            size = int(size_line.split(b";")[0], 16)
+            if size == 0:
+                break
+            body, rest = body + rest[:size], rest[size + 2:]
+    else:
+        body = rest
+    try:
+        return int(status_line.split()[1]), headers, json.loads(body)
+    except ValueError:
+        return int(status_line.split()[1]), headers, body
