@@ -27,7 +27,7 @@ from proxycache.backend import Description, FailureKind, Features, IdleSlot, Res
 from proxycache.cache import Catalog
 from proxycache.config import Config
 from proxycache.routing import Decision, Fingerprint
-from proxycache.slots import Dispatcher, Lease, Monitor, NoCache, Progress, Scheduler, Slot
+from proxycache.slots import Dispatcher, Lease, Monitor, NoCache, Progress, ReadyGate, Scheduler, Slot
 from proxycache.slots._scheduler import _Record
 from proxycache.stats import Stats
 from proxycache.web import Proxy, guarded_site
@@ -238,13 +238,13 @@ class InProcessDaemon:
     """
     The daemon's request path in process, over a L{FakeBackend} on a L{Clock}:
     the site that judges each request on its headers, L{Proxy}, L{Dispatcher},
-    L{Scheduler}, L{Monitor} and L{Stats}, wired as L{proxycache.service.build}
-    wires them but for the disk tier (none).  Clients speak HTTP/1.1 over a
+    L{Scheduler}, L{ReadyGate}, L{Monitor} and L{Stats}, wired as
+    L{proxycache.service.build} wires them but for the disk tier (none).  Clients speak HTTP/1.1 over a
     string transport on a loopback connection, as a local client does; what
     reaches the backend waits in C{backend.pending} for the test to answer.
     """
 
-    PORT = 8081
+    LOOPBACK = IPv4Address("TCP", "127.0.0.1", 8081)
 
     def __init__(self, backend: FakeBackend | None = None, **settings: Any) -> None:
         self.clock = Clock()
@@ -256,11 +256,18 @@ class InProcessDaemon:
             self.clock, min_ratio=config.similarity_min_ratio, affinity_wait=config.affinity_wait,
             max_queue=config.max_queue, disk_lookup=catalog.lookup, fim_slots=config.fim_slots,
         )
-        self.monitor = Monitor(self.clock, self.scheduler, [self.backend], config.health_interval, config.slots)
+        self.monitor = Monitor(self.clock, self.scheduler, [self.backend], config.health_interval, config.slots,
+                               on_change=lambda: self.gate.changed())
+        self.gate = ReadyGate(self.clock, self.scheduler, config.queue_timeout, look=self.monitor.look_now,
+                              usable=self.monitor.usable, some_down=self.monitor.some_down)
         self.stats = Stats(self.clock, self.scheduler, catalog, self.monitor,
-                           max_cache_bytes=config.max_cache_bytes or 0, max_cache_entries=config.max_cache_entries)
-        dispatcher = Dispatcher(self.clock, self.scheduler, backends, NoCache(),
-                                first_byte_timeout=config.first_byte_timeout, observers=[self.stats.request_done])
+                           max_cache_bytes=config.max_cache_bytes or 0, max_cache_entries=config.max_cache_entries,
+                           waiting_for_backend=lambda: self.gate.held)
+        dispatcher = Dispatcher(
+            self.clock, self.scheduler, backends, NoCache(), first_byte_timeout=config.first_byte_timeout,
+            observers=[self.stats.request_done], on_stale=lambda slot_id: self.monitor.check(),
+            on_unreachable=self.monitor.take_out, on_own_cache=self.monitor.noticed_ram_cache, gate=self.gate,
+        )
         self.proxy = Proxy(
             config, self.clock, dispatcher, backends,
             status=self.stats.status, metrics=self.stats.metrics_text, health=lambda: (True, {}),
@@ -273,17 +280,24 @@ class InProcessDaemon:
              headers: dict[str, str] | None = None) -> StringTransport:
         """Send one request on a new connection; the answer builds up in the returned transport."""
         given = {name.lower(): value for name, value in (headers or {}).items()}
-        lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{self.PORT}", "Connection: close"]
+        lines = [f"{method} {path} HTTP/1.1", f"Host: 127.0.0.1:{self.LOOPBACK.port}", "Connection: close"]
         if body is not None:
             given.setdefault("content-type", "application/json")
             given["content-length"] = str(len(body))
         lines += [f"{name}: {value}" for name, value in given.items()]
-        transport = StringTransport(hostAddress=IPv4Address("TCP", "127.0.0.1", self.PORT),
-                                    peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        return self.connect("\r\n".join(lines).encode() + b"\r\n\r\n" + (body or b""))
+
+    def connect(self, raw: bytes, local: Any = LOOPBACK) -> StringTransport:
+        """C{raw} bytes sent on a new connection to C{local} (an address of the daemon's)."""
+        transport = StringTransport(hostAddress=local, peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         channel = self.site.buildProtocol(transport.getPeer())
         channel.makeConnection(transport)
-        channel.dataReceived("\r\n".join(lines).encode() + b"\r\n\r\n" + (body or b""))
+        channel.dataReceived(raw)
         return transport
+
+    def send_raw(self, raw: bytes, local: Any = LOOPBACK) -> bytes:
+        """What the daemon answered to C{raw} so far, on a new connection to C{local}."""
+        return self.connect(raw, local).value()
 
     def http(self, method: str, path: str, body: Any = None,
              headers: dict[str, str] | None = None) -> tuple[int, Message, Any]:
