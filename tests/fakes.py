@@ -239,9 +239,10 @@ class InProcessDaemon:
     The daemon's request path in process, over a L{FakeBackend} on a L{Clock}:
     the site that judges each request on its headers, L{Proxy}, L{Dispatcher},
     L{Scheduler}, L{ReadyGate}, L{Monitor} and L{Stats}, wired as
-    L{proxycache.service.build} wires them but for the disk tier (none).  Clients speak HTTP/1.1 over a
-    string transport on a loopback connection, as a local client does; what
-    reaches the backend waits in C{backend.pending} for the test to answer.
+    L{proxycache.service.build} wires them but for the disk tier (none).
+    Clients speak HTTP/1.1 over a string transport on a loopback connection,
+    as a local client does; what reaches the backend waits in
+    C{backend.pending} for the test to answer.
     """
 
     LOOPBACK = IPv4Address("TCP", "127.0.0.1", 8081)
@@ -308,12 +309,17 @@ class InProcessDaemon:
         is in (nothing waits on the backend).
         """
         raw = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
-        return parse_response(self.send(method, path, raw, headers).value())
+        transport = self.send(method, path, raw, headers)
+        # Connection: close: the daemon closes once its answer is whole.
+        assert transport.disconnecting, (
+            f"{method} {path} is not answered at once; the last request the backend got: {self.backend.sent[-1:]}"
+        )
+        return parse_response(transport.value())
 
     def status(self) -> dict[str, Any]:
         code, _, status = self.http("GET", "/status")
         assert code == 200, status
-        return status  # type: ignore[no-any-return]
+        return status
 
 
 def parse_response(raw: bytes) -> tuple[int, Message, Any]:
