@@ -8,8 +8,12 @@ tests prove the rest.)
 
 from __future__ import annotations
 
+import atexit
+import functools
 import itertools
 import json
+import shutil
+import tempfile
 from email.message import Message
 from email.parser import BytesHeaderParser
 from typing import Any
@@ -24,13 +28,12 @@ from twisted.web.client import ResponseDone
 from twisted.web.http_headers import Headers
 
 from proxycache.backend import Description, FailureKind, Features, IdleSlot, Restored, Saved, SlotActionFailed
-from proxycache.cache import Catalog
 from proxycache.config import Config
 from proxycache.routing import Decision, Fingerprint
-from proxycache.slots import Dispatcher, Lease, Monitor, NoCache, Progress, ReadyGate, Scheduler, Slot
+from proxycache.service import wire
+from proxycache.slots import Lease, Progress, Scheduler, Slot
 from proxycache.slots._scheduler import _Record
-from proxycache.stats import Stats
-from proxycache.web import Proxy, guarded_site
+from proxycache.web import guarded_site
 
 
 @attrs.define
@@ -234,12 +237,23 @@ def put(scheduler: Scheduler, slot: Slot) -> Slot:
     return record.snapshot()
 
 
+@functools.cache
+def _scratch_directory() -> str:
+    """One empty directory for this test run, removed at its end."""
+    path = tempfile.mkdtemp(prefix="proxycache-in-process-")
+    atexit.register(shutil.rmtree, path, True)
+    return path
+
+
 class InProcessDaemon:
     """
     The daemon's request path in process, over a L{FakeBackend} on a L{Clock}:
-    the site that judges each request on its headers, L{Proxy}, L{Dispatcher},
-    L{Scheduler}, L{ReadyGate}, L{Monitor} and L{Stats}, wired as
-    L{proxycache.service.build} wires them but for the disk tier (none).
+    every collaborator as L{proxycache.service.wire} wires it for the real
+    daemon (scheduler, gate, monitor, stats, disk tier, dispatcher, L{Proxy}),
+    behind the site that judges each request on its headers
+    (L{proxycache.web.guarded_site}).  No service is started: the disk tier's
+    index is empty (its meta directory an empty scratch one unless
+    C{meta_dir} is given), and the monitor looks once, at the start.
     Clients speak HTTP/1.1 over a string transport on a loopback connection,
     as a local client does; what reaches the backend waits in
     C{backend.pending} for the test to answer.
@@ -250,31 +264,13 @@ class InProcessDaemon:
     def __init__(self, backend: FakeBackend | None = None, **settings: Any) -> None:
         self.clock = Clock()
         self.backend = backend or FakeBackend()
+        settings.setdefault("meta_dir", _scratch_directory())
         self.config = config = attrs.evolve(Config.load({}, {}), **settings)
-        backends = {self.backend.name: self.backend}
-        catalog = Catalog(min_ratio=0.0)
-        self.scheduler = Scheduler(
-            self.clock, min_ratio=config.similarity_min_ratio, affinity_wait=config.affinity_wait,
-            max_queue=config.max_queue, disk_lookup=catalog.lookup, fim_slots=config.fim_slots,
-        )
-        self.monitor = Monitor(self.clock, self.scheduler, [self.backend], config.health_interval, config.slots,
-                               on_change=lambda: self.gate.changed())
-        self.gate = ReadyGate(self.clock, self.scheduler, config.queue_timeout, look=self.monitor.look_now,
-                              usable=self.monitor.usable, some_down=self.monitor.some_down)
-        self.stats = Stats(self.clock, self.scheduler, catalog, self.monitor,
-                           max_cache_bytes=config.max_cache_bytes or 0, max_cache_entries=config.max_cache_entries,
-                           waiting_for_backend=lambda: self.gate.held)
-        dispatcher = Dispatcher(
-            self.clock, self.scheduler, backends, NoCache(), first_byte_timeout=config.first_byte_timeout,
-            observers=[self.stats.request_done], on_stale=lambda slot_id: self.monitor.check(),
-            on_unreachable=self.monitor.take_out, on_own_cache=self.monitor.noticed_ram_cache, gate=self.gate,
-        )
-        self.proxy = Proxy(
-            config, self.clock, dispatcher, backends,
-            status=self.stats.status, metrics=self.stats.metrics_text, health=lambda: (True, {}),
-            context_limit=self.monitor.slot_context, healthy_backend=self.monitor.healthy,
-        )
+        self.wired = wire(config, self.clock, [self.backend], connect=lambda url, api_key: FakeBackend(url=url))
+        self.scheduler, self.monitor, self.stats = self.wired.scheduler, self.wired.monitor, self.wired.stats
+        self.proxy = self.wired.proxy
         self.site = guarded_site(self.proxy.resource(), config, self.clock)
+        self.wired.tier.loaded.callback(None)  # the index read at start: nothing to read
         self.monitor.check()  # the slot map, as the daemon learns it at start
 
     def send(self, method: str, path: str, body: bytes | None = None,
