@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+import attrs
 from twisted.application import strports
 from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
@@ -24,8 +25,11 @@ from proxycache.config import (
 )
 
 if TYPE_CHECKING:
+    from proxycache.backend import Backend
     from proxycache.cache import Catalog, DiskTier
-    from proxycache.slots import Fleet, Monitor, Scheduler
+    from proxycache.slots import Dispatcher, Fleet, Monitor, ReadyGate, Scheduler
+    from proxycache.stats import Stats
+    from proxycache.web import Proxy
     from proxycache.web._inflight import InFlight
 
 log = Logger()
@@ -208,22 +212,63 @@ class ReloadOnHangup(Service):
 
 def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = None) -> MultiService:
     """The whole daemon as one service tree, its collaborators passed in, never patched on."""
-    from twisted.web.server import Site
-
     from proxycache.backend import Backend, LlamaServer
-    from proxycache.cache import Catalog, DiskTier
-    from proxycache.slots import Dispatcher, Fleet, Monitor, ReadyGate, Scheduler
-    from proxycache.stats import Stats
-    from proxycache.web import GuardedRequests, Proxy
-    from proxycache.web._browsers import BrowserPolicy
-    from proxycache.web._admin import Admin
+    from proxycache.web import guarded_site
 
     top = OrderedServices()
     if config.embedded:
         config = _start_embedded(config, top)
     pool_size = max(8, 4 * (config.slots or 8)) + 4
     keys = upstream_keys(config)
-    backends: list[Backend] = [LlamaServer.create(reactor, url, keys[url], pool_size) for url in config.llama_url]
+
+    def connect(url: str, api_key: str | None) -> Backend:
+        return LlamaServer.create(reactor, url, api_key, pool_size)
+
+    daemon = wire(config, reactor, [connect(url, keys[url]) for url in config.llama_url], connect)
+    daemon.tier.setServiceParent(top)
+    daemon.monitor.setServiceParent(top)
+    # Requests waiting for a backend go on waiting through the drain (the monitor still looks: a proxy
+    # stopped right after it started serves them once its first look is done), answered before it ends.
+    drain_wait = max(0.0, config.grace - 2 * FLUSH_PAUSE)
+    DrainService(
+        daemon.proxy.in_flight, config.grace, reactor, on_drain=lambda: daemon.gate.stop(within=drain_wait)
+    ).setServiceParent(top)
+    if reread is not None:
+        ReloadOnHangup(reread, daemon.fleet, reactor).setServiceParent(top)
+    strports.service(config.listen, guarded_site(daemon.proxy.resource(), config)).setServiceParent(top)
+    return top
+
+
+@attrs.frozen
+class Wired:
+    """The daemon's collaborators, wired; L{build} puts the services among them in its tree."""
+
+    catalog: Catalog
+    scheduler: Scheduler
+    monitor: Monitor
+    gate: ReadyGate
+    stats: Stats
+    tier: DiskTier
+    dispatcher: Dispatcher
+    fleet: Fleet
+    proxy: Proxy
+
+
+def wire(
+    config: Config, reactor: Any, backends: list[Backend], connect: Callable[[str, str | None], Backend]
+) -> Wired:
+    """
+    Every collaborator of the daemon over C{backends}, each given the others it
+    needs; C{connect(url, api_key)} makes the backend for a URL added at run
+    time.  Nothing is started: tests drive the result in process (over fake
+    backends).
+    """
+    from proxycache.cache import Catalog, DiskTier
+    from proxycache.slots import Dispatcher, Fleet, Monitor, ReadyGate, Scheduler
+    from proxycache.stats import Stats
+    from proxycache.web import Proxy
+    from proxycache.web._admin import Admin
+
     by_name = {b.name: b for b in backends}
     # Saved entries are judged by the cost model (restore vs recompute of the common part), not by
     # similarity: a team's shared system prompt is worth restoring for another user (issue 13).
@@ -277,7 +322,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
     )
     fleet = Fleet(
         by_name, scheduler, monitor,
-        connect=lambda url, api_key: LlamaServer.create(reactor, url, api_key, pool_size),
+        connect=connect,
         on_added=lambda name, save_dir: _note_storage(catalog, name, save_dir or config.slot_save_path),
         save_hot_slots=lambda name: tier.flush(backend=name),
     )
@@ -289,23 +334,7 @@ def build(config: Config, reactor: Any, reread: Callable[[], Config] | None = No
         healthy_backend=monitor.healthy,
         admin=Admin(fleet, config.admin_keys),
     )
-    tier.setServiceParent(top)
-    monitor.setServiceParent(top)
-    # Requests waiting for a backend go on waiting through the drain (the monitor still looks: a proxy
-    # stopped right after it started serves them once its first look is done), answered before it ends.
-    drain_wait = max(0.0, config.grace - 2 * FLUSH_PAUSE)
-    DrainService(
-        proxy.in_flight, config.grace, reactor, on_drain=lambda: gate.stop(within=drain_wait)
-    ).setServiceParent(top)
-    if reread is not None:
-        ReloadOnHangup(reread, fleet, reactor).setServiceParent(top)
-    site = Site(proxy.resource(), requestFactory=GuardedRequests(
-        config.max_body_bytes, config.api_keys + config.admin_keys if config.api_keys else (),
-        BrowserPolicy(config.cors_origins, config.allowed_hosts),
-    ))
-    site.displayTracebacks = False
-    strports.service(config.listen, site).setServiceParent(top)
-    return top
+    return Wired(catalog, scheduler, monitor, gate, stats, tier, dispatcher, fleet, proxy)
 
 
 def _note_storage(catalog: Catalog, backend: str, save_dir: str | None) -> None:

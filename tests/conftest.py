@@ -28,9 +28,14 @@ if str(ROOT) not in sys.path:  # "from tests.x import" also under a bare `pytest
     sys.path.insert(0, str(ROOT))
 
 from proxycache.embedded import LlamaServerSpec  # noqa: E402
-from proxycache.testing import LlamaProcess, free_port  # noqa: E402
+from proxycache.testing import LlamaProcess, ProxyProcess, free_port  # noqa: E402
 
 ENGINES = ("xllamacpp", "binary")
+# The daemon's prefix thresholds in the end-to-end tests (not an IDE's defaults): CONVERSATION_LIMITS
+# fit tests/conversations.py's conversations (~3-4k tokens); with SMALL_LIMITS a prompt of a few words
+# is worth a slot of its own.
+CONVERSATION_LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
+SMALL_LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 # Tests using any of these (directly or through another fixture) exercise llama.cpp.
 LLAMA_FIXTURES = frozenset({"llama", "llama_factory", "module_llama", "llama_binary"})
 
@@ -168,5 +173,27 @@ def module_llama(
         ),
         workdir / "llama.log",
     ).start()
+    yield process
+    process.stop()
+
+
+def start_proxy(
+    workdir: Path, llama: LlamaProcess, *, limits: dict[str, int] = CONVERSATION_LIMITS, saves: bool = False,
+    **options: Any,
+) -> ProxyProcess:
+    """
+    The daemon (C{twistd -n proxycache}) in front of C{llama}, started, with
+    the prefix thresholds C{limits} and C{options}.  C{saves}: it sees
+    llama.cpp's save directory (C{--slot-save-path}), so its disk tier works.
+    """
+    if saves and llama.save_dir is not None:
+        options.setdefault("slot_save_path", str(llama.save_dir))
+    return ProxyProcess(workdir, llama.url, **{**limits, **options}).start()
+
+
+@pytest.fixture
+def proxy(llama: LlamaProcess, tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[ProxyProcess]:
+    """C{start_proxy} in front of C{llama} with the test module's C{PROXY_OPTIONS}; stopped after the test."""
+    process = start_proxy(tmp_path, llama, **getattr(request.module, "PROXY_OPTIONS", {}))
     yield process
     process.stop()

@@ -1,6 +1,6 @@
 """
 The pure Messages <-> chat translation (proxycache.web._anthropic and the
-request conversion in proxycache.routing._render), against fixtures shaped
+request conversion in proxycache.routing._translate), against fixtures shaped
 like llama.cpp's output; the streams are read back by the real anthropic SDK.
 """
 
@@ -16,7 +16,8 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 from proxycache.routing import fingerprint_text
-from proxycache.routing._render import anthropic_to_chat, chat_text, messages_text
+from proxycache.routing._render import chat_text, messages_text
+from proxycache.routing._translate import anthropic_to_chat
 from proxycache.web._anthropic import MessagesStream, chat_to_message, upstream_body
 
 STAMPED = "x-anthropic-billing-header: cc_version=2.1.101.e51; cc_entrypoint=cli; cch=a5145;You are Claude Code."

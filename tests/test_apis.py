@@ -16,11 +16,14 @@ import pytest
 from openai.types.chat import ChatCompletionChunk
 from openai.types.responses import ResponseStreamEvent
 
+from tests.conftest import SMALL_LIMITS, start_proxy
 from proxycache.testing import ProxyProcess, ReplyTap, http
 from proxycache.tinymodel import FORCE_TOOL_CALL_BIAS
 
-SMALL_LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 KEY = "sk-test-apis"
+# For the proxy fixture. A slow health poll: a /slots poll racing a never-used slot's first request is
+# taken for a llama-server restart (monitor issue, reported), which would empty the slot map mid-test.
+PROXY_OPTIONS = dict(limits=SMALL_LIMITS, saves=True, api_keys=KEY, health_interval=60)
 SYSTEM = "You answer questions about the project, tersely and precisely. " * 8
 
 
@@ -34,17 +37,6 @@ def _messages_turn(client, messages, **extra):
     text = "".join(block.text for block in message.content if block.type == "text")
     messages.append({"role": "assistant", "content": [{"type": "text", "text": text}]})
     return raw.headers["x-proxycache-decision"], message.usage
-
-
-@pytest.fixture
-def proxy(llama, tmp_path):
-    # A slow health poll: a /slots poll racing a never-used slot's first request is taken for a
-    # llama-server restart (monitor issue, reported), which would empty the slot map mid-test.
-    process = ProxyProcess(
-        tmp_path, llama.url, api_keys=KEY, slot_save_path=str(llama.save_dir), health_interval=60, **SMALL_LIMITS
-    ).start()
-    yield process
-    process.stop()
 
 
 def _latest_slot(llama):
@@ -227,9 +219,7 @@ def test_evicted_conversations_come_back_from_disk_on_every_api(llama_factory, t
     """Four conversations (Messages, Responses, two chats) on two slots: the evicted ones come back as restores."""
     # No RAM prompt cache: llama.cpp would otherwise empty idle slots itself (--cache-idle-slots).
     llama = llama_factory(cache_ram_mib=0)
-    proxy = ProxyProcess(
-        tmp_path, llama.url, api_keys=KEY, slot_save_path=str(llama.save_dir), health_interval=60, **SMALL_LIMITS
-    ).start()
+    proxy = start_proxy(tmp_path, llama, **PROXY_OPTIONS)
     try:
         _evicted_comes_back(proxy)
     finally:

@@ -9,11 +9,11 @@ import json
 import signal
 
 
+from tests.conftest import SMALL_LIMITS as LIMITS
 from tests.conversations import User
 from proxycache.testing import ProxyProcess, http, wait_for
 
 ADMIN = {"Authorization": "Bearer admin-key"}
-LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 
 
 def backends(proxy: ProxyProcess) -> dict[str, dict]:

@@ -1,6 +1,11 @@
 """
-Bad input gets a clear OpenAI error with the right status, and changes nothing:
-one table, one real daemon, one real llama.cpp server.
+Bad input gets a clear error in the client API's shape with the right status,
+and changes nothing: one table per shape.  Every case in them is decided
+before a slot is taken, so each runs in process, through the daemon's own
+request path over a fake llama-server (L{tests.fakes.InProcessDaemon}:
+milliseconds); a few run end to end as well, through the real daemon in front
+of a real llama.cpp server, beside what only llama.cpp decides (images, a gzip
+body served) and the SDKs' view.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import openai
 import pytest
 
 from proxycache.testing import ProxyProcess, http
+from tests.fakes import InProcessDaemon, chat_response, parse_response
 
 GOOD = [{"role": "user", "content": "hello"}]
 
@@ -230,15 +236,48 @@ def served(tmp_path_factory, module_llama):
     proxy.stop()
 
 
+@pytest.fixture(scope="module")
+def in_process():
+    """The daemon's request path in process (over a fake llama-server), set up as C{served} is."""
+    daemon = InProcessDaemon(max_body_bytes=400_000)
+    answer = daemon.send("POST", "/v1/chat/completions", chat())
+    daemon.backend.pending[0].callback(chat_response({"cache_n": 0, "prompt_n": 9}))  # a known slot map
+    assert parse_response(answer.value())[0] == 200
+    return daemon
+
+
 def _slot_map(status):
     return [(s["slot"], s["state"], s["conversation"], s["tokens"]) for s in status["slots"]]
 
 
-@pytest.mark.parametrize("name, method, path, body, headers, status, code", CASES, ids=[c[0] for c in CASES])
-def test_bad_input(served, name, method, path, body, headers, status, code):
-    proxy, llama = served
+# Through the real daemon's socket too: the header guard, a decoding error, a refused slot name, /slots.
+END_TO_END = ["body over the limit", "invalid UTF-8", "client names a slot", "slot save by a client"]
+
+
+@pytest.mark.parametrize(
+    "name, method, path, body, headers, status, code", [c for c in CASES if c[0] in END_TO_END], ids=END_TO_END
+)
+def test_bad_input_end_to_end(served, name, method, path, body, headers, status, code):
+    proxy, _ = served
     before = proxy.status()
     got, response_headers, error = http(method, proxy.url + path, body, headers)
+    assert got == status, error
+    assert response_headers["Content-Type"].startswith("application/json")
+    assert set(error["error"]) == {"message", "type", "code"}
+    assert error["error"]["message"]
+    if code is not None:
+        assert error["error"]["code"] == code
+    after = proxy.status()
+    assert not any(slot["busy"] for slot in after["slots"])
+    assert _slot_map(after) == _slot_map(before)
+    assert after["totals"]["requests"] == before["totals"]["requests"]
+
+
+@pytest.mark.parametrize("name, method, path, body, headers, status, code", CASES, ids=[c[0] for c in CASES])
+def test_bad_input(in_process, name, method, path, body, headers, status, code):
+    proxy = in_process
+    before = proxy.status()
+    got, response_headers, error = proxy.http(method, path, body, headers)
     assert got == status, error
     assert response_headers["Content-Type"].startswith("application/json")
     assert set(error["error"]) == {"message", "type", "code"}
@@ -274,10 +313,10 @@ MESSAGES_CASES = [
 
 
 @pytest.mark.parametrize("name, body, headers, status, kind", MESSAGES_CASES, ids=[c[0] for c in MESSAGES_CASES])
-def test_bad_messages_input(served, name, body, headers, status, kind):
-    proxy, _ = served
+def test_bad_messages_input(in_process, name, body, headers, status, kind):
+    proxy = in_process
     before = proxy.status()
-    got, _, error = http("POST", proxy.url + "/v1/messages", body, headers)
+    got, _, error = proxy.http("POST", "/v1/messages", body, headers)
     assert got == status, error
     assert error["type"] == "error" and error["error"]["type"] == kind and error["error"]["message"]
     after = proxy.status()

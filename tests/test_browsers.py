@@ -2,7 +2,8 @@
 A web page in a browser cannot drive the proxy: a foreign C{Origin} is refused
 on every route, a rebound C{Host} on a loopback connection too, before the
 body is read; curl, the SDKs and editors (no C{Origin}) are not affected.
-In-process: the daemon's own L{Site} and request factory over a transport.
+In-process: the daemon's own L{Site} and request factory over a transport
+(L{tests.fakes.InProcessDaemon}).
 """
 
 from __future__ import annotations
@@ -10,52 +11,14 @@ from __future__ import annotations
 import json
 from typing import Any
 
-import attrs
 import pytest
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
-from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.web.server import Site
 
-from proxycache.config import Config
-from proxycache.slots import Dispatcher, NoCache, Scheduler
-from proxycache.web import GuardedRequests, Proxy
-from proxycache.web._browsers import BrowserPolicy
-from tests.fakes import FakeBackend
+from tests.fakes import InProcessDaemon
 
 CHAT = json.dumps({"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}).encode()
 LOOPBACK = IPv4Address("TCP", "127.0.0.1", 8081)
 LAN = IPv4Address("TCP", "192.168.1.20", 8081)
-
-
-@attrs.define
-class Daemon:
-    backend: FakeBackend
-    site: Site
-
-    def send(self, raw: bytes, local: Any = LOOPBACK) -> bytes:
-        transport = StringTransport(hostAddress=local, peerAddress=IPv4Address("TCP", "127.0.0.1", 50000))
-        protocol = self.site.buildProtocol(None)
-        protocol.makeConnection(transport)
-        protocol.dataReceived(raw)
-        return transport.value()
-
-
-def daemon(**settings: Any) -> Daemon:
-    config = attrs.evolve(Config.load({}, {}), **settings)
-    clock = Clock()
-    backend = FakeBackend()
-    scheduler = Scheduler(clock, min_ratio=0.5, affinity_wait=5.0, max_queue=4)
-    scheduler.set_backend_slots(backend.name, 1)
-    dispatcher = Dispatcher(clock, scheduler, {backend.name: backend}, NoCache(), first_byte_timeout=30)
-    proxy = Proxy(
-        config, clock, dispatcher, {backend.name: backend},
-        status=lambda: {"ok": True}, metrics=lambda: b"# metrics\n", health=lambda: (True, {}),
-    )
-    factory = GuardedRequests(
-        config.max_body_bytes, config.api_keys, BrowserPolicy(config.cors_origins, config.allowed_hosts)
-    )
-    return Daemon(backend, Site(proxy.resource(), requestFactory=factory))
 
 
 def request(method: str, path: str, headers: dict[str, str], body: bytes | None = None) -> bytes:
@@ -88,9 +51,9 @@ ROUTES = [
 
 @pytest.mark.parametrize("method, path, body", ROUTES)
 def test_a_foreign_origin_is_refused_on_every_route(method, path, body):
-    proxy = daemon()
+    proxy = InProcessDaemon()
     # A "simple" request: text/plain needs no preflight, so the browser sends it as it is.
-    reply = proxy.send(request(method, path, {
+    reply = proxy.send_raw(request(method, path, {
         "Host": "127.0.0.1:8081", "Origin": "https://evil.example", "Content-Type": "text/plain",
     }, body))
     assert status_of(reply) == 403
@@ -99,17 +62,17 @@ def test_a_foreign_origin_is_refused_on_every_route(method, path, body):
 
 
 def test_the_body_of_a_refused_request_is_not_read():
-    proxy = daemon()
+    proxy = InProcessDaemon()
     head = request("POST", "/v1/chat/completions", {
         "Host": "localhost:8081", "Origin": "null", "Content-Length": str(300 * 1024 * 1024),
     })
-    reply = proxy.send(head)  # not one byte of the body was sent: the answer comes on the headers
+    reply = proxy.send_raw(head)  # not one byte of the body was sent: the answer comes on the headers
     assert status_of(reply) == 403
     assert b"Connection: close" in reply
 
 
 def test_anthropic_clients_get_their_error_shape():
-    reply = daemon().send(request("POST", "/v1/messages", {
+    reply = InProcessDaemon().send_raw(request("POST", "/v1/messages", {
         "Host": "localhost", "Origin": "https://evil.example", "anthropic-version": "2023-06-01",
     }, b"{}"))
     assert status_of(reply) == 403
@@ -117,11 +80,11 @@ def test_anthropic_clients_get_their_error_shape():
 
 
 def test_no_origin_is_let_in():
-    proxy = daemon()
-    reply = proxy.send(request("POST", "/v1/chat/completions", {"Host": "127.0.0.1:8081"}, CHAT))
+    proxy = InProcessDaemon()
+    reply = proxy.send_raw(request("POST", "/v1/chat/completions", {"Host": "127.0.0.1:8081"}, CHAT))
     assert reply == b""  # waiting for the (fake) llama.cpp, which got it
     assert len(proxy.backend.sent) == 1
-    assert status_of(proxy.send(request("GET", "/status", {"Host": "localhost:8081"}))) == 200
+    assert status_of(proxy.send_raw(request("GET", "/status", {"Host": "localhost:8081"}))) == 200
 
 
 @pytest.mark.parametrize("origins, origin", [
@@ -130,28 +93,28 @@ def test_no_origin_is_let_in():
     (("*",), "https://anything.example"),
 ])
 def test_allowed_origins_are_let_in(origins, origin):
-    reply = daemon(cors_origins=origins).send(request("GET", "/status", {"Host": "localhost", "Origin": origin}))
+    reply = InProcessDaemon(cors_origins=origins).send_raw(request("GET", "/status", {"Host": "localhost", "Origin": origin}))
     assert status_of(reply) == 200
     assert b"Access-Control-Allow-Origin: " + origin.encode() in reply
 
 
 def test_the_proxys_own_page_is_same_origin():
     # The dashboard at http://localhost:8081/ (browsers send Origin on a same-origin POST).
-    reply = daemon().send(request("GET", "/status", {"Host": "localhost:8081", "Origin": "http://localhost:8081"}))
+    reply = InProcessDaemon().send_raw(request("GET", "/status", {"Host": "localhost:8081", "Origin": "http://localhost:8081"}))
     assert status_of(reply) == 200
     # A same-looking origin on another port is another site.
-    reply = daemon().send(request("GET", "/status", {"Host": "localhost:8081", "Origin": "http://localhost:3000"}))
+    reply = InProcessDaemon().send_raw(request("GET", "/status", {"Host": "localhost:8081", "Origin": "http://localhost:3000"}))
     assert status_of(reply) == 403
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:8081", "localhost.evil.example", "10.0.0.5:8081"])
 def test_a_rebound_host_is_refused_on_loopback(host):
     # DNS rebinding: the page's own name now points at 127.0.0.1; it is same-origin with itself.
-    proxy = daemon()
-    reply = proxy.send(request("POST", "/v1/chat/completions", {"Host": host, "Origin": f"http://{host}"}, CHAT))
+    proxy = InProcessDaemon()
+    reply = proxy.send_raw(request("POST", "/v1/chat/completions", {"Host": host, "Origin": f"http://{host}"}, CHAT))
     assert status_of(reply) == 403
     assert error_of(reply)["error"]["code"] == "host_not_allowed"
-    reply = proxy.send(request("GET", "/status", {"Host": host}))
+    reply = proxy.send_raw(request("GET", "/status", {"Host": host}))
     assert status_of(reply) == 403
     assert proxy.backend.sent == []
 
@@ -159,28 +122,28 @@ def test_a_rebound_host_is_refused_on_loopback(host):
 @pytest.mark.parametrize("host", ["localhost", "localhost:8081", "LOCALHOST.", "127.0.0.1:8081", "127.0.0.2",
                                   "[::1]:8081", "app.localhost:8081"])
 def test_loopback_names_are_let_in(host):
-    assert status_of(daemon().send(request("GET", "/status", {"Host": host}))) == 200
+    assert status_of(InProcessDaemon().send_raw(request("GET", "/status", {"Host": host}))) == 200
 
 
 def test_allowed_hosts():
-    proxy = daemon(allowed_hosts=("proxy.internal",))
-    assert status_of(proxy.send(request("GET", "/status", {"Host": "proxy.internal:8081"}))) == 200
-    assert status_of(proxy.send(request("GET", "/status", {"Host": "other.internal"}))) == 403
-    anything = daemon(allowed_hosts=("*",))
-    assert status_of(anything.send(request("GET", "/status", {"Host": "other.internal"}))) == 200
+    proxy = InProcessDaemon(allowed_hosts=("proxy.internal",))
+    assert status_of(proxy.send_raw(request("GET", "/status", {"Host": "proxy.internal:8081"}))) == 200
+    assert status_of(proxy.send_raw(request("GET", "/status", {"Host": "other.internal"}))) == 403
+    anything = InProcessDaemon(allowed_hosts=("*",))
+    assert status_of(anything.send_raw(request("GET", "/status", {"Host": "other.internal"}))) == 200
 
 
 @pytest.mark.parametrize("local", [LAN, IPv6Address("TCP", "fd00::5", 8081), UNIXAddress(b"/run/proxycache.sock")])
 def test_host_is_not_checked_off_loopback(local):
     # A team server: its clients name it as they like; Origin still counts.
-    proxy = daemon()
-    assert status_of(proxy.send(request("GET", "/status", {"Host": "gpu-box.lan:8081"}), local)) == 200
-    reply = proxy.send(request("GET", "/status", {"Host": "gpu-box.lan:8081", "Origin": "https://evil.example"}), local)
+    proxy = InProcessDaemon()
+    assert status_of(proxy.send_raw(request("GET", "/status", {"Host": "gpu-box.lan:8081"}), local)) == 200
+    reply = proxy.send_raw(request("GET", "/status", {"Host": "gpu-box.lan:8081", "Origin": "https://evil.example"}), local)
     assert status_of(reply) == 403
 
 
 def test_ipv6_loopback_connection_checks_host():
-    reply = daemon().send(request("GET", "/status", {"Host": "evil.example"}), IPv6Address("TCP", "::1", 8081))
+    reply = InProcessDaemon().send_raw(request("GET", "/status", {"Host": "evil.example"}), IPv6Address("TCP", "::1", 8081))
     assert status_of(reply) == 403
 
 
@@ -190,26 +153,26 @@ PREFLIGHT = {"Access-Control-Request-Method": "POST", "Access-Control-Request-He
 @pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages", "/status", "/tokenize"])
 def test_a_preflight_never_needs_a_key(path):
     # Browsers send preflights without credentials: an allowed origin gets its allow headers whatever the keys...
-    keyed = daemon(api_keys=("k",), cors_origins=("https://app.example",))
-    reply = keyed.send(request("OPTIONS", path, {"Host": "localhost", "Origin": "https://app.example", **PREFLIGHT}))
+    keyed = InProcessDaemon(api_keys=("k",), cors_origins=("https://app.example",))
+    reply = keyed.send_raw(request("OPTIONS", path, {"Host": "localhost", "Origin": "https://app.example", **PREFLIGHT}))
     assert status_of(reply) == 204
     assert b"Access-Control-Allow-Origin: https://app.example" in reply
     # ...and any other, or none, a 403 without them: never a 401.
     for settings in ({"api_keys": ("k",)}, {"api_keys": ("k",), "cors_origins": ("https://app.example",)}):
         for headers in ({"Origin": "https://evil.example"}, {}):
-            reply = daemon(**settings).send(request("OPTIONS", path, {"Host": "localhost", **headers, **PREFLIGHT}))
+            reply = InProcessDaemon(**settings).send_raw(request("OPTIONS", path, {"Host": "localhost", **headers, **PREFLIGHT}))
             assert status_of(reply) == 403, reply
             assert b"Access-Control-Allow" not in reply
 
 
 def test_health_answers_probes_without_a_key():
-    keyed = daemon(api_keys=("k",))
+    keyed = InProcessDaemon(api_keys=("k",))
     for path in ("/health", "/v1/health", "/proxycache/health"):
-        assert status_of(keyed.send(request("GET", path, {"Host": "localhost"}))) == 200, path
-        assert status_of(keyed.send(request("HEAD", path, {"Host": "localhost"}))) == 200, path
-    assert status_of(keyed.send(request("GET", "/status", {"Host": "localhost"}))) == 401
-    assert status_of(keyed.send(request("GET", "/v1/models", {"Host": "localhost"}))) == 401
-    strict = daemon(api_keys=("k",), health_requires_key=True)
+        assert status_of(keyed.send_raw(request("GET", path, {"Host": "localhost"}))) == 200, path
+        assert status_of(keyed.send_raw(request("HEAD", path, {"Host": "localhost"}))) == 200, path
+    assert status_of(keyed.send_raw(request("GET", "/status", {"Host": "localhost"}))) == 401
+    assert status_of(keyed.send_raw(request("GET", "/v1/models", {"Host": "localhost"}))) == 401
+    strict = InProcessDaemon(api_keys=("k",), health_requires_key=True)
     for path in ("/health", "/v1/health", "/proxycache/health"):
-        assert status_of(strict.send(request("GET", path, {"Host": "localhost"}))) == 401, path
-        assert status_of(strict.send(request("GET", path, {"Host": "localhost", "Authorization": "Bearer k"}))) == 200
+        assert status_of(strict.send_raw(request("GET", path, {"Host": "localhost"}))) == 401, path
+        assert status_of(strict.send_raw(request("GET", path, {"Host": "localhost", "Authorization": "Bearer k"}))) == 200

@@ -14,6 +14,7 @@ from proxycache.backend import IdleSlot, Saved
 from proxycache.cache._budget import AUTO_CAP, GiB, auto_budget, headroom
 from proxycache.routing import Fingerprint, SlotId, SlotState
 from proxycache.slots import Slot, SlotContent
+from tests.fakes import FakeBackend
 from tests.test_tier_races import MODEL, make_tier
 
 Usage = namedtuple("Usage", "total used free")
@@ -31,23 +32,6 @@ def test_auto_budget_is_half_the_usable_space_capped_and_leaves_headroom():
     assert auto_budget(free=10 * GiB, total=20 * GiB, cached=0) == 5 * GiB
 
 
-class FakeLlama:
-    name = url = "b"
-
-    def __init__(self) -> None:
-        self.actions: list[tuple[int, str, str | None]] = []
-
-    async def process(self) -> str | None:
-        return None
-
-    async def wait_until_idle(self, index: int) -> IdleSlot:
-        return IdleSlot(used=True, tokens=500)
-
-    async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
-        self.actions.append((index, "save", filename))
-        return Saved(tokens=500, bytes=4096, ms=1.0)
-
-
 def hot_slot() -> tuple[Slot, SlotContent]:
     content = SlotContent(SlotState.HOT, Fingerprint((7, 8, 9), 300, 48), tokens=500)
     return Slot(SlotId("b", 0), content=content), content
@@ -57,7 +41,7 @@ def test_the_tier_chooses_a_budget_at_start_and_saves_only_above_the_headroom(tm
     tier, threads = make_tier(tmp_path)
     free = [100 * GiB]
     tier.store.disk_usage = lambda path: Usage(500 * GiB, 0, free[0])
-    llama = FakeLlama()
+    llama = FakeBackend(url="b", idle=IdleSlot(used=True, tokens=500), saved=Saved(tokens=500, bytes=4096, ms=1.0))
     tier.backends = {"b": llama}
     tier.catalog.backend_up("b", MODEL)
     tier.startService()
@@ -67,21 +51,21 @@ def test_the_tier_chooses_a_budget_at_start_and_saves_only_above_the_headroom(tm
     slot, content = hot_slot()
     saved = Deferred.fromCoroutine(tier.save(slot, content))
     threads.run_newest_first()
-    assert saved.result in tier.index.entries and len(llama.actions) == 1
+    assert saved.result in tier.index.entries and len(llama.calls) == 1
 
     free[0] = 4 * GiB  # under the 5 GiB headroom: no save, however often asked
     for _ in range(2):
         skipped = Deferred.fromCoroutine(tier.save(slot, content))
         threads.run_newest_first()
         assert skipped.result is None
-    assert len(llama.actions) == 1 and tier.counters.saves_skipped_low_space == 2
+    assert len(llama.calls) == 1 and tier.counters.saves_skipped_low_space == 2
     assert tier.counters.save_failures == 0
 
 
 def _store_over(tmp_path, **settings: Any) -> tuple[Any, Any, dict[str, Any]]:
     """A SavedCaches for backends "a" and "b", each with its own save directory (--backend-save-dirs)."""
     from proxycache.cache import Catalog
-    from proxycache.cache._store import SavedCaches
+    from proxycache.cache._saved_caches import SavedCaches
     from proxycache.config import Config
     from tests.test_tier_races import Threads
 

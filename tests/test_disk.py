@@ -21,15 +21,9 @@ from proxycache.cache import (
 )
 from proxycache.backend import model_identity
 from proxycache.routing import Fingerprint
+from tests.fakes import fp
 
 MODEL = "m0del"
-
-
-def fp(blocks: int, conversation: int = 1, *, tail: int = 0, tag: int = 0) -> Fingerprint:
-    """C{blocks} blocks of C{conversation}, then C{tail} blocks unique to C{tag}."""
-    shared = tuple(conversation * 10**6 + i for i in range(blocks))
-    own = tuple(10**12 + tag * 10**6 + i for i in range(blocks, blocks + tail))
-    return Fingerprint(shared + own, (blocks + tail) * 100, (blocks + tail) * 16)
 
 
 _keys = iter(range(1, 10**6))
@@ -58,7 +52,7 @@ def index_of(*entries: MetaEntry) -> Index:
 
 
 def test_meta_entry_json_round_trip():
-    original = entry(fp(3, tail=2, tag=7), key="0123456789abcdef", backend="http://b:8080",
+    original = entry(fp(3, 5, tag=7), key="0123456789abcdef", backend="http://b:8080",
                      bytes=12345, last_used=99.25, pinned=True, ineffective=True, tokens=777)
     data = json.loads(json.dumps(original.to_json()))
     assert data["version"] == META_VERSION
@@ -283,9 +277,9 @@ def test_remove_entry_files(tmp_path):
 
 
 def test_best_is_the_longest_common_prefix():
-    short = entry(fp(2, tail=1, tag=1), last_used=9.0)
-    long = entry(fp(9, tail=1, tag=2), last_used=1.0)
-    other = entry(fp(5, conversation=2))
+    short = entry(fp(2, 3, tag=1), last_used=9.0)
+    long = entry(fp(9, 10, tag=2), last_used=1.0)
+    other = entry(fp(5, base=2))
     index = index_of(short, long, other)
     assert index.best(fp(12), MODEL, ["a"], 0.0) == (long, 9, 0.9)
 
@@ -306,22 +300,22 @@ def test_best_respects_model_backend_and_ineffective():
 
 def test_best_respects_ratio():
     # 4 shared blocks of an 8-block entry: ratio 0.5 against the shorter (the entry)
-    e = entry(fp(4, tail=4, tag=3))
+    e = entry(fp(4, 8, tag=3))
     index = index_of(e)
-    request = fp(4, tail=12, tag=4)
+    request = fp(4, 16, tag=4)
     assert index.best(request, MODEL, ["a"], 0.5) == (e, 4, 0.5)
     assert index.best(request, MODEL, ["a"], 0.51) is None
 
 
 def test_best_needs_a_common_block():
-    index = index_of(entry(fp(5, conversation=2)))
+    index = index_of(entry(fp(5, base=2)))
     assert index.best(fp(5), MODEL, ["a"], 0.0) is None
     assert Index().best(fp(5), MODEL, ["a"], 0.0) is None
 
 
 def test_best_ties_go_to_the_most_recently_used():
-    old = entry(fp(6, tail=1, tag=1), last_used=1.0)
-    recent = entry(fp(6, tail=2, tag=2), last_used=5.0)
+    old = entry(fp(6, 7, tag=1), last_used=1.0)
+    recent = entry(fp(6, 8, tag=2), last_used=5.0)
     assert index_of(old, recent).best(fp(10), MODEL, ["a"], 0.0)[0] is recent
     assert index_of(recent, old).best(fp(10), MODEL, ["a"], 0.0)[0] is recent
 
@@ -332,8 +326,8 @@ def test_best_ties_go_to_the_most_recently_used():
 def test_predecessor_is_the_entry_the_content_descends_from():
     turn1 = entry(fp(4))
     turn2 = entry(fp(8))
-    branch = entry(fp(6, tail=3, tag=9))  # shares 6 blocks, but is not a prefix
-    other = entry(fp(3, conversation=2))
+    branch = entry(fp(6, 9, tag=9))  # shares 6 blocks, but is not a prefix
+    other = entry(fp(3, base=2))
     index = index_of(turn1, turn2, branch, other)
     assert index.predecessor(fp(12), "a", MODEL, turn2.key) is turn2
     assert index.predecessor(fp(12), "a", MODEL, turn1.key) is turn1  # restored from turn 1
@@ -348,8 +342,8 @@ def test_predecessor_never_another_conversation_sharing_a_prefix():
     # another user's "system prompt + one short turn": all its blocks are a prefix of ours
     theirs = entry(fp(5))
     index = index_of(theirs)
-    assert index.predecessor(fp(9, tail=3, tag=4), "a", MODEL, None) is None
-    assert index.predecessor(fp(9, tail=3, tag=4), "a", MODEL, "00000000000000aa") is None
+    assert index.predecessor(fp(9, 12, tag=4), "a", MODEL, None) is None
+    assert index.predecessor(fp(9, 12, tag=4), "a", MODEL, "00000000000000aa") is None
 
 
 def test_predecessor_same_backend_and_model_only():
@@ -411,8 +405,8 @@ def test_over_budget_gives_pinned_entries_a_bounded_share():
 
 def test_over_budget_drops_a_prefix_many_entries_share_last():
     system = entry(fp(6), last_used=1.0)  # the team's system prompt (+ a short turn): oldest
-    users = [entry(fp(6, tail=3, tag=t), last_used=2.0 + t) for t in range(3)]
-    lone = entry(fp(4, conversation=3), last_used=9.0)
+    users = [entry(fp(6, 9, tag=t), last_used=2.0 + t) for t in range(3)]
+    lone = entry(fp(4, base=3), last_used=9.0)
     index = index_of(system, *users, lone)
     assert index.is_shared_prefix(system) and not any(index.is_shared_prefix(u) for u in users)
     assert index.over_budget(0, 4, frozenset()) == [users[0]]
@@ -650,18 +644,18 @@ def test_a_save_must_be_worth_its_time_against_what_a_sibling_entry_holds():
     speeds = catalog.speeds
     speeds.observe_save(131_072_000, 110.0, 1000, took=0.115)  # 128 KiB a token
     speeds.observe_prefill(30_000, 30_000 / 3000 * 1000)
-    sibling = entry(fp(300, tail=2, tag=1), tokens=30_100)
+    sibling = entry(fp(300, 302, tag=1), tokens=30_100)
     catalog.index.put(sibling)
-    previous = fp(300, tail=1, tag=2)  # the same context, another question
+    previous = fp(300, 301, tag=2)  # the same context, another question
     assert not catalog.save_pays("a", previous, 30_050)
     view = SlotView(SlotId("a", 0), SlotState.HOT, previous, tokens=30_050)
     assert not catalog.keep_pays(view, 0)
     # with no sibling on disk, all of it is its own: worth a save
-    assert catalog.save_pays("a", fp(300, 7, tail=1, tag=3), 30_050)
+    assert catalog.save_pays("a", fp(300, 301, tag=3, base=7), 30_050)
     # an earlier turn of the same conversation: the new turns are its own part
-    earlier = entry(fp(280, 8), tokens=28_000)
+    earlier = entry(fp(280, base=8), tokens=28_000)
     catalog.index.put(earlier)
-    assert catalog.save_pays("a", fp(280, 8, tail=20, tag=4), 30_000)
+    assert catalog.save_pays("a", fp(280, 300, tag=4, base=8), 30_000)
     # the prefix a request keeps in place counts too
-    assert not catalog.keep_pays(SlotView(SlotId("a", 0), SlotState.HOT, fp(300, 9, tail=1, tag=5),
+    assert not catalog.keep_pays(SlotView(SlotId("a", 0), SlotState.HOT, fp(300, 301, tag=5, base=9),
                                           tokens=30_050), 300)

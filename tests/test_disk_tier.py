@@ -7,19 +7,15 @@ from __future__ import annotations
 
 import json
 import signal
+from functools import partial
 
-
+from tests import conftest
+from tests.conftest import CONVERSATION_LIMITS
 from tests.conversations import User, close_to_new
 from proxycache.testing import ProxyProcess, ReplyTap, http, wait_for
 
-LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
-
-
-def start_proxy(tmp_path, llama, **options):
-    options = {**LIMITS, "write_behind": 0.2, **options}
-    if llama.save_dir is not None:
-        options.setdefault("slot_save_path", str(llama.save_dir))
-    return ProxyProcess(tmp_path, llama.url, **options).start()
+# llama.cpp's save directory in sight, and quick write-behind saves.
+start_proxy = partial(conftest.start_proxy, saves=True, write_behind=0.2)
 
 
 
@@ -388,7 +384,7 @@ def test_weights_replaced_behind_a_port_that_stays_open_are_not_restored(llama_f
     llama, replace_weights = on_a_model_to_replace(llama_factory, models_dir, tmp_path)
     tap = ReplyTap(llama.url)
     proxy = ProxyProcess(
-        tmp_path, tap.url, **{**LIMITS, "write_behind": 0.2, "slot_save_path": str(llama.save_dir)}
+        tmp_path, tap.url, **{**CONVERSATION_LIMITS, "write_behind": 0.2, "slot_save_path": str(llama.save_dir)}
     ).start()
     try:
         ana = User("ana")

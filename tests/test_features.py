@@ -12,11 +12,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from proxycache.backend import (
-    OLDEST_SUPPORTED_BUILD, RAM_CACHE, Description, Features, backend_warnings, build_notice, build_number,
+    OLDEST_SUPPORTED_BUILD, RAM_CACHE, Features, backend_warnings, build_notice, build_number,
 )
 from proxycache.backend._features import SAVES_OFF, SLOTS_OFF, saves_enabled
 from proxycache.slots import Monitor, Scheduler
 from proxycache.testing import ProxyProcess, http
+from tests.fakes import FakeBackend
 
 # /props as b11549 (xllamacpp) and b11434 (binary) answer it, trimmed.
 PROPS = {
@@ -61,20 +62,10 @@ def test_builds_older_than_the_oldest_supported():
     assert build_notice(dict(PROPS, build_info="b11434-unknown")) is None
 
 
-class Described:
-    name = url = "http://b"
-
-    def __init__(self, features: Features) -> None:
-        self.features = features
-
-    async def process(self) -> str | None:
-        return None  # shows no process marker
-
-    async def describe(self, probe: bool = True) -> Description:
-        return Description(PROPS, 2, "model", self.features)
-
-    async def slots(self) -> list[dict[str, Any]]:
-        return [{"id": 0, "n_ctx": 8192, "id_task": 1}, {"id": 1, "n_ctx": 8192, "id_task": 2}]
+def described(features: Features) -> FakeBackend:
+    """A backend of two served slots that says it lacks what C{features} says."""
+    return FakeBackend(url="http://b", props=PROPS, model="model", features=features,
+                       slot_list=[{"id": 0, "n_ctx": 8192, "id_task": 1}, {"id": 1, "n_ctx": 8192, "id_task": 2}])
 
 
 def check(monitor: Monitor) -> None:
@@ -84,7 +75,7 @@ def check(monitor: Monitor) -> None:
 
 def test_the_monitor_keeps_the_warnings_of_the_last_start_and_those_seen_at_run_time():
     clock = Clock()
-    backend = Described(Features(slots_endpoint=True, slot_saves=False))
+    backend = described(Features(slots_endpoint=True, slot_saves=False))
     monitor = Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None)
     check(monitor)
     health = monitor.health[backend.name]

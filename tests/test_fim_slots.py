@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import concurrent.futures
 
+from tests.conftest import SMALL_LIMITS
 from tests.conversations import User
 from proxycache.testing import ProxyProcess, http
 
-LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 
 
 def editor_files(editor: int) -> list[dict[str, str]]:
@@ -28,7 +28,7 @@ def infill(proxy: ProxyProcess, editor: int, line: str) -> tuple[dict[str, str],
 
 def test_a_fim_burst_takes_the_least_recently_used_conversation_not_the_last_slot(llama_factory, tmp_path):
     llama = llama_factory(slots=3)
-    proxy = ProxyProcess(tmp_path, llama.url, slot_save_path=str(llama.save_dir), **LIMITS).start()
+    proxy = ProxyProcess(tmp_path, llama.url, slot_save_path=str(llama.save_dir), **SMALL_LIMITS).start()
     try:
         client = proxy.client()
         alice, bob, carol = User("alice", context_words=200), User("bob", context_words=200), User("carol", 200)

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import random
 
+from tests.conftest import CONVERSATION_LIMITS
 from tests.conversations import text
 from tests.test_disk_tier import same_shape_models
 from proxycache.testing import ProxyProcess, ReplyTap, http, wait_for
 
-LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
 ADMIN = {"Authorization": "Bearer admin-key"}
 ANSWER_TOKENS = 16
 
@@ -61,7 +61,7 @@ def test_one_conversation_saved_by_two_models_in_one_directory_restores_only_its
     checker = llama_factory(model=a, save_dir=None)
     proxy = ProxyProcess(
         tmp_path / "proxy", f"{on_a.url},{on_b.url}", slot_save_path=str(shared), admin_keys="admin-key",
-        write_behind=0.2, **LIMITS,
+        write_behind=0.2, **CONVERSATION_LIMITS,
     ).start()
     try:
         wait_for(lambda: len(proxy.status()["slots"]) == 4, what="both backends up")
@@ -110,7 +110,7 @@ def test_a_save_made_before_the_monitor_saw_a_restart_with_other_weights_is_not_
 ):
     llama, a, b, point_at = on_a_switchable_model(llama_factory, models_dir, tmp_path)
     checker = llama_factory(model=a, save_dir=None)
-    options = dict(slot_save_path=str(llama.save_dir), health_interval=60, write_behind=0.2, **LIMITS)
+    options = dict(slot_save_path=str(llama.save_dir), health_interval=60, write_behind=0.2, **CONVERSATION_LIMITS)
     proxy = ProxyProcess(tmp_path / "proxy", llama.url, **options).start()
     try:
         # An upgrade to other weights at the same path; the monitor does not look again for a minute.
@@ -195,7 +195,8 @@ def test_each_configured_backend_gets_its_own_key_and_sighup_adds_one_with_its_k
 
 def test_one_llama_server_added_under_a_second_spelling_is_not_counted_twice_nor_probed(llama, tmp_path):
     proxy = ProxyProcess(
-        tmp_path, llama.url, admin_keys="admin-key", slot_save_path=str(llama.save_dir), write_behind=60, **LIMITS,
+        tmp_path, llama.url, admin_keys="admin-key", slot_save_path=str(llama.save_dir), write_behind=60,
+        **CONVERSATION_LIMITS,
     ).start()
     try:
         ana = [{"role": "system", "content": system_prompt("ana")}, {"role": "user", "content": "First question?"}]

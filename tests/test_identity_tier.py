@@ -11,7 +11,7 @@ from twisted.internet.defer import Deferred
 
 from proxycache.backend import IdleSlot, Restored, Saved
 from proxycache.cache import Catalog, MetaEntry
-from proxycache.cache._index import entry_key
+from proxycache.cache._entries import entry_key
 from proxycache.cache._probed import PROBE_WAIT
 from proxycache.routing import Decision, DiskMatch, Fingerprint, Plan, Request, SlotId, SlotState
 from proxycache.slots import NOTHING, Lease, Slot, SlotContent

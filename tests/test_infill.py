@@ -6,10 +6,10 @@ conversation's hot slot.
 
 from __future__ import annotations
 
+from tests.conftest import SMALL_LIMITS
 from tests.conversations import User
 from proxycache.testing import ProxyProcess, http
 
-LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 EXTRA = [
     {"filename": "proxycache/slots/_scheduler.py", "text": "class Scheduler:\n    def pump(self) -> None:\n" * 30},
     {"filename": "proxycache/web/_app.py", "text": "class Proxy:\n    app = Klein()\n" * 30},
@@ -26,7 +26,7 @@ def infill(proxy, prefix: str):
 
 def test_infill_reuses_its_context_and_spares_chat_slots(llama_factory, tmp_path):
     llama = llama_factory(slots=3)
-    proxy = ProxyProcess(tmp_path, llama.url, **LIMITS).start()
+    proxy = ProxyProcess(tmp_path, llama.url, **SMALL_LIMITS).start()
     try:
         client = proxy.client()
         headers, _ = infill(proxy, "    x = 1\n")

@@ -14,14 +14,15 @@ from proxycache.routing import Decision, Request, SlotId
 from proxycache.slots import Outcome, Scheduler
 from proxycache.testing import ProxyProcess
 from tests.conversations import User
-from tests.test_disk import entry, fp as disk_fp, index_of
-from tests.test_scheduler import fp, lease_of
+from tests.fakes import fp
+from tests.test_disk import entry, index_of
+from tests.test_scheduler import lease_of
 
 OK = Outcome(succeeded=True, cache_n=3, prompt_n=5, predicted_n=7)
 
 
 def request(blocks: int, tenant: str) -> Request:
-    return Request(fp(blocks, 1), small=False, tenant=tenant)
+    return Request(fp(blocks, base=1), small=False, tenant=tenant)
 
 
 def make(isolate: bool, slots: int = 2) -> Scheduler:
@@ -45,11 +46,11 @@ def test_another_tenants_prefix_is_not_reused_nor_waited_for():
 
 
 def test_entries_are_found_for_their_own_tenant_only():
-    saved = entry(disk_fp(8), tenant="key1")
+    saved = entry(fp(8), tenant="key1")
     index = index_of(saved)
-    assert index.best(disk_fp(10), saved.model, ["a"], 0.0) is not None
-    assert index.best(disk_fp(10), saved.model, ["a"], 0.0, "key1") is not None
-    assert index.best(disk_fp(10), saved.model, ["a"], 0.0, "key2") is None
+    assert index.best(fp(10), saved.model, ["a"], 0.0) is not None
+    assert index.best(fp(10), saved.model, ["a"], 0.0, "key1") is not None
+    assert index.best(fp(10), saved.model, ["a"], 0.0, "key2") is None
     assert MetaEntry.from_json(saved.to_json()).tenant == "key1"
 
 
@@ -83,9 +84,9 @@ def test_isolated_tenants_share_no_cached_prefix_on_a_real_server(llama_factory,
 def test_a_tenant_over_its_disk_share_loses_its_own_oldest_entries_only():
     from proxycache.cache._shares import over_tenant_share
 
-    team = entry(disk_fp(8, 1), tenant="key2", bytes=100, last_used=1.0)
-    flood = [entry(disk_fp(8, 10 + n), tenant="key1", bytes=100, last_used=2.0 + n) for n in range(6)]
-    pinned = entry(disk_fp(8, 99), tenant="key1", bytes=100, last_used=0.5, pinned=True)
+    team = entry(fp(8, base=1), tenant="key2", bytes=100, last_used=1.0)
+    flood = [entry(fp(8, base=10 + n), tenant="key1", bytes=100, last_used=2.0 + n) for n in range(6)]
+    pinned = entry(fp(8, base=99), tenant="key1", bytes=100, last_used=0.5, pinned=True)
     victims = over_tenant_share([team, pinned, *flood], 1000, 0.5, frozenset())
     # key1 holds 700 of a 1000 budget: its two oldest unpinned entries go, key2's stays
     assert victims == flood[:2]

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.web.client import ResponseFailed
 
-from proxycache.backend import Description, UpstreamError
+from proxycache.backend import UpstreamError
 from proxycache.routing import Fingerprint, SlotId, SlotState
 from proxycache.slots import Monitor, Scheduler, SlotContent
 from tests.fakes import FakeBackend, put
@@ -156,32 +156,11 @@ class TakeOutTests(SynchronousTestCase):
         self.assertEqual(len(self.scheduler.slots), 2)
 
 
-class Scripted:
-    name = url = "http://b"
-
-    def __init__(self) -> None:
-        self.probes: list[bool] = []
-        self.slot_replies: list[Any] = []
-
-    async def process(self) -> str | None:
-        return None  # shows no process marker
-
-    async def describe(self, probe: bool = True) -> Description:
-        self.probes.append(probe)
-        return Description({"total_slots": 1}, 1, "model")
-
-    async def slots(self) -> list[dict[str, Any]]:
-        reply = self.slot_replies.pop(0) if self.slot_replies else [{"id": 0, "n_ctx": 100, "id_task": 1}]
-        if isinstance(reply, Exception):
-            raise reply
-        return reply
-
-
-def scripted(*slot_replies: Any) -> tuple[Monitor, Scripted]:
-    """A monitor of one L{Scripted} backend whose C{/slots} answers C{slot_replies} in turn."""
+def scripted(*slot_replies: Any) -> tuple[Monitor, FakeBackend]:
+    """A monitor of one one-slot backend whose C{/slots} answers C{slot_replies} in turn, then a served slot."""
     clock = Clock()
-    backend = Scripted()
-    backend.slot_replies = list(slot_replies)
+    backend = FakeBackend(url="http://b", props={"total_slots": 1}, model="model",
+                          slot_list=[{"id": 0, "n_ctx": 100, "id_task": 1}], slot_replies=list(slot_replies))
     return Monitor(clock, Scheduler(clock, min_ratio=0.5, affinity_wait=1, max_queue=1), [backend], 1.0, None), backend
 
 

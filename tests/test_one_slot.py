@@ -19,6 +19,7 @@ from twisted.internet.task import Clock
 from proxycache.config import Config
 from proxycache.slots import Dispatcher, NoCache, Scheduler
 from proxycache.web import Proxy
+from tests.conftest import SMALL_LIMITS
 from tests.fakes import FakeBackend, chat_response
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -96,7 +97,6 @@ def test_chat_choices_are_still_served_one_by_one():
 
 # -- against a real llama.cpp ----------------------------------------------------
 
-LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 OTHER = "Something else entirely, from another client. " * 20
 
 
@@ -122,7 +122,7 @@ def test_no_route_lets_llama_cpp_wipe_another_conversation(llama, tmp_path):
     from proxycache.testing import ProxyProcess, http
     from tests.conversations import User, close_to_new
 
-    proxy = ProxyProcess(tmp_path, llama.url, fim_slots=0, **LIMITS).start()
+    proxy = ProxyProcess(tmp_path, llama.url, fim_slots=0, **SMALL_LIMITS).start()
     try:
         client = proxy.client()
         alice = User("alice", context_words=400)

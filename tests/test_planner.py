@@ -11,8 +11,6 @@ tail of blocks unique to it.
 
 from __future__ import annotations
 
-import itertools
-
 import attrs
 
 import pytest
@@ -38,22 +36,9 @@ from proxycache.routing import (
     backend_load,
     target_slot,
 )
+from tests.fakes import fp
 
 FREE, COLD, HOT = SlotState.FREE, SlotState.COLD, SlotState.HOT
-_tags = itertools.count(1)
-
-
-def fp(shared: int, total: int | None = None, *, tag: int | None = None, base: int = 0) -> Fingerprint:
-    """
-    C{shared} blocks of conversation C{base}, then C{total - shared} blocks
-    nobody else has.  Two fingerprints of one base share min(shared) blocks.
-    """
-    total = shared if total is None else total
-    assert total >= shared
-    tag = next(_tags) if tag is None else tag
-    blocks = tuple(base * 10**6 + i for i in range(shared))
-    blocks += tuple(10**12 + tag * 10**6 + i for i in range(shared, total))
-    return Fingerprint(blocks=blocks, chars=total * 100, words=total * 16)
 
 
 def slot(index: int, state: SlotState = FREE, fingerprint: Fingerprint = EMPTY, *,

@@ -13,20 +13,14 @@ import time
 
 import pytest
 
+from tests.conftest import SMALL_LIMITS
 from proxycache.testing import TWISTD, ProxyProcess, free_port, http
 
-SMALL_LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
+PROXY_OPTIONS = dict(limits=SMALL_LIMITS)  # for the proxy fixture
 MESSAGES = [
     {"role": "system", "content": "You are a terse assistant. " * 10},
     {"role": "user", "content": "Say something about the weather in Lisbon today, please."},
 ]
-
-
-@pytest.fixture
-def proxy(llama, tmp_path):
-    process = ProxyProcess(tmp_path, llama.url, **SMALL_LIMITS).start()
-    yield process
-    process.stop()
 
 
 def test_non_streaming_through_openai_sdk(proxy):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pytest
 
-from proxycache.routing._render import responses_to_chat
+from proxycache.routing._translate import responses_to_chat
 from proxycache.web._errors import ApiError
 from proxycache.web._responses import check_input, upstream_body
 

@@ -8,24 +8,9 @@ from __future__ import annotations
 import concurrent.futures
 import time
 
-import pytest
-
+from tests.conftest import CONVERSATION_LIMITS, start_proxy
 from tests.conversations import User, close_to_new
 from proxycache.testing import ProxyProcess, http, open_raw_chat
-
-# Thresholds scaled to the test conversations (~3k tokens), not IDE defaults.
-LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
-
-
-def start_proxy(tmp_path, llama, **options):
-    return ProxyProcess(tmp_path, llama.url, **{**LIMITS, **options}).start()
-
-
-@pytest.fixture
-def proxy(llama, tmp_path):
-    process = start_proxy(tmp_path, llama)
-    yield process
-    process.stop()
 
 
 def test_two_users_on_two_slots_reuse_their_prefix(proxy):
@@ -169,7 +154,7 @@ def test_queue_limit_gives_429_with_retry_after(llama, tmp_path):
 
 def test_two_backends_behind_one_proxy(llama_factory, tmp_path):
     first, second = llama_factory(slots=1), llama_factory(slots=1)
-    proxy = ProxyProcess(tmp_path, f"{first.url},{second.url}", **LIMITS).start()
+    proxy = ProxyProcess(tmp_path, f"{first.url},{second.url}", **CONVERSATION_LIMITS).start()
     try:
         client = proxy.client()
         alice, bob = User("alice"), User("bob")

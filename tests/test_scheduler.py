@@ -16,22 +16,18 @@ from twisted.internet.task import Clock
 from proxycache.routing import Fingerprint
 from proxycache.routing import EMPTY, Decision, DiskMatch, Request, SlotId, SlotState
 from proxycache.slots import NOTHING, Lease, Outcome, QueueFull, Scheduler, SlotContent
+from tests.fakes import fp
 
 FREE, COLD, HOT = SlotState.FREE, SlotState.COLD, SlotState.HOT
 A0, A1 = SlotId("a", 0), SlotId("a", 1)
 
 
-def fp(blocks: int, conversation: int) -> Fingerprint:
-    """The first C{blocks} blocks of C{conversation}: turns of one conversation share a prefix."""
-    return Fingerprint(tuple(conversation * 10**6 + i for i in range(blocks)), blocks * 100, blocks * 16)
-
-
 def large(blocks: int, conversation: int) -> Request:
-    return Request(fp(blocks, conversation), small=False)
+    return Request(fp(blocks, base=conversation), small=False)
 
 
 def small(blocks: int, conversation: int) -> Request:
-    return Request(fp(blocks, conversation), small=True)
+    return Request(fp(blocks, base=conversation), small=True)
 
 
 def make(slots: int = 2, *, affinity_wait: float = 2.0, max_queue: int = 10, disk_lookup=None,
@@ -305,7 +301,7 @@ def test_follow_up_hits_after_success():
     scheduler.release(lease_of(scheduler.acquire(large(10, 1))), OK)
     lease = lease_of(scheduler.acquire(large(14, 1)))
     assert lease.slot.id == A0 and lease.plan.decision is Decision.HIT
-    assert lease.previous.fingerprint == fp(10, 1) and lease.previous.tokens == 15
+    assert lease.previous.fingerprint == fp(10, base=1) and lease.previous.tokens == 15
 
 
 def test_reset_backend_frees_all_of_that_backend():
@@ -512,7 +508,7 @@ class Model:
         kind = op[0]
         if kind == "acquire":
             _, conversation, blocks, is_small = op
-            self.acquire(Request(fp(blocks, conversation), is_small))
+            self.acquire(Request(fp(blocks, base=conversation), is_small))
         elif kind == "cancel" and self.pending:
             self.pending[op[1] % len(self.pending)].cancel()  # granted ones ignore it
         elif kind == "release" and self.leases:
@@ -592,7 +588,7 @@ def test_seeded_long_random_sequences():
 
 def branch(shared: int, own: int, conversation: int, user: int) -> Request:
     """C{shared} blocks of C{conversation} (a system prompt), then C{own} blocks of C{user}."""
-    blocks = fp(shared, conversation).blocks + tuple(10**9 + user * 10**6 + i for i in range(own))
+    blocks = fp(shared, base=conversation).blocks + tuple(10**9 + user * 10**6 + i for i in range(own))
     return Request(Fingerprint(blocks, len(blocks) * 100, len(blocks) * 16), small=False)
 
 

@@ -13,6 +13,7 @@ import pytest
 from proxycache.config import Config
 from tests.conversations import User
 from proxycache.testing import ProxyProcess, http
+from tests.fakes import InProcessDaemon
 
 HELLO = {"messages": [{"role": "user", "content": "hello"}], "max_tokens": 2}
 
@@ -28,6 +29,12 @@ def keyed_proxy(module_llama, tmp_path_factory):
     proxy.stop()
 
 
+@pytest.fixture(scope="module")
+def keyed_in_process():
+    """C{keyed_proxy}'s keys on the daemon's request path in process: a key is judged before any slot."""
+    return InProcessDaemon(api_keys=("team-a-key", "team-b-key"))
+
+
 @pytest.mark.parametrize("path, method, body", [
     ("/v1/chat/completions", "POST", HELLO),
     ("/v1/models", "GET", None),
@@ -36,9 +43,9 @@ def keyed_proxy(module_llama, tmp_path_factory):
     ("/metrics", "GET", None),
 ])
 @pytest.mark.parametrize("authorization", [None, "Bearer wrong", "Basic team-a-key", "Bearer team-a-keyX"])
-def test_api_key_required(keyed_proxy, path, method, body, authorization):
+def test_api_key_required(keyed_in_process, path, method, body, authorization):
     headers = {"Authorization": authorization} if authorization else {}
-    status, response_headers, error = http(method, keyed_proxy.url + path, body, headers)
+    status, response_headers, error = keyed_in_process.http(method, path, body, headers)
     assert status == 401
     assert error["error"]["code"] == "invalid_api_key"
     assert response_headers["WWW-Authenticate"] == "Bearer"

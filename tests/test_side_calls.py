@@ -12,13 +12,13 @@ import random
 
 import anthropic
 
+from tests.conftest import CONVERSATION_LIMITS
 from tests.conversations import text
 from tests.test_fim_slots import infill
 from proxycache.testing import ProxyProcess
 from proxycache.testing import wait_for
 
 # A main conversation is large, a title or quota call small (the defaults scaled to the test model).
-LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
 SYSTEM = "You are Claude Code. " + text(random.Random("system"), 600)
 USER_ID = "user_" + "ab" * 32 + "_account__session_1234"
 
@@ -36,7 +36,7 @@ def turn(client: anthropic.Anthropic, messages: list, **extra) -> tuple[str, str
 def test_claude_code_trio_keeps_the_main_conversation_a_hit(llama_factory, tmp_path):
     llama = llama_factory(slots=3)
     proxy = ProxyProcess(
-        tmp_path, llama.url, slot_save_path=str(llama.save_dir), health_interval=60, **LIMITS
+        tmp_path, llama.url, slot_save_path=str(llama.save_dir), health_interval=60, **CONVERSATION_LIMITS
     ).start()
     try:
         client = anthropic.Anthropic(base_url=proxy.url, api_key="none", max_retries=0)

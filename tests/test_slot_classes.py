@@ -10,22 +10,23 @@ from twisted.internet.task import Clock
 
 from proxycache.routing import Decision, Request, SlotId
 from proxycache.slots import Outcome, Scheduler
-from tests.test_scheduler import fp, lease_of
+from tests.fakes import fp
+from tests.test_scheduler import lease_of
 
 OK = Outcome(succeeded=True, cache_n=3, prompt_n=5, predicted_n=7)
 A0, A1, A2 = SlotId("a", 0), SlotId("a", 1), SlotId("a", 2)
 
 
 def chat(conversation: int, blocks: int = 20, tenant: str = "t") -> Request:
-    return Request(fp(blocks, conversation), small=False, tenant=tenant)
+    return Request(fp(blocks, base=conversation), small=False, tenant=tenant)
 
 
 def side_call(conversation: int, tenant: str = "t") -> Request:
-    return Request(fp(2, conversation), small=True, tenant=tenant)
+    return Request(fp(2, base=conversation), small=True, tenant=tenant)
 
 
 def fim(editor: int) -> Request:
-    return Request(fp(20, 500 + editor), small=False, kind="fim", tenant=f"editor{editor}")
+    return Request(fp(20, base=500 + editor), small=False, kind="fim", tenant=f"editor{editor}")
 
 
 def make(clock: Clock, slots: int = 3, **options) -> Scheduler:

@@ -6,22 +6,20 @@ conversation starts with the same long system prompt, then diverges (issue 13).
 from __future__ import annotations
 
 import concurrent.futures
+from functools import partial
 from typing import Any
 
+from tests import conftest
 from tests.conversations import User, close_to_new, text
 from proxycache.testing import ProxyProcess
 from proxycache.testing import wait_for as poll_until
 
-# Thresholds scaled to the test conversations (~4k tokens), not IDE defaults.
-LIMITS = dict(min_prefix_chars=1000, min_prefix_words=150, min_prefix_blocks=8)
 SYSTEM_WORDS = 600  # the shared system prompt: ~37 blocks of 16 words
 PRIVATE_WORDS = 40  # each user's own part: a few blocks
 LONG_ANSWER = 1500  # tokens: keeps a slot busy while another user arrives
 
 
-def start_proxy(tmp_path, llama, **options):
-    options = {**LIMITS, "slot_save_path": str(llama.save_dir), **options}
-    return ProxyProcess(tmp_path, llama.url, **options).start()
+start_proxy = partial(conftest.start_proxy, saves=True)
 
 
 class TeamUser(User):

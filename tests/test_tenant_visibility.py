@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import openai
 
+from tests.conftest import SMALL_LIMITS
 from tests.conversations import User
 from proxycache.testing import ProxyProcess, call
 
-LIMITS = dict(min_prefix_chars=10, min_prefix_words=5, min_prefix_blocks=1)
 KEYS = ("sk-first-secret", "sk-second-secret")
 
 
 def test_status_and_metrics_show_each_key_as_a_tenant_and_never_the_key(llama, tmp_path):
-    proxy = ProxyProcess(tmp_path, llama.url, api_keys=",".join(KEYS), health_interval=60, **LIMITS).start()
+    proxy = ProxyProcess(tmp_path, llama.url, api_keys=",".join(KEYS), health_interval=60, **SMALL_LIMITS).start()
     try:
         first = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS[0], max_retries=0)
         second = openai.OpenAI(base_url=proxy.url + "/v1", api_key=KEYS[1], max_retries=0)

@@ -18,7 +18,7 @@ from proxycache.cache import Catalog, DiskTier, MetaEntry, load_index, write_met
 from proxycache.config import Config
 from proxycache.routing import Fingerprint
 from proxycache.slots import Scheduler
-from tests.fakes import put
+from tests.fakes import FakeBackend, put
 
 MODEL = "m0del"
 Usage = namedtuple("Usage", "total used free")
@@ -120,14 +120,8 @@ def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(t
     from proxycache.routing import SlotId, SlotState
     from proxycache.slots import Slot, SlotContent
 
-    class Broken:
-        name = url = "b"
-
-        async def wait_until_idle(self, index: int) -> IdleSlot:
-            raise RuntimeError("something nobody expected")
-
     tier, threads = make_tier(tmp_path)
-    tier.backends = {"b": Broken()}
+    tier.backends = {"b": FakeBackend(url="b", idle=RuntimeError("something nobody expected"))}
     tier.catalog.backend_up("b", MODEL)
     tier.store.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
     slot = put(tier.scheduler, Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300)))
@@ -144,38 +138,11 @@ def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(t
     assert logged["log_failure"].check(RuntimeError)
 
 
-class _Saving:
-    """A backend whose slots are idle and hold 300 tokens; records what it was asked."""
-
-    name = url = "b"
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[str, int]] = []  # slot actions
-        self.asked: list[str] = []  # every request, in order
-
-    async def process(self) -> str | None:
-        self.asked.append("props")
-        return None
-
-    async def wait_until_idle(self, index: int) -> IdleSlot:
-        self.asked.append("slots")
-        return IdleSlot(used=True, tokens=300)
-
-    async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
-        self.asked.append("save")
-        self.calls.append(("save", index))
-        return Saved(tokens=300, bytes=4096, ms=1.0)
-
-    async def restore_slot(self, index: int, filename: str, timeout: float) -> Restored:
-        self.asked.append("restore")
-        self.calls.append(("restore", index))
-        return Restored(tokens=100, bytes=4096, ms=1.0)
-
-
-def _tier_on(tmp_path: Path) -> tuple[DiskTier, Threads, _Saving]:
-    """A tier whose one backend, "b", runs MODEL and answers every slot action."""
+def _tier_on(tmp_path: Path) -> tuple[DiskTier, Threads, FakeBackend]:
+    """A tier whose one backend, "b", runs MODEL, holds 300 tokens in each idle slot and answers every slot action."""
     tier, threads = make_tier(tmp_path)
-    backend = _Saving()
+    backend = FakeBackend(url="b", idle=IdleSlot(used=True, tokens=300), saved=Saved(tokens=300, bytes=4096, ms=1.0),
+                          restored=Restored(tokens=100, bytes=4096, ms=1.0))
     tier.backends = {"b": backend}  # type: ignore[dict-item]
     tier.catalog.backend_up("b", MODEL)
     tier.store.disk_usage = lambda path: Usage(total=100 * 2**30, used=0, free=50 * 2**30)
@@ -201,7 +168,7 @@ def test_a_restore_right_after_the_eviction_save_does_not_ask_llama_again_whethe
     assert [asked for asked in backend.asked if asked != "props"] == ["slots", "save", "restore"]
 
 
-def _three_hot_slots(tmp_path: Path) -> tuple[DiskTier, Threads, _Saving, list[Any]]:
+def _three_hot_slots(tmp_path: Path) -> tuple[DiskTier, Threads, FakeBackend, list[Any]]:
     from proxycache.routing import SlotId, SlotState
     from proxycache.slots import Slot, SlotContent
 
@@ -265,21 +232,15 @@ def test_a_backend_without_a_save_directory_is_asked_to_save_once_until_it_resta
     from proxycache.slots import Slot, SlotContent
 
     tier, threads, backend = _tier_on(tmp_path)
-    refusing = True
-
-    async def save_slot(index: int, filename: str, timeout: float) -> Saved:
-        backend.calls.append(("save", index))
-        if refusing:  # llama-server's answer without --slot-save-path
-            message = "This server does not support slots action. Start it with `--slot-save-path`"
-            raise refused("save", index, 501, {"error": {"code": 501, "message": message}})
-        return Saved(tokens=300, bytes=4096, ms=1.0)
-
-    backend.save_slot = save_slot  # type: ignore[method-assign]
+    works = backend.saved
+    # llama-server's answer without --slot-save-path
+    message = "This server does not support slots action. Start it with `--slot-save-path`"
+    backend.saved = refused("save", 0, 501, {"error": {"code": 501, "message": message}})
     slot = Slot(SlotId("b", 0), content=SlotContent(SlotState.HOT, Fingerprint((5, 6), 200, 32), tokens=300))
     for _ in range(3):
         assert _run(threads, tier.save(slot, slot.content)) is None
     assert backend.calls == [("save", 0)]
-    refusing = False
+    backend.saved = works
     tier.backend_up("b", MODEL)  # restarted, with --slot-save-path this time
     assert _run(threads, tier.save(slot, slot.content)) is not None
     assert backend.calls == [("save", 0), ("save", 0)]

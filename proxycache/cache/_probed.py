@@ -18,7 +18,7 @@ from twisted.internet.defer import Deferred, TimeoutError
 from twisted.internet.interfaces import IReactorTime
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, UpstreamError
-from proxycache.cache._catalog import Catalog
+from proxycache.cache._tier_state import Catalog
 
 # After a restart, a restore waits this long for the new process's weights to be
 # probed (the monitor looks again within half a second) before it gives up and recomputes.

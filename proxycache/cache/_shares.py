@@ -9,7 +9,7 @@ from __future__ import annotations
 import collections
 from typing import AbstractSet, Iterable
 
-from proxycache.cache._index import MetaEntry
+from proxycache.cache._entries import MetaEntry
 
 
 def over_tenant_share(

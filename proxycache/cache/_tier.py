@@ -23,10 +23,10 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, FailureKind, SlotActionFailed, UpstreamError
-from proxycache.cache._catalog import Catalog
-from proxycache.cache._index import MetaEntry, bin_name, entry_key
+from proxycache.cache._entries import MetaEntry, bin_name, entry_key
 from proxycache.cache._probed import NotProbed, ProbedProcesses
-from proxycache.cache._store import SavedCaches
+from proxycache.cache._saved_caches import SavedCaches
+from proxycache.cache._tier_state import Catalog
 from proxycache.config import Config
 from proxycache.routing import Decision, Relation, SlotId, SlotState, fell_short, relation
 from proxycache.slots import Hold, Lease, Outcome, Scheduler, Slot, SlotContent

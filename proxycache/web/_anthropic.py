@@ -3,7 +3,7 @@ Anthropic Messages served through llama.cpp's Chat Completions.
 
 llama.cpp b11549 drops C{id_slot} when it converts a Messages body, so a
 Messages request cannot be pinned to a slot.  The proxy converts the body
-itself, the way llama.cpp does (L{proxycache.routing._render.anthropic_to_chat}),
+itself, the way llama.cpp does (L{proxycache.routing._translate.anthropic_to_chat}),
 sends it to C{/v1/chat/completions} (which keeps C{id_slot}), and turns the
 chat answer back into a Messages answer the way llama.cpp's own Messages
 endpoint writes it: C{to_json_anthropic} for a whole answer,
@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from proxycache.routing._render import anthropic_to_chat
+from proxycache.routing._translate import anthropic_to_chat
 
 __all__ = ["MessagesStream", "chat_to_message", "upstream_body", "usage_of"]
 

@@ -16,12 +16,15 @@ import json
 from typing import Any
 
 import attrs
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.http import RESPONSES
 from twisted.web.iweb import INonQueuedRequestFactory
-from twisted.web.server import Request
+from twisted.web.resource import IResource
+from twisted.web.server import Request, Site
 from zope.interface import implementer
 
+from proxycache.config import Config
 from proxycache.web._auth import authorize
 from proxycache.web._browsers import BrowserPolicy
 from proxycache.web._errors import ApiError
@@ -125,3 +128,16 @@ class GuardedRequests:
         return GuardedRequest(
             channel, max_body_bytes=self.max_body_bytes, api_keys=self.api_keys, browsers=self.browsers
         )
+
+
+def guarded_site(resource: IResource, config: Config, reactor: IReactorTime | None = None) -> Site:
+    """
+    C{resource} served as the daemon serves it: each request judged on its
+    headers first (L{GuardedRequests}), no tracebacks in error pages.
+    """
+    site = Site(resource, reactor=reactor, requestFactory=GuardedRequests(
+        config.max_body_bytes, config.api_keys + config.admin_keys if config.api_keys else (),
+        BrowserPolicy(config.cors_origins, config.allowed_hosts),
+    ))
+    site.displayTracebacks = False
+    return site

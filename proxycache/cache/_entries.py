@@ -1,10 +1,10 @@
 """
-The disk tier's index: what each saved slot cache holds.
+The disk tier's entries (what each saved slot cache holds) and their index.
 
 llama-server writes the KV file itself (C{slotcache_<key>.bin} under its
 C{--slot-save-path}); the proxy keeps one small C{<key>.meta} descriptor per
-file (L{proxycache.cache._files}).  The index is pure bookkeeping: which entry
-matches a request, which to evict, which a new save replaces.  No I/O here.
+file (L{proxycache.cache._meta_files}).  The index is pure bookkeeping: which
+entry matches a request, which to evict, which a new save replaces.  No I/O here.
 """
 
 from __future__ import annotations

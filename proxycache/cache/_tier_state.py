@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import attrs
 
-from proxycache.cache._index import Index, MetaEntry
+from proxycache.cache._entries import Index, MetaEntry
 from proxycache.routing import DiskMatch, Fingerprint, Request, SlotView, Speeds
 
 

@@ -17,10 +17,10 @@ from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from proxycache.cache._budget import AUTO_SHARE, auto_budget, headroom
-from proxycache.cache._catalog import Catalog
-from proxycache.cache._files import load_index, remove_entry_files, write_meta
-from proxycache.cache._index import MetaEntry
+from proxycache.cache._entries import MetaEntry
+from proxycache.cache._meta_files import load_index, remove_entry_files, write_meta
 from proxycache.cache._shares import over_tenant_share
+from proxycache.cache._tier_state import Catalog
 from proxycache.config import Config
 
 log = Logger()

@@ -13,7 +13,7 @@ from typing import Mapping
 
 import attrs
 
-from proxycache.cache._index import MetaEntry, bin_name
+from proxycache.cache._entries import MetaEntry, bin_name
 
 # A meta is a few KB of JSON (its block hashes): anything much larger, or not a
 # regular file (a FIFO would block the reader forever), is not one of ours.
