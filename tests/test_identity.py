@@ -82,7 +82,8 @@ def test_one_conversation_saved_by_two_models_in_one_directory_restores_only_its
         admin(proxy, "POST", "/proxycache/backends/drain", {"url": on_b.url})
         branch = [{"role": "system", "content": system}, {"role": "user", "content": "Who reviews the patch?"}]
         answer, headers = ask(proxy, branch)
-        assert headers["x-proxycache-backend"] == "0" and headers["x-proxycache-decision"] == "restore", headers
+        # Restored from A's own file, or (the slot's own part being saved already) its shared prefix reused in place.
+        assert headers["x-proxycache-backend"] == "0" and headers["x-proxycache-decision"] in ("restore", "hit"), headers
         assert answer == reference(checker, branch)
     finally:
         proxy.stop()

@@ -65,10 +65,10 @@ def test_isolated_tenants_share_no_cached_prefix_on_a_real_server(llama_factory,
     ).start()
     try:
         alice_client, bob_client = (openai.OpenAI(base_url=proxy.url + "/v1", api_key=k, max_retries=0) for k in KEYS)
-        alice = User("alice", context_words=300)
+        alice = User("alice", context_words=700)  # long enough that a restore clearly pays
         alice.turn(alice_client)
         # bob sends alice's very conversation: on the one slot, llama.cpp would reuse all of it
-        bob = User("alice", context_words=300)
+        bob = User("alice", context_words=700)
         record = bob.turn(bob_client)
         assert record["cache_n"] == 0 and record["decision"] == "miss", record
         # alice's own conversation came back from disk (saved before bob took the slot), not computed again

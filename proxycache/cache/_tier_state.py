@@ -131,6 +131,11 @@ class Catalog:
         if not covered:
             return True  # all of it is its own (a conversation's new turns): saved as before
         covered_tokens = round(tokens * covered / max(1, blocks))
+        if tokens - covered_tokens > covered_tokens:
+            # Mostly its own (a conversation behind a shared system prompt): saved as before. Only a
+            # short tail after a long shared context (a sibling's last question) is judged in time,
+            # where a misjudged save costs little either way; measured speeds swing under load.
+            return True
         return self.speeds.keep_pays(tokens, covered_tokens, saved)
 
     def restore_beats(self, disk: DiskMatch, have_blocks: int) -> bool:
