@@ -16,21 +16,15 @@ import anthropic
 import openai
 import pytest
 
-from proxycache.testing import ProxyProcess, http
+from proxycache.testing import ProxyProcess, http, wait_for
 
 MESSAGES = [{"role": "user", "content": "Say something about the weather in Lisbon today, please."}]
 # The poll as in production: every test here is answered long before the monitor's next look would come.
 PRODUCTION_POLL = dict(health_interval=5)
 
 
-def until(condition: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"{what} not reached within {timeout} s")
+def until(condition: Callable[[], Any], what: str = "condition") -> Any:
+    return wait_for(condition, timeout=30.0, what=what)
 
 
 def backend_up(proxy: ProxyProcess) -> bool:
