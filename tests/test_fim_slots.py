@@ -10,7 +10,8 @@ import concurrent.futures
 
 from tests.conftest import SMALL_LIMITS
 from tests.conversations import User
-from proxycache.testing import ProxyProcess, http
+from tests.test_infill import infill as editor_infill
+from proxycache.testing import ProxyProcess
 
 
 
@@ -19,11 +20,7 @@ def editor_files(editor: int) -> list[dict[str, str]]:
 
 
 def infill(proxy: ProxyProcess, editor: int, line: str) -> tuple[dict[str, str], dict]:
-    body = {"input_extra": editor_files(editor), "input_prefix": "def f():\n" + line, "input_suffix": "\n",
-            "prompt": "    ", "n_predict": 4, "cache_prompt": True, "samplers": ["top_k"], "top_k": 40}
-    status, headers, answer = http("POST", proxy.url + "/infill", body)
-    assert status == 200, answer
-    return headers, answer
+    return editor_infill(proxy, line, extra=editor_files(editor), head="def f():\n", suffix="\n")
 
 
 def test_a_fim_burst_takes_the_least_recently_used_conversation_not_the_last_slot(llama_factory, tmp_path):

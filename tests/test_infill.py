@@ -16,8 +16,9 @@ EXTRA = [
 ]
 
 
-def infill(proxy, prefix: str):
-    body = {"input_extra": EXTRA, "input_prefix": "def acquire(self):\n" + prefix, "input_suffix": "\n\n",
+def infill(proxy, prefix: str, extra=EXTRA, head: str = "def acquire(self):\n", suffix: str = "\n\n"):
+    """An editor's FIM request: its files (C{extra}), the code before the cursor, a line after it."""
+    body = {"input_extra": extra, "input_prefix": head + prefix, "input_suffix": suffix,
             "prompt": "    ", "n_predict": 4, "cache_prompt": True, "samplers": ["top_k"], "top_k": 40}
     status, headers, answer = http("POST", proxy.url + "/infill", body)
     assert status == 200, answer
