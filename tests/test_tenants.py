@@ -42,3 +42,25 @@ def test_long_user_ids_are_shown_as_a_stable_hash():
     label = tenant_of(FakeRequest(), {"metadata": {"user_id": session}}, (), None)
     assert label.startswith("user:#") and len(label) < 24 and "ab" * 8 not in label
     assert label == tenant_of(FakeRequest(host="10.9.9.9"), {"metadata": {"user_id": session}}, (), None)
+
+
+def test_one_developers_claude_code_sessions_are_one_tenant():
+    def of(user_id: str) -> str:
+        return tenant_of(FakeRequest(), {"metadata": {"user_id": user_id}}, (), None)
+
+    device, other_device = "ab" * 32, "cd" * 32
+    legacy = "user_{}_account_{}_session_{}"
+    first = of(legacy.format(device, "", "0" * 36))
+    assert first == of(legacy.format(device, "", "1" * 36))
+    assert first != of(legacy.format(other_device, "", "0" * 36))
+    # the same id forwarded as OpenAI's user field (litellm and other gateways do)
+    assert first == tenant_of(FakeRequest(), {"user": legacy.format(device, "", "9" * 36)}, (), None)
+    with_account = of(legacy.format(device, "5" * 36, "0" * 36))
+    assert with_account == of(legacy.format(device, "5" * 36, "2" * 36)) != first
+
+    as_json = '{{"device_id": "{}", "account_uuid": "", "session_id": "{}"}}'
+    newer = of(as_json.format(device, "3" * 36))
+    assert newer == of(as_json.format(device, "4" * 36))
+    assert newer != of(as_json.format(other_device, "3" * 36))
+    assert of('{"session_id": "x"}') != of('{"session_id": "y"}')  # nobody named: the id as sent
+    assert of("alice_session_1") != of("alice_session_2")  # not Claude Code's form
