@@ -116,6 +116,26 @@ def test_side_call_takes_the_fim_slot_rather_than_a_conversation_just_used():
     assert next_turn.slot.id == A2 and next_turn.plan.decision is Decision.HIT
 
 
+def test_side_call_takes_the_fim_slot_an_editor_just_used_rather_than_wait_or_evict_the_main_conversation():
+    # The trio while an editor types: the FIM slot was used a moment ago.  It is where side calls run,
+    # not a conversation to protect: the quota call takes it at once instead of waiting out
+    # --side-call-wait and then taking whichever slot is least recently used (the main conversation's).
+    clock = Clock()
+    scheduler = make(clock)
+    three_conversations(clock, scheduler)
+    clock.advance(60)
+    main = lease_of(scheduler.acquire(chat(3, blocks=24, tenant="claude")))  # its hit on a#2
+    scheduler.release(lease_of(scheduler.acquire(fim(1))), OK)  # the editor: a#0 holds FIM
+    clock.advance(0.3)
+    title = lease_of(scheduler.acquire(side_call(70, tenant="claude")))
+    scheduler.release(main, OK)
+    quota = scheduler.acquire(side_call(71, tenant="claude"))
+    assert quota.called, "the side call waited although the FIM slot was idle"
+    assert {title.slot.id, lease_of(quota).slot.id} == {A0, A1}, "a side call evicted the conversation just used"
+    next_turn = lease_of(scheduler.acquire(chat(3, blocks=28, tenant="claude")))
+    assert next_turn.slot.id == A2 and next_turn.plan.decision is Decision.HIT
+
+
 def test_side_call_waits_briefly_rather_than_evict_a_conversation_whose_owner_is_busy():
     clock = Clock()
     scheduler = make(clock, slots=2, side_call_wait=3.0)

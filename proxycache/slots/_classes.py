@@ -46,12 +46,13 @@ class SlotClasses:
         """
         Idle HOT slots a side call must not take (their C{owner} has a request in
         flight, or they were used within C{side_call_wait}), and when the earliest
-        of the latter stops being protected by time.
+        of the latter stops being protected by time.  A slot holding FIM is never
+        protected: it is where side calls run, even while an editor types.
         """
         now = self.clock.seconds()
         protected, until = set(), None
         for view in views:
-            if view.busy or view.state is not SlotState.HOT:
+            if view.busy or view.state is not SlotState.HOT or view.id in self.fim_held:
                 continue
             if in_flight.get(owner(view.id), 0) > 0:
                 protected.add(view.id)
