@@ -9,9 +9,16 @@ slots.
   fifo    flood + interactive users, --queue-discipline fifo (the old single FIFO)
   fair    flood + interactive users, --queue-discipline fair
 
+Each interactive user holds a real conversation: a private context of
+--context-words (above the prefix thresholds, so routing decides where it
+lives), each turn the previous prompt, its answer and a new question.
+
 Reported: the interactive turns' queue wait (p50, p95, max; from
-X-Proxycache-Queue-Wait-Ms), their hit share, their mean request time, and the
-flood's throughput against running alone.
+X-Proxycache-Queue-Wait-Ms), their hit share, their mean request time, the
+tokens llama.cpp prefilled for them (timings.prompt_n) against the oracle
+(each user's first prompt, then only what is new since their previous turn) as
+prefill_x_oracle with the decisions of their later turns, and the flood's
+throughput against running alone.
 
     python -m bench.fairness                      # 2 slots, flood of 16, 4 users
     python -m bench.fairness --slots 2 --flood 16 --users 4 --turns 5 --flood-words 1000
@@ -48,6 +55,7 @@ def words(rng: random.Random, n: int) -> str:
 
 
 def chat(url: str, user: str, messages: list[dict[str, str]], max_tokens: int) -> tuple[dict[str, str], str]:
+    """One non-streamed chat request (its proxy headers and answer); llama.cpp's token counts come as headers."""
     body = {"messages": messages, "max_tokens": max_tokens, "user": user, "ignore_eos": True}
     status, headers, answer = http("POST", url + "/v1/chat/completions", body, timeout=1800)
     if status != 200:
@@ -91,20 +99,52 @@ def flood(url: str, workers: int, stop: threading.Event, prompt_words: int, max_
 
 def interactive(url: str, user: str, turns: int, context_words: int, max_tokens: int, pause: float,
                 out: list[dict[str, Any]]) -> None:
+    """
+    One person's conversation: a private context (above the prefix thresholds, so
+    routing decides where it lives), then turns that extend it (each prompt is the
+    previous prompt, its answer and a new question).
+    """
     rng = random.Random(user)
     messages = [{"role": "system", "content": f"Project of {user}. " + words(rng, context_words)}]
-    for _ in range(turns):
+    for turn in range(turns):
         messages.append({"role": "user", "content": words(rng, 12)})
         started = time.perf_counter()
         headers, answer = chat(url, f"user-{user}", messages, max_tokens)
         messages.append({"role": "assistant", "content": answer})
+        computed = int(headers.get("X-Proxycache-Prompt-Tokens", 0))
         out.append({
             "user": user,
+            "turn": turn,
             "wait": float(headers.get("X-Proxycache-Queue-Wait-Ms", 0)) / 1000,
             "decision": headers.get("X-Proxycache-Decision"),
             "seconds": time.perf_counter() - started,
+            "computed": computed,  # timings.prompt_n: what llama.cpp prefilled
+            "prompt": computed + int(headers.get("X-Proxycache-Cached-Tokens", 0)),
         })
         time.sleep(pause)
+
+
+def oracle(turns: list[dict[str, Any]]) -> int:
+    """Prompt tokens a perfect cache computes: each user's first prompt, then what is new since their last turn."""
+    total = 0
+    previous: dict[str, int] = {}
+    for t in sorted(turns, key=lambda t: (t["user"], t["turn"])):
+        total += t["prompt"] - previous.get(t["user"], 0)
+        previous[t["user"]] = t["prompt"]
+    return total
+
+
+def prefill(turns: list[dict[str, Any]]) -> dict[str, Any]:
+    """The interactive users' prefill against the oracle, and what their later turns found."""
+    computed, best = sum(t["computed"] for t in turns), oracle(turns)
+    later = [t["decision"] for t in turns if t["turn"] > 0]
+    return {
+        "prompt_tokens_first_mean": round(statistics.mean(t["prompt"] for t in turns if t["turn"] == 0)),
+        "prefill": computed,
+        "oracle": best,
+        "prefill_x_oracle": round(computed / best, 3) if best else None,
+        "later_decisions": {d: later.count(d) for d in sorted(set(later), key=str)},
+    }
 
 
 def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Namespace, with_users: bool,
@@ -125,9 +165,11 @@ def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Name
                                 args.pause, turns)
                     for n in range(args.users)
                 ]
-            for user in users:
-                user.result()
-            stop.set()  # the flood's requests under way still end, and count
+            try:
+                for user in users:
+                    user.result()
+            finally:
+                stop.set()  # the flood's requests under way still end, and count
             flood_result = flooding.result()
         waits = [t["wait"] for t in turns]
         result: dict[str, Any] = {"queue": queue, "flood": flood_result}
@@ -142,6 +184,7 @@ def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Name
                 # the machine is shared and its speed varies: waits in units of one flood request's service time
                 "wait_p50_in_services": round(percentile(waits, 0.5) / flood_result["service_mean"], 2),
                 "wait_p95_in_services": round(percentile(waits, 0.95) / flood_result["service_mean"], 2),
+                **prefill(turns),
             }
         return result
     finally:
@@ -157,7 +200,8 @@ def main() -> None:
     parser.add_argument("--flood-tokens", type=int, default=48)
     parser.add_argument("--users", type=int, default=4)
     parser.add_argument("--turns", type=int, default=3)
-    parser.add_argument("--context-words", type=int, default=200)
+    parser.add_argument("--context-words", type=int, default=400,
+                        help="each interactive user's private context (~6 tokens a word: ~2,500 tokens)")
     parser.add_argument("--user-tokens", type=int, default=16)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds an interactive user thinks")
     parser.add_argument("--head-start", type=float, default=1.0, help="seconds the flood starts before the users")
