@@ -9,18 +9,12 @@ from __future__ import annotations
 from tests.conftest import SMALL_LIMITS
 from tests.conversations import User
 from proxycache.testing import ProxyProcess, http
-
-EXTRA = [
-    {"filename": "proxycache/slots/_scheduler.py", "text": "class Scheduler:\n    def pump(self) -> None:\n" * 30},
-    {"filename": "proxycache/web/_app.py", "text": "class Proxy:\n    app = Klein()\n" * 30},
-]
+from proxycache.testing.editor import FILES, infill_body
 
 
-def infill(proxy, prefix: str, extra=EXTRA, head: str = "def acquire(self):\n", suffix: str = "\n\n"):
-    """An editor's FIM request: its files (C{extra}), the code before the cursor, a line after it."""
-    body = {"input_extra": extra, "input_prefix": head + prefix, "input_suffix": suffix,
-            "prompt": "    ", "n_predict": 4, "cache_prompt": True, "samplers": ["top_k"], "top_k": 40}
-    status, headers, answer = http("POST", proxy.url + "/infill", body)
+def infill(proxy, prefix: str, extra=FILES, head: str = "def acquire(self):\n", suffix: str = "\n\n"):
+    """An editor's FIM request (L{infill_body}), answered."""
+    status, headers, answer = http("POST", proxy.url + "/infill", infill_body(prefix, extra, head, suffix))
     assert status == 200, answer
     return headers, answer
 
