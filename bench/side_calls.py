@@ -8,8 +8,9 @@ open files as input_extra) every --every seconds all along.
 Reported per round: the main turn's decision (each round's main turn is the
 next turn of the conversation: a hit keeps its slot), its queue wait and TTFT;
 each side call's queue wait (X-Proxycache-Queue-Wait-Ms) and TTFT; the
-editor's completion latency p50/p95 during the round.  The summary says in how
-many rounds every side call waited less than the main turn's TTFT.
+editor's completion latency p50/p95 and decisions during the round.  The
+summary says in how many rounds every side call waited less than the main
+turn's TTFT.
 
     python -m bench.side_calls                    # 3 slots, 5 rounds, an /infill every 0.4 s
     python -m bench.side_calls --rounds 10 --every 0.3 --model bench
@@ -89,13 +90,16 @@ def rounds(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
             main.append({"role": "assistant", "content": results["main"]["answer"]})
             # the editor's completions that ran during the round (the last may end after it: wait for it)
             time.sleep(min(args.every, 1.0))
-            fim = [c.seconds for c in editor.done if c.started <= ended and c.started + c.seconds >= started]
+            ran = [c for c in editor.done if c.started <= ended and c.started + c.seconds >= started]
+            fim = [c.seconds for c in ran]
+            fim_decisions = [str(c.decision) for c in ran]
             side_waits = [results[k]["wait"] for k in ("title", "quota")]
             out.append({
                 "round": n + 1,
                 **{name: {k: v for k, v in r.items() if k != "answer"} for name, r in results.items()},
                 "side_calls_wait_below_main_ttft": max(side_waits) < results["main"]["ttft"],
-                "fim": {"n": len(fim), "p50": round(percentile(fim, 0.5), 3), "p95": round(percentile(fim, 0.95), 3)},
+                "fim": {"n": len(fim), "p50": round(percentile(fim, 0.5), 3), "p95": round(percentile(fim, 0.95), 3),
+                        "decisions": {d: fim_decisions.count(d) for d in sorted(set(fim_decisions))}},
             })
             print(json.dumps(out[-1]), flush=True)
             time.sleep(args.pause)
@@ -103,7 +107,9 @@ def rounds(url: str, args: argparse.Namespace) -> list[dict[str, Any]]:
         editor.stop()
     main_slot = {r["main"]["slot"] for r in out}
     failed = [c.status for c in editor.done if c.status != 200]
+    decisions = [str(c.decision) for c in editor.done]
     out.append({"editor": {"completions": len(editor.done), "failed": len(failed),
+                           "decisions": {d: decisions.count(d) for d in sorted(set(decisions))},
                            "on_a_main_slot": sum(c.slot in main_slot for c in editor.done)}})
     return out
 
