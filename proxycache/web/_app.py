@@ -336,9 +336,16 @@ class Proxy:
             raise upstream_unavailable("no backend configured")
         query = request.uri.partition(b"?")[2]
         target = path + ("?" + query.decode("ascii", "replace") if query else "")
-        body = await self._read_body(request) if method == "POST" else None
+        api = PASSTHROUGH_BY_ROUTE.get(path)
+        if method == "POST" and api is not None and api.passthrough_body is not None:
+            # normalised as the API's generating route normalises it (Responses input items)
+            body: bytes | None = json.dumps(api.passthrough_body(await self._json_body(request))).encode()
+        else:
+            body = await self._read_body(request) if method == "POST" else None
+        sent_type = b"application/json" if api is not None and api.passthrough_body is not None else None
         headers = (
-            {b"content-type": [request.getHeader(b"content-type") or b"application/json"]} if body is not None else None
+            {b"content-type": [sent_type or request.getHeader(b"content-type") or b"application/json"]}
+            if body is not None else None
         )
         try:
             response = await backend.request(
