@@ -127,7 +127,8 @@ def test_disk_budget_evicts_least_recently_used_and_keeps_pinned(llama, tmp_path
         assert len(list(llama.save_dir.glob("slotcache_*.bin"))) == 2
         # ana (pinned, oldest) survived; ben and cai (least recently used) went
         assert ana.turn(pinned_client)["decision"] in ("restore", "hit")
-        assert ben.turn(client)["decision"] == "miss"
+        record = ben.turn(client)  # not restored: its entry went (llama.cpp's own RAM cache may still hold it)
+        assert record["restored_tokens"] == 0 and record["decision"] in ("miss", "hit")
         assert proxy.status()["disk"]["evicted_entries"] >= 2
     finally:
         proxy.stop()
@@ -223,14 +224,16 @@ def test_a_restore_that_does_not_take_is_detected_and_not_repeated(llama_factory
         for user in (cai, dee):  # evict ana and ben (already saved: not saved again)
             user.turn(proxy.client())
         record = ana.turn(proxy.client())
-        assert record["decision"] == "restore"
-        assert record["cache_n"] < 100  # llama.cpp found little of ana's prompt in ben's cache
+        assert record["restored_tokens"] > 0  # restored before the request was sent...
+        assert record["cache_n"] < 100  # ...but llama.cpp found little of ana's prompt in ben's cache
+        assert record["decision"] == "miss"  # what was done: the prompt computed
         assert record["answer"] is not None
         disk = proxy.status()["disk"]
         assert disk["ineffective_restores"] == 1
         assert "did not take" in proxy.log_text()
         # ben's entry (holding ana's KV) is restored once more and also fails; it is never retried
-        assert ben.turn(proxy.client())["decision"] == "restore"
+        record = ben.turn(proxy.client())
+        assert record["restored_tokens"] > 0 and record["decision"] == "miss"
         assert proxy.status()["disk"]["ineffective_restores"] == 2
     finally:
         proxy.stop()
