@@ -16,6 +16,7 @@ from twisted.application.service import IService, MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.task import deferLater
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -255,12 +256,14 @@ class Wired:
 
 
 def wire(
-    config: Config, reactor: Any, backends: list[Backend], connect: Callable[[str, str | None], Backend]
+    config: Config, reactor: Any, backends: list[Backend], connect: Callable[[str, str | None], Backend],
+    to_thread: Callable[..., Deferred[Any]] = deferToThread,
 ) -> Wired:
     """
     Every collaborator of the daemon over C{backends}, each given the others it
     needs; C{connect(url, api_key)} makes the backend for a URL added at run
-    time.  Nothing is started: tests drive the result in process (over fake
+    time; C{to_thread} runs the parsing of a large request body off the
+    reactor.  Nothing is started: tests drive the result in process (over fake
     backends).
     """
     from proxycache.cache import Catalog, DiskTier
@@ -268,6 +271,7 @@ def wire(
     from proxycache.stats import Stats
     from proxycache.web import Proxy
     from proxycache.web._admin import Admin
+    from proxycache.web._body import BodyReader
 
     by_name = {b.name: b for b in backends}
     # Saved entries are judged by the cost model (restore vs recompute of the common part), not by
@@ -333,6 +337,7 @@ def wire(
         context_limit=monitor.slot_context,
         healthy_backend=monitor.healthy,
         admin=Admin(fleet, config.admin_keys),
+        body_reader=BodyReader(to_thread),
     )
     return Wired(catalog, scheduler, monitor, gate, stats, tier, dispatcher, fleet, proxy)
 

@@ -20,7 +20,7 @@ from typing import Any
 
 import attrs
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
@@ -270,12 +270,18 @@ class InProcessDaemon:
         self.backend = backend or FakeBackend()
         settings.setdefault("meta_dir", _scratch_directory())
         self.config = config = attrs.evolve(Config.load({}, {}), **settings)
-        self.wired = wire(config, self.clock, [self.backend], connect=lambda url, api_key: FakeBackend(url=url))
+        self.off_reactor: list[Any] = []  # what was handed to a worker thread (here: run in place)
+        self.wired = wire(config, self.clock, [self.backend], connect=lambda url, api_key: FakeBackend(url=url),
+                          to_thread=self._in_place)
         self.scheduler, self.monitor, self.stats = self.wired.scheduler, self.wired.monitor, self.wired.stats
         self.proxy = self.wired.proxy
         self.site = guarded_site(self.proxy.resource(), config, self.clock)
         self.wired.tier.loaded.callback(None)  # the index read at start: nothing to read
         self.monitor.check()  # the slot map, as the daemon learns it at start
+
+    def _in_place(self, work: Any, *args: Any, **kwargs: Any) -> Deferred[Any]:
+        self.off_reactor.append(work)
+        return maybeDeferred(work, *args, **kwargs)
 
     def send(self, method: str, path: str, body: bytes | None = None,
              headers: dict[str, str] | None = None) -> StringTransport:

@@ -499,3 +499,33 @@ def test_lenient_input_and_http_niceties(llama, tmp_path):
         assert "Access-Control-Allow-Origin" not in headers
     finally:
         proxy.stop()
+
+
+def test_responses_input_tokens_counts_what_a_request_would_compute(proxy):
+    """
+    llama-server converts a /v1/responses/input_tokens body as it converts a /v1/responses one: the proxy
+    normalises it the same way, so the count is that of the prompt the request computes (the easy assistant
+    message it used to pass on, llama.cpp refused: "Cannot determine type of 'item'").
+    """
+    client = proxy.client(api_key=KEY)
+    items = [
+        {"role": "user", "content": "How many tokens is this?"},
+        {"role": "assistant", "content": "Quite a few."},  # the conversation-state guide's shape
+        {"type": "reasoning", "id": "rs_1", "summary": [], "encrypted_content": "gAAA"},  # nothing readable
+        {"type": "message", "role": "assistant", "content": [{"type": "refusal", "refusal": "Not that."}]},
+        {"role": "user", "content": "And now?"},
+    ]
+    counted = client.responses.input_tokens.count(model="any", instructions=SYSTEM, input=items)
+    assert counted.object == "response.input_tokens"
+    answer = client.responses.create(model="any", instructions=SYSTEM, input=items, max_output_tokens=2)
+    assert counted.input_tokens == answer.usage.input_tokens > 100
+    # what /v1/responses refuses up front (llama.cpp answered the cut-off call with a 500), in the same shape
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.input_tokens.count(model="any", input=[
+            {"type": "function_call", "call_id": "c1", "name": "f", "arguments": '{"city": "Lis'},
+            {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+        ])
+    assert caught.value.status_code == 400 and caught.value.code == "invalid_tool_arguments"
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.responses.input_tokens.count(model="any", input="x", previous_response_id="resp_1")
+    assert caught.value.code == "previous_response_id_not_supported"

@@ -43,6 +43,9 @@ def nested(depth):
 CASES = [
     ("body not JSON", "POST", "/v1/chat/completions", b"{oops", {}, 400, "invalid_json"),
     ("JSON not an object", "POST", "/v1/chat/completions", b"[1, 2]", {}, 400, "invalid_json"),
+    # past 256 KiB the body is parsed in a worker thread: the same error
+    ("large body not JSON", "POST", "/v1/chat/completions", b'{"messages": [' + b"1," * 150_000 + b"oops", {}, 400,
+     "invalid_json"),
     ("NaN is not JSON", "POST", "/v1/chat/completions", b'{"messages": NaN}', {}, 400, "invalid_json"),
     ("body over the limit", "POST", "/v1/chat/completions", chat(pad="x" * 500_000), {}, 413, "body_too_large"),
     ("messages missing", "POST", "/v1/chat/completions", b'{"max_tokens": 2}', {}, 400, "missing_messages"),

@@ -15,6 +15,7 @@ from proxycache.cache._entries import entry_key
 from proxycache.cache._probed import PROBE_WAIT
 from proxycache.routing import Decision, DiskMatch, Fingerprint, Plan, Request, SlotId, SlotState
 from proxycache.slots import NOTHING, Lease, Slot, SlotContent
+from tests.fakes import put
 from tests.test_tier_races import MODEL, _run, _tier_on, saved_entry
 
 OTHER = "other-weights"
@@ -164,3 +165,36 @@ def test_nothing_is_saved_or_restored_after_a_sign_of_a_restart_until_described_
     tier.backend_up("b", MODEL, "P1")  # probed again: the same weights
     assert _run(threads, _wait(waited)) is Decision.RESTORE
     assert backend.calls == [("restore", 0)]
+
+
+def _refused_write_behind(tmp_path):
+    """A hot idle slot whose write-behind came while the backend's weights were unconfirmed."""
+    tier, threads, backend, looks = _tier_marked(tmp_path, "P1")
+    slot = put(tier.scheduler, hot())
+    tier.identity_lost("b")  # the monitor saw a sign of a restart
+    tier._schedule_write_behind(slot.id)
+    tier.clock.advance(tier.config.write_behind)
+    threads.run_newest_first()
+    assert backend.calls == [] and tier.scheduler.slots[slot.id].content.saved_key is None
+    return tier, threads, backend, slot
+
+
+def test_a_write_behind_refused_while_unconfirmed_is_made_once_the_weights_are_probed(tmp_path):
+    tier, threads, backend, slot = _refused_write_behind(tmp_path)
+    tier.backend_up("b", MODEL, "P1")  # probed again: the same weights, the same process
+    while threads.pending:
+        threads.run_newest_first()
+    assert backend.calls == [("save", 0)]
+    key = tier.scheduler.slots[slot.id].content.saved_key
+    assert key is not None and key in tier.index.entries and not tier.scheduler.slots[slot.id].busy
+
+
+def test_a_refused_write_behind_is_not_retried_for_other_content_or_other_weights(tmp_path):
+    tier, threads, backend, slot = _refused_write_behind(tmp_path)
+    tier.backend_up("b", OTHER, "P2")  # restarted with other weights: its slots hold nothing of the old ones
+    assert backend.calls == [] and not threads.pending
+    (tmp_path / "again").mkdir()
+    tier, threads, backend, slot = _refused_write_behind(tmp_path / "again")
+    put(tier.scheduler, attrs.evolve(slot, content=attrs.evolve(slot.content, tokens=500)))  # another request's since
+    tier.backend_up("b", MODEL, "P1")
+    assert backend.calls == [] and not threads.pending

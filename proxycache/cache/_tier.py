@@ -79,6 +79,9 @@ class DiskTier(Service):
         self._restored: dict[SlotId, _Restored] = {}
         self._path: dict[SlotId, tuple[float, float]] = {}  # seconds saving, restoring on a request's path
         self._write_behind: dict[SlotId, IDelayedCall] = {}
+        # Write-behinds refused while their backend's weights were not confirmed: by backend, what each slot
+        # held and the model it ran, retried when it is probed again (not only at the slot's next release).
+        self._unconfirmed: dict[str, dict[SlotId, tuple[SlotContent, str | None]]] = {}
         self._settling: dict[SlotId, Deferred[Decision]] = {}
         self._evicted_at: dict[str, float] = {}  # by backend: when a request last took another's slot
         self._cannot_save: set[str] = set()  # backends that answered 501 (no --slot-save-path) since they came up
@@ -120,6 +123,10 @@ class DiskTier(Service):
         """
         self._cannot_save.discard(backend)  # restarted: perhaps with --slot-save-path now
         unusable = self.probed.up(backend, model, process)
+        for slot_id, (content, ran) in self._unconfirmed.pop(backend, {}).items():
+            slot = self.scheduler.slot(slot_id)
+            if ran == model and slot is not None and slot.content == content:  # other weights: not the same cache
+                self._start_save_idle(slot_id)
         if unusable:
             log.warn(
                 "{n} saved caches of {backend} were written by another model or llama.cpp build: "
@@ -444,6 +451,10 @@ class DiskTier(Service):
             key = await self.save(slot, slot.content)
             if key is not None:
                 self.scheduler.mark_saved(slot_id, slot.content, key)
+            elif self.catalog.current_model(slot_id.backend) is None:  # a sign of a restart: not saved until probed
+                self._unconfirmed.setdefault(slot_id.backend, {})[slot_id] = (
+                    slot.content, self.catalog.models.get(slot_id.backend)
+                )
 
     # -- forks ----------------------------------------------------------------
 

@@ -27,12 +27,12 @@ from proxycache.routing._plan import (
     state_after,
     target_slot,
 )
-from proxycache.routing._reconcile import expected_reuse, fell_short, reused_unplanned
+from proxycache.routing._reconcile import carried_out, expected_reuse, fell_short, reused_unplanned
 
 __all__ = [
     "MIN_MEASURED_PREFILL_TOKENS",
     "EMPTY", "Decision", "DiskMatch", "Fingerprint", "ForkPays", "KeepPays", "Plan", "Relation", "Request", "RestoreBeats", "SlotId",
     "SlotState", "SlotView", "Speeds", "backend_load", "best_match", "conversation_text", "expected_reuse",
-    "fell_short", "fingerprint", "fingerprint_text", "is_small", "plan", "relation", "reused_unplanned", "state_after",
-    "target_slot", "FairShares", "Tag", "prefill_cost",
+    "carried_out", "fell_short", "fingerprint", "fingerprint_text", "is_small", "plan", "relation", "reused_unplanned",
+    "state_after", "target_slot", "FairShares", "Tag", "prefill_cost",
 ]

@@ -49,3 +49,20 @@ def reused_unplanned(plan: Plan, cache_n: int, prompt_n: int) -> bool:
         and cache_n >= UNPLANNED_REUSE_TOKENS
         and cache_n > prompt_n
     )
+
+
+def carried_out(decision: Decision, plan: Plan, request: Request, cache_n: int, prompt_n: int) -> Decision:
+    """
+    C{decision} (what the proxy did before it sent the request) as llama.cpp's
+    timings say it went: a hit or restore whose prefix llama.cpp did not reuse
+    (L{fell_short}: its slot was cleared behind the proxy's back, a restore did
+    not take) computed the prompt, a miss; a miss on which it reused most of the
+    prompt (a slot that held it unknown to the proxy: its own prompt cache, a
+    restore given up on that llama.cpp made all the same, the proxy restarted)
+    was a hit.  A small request computed from scratch is 'small'.
+    """
+    if decision in (Decision.HIT, Decision.RESTORE) and fell_short(plan, request, cache_n, prompt_n):
+        decision = Decision.MISS
+    elif decision in (Decision.MISS, Decision.SMALL) and cache_n >= UNPLANNED_REUSE_TOKENS and cache_n > prompt_n:
+        return Decision.HIT
+    return Decision.SMALL if request.small and decision is Decision.MISS else decision

@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, cancelled, unreachable
-from proxycache.routing import Decision, Request, SlotId, SlotState, fell_short, reused_unplanned
+from proxycache.routing import Decision, Request, SlotId, SlotState, carried_out, fell_short, reused_unplanned
 from proxycache.slots._gate import NoBackend, ReadyGate
 from proxycache.slots._scheduler import Lease, Outcome, QueueFull, Scheduler
 
@@ -272,6 +272,8 @@ class Dispatcher:
 
     def _record(self, lease: Lease, outcome: Outcome, progress: Progress, started: float, finished: float) -> None:
         decision = progress.decision or _shown(lease, lease.plan.decision)
+        if outcome.measured:  # what llama.cpp did, not only what was planned
+            decision = carried_out(decision, lease.plan, lease.request, outcome.cache_n, outcome.prompt_n)
         record = RequestRecord(
             at=finished, decision=decision, slot=str(lease.slot.id.index), backend=lease.slot.id.backend,
             status=progress.status,

@@ -47,7 +47,9 @@ class Api:
     counts: Callable[[Any], dict[str, Any]] = llama_timings  # cache counts out of an answer or event
     markers: tuple[bytes, ...] = (b'"timings"',)  # stream lines worth decoding for counts
     choices: tuple[str, ...] = ()  # fields asking for several choices (served one by one)
-    passthrough: tuple[str, ...] = ()  # non-generating routes of this API, relayed to llama.cpp as they are
+    passthrough: tuple[str, ...] = ()  # non-generating routes of this API, relayed to llama.cpp
+    # The body sent on those routes (checked, raising ApiError); None: the client's bytes as they are.
+    passthrough_body: Callable[[dict[str, Any]], dict[str, Any]] | None = None
     # An API the proxy converts itself: the body sent upstream (rendered, fingerprinted and dispatched),
     # the whole upstream answer back in the client's shape, and a translator of its stream (feed(bytes) -> bytes).
     translate: Callable[[dict[str, Any]], dict[str, Any]] | None = None
@@ -74,11 +76,18 @@ MESSAGES = Api(
     _validate.check_messages_request, _render.chat_text, errors=ANTHROPIC, passthrough=("/v1/messages/count_tokens",),
     translate=_anthropic.upstream_body, answer=_anthropic.chat_to_message, stream=_anthropic.MessagesStream,
 )
+def _responses_count(body: dict[str, Any]) -> dict[str, Any]:
+    # /v1/responses/input_tokens: llama.cpp converts it as it converts /v1/responses, so it is sent as the
+    # proxy sends that (its input items normalised): the count is that of the prompt a request computes.
+    _validate.check_responses_input(body)
+    return _responses.upstream_body(body)
+
+
 RESPONSES_API = Api(
     "responses", ("/v1/responses", "/responses"), "/v1/responses",
     _validate.check_responses_request, _render.responses_text, errors=RESPONSES,
     counts=responses_counts, markers=(b'"timings"',), passthrough=("/v1/responses/input_tokens",),
-    translate=_responses.upstream_body,
+    translate=_responses.upstream_body, passthrough_body=_responses_count,
 )
 INFILL = Api(
     "infill", ("/infill",), "/infill", _validate.check_infill_request, _render.infill_text, kind="fim",

@@ -27,7 +27,7 @@ from proxycache.web._admin import Admin
 from proxycache.web._apis import APIS, BY_ROUTE, PASSTHROUGH_BY_ROUTE, Api, error_shape
 from proxycache.web._auth import authorize
 from proxycache.web._cors import CorsResource
-from proxycache.web._encoding import decoded_body
+from proxycache.web._body import BodyReader
 from proxycache.web._errors import ApiError, upstream_unavailable
 from proxycache.web._exchange import ClientExchange, relay_headers
 from proxycache.web._inflight import InFlight, close_after
@@ -35,7 +35,7 @@ from proxycache.web._one_slot import check_one_slot
 from proxycache.web._tenant import tenant_of
 from proxycache.web._fanout import serve_choices
 from proxycache.web._fanout_stream import stream_choices
-from proxycache.web._validate import choices_wanted, parse_json_object
+from proxycache.web._validate import choices_wanted
 
 log = Logger()
 
@@ -78,6 +78,7 @@ class Proxy:
         context_limit: Callable[[], int | None] = lambda: None,
         healthy_backend: Callable[[], Backend | None] = lambda: None,
         admin: Admin | None = None,
+        body_reader: BodyReader = BodyReader(),
     ) -> None:
         self.config = config
         self.clock = clock
@@ -90,6 +91,7 @@ class Proxy:
         self.healthy_backend = healthy_backend  # where passthrough requests go
         self.admin = admin  # web._admin.Admin: /proxycache/backends
         self.in_flight = InFlight(clock)
+        self.body_reader = body_reader  # large bodies are decoded and parsed in a worker thread
 
     @property
     def backend_numbers(self) -> dict[str, int]:
@@ -122,7 +124,7 @@ class Proxy:
         if self.config.health_requires_key:
             self._authorize(request)
 
-    def _read_body(self, request: IRequest) -> bytes:
+    def _raw_body(self, request: IRequest) -> bytes:
         length = request.getHeader(b"content-length")
         limit = self.config.max_body_bytes
         if length is not None and length.isdigit() and int(length) > limit:
@@ -130,11 +132,18 @@ class Proxy:
         body = request.content.read(limit + 1)
         if len(body) > limit:
             raise ApiError(413, f"request body is larger than {limit} bytes", "invalid_request_error", "body_too_large")
-        return decoded_body(request.getHeader(b"content-encoding"), body, limit)
+        return body
 
-    def _json_body(self, request: IRequest) -> dict[str, Any]:
+    async def _read_body(self, request: IRequest) -> bytes:
+        return await self.body_reader.decoded(
+            request.getHeader(b"content-encoding"), self._raw_body(request), self.config.max_body_bytes
+        )
+
+    async def _json_body(self, request: IRequest) -> dict[str, Any]:
         # A JSON body is taken whatever its Content-Type, as llama.cpp does (curl -d sends a form type).
-        return parse_json_object(self._read_body(request))
+        return await self.body_reader.json_object(
+            request.getHeader(b"content-encoding"), self._raw_body(request), self.config.max_body_bytes
+        )
 
     # -- generating routes --------------------------------------------------
 
@@ -143,7 +152,7 @@ class Proxy:
         # match "/v1/chat/completions" too.
         api = BY_ROUTE[route]
         self._authorize(request)
-        body = self._json_body(request)
+        body = await self._json_body(request)
         api.validate(body)
         wanted = choices_wanted(body, api.choices) if api.choices else 1
         if wanted > 1:
@@ -327,9 +336,16 @@ class Proxy:
             raise upstream_unavailable("no backend configured")
         query = request.uri.partition(b"?")[2]
         target = path + ("?" + query.decode("ascii", "replace") if query else "")
-        body = self._read_body(request) if method == "POST" else None
+        api = PASSTHROUGH_BY_ROUTE.get(path)
+        if method == "POST" and api is not None and api.passthrough_body is not None:
+            # normalised as the API's generating route normalises it (Responses input items)
+            body: bytes | None = json.dumps(api.passthrough_body(await self._json_body(request))).encode()
+        else:
+            body = await self._read_body(request) if method == "POST" else None
+        sent_type = b"application/json" if api is not None and api.passthrough_body is not None else None
         headers = (
-            {b"content-type": [request.getHeader(b"content-type") or b"application/json"]} if body is not None else None
+            {b"content-type": [sent_type or request.getHeader(b"content-type") or b"application/json"]}
+            if body is not None else None
         )
         try:
             response = await backend.request(

@@ -21,10 +21,18 @@ def _too_large(limit: int) -> ApiError:
                     "body_too_large")
 
 
-def decoded_body(encoding: bytes | None, body: bytes, limit: int) -> bytes:
+class TooLarge(Exception):
+    """A body that decodes to more than the limit asked for (when not the client's limit)."""
+
+
+def decoded_body(
+    encoding: bytes | None, body: bytes, limit: int, too_large: type[Exception] | None = None
+) -> bytes:
     """
     C{body} as sent with C{Content-Encoding: encoding}, decoded.
 
+    @param too_large: raised instead of the 413 when it decodes to more than
+        C{limit} bytes.
     @raise ApiError: 415 for an encoding other than gzip, 413 when it decodes
         to more than C{limit} bytes, 400 when it is not gzip.
     """
@@ -44,7 +52,7 @@ def decoded_body(encoding: bytes | None, body: bytes, limit: int) -> bytes:
             size += len(chunk)
             out.append(chunk)
             if size > limit or decoder.unconsumed_tail:
-                raise _too_large(limit)
+                raise too_large() if too_large is not None else _too_large(limit)
             if not decoder.eof:
                 raise bad_request("request body is not valid gzip: it ends early", "invalid_gzip")
             rest = decoder.unused_data

@@ -13,7 +13,7 @@ from twisted.web.iweb import IRequest, IResponse
 
 from proxycache import __version__
 from proxycache.backend import UPSTREAM_FAILURES, StreamStalled, pipe_body, read_body
-from proxycache.routing import Decision
+from proxycache.routing import Decision, carried_out
 from proxycache.slots import Lease, Progress
 from proxycache.web._apis import CHAT, Api
 from proxycache.web._errors import ApiError
@@ -88,10 +88,12 @@ class ClientExchange:
         self.client_stall_timeout = client_stall_timeout
         self.streaming = streaming
         self.backend_numbers = backend_numbers
+        self.begun: tuple[Lease, Decision] | None = None  # the slot, and what was done before sending
 
     def begin(
         self, lease: Lease, decision: Decision, restored_tokens: int, path: tuple[float, float] = (0.0, 0.0)
     ) -> None:
+        self.begun = (lease, decision)
         plan = lease.plan
         save, restore = path
         headers = {
@@ -138,6 +140,11 @@ class ClientExchange:
         if timings:
             self.request.setHeader(b"x-proxycache-cached-tokens", str(timings.get("cache_n", 0)).encode())
             self.request.setHeader(b"x-proxycache-prompt-tokens", str(timings.get("prompt_n", 0)).encode())
+        if "cache_n" in timings and self.begun is not None:  # a whole answer's headers go with it: what was done
+            lease, decision = self.begun
+            cache_n, prompt_n = _tokens(timings, "cache_n"), _tokens(timings, "prompt_n")
+            done = carried_out(decision, lease.plan, lease.request, cache_n, prompt_n)
+            self.request.setHeader(b"x-proxycache-decision", done.value)
         self.request.write(raw)
 
     async def _stream(self, response: IResponse, progress: Progress) -> None:
@@ -182,3 +189,8 @@ class ClientExchange:
             progress.failed = True
             return f"llama-server broke off the stream: {e}", tap
         return None, tap
+
+
+def _tokens(timings: dict[str, Any], name: str) -> int:
+    value = timings.get(name)
+    return int(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else 0

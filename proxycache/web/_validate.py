@@ -244,6 +244,13 @@ def check_messages_request(body: dict[str, Any]) -> None:
 
 def check_responses_request(body: dict[str, Any]) -> None:
     """An OpenAI Responses body; the proxy keeps no responses, so it cannot continue one."""
+    check_responses_input(body)
+    check_stream(body)
+    check_no_slot(body)
+
+
+def check_responses_input(body: dict[str, Any]) -> None:
+    """The input of a Responses body (also what C{/v1/responses/input_tokens} counts)."""
     if "input" not in body:
         raise bad_request("'input' is required", "missing_input")
     if body.get("previous_response_id"):
@@ -253,8 +260,6 @@ def check_responses_request(body: dict[str, Any]) -> None:
             "previous_response_id_not_supported",
         )
     check_input(body)
-    check_stream(body)
-    check_no_slot(body)
 
 
 def check_infill_request(body: dict[str, Any]) -> None:
