@@ -14,11 +14,12 @@ from typing import Any
 import attrs
 import pytest
 from treq.testing import StubTreq
+from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
 
 from proxycache.config import Config
 from proxycache.slots import Dispatcher, NoCache, Scheduler
-from proxycache.web import Proxy
+from proxycache.web import BodyReader, Proxy
 from tests.conftest import SMALL_LIMITS
 from tests.fakes import FakeBackend, chat_response
 
@@ -34,7 +35,8 @@ def proxy() -> tuple[StubTreq, FakeBackend]:
     dispatcher = Dispatcher(clock, scheduler, {backend.name: backend}, NoCache(), first_byte_timeout=30)
     config = attrs.evolve(Config.load({}, {}), fim_slots=0)
     web = Proxy(config, clock, dispatcher, {backend.name: backend},
-                status=lambda: {}, metrics=lambda: b"", health=lambda: (True, {}))
+                status=lambda: {}, metrics=lambda: b"", health=lambda: (True, {}),
+                body_reader=BodyReader(to_thread=maybeDeferred))  # StubTreq cannot wait for a thread
     return StubTreq(web.resource()), backend
 
 
