@@ -529,3 +529,50 @@ def test_responses_input_tokens_counts_what_a_request_would_compute(proxy):
     with pytest.raises(openai.BadRequestError) as caught:
         client.responses.input_tokens.count(model="any", input="x", previous_response_id="resp_1")
     assert caught.value.code == "previous_response_id_not_supported"
+
+
+def test_messages_count_tokens_counts_what_a_request_would_compute(proxy):
+    """
+    llama-server converts a /v1/messages/count_tokens body as the proxy converts a /v1/messages one (system
+    blocks, cache_control, tool_use/tool_result, thinking): the count is the prompt a request computes.  What
+    /v1/messages refuses up front is refused here too, in Anthropic's shape (llama.cpp answered 500s the SDK
+    retries, OpenAI-shaped errors, and counted an empty conversation).
+    """
+    client = _anthropic(proxy)
+    tools = [{"name": "get_weather", "description": "weather of a city",
+              "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}]
+    system = [
+        {"type": "text", "text": "x-anthropic-billing-header: cc_version=2.1; cch=a5145;"},
+        {"type": "text", "text": SYSTEM, "cache_control": {"type": "ephemeral"}},
+    ]
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "Weather in Lisbon?", "cache_control": {"type": "ephemeral"}}]},
+        {"role": "assistant", "content": [
+            {"type": "thinking", "thinking": "The user wants the weather.", "signature": "sig"},
+            {"type": "redacted_thinking", "data": "opaque"},
+            {"type": "text", "text": "Let me look."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Lisbon"}},
+        ]},
+        {"role": "user", "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "sunny, 24C"}]},
+            {"type": "text", "text": "And tomorrow?"},
+        ]},
+    ]
+    for extra in ({}, {"system": system}, {"system": system, "tools": tools}):
+        counted = client.messages.count_tokens(model="any", messages=messages, **extra).input_tokens
+        usage = client.messages.create(model="any", max_tokens=2, messages=messages, **extra).usage
+        assert counted == usage.input_tokens + usage.cache_read_input_tokens > 30, extra
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+    refused = {
+        "text must be a string": [{"role": "user", "content": [{"type": "text"}]}],  # llama.cpp: 500
+        "role must be a string": [{"content": "hi"}],  # llama.cpp: 500
+        "must hold at least one message": [],  # llama.cpp counted it
+        "image input is not supported": [{"role": "user", "content": [image]}],  # llama.cpp: 500, OpenAI-shaped
+        "to be a string or an array": [{"role": "user", "content": 123}],  # llama.cpp: 400, OpenAI-shaped
+    }
+    for said, wrong in refused.items():
+        with pytest.raises(anthropic.BadRequestError) as caught:
+            client.messages.count_tokens(model="any", messages=wrong)  # type: ignore[arg-type]
+        body = caught.value.body
+        assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+        assert said in body["error"]["message"]

@@ -69,12 +69,23 @@ COMPLETIONS = Api(
     "completions", ("/v1/completions", "/completions", "/completion"), None,
     _validate.check_completion_request, _render.completion_text, choices=("n", "n_cmpl"),
 )
+
+
+def _messages_count(body: dict[str, Any]) -> dict[str, Any]:
+    # /v1/messages/count_tokens: llama.cpp converts it as it converts /v1/messages, the same way the proxy
+    # converts a Messages request, so its count is the request's; what /v1/messages refuses up front (in
+    # Anthropic's shape, where llama.cpp answered a 500 the SDKs retry, or counted an empty conversation)
+    # is refused here too.
+    _validate.check_messages_request(body)
+    return body
+
+
 # llama.cpp b11549 drops id_slot on /v1/messages: the proxy converts Messages to chat itself (as llama.cpp
 # does) so that the request is pinned, and renders the converted body like any chat body.
 MESSAGES = Api(
     "messages", ("/v1/messages",), "/v1/chat/completions",
     _validate.check_messages_request, _render.chat_text, errors=ANTHROPIC, passthrough=("/v1/messages/count_tokens",),
-    translate=_anthropic.upstream_body, answer=_anthropic.chat_to_message, stream=_anthropic.MessagesStream,
+    passthrough_body=_messages_count, translate=_anthropic.upstream_body, answer=_anthropic.chat_to_message, stream=_anthropic.MessagesStream,
 )
 def _responses_count(body: dict[str, Any]) -> dict[str, Any]:
     # /v1/responses/input_tokens: llama.cpp converts it as it converts /v1/responses, so it is sent as the

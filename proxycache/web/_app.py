@@ -19,7 +19,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Request as HTTPRequest
 
 from proxycache import __version__
-from proxycache.backend import UPSTREAM_FAILURES, Backend, pipe_body
+from proxycache.backend import UPSTREAM_FAILURES, Backend, StreamStalled, pipe_body, read_body
 from proxycache.config import Config
 from proxycache.routing import Request, fingerprint_text, is_small
 from proxycache.slots import Dispatcher, NoBackend, QueueFull, TenantLimit
@@ -356,6 +356,17 @@ class Proxy:
         except UPSTREAM_FAILURES as e:
             raise upstream_unavailable(str(e))
         relay_headers(response, request)
+        if response.code >= 400 and api is not None and api.passthrough_body is not None:
+            # llama.cpp's error in the API's shape, as the API's generating route answers it
+            try:
+                raw = await read_body(response, self.clock, self.config.stream_idle_timeout)
+            except StreamStalled as e:
+                raise ApiError(504, str(e), "server_error", "upstream_timeout")
+            except UPSTREAM_FAILURES as e:
+                raise ApiError(502, f"llama-server broke off the response: {e}", "server_error", "upstream_error")
+            status, raw = api.errors.convert(response.code, raw)
+            request.setResponseCode(status)
+            return raw
         try:
             await pipe_body(
                 response, request.write, self.clock, self.config.stream_idle_timeout, IConsumer(request),
