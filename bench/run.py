@@ -21,6 +21,7 @@ docs/benchmarks/report.md, results.json and PNG plots.
     python -m bench.run --sweep 8000,16000    # plus proxy-ram0 vs llama-small at larger contexts
     python -m bench.run --users 16 --slots 4 --context-tokens 8000 --turns 6 --side-calls 1 --concurrency 2
     python -m bench.run --preset team --only proxy-ram0,proxy-ram,llama   # issue 13's workloads: team, fits, large
+    python -m bench.run --presets team,fits,large --only proxy-ram0,llama,llama-ram0 --skip-micro   # one run, OUT/<preset>/
 """
 
 from __future__ import annotations
@@ -300,6 +301,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a system prompt of this size every user's context starts with")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="a named workload: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    parser.add_argument("--presets", default="", metavar="NAME,...",
+                        help="several named workloads one after the other in one run: a report each in OUT/NAME "
+                        "(default OUT: docs/benchmarks/presets) and OUT/summary.md with issue 24's verdicts")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--side-calls", type=int, default=0, help="small side calls after each turn")
     parser.add_argument("--concurrency", type=int, default=1, help="users of a round sent at once")
@@ -316,7 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-micro", action="store_true", help="skip overhead/streaming/disk measurements")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--workdir", type=Path, default=None, help="logs and slot saves (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="where report.md, results.json, PNGs go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where report.md, results.json, PNGs go (default: {OUT_DIR.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.preset:
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)}
@@ -326,8 +331,44 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
+def without_option(argv: list[str], name: str) -> list[str]:
+    """C{argv} without the option C{name} (C{--name VALUE} or C{--name=VALUE})."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == name:
+            skip = True
+        elif not arg.startswith(name + "="):
+            out.append(arg)
+    return out
+
+
+def run_presets(argv: list[str], args: argparse.Namespace) -> None:
+    """Each of --presets in turn, as C{--preset NAME} with the other options; a summary of the verdicts."""
+    from bench import verdict
+
+    out = args.out or OUT_DIR / "presets"
+    rest = without_option(without_option(without_option(argv, "--presets"), "--out"), "--workdir")
+    summary = ["# Issue 24's target per workload", "", f"`python -m bench.run {shlex.join(argv)}`", ""]
+    for name in args.presets.split(","):
+        sub = [*rest, "--preset", name, "--out", str(out / name)]
+        if args.workdir:
+            sub += ["--workdir", str(args.workdir / name)]
+        log(f"preset {name}: python -m bench.run {shlex.join(sub)}")
+        main(sub)
+        results = json.loads((out / name / "results.json").read_text())
+        summary += [f"## {name} ([report]({name}/report.md), {results['total_seconds'] / 60:.1f} minutes)",
+                    "", *verdict.run_section(results)[3:], ""]
+        (out / "summary.md").write_text("\n".join(summary) + "\n")
+    log(f"summary in {out / 'summary.md'}")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.presets:
+        return run_presets(list(sys.argv[1:] if argv is None else argv), args)
+    args.out = args.out or OUT_DIR
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: children stop
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="proxycache-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)
