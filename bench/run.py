@@ -331,43 +331,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def without_option(argv: list[str], name: str) -> list[str]:
-    """C{argv} without the option C{name} (C{--name VALUE} or C{--name=VALUE})."""
-    out, skip = [], False
-    for arg in argv:
-        if skip:
-            skip = False
-        elif arg == name:
-            skip = True
-        elif not arg.startswith(name + "="):
-            out.append(arg)
-    return out
-
-
-def run_presets(argv: list[str], args: argparse.Namespace) -> None:
-    """Each of --presets in turn, as C{--preset NAME} with the other options; a summary of the verdicts."""
-    from bench import verdict
-
-    out = args.out or OUT_DIR / "presets"
-    rest = without_option(without_option(without_option(argv, "--presets"), "--out"), "--workdir")
-    summary = ["# Issue 24's target per workload", "", f"`python -m bench.run {shlex.join(argv)}`", ""]
-    for name in args.presets.split(","):
-        sub = [*rest, "--preset", name, "--out", str(out / name)]
-        if args.workdir:
-            sub += ["--workdir", str(args.workdir / name)]
-        log(f"preset {name}: python -m bench.run {shlex.join(sub)}")
-        main(sub)
-        results = json.loads((out / name / "results.json").read_text())
-        summary += [f"## {name} ([report]({name}/report.md), {results['total_seconds'] / 60:.1f} minutes)",
-                    "", *verdict.run_section(results)[3:], ""]
-        (out / "summary.md").write_text("\n".join(summary) + "\n")
-    log(f"summary in {out / 'summary.md'}")
-
-
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if args.presets:
-        return run_presets(list(sys.argv[1:] if argv is None else argv), args)
+        from bench.presets import run_presets
+
+        return run_presets(list(sys.argv[1:] if argv is None else argv), args, main)
     args.out = args.out or OUT_DIR
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: children stop
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="proxycache-bench-"))
