@@ -84,6 +84,8 @@ def ask(url: str, context: str, question: str, max_tokens: int) -> dict[str, Any
         "save_ms": float(headers.get("x-proxycache-save-ms") or 0),
         "restore_ms": float(headers.get("x-proxycache-restore-ms") or 0),
         "restored_tokens": int(headers.get("x-proxycache-restored-tokens") or 0),
+        # time queued for the slot: e.g. behind a write-behind save of the slot's previous state
+        "wait_ms": float(headers.get("x-proxycache-queue-wait-ms") or 0),
     }
 
 
@@ -150,10 +152,13 @@ def summary(pairs: list[tuple[dict, dict]], kv_bytes_per_token: int) -> dict[str
         "proxy_path_ms_median": statistics.median(p["path_ms"] for _, p in pairs),
         "proxy_path_ms_max": max(p["path_ms"] for _, p in pairs),
         "proxy_decisions": sorted({p["decision"] for _, p in pairs}),
-        # saves and restores on the siblings' paths: how many, bytes, ms (sums over the row's siblings)
-        "path_saves": sum(1 for p in on_path if p.get("save_ms")),
+        # saves and restores on the siblings' paths: how many, bytes, ms (sums over the row's siblings); a save
+        # counts if it ran while the request did (before it, on the path, or a write-behind save it waited for)
+        "path_saves": sum(p.get("disk", {}).get("saves", 0) for p in on_path),
         "path_save_ms": round(sum(p.get("save_ms", 0) for p in on_path)),
-        "path_save_bytes": sum(p.get("disk", {}).get("saved_bytes", 0) for p in on_path if p.get("save_ms")),
+        "path_save_bytes": sum(p.get("disk", {}).get("saved_bytes", 0) for p in on_path),
+        "path_waits": sum(1 for p in on_path if p.get("wait_ms", 0) >= 1),
+        "path_wait_ms": round(sum(p.get("wait_ms", 0) for p in on_path)),
         "path_restores": sum(1 for p in on_path if p.get("restore_ms")),
         "path_restore_ms": round(sum(p.get("restore_ms", 0) for p in on_path)),
         "path_restore_bytes": sum(p.get("restored_tokens", 0) for p in on_path) * kv_bytes_per_token,
@@ -273,9 +278,10 @@ def markdown(out: dict[str, Any]) -> str:
         " over 1.5x makes it say little (bench/verdict.py).",
         "",
         "| model (KV/token) | slots | workload | context chars | pause | alone | proxy | proxy/alone |"
-        " outside llama.cpp alone / proxy | proxy path (median / max) | saves on the path (n, MB, ms) |"
-        " restores on the path (n, MB, ms) | prefilled tokens alone / proxy | proxy decisions | verdict |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+        " outside llama.cpp alone / proxy | proxy path (median / max) | saves during the requests (n, MB;"
+        " ms on the path) | waits for the slot (n, ms) | restores on the path (n, MB, ms) |"
+        " prefilled tokens alone / proxy (median) | proxy decisions | verdict |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for run in out["runs"]:
         lines.append(
@@ -284,8 +290,8 @@ def markdown(out: dict[str, Any]) -> str:
             f" {run['proxy_median_s']:.3f} s | {run['ratio']:.2f}x |"
             f" {run['alone_outside_ms_median']:.0f} / {run['proxy_outside_ms_median']:.0f} ms |"
             f" {run['proxy_path_ms_median']:.0f} / {run['proxy_path_ms_max']:.0f} ms |"
-            f" {_moves(run, 'save')} | {_moves(run, 'restore')} |"
-            f" {run['alone_prompt_n_median']:.0f} / {run['proxy_prompt_n_median']:.0f} |"
+            f" {_saves(run)} | {_waits(run)} | {_moves(run, 'restore')} |"
+            f" {run['alone_prompt_n_median']:.0f} / {run['proxy_prompt_n_median']:.0f}{_most(run)} |"
             f" {', '.join(d or '?' for d in run['proxy_decisions'])} | {sibling_row(run).text()} |"
         )
     return "\n".join(lines) + "\n"
@@ -298,6 +304,29 @@ def _moves(run: dict[str, Any], kind: str) -> str:
     if not run[f"path_{kind}s"]:
         return "-"
     return f"{run[f'path_{kind}s']}, {run[f'path_{kind}_bytes'] / 1e6:.0f} MB, {run[f'path_{kind}_ms']} ms"
+
+
+def _most(run: dict[str, Any]) -> str:
+    """The largest prefill of a row's siblings, alone / proxy, where the median hides it."""
+    pairs = run.get("raw") or []
+    most = [max((side["prompt_n"] or 0) for side in sides) for sides in zip(*pairs)] if pairs else []
+    if not most or max(most) <= 2 * max(run["alone_prompt_n_median"], run["proxy_prompt_n_median"]):
+        return ""
+    return f" (max {most[0]:.0f} / {most[1]:.0f})"
+
+
+def _saves(run: dict[str, Any]) -> str:
+    if "path_saves" not in run:
+        return "?"
+    if not run["path_saves"]:
+        return "-"
+    return f"{run['path_saves']}, {run['path_save_bytes'] / 1e6:.0f} MB; {run['path_save_ms']} ms"
+
+
+def _waits(run: dict[str, Any]) -> str:
+    if "path_waits" not in run:
+        return "?"  # not recorded by this run (the proxy's log has it: wait=)
+    return f"{run['path_waits']}, {run['path_wait_ms']} ms" if run["path_waits"] else "-"
 
 
 def main() -> None:
