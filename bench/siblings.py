@@ -13,6 +13,8 @@ RAM cache off, recomputes each context; the proxy restores it.
     python -m bench.siblings                                   # bench model, 2k to 30k chars, 1 and 2 slots
     python -m bench.siblings --models kv7b --sizes 2000 --siblings 4   # 7B-class KV (128 KiB a token)
     python -m bench.siblings --models bench,kv7b --out docs/benchmarks/siblings
+    python -m bench.siblings --models kv30b --sizes-kv30b 2000 --switch-sizes-kv 2000 --siblings 4   # 256 KiB a token
+    python -m bench.siblings --render docs/benchmarks/siblings-kv30b                  # the Markdown again from the JSON
 
 Models: proxycache.tinymodel.PRESETS (tiny, bench, kv7b, kv30b).  Writes OUT.json and OUT.md.
 """
