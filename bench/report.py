@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from bench import verdict
 from proxycache.testing.workload import Record, oracle_prefill
 
 PROXY_SPEEDUP_TARGET = 15.0
@@ -208,6 +209,7 @@ def render(results: dict[str, Any], summaries: list[dict], plots: bool = True) -
             f"{_fmt(rest, 3)} | {rss} | {foreign} |"
         )
     out += ["", "## The issue's targets (8 users, 2 slots, large private contexts)", "", *_targets(summaries)]
+    out += verdict.run_section(results)
 
     points = sweep_points(results, summaries)
     if len(points) > 1:

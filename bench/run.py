@@ -21,6 +21,7 @@ docs/benchmarks/report.md, results.json and PNG plots.
     python -m bench.run --sweep 8000,16000    # plus proxy-ram0 vs llama-small at larger contexts
     python -m bench.run --users 16 --slots 4 --context-tokens 8000 --turns 6 --side-calls 1 --concurrency 2
     python -m bench.run --preset team --only proxy-ram0,proxy-ram,llama   # issue 13's workloads: team, fits, large
+    python -m bench.run --presets team,fits,large --only proxy-ram0,llama,llama-ram0 --skip-micro   # one run, OUT/<preset>/
 """
 
 from __future__ import annotations
@@ -300,6 +301,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="a system prompt of this size every user's context starts with")
     parser.add_argument("--preset", choices=sorted(PRESETS), default=None,
                         help="a named workload: " + "; ".join(f"{k}: {v}" for k, v in PRESETS.items()))
+    parser.add_argument("--presets", default="", metavar="NAME,...",
+                        help="several named workloads one after the other in one run: a report each in OUT/NAME "
+                        "(default OUT: docs/benchmarks/presets) and OUT/summary.md with issue 24's verdicts")
     parser.add_argument("--turns", type=int, default=4)
     parser.add_argument("--side-calls", type=int, default=0, help="small side calls after each turn")
     parser.add_argument("--concurrency", type=int, default=1, help="users of a round sent at once")
@@ -316,7 +320,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--skip-micro", action="store_true", help="skip overhead/streaming/disk measurements")
     parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
     parser.add_argument("--workdir", type=Path, default=None, help="logs and slot saves (default: a temp dir)")
-    parser.add_argument("--out", type=Path, default=OUT_DIR, help="where report.md, results.json, PNGs go")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"where report.md, results.json, PNGs go (default: {OUT_DIR.relative_to(ROOT)})")
     args = parser.parse_args(argv)
     if args.preset:
         given = {a.split("=")[0].lstrip("-").replace("-", "_") for a in (sys.argv[1:] if argv is None else argv)}
@@ -328,6 +333,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    if args.presets:
+        from bench.presets import run_presets
+
+        return run_presets(list(sys.argv[1:] if argv is None else argv), args, main)
+    args.out = args.out or OUT_DIR
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run the finally blocks: children stop
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="proxycache-bench-"))
     workdir.mkdir(parents=True, exist_ok=True)

@@ -13,6 +13,8 @@ RAM cache off, recomputes each context; the proxy restores it.
     python -m bench.siblings                                   # bench model, 2k to 30k chars, 1 and 2 slots
     python -m bench.siblings --models kv7b --sizes 2000 --siblings 4   # 7B-class KV (128 KiB a token)
     python -m bench.siblings --models bench,kv7b --out docs/benchmarks/siblings
+    python -m bench.siblings --models kv30b --sizes-kv30b 2000 --switch-sizes-kv 2000 --siblings 4   # 256 KiB a token
+    python -m bench.siblings --render docs/benchmarks/siblings-kv30b                  # the Markdown again from the JSON
 
 Models: proxycache.tinymodel.PRESETS (tiny, bench, kv7b, kv30b).  Writes OUT.json and OUT.md.
 """
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import signal
 import statistics
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from bench.processes import Proxy, wait_until_quiet
+from bench.verdict import sibling_row
 from proxycache.embedded import LlamaServerSpec, free_port
 from proxycache.testing import LlamaProcess
 from proxycache.testing.http import http
@@ -79,7 +83,18 @@ def ask(url: str, context: str, question: str, max_tokens: int) -> dict[str, Any
         "outside_s": seconds - ((timings.get("prompt_ms") or 0) + (timings.get("predicted_ms") or 0)) / 1000,
         "decision": headers.get("x-proxycache-decision"),
         "path_ms": float(headers.get("x-proxycache-path-ms") or 0),
+        "save_ms": float(headers.get("x-proxycache-save-ms") or 0),
+        "restore_ms": float(headers.get("x-proxycache-restore-ms") or 0),
+        "restored_tokens": int(headers.get("x-proxycache-restored-tokens") or 0),
+        # time queued for the slot: e.g. behind a write-behind save of the slot's previous state
+        "wait_ms": float(headers.get("x-proxycache-queue-wait-ms") or 0),
     }
+
+
+def disk(url: str) -> dict[str, int]:
+    """The proxy's disk counters (/status): saves, restores, bytes saved so far."""
+    status = http("GET", url + "/status")[2]["disk"]
+    return {k: int(status[k]) for k in ("saves", "restores", "saved_bytes")}
 
 
 class Pair:
@@ -112,13 +127,23 @@ class Pair:
         targets = [("alone", self.alone.url), ("proxy", self.proxy.url)]
         if n % 2:
             targets.reverse()
-        got = {name: ask(url, context, question, max_tokens) for name, url in targets}
+        got = {}
+        for name, url in targets:
+            before = disk(self.proxy.url) if name == "proxy" else {}
+            got[name] = ask(url, context, question, max_tokens)
+            if before:
+                # what the proxy wrote while this request ran: its save on the path (one slot busy: rarely
+                # a background save of another slot)
+                after = disk(self.proxy.url)
+                got[name]["disk"] = {k: after[k] - before[k] for k in after}
+        got["alone"]["load"] = got["proxy"]["load"] = os.getloadavg()[0]
         return got["alone"], got["proxy"]
 
 
-def summary(pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
+def summary(pairs: list[tuple[dict, dict]], kv_bytes_per_token: int) -> dict[str, Any]:
     alone = statistics.median(a["seconds"] for a, _ in pairs)
     proxy = statistics.median(p["seconds"] for _, p in pairs)
+    on_path = [p for _, p in pairs]
     return {
         "n": len(pairs),
         "alone_median_s": round(alone, 4),
@@ -129,6 +154,18 @@ def summary(pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
         "proxy_path_ms_median": statistics.median(p["path_ms"] for _, p in pairs),
         "proxy_path_ms_max": max(p["path_ms"] for _, p in pairs),
         "proxy_decisions": sorted({p["decision"] for _, p in pairs}),
+        # saves and restores on the siblings' paths: how many, bytes, ms (sums over the row's siblings); a save
+        # counts if it ran while the request did (before it, on the path, or a write-behind save it waited for)
+        "path_saves": sum(p.get("disk", {}).get("saves", 0) for p in on_path),
+        "path_save_ms": round(sum(p.get("save_ms", 0) for p in on_path)),
+        "path_save_bytes": sum(p.get("disk", {}).get("saved_bytes", 0) for p in on_path),
+        "path_waits": sum(1 for p in on_path if p.get("wait_ms", 0) >= 1),
+        "path_wait_ms": round(sum(p.get("wait_ms", 0) for p in on_path)),
+        "path_restores": sum(1 for p in on_path if p.get("restore_ms")),
+        "path_restore_ms": round(sum(p.get("restore_ms", 0) for p in on_path)),
+        "path_restore_bytes": sum(p.get("restored_tokens", 0) for p in on_path) * kv_bytes_per_token,
+        "load_max": max((a.get("load", 0) for a, _ in pairs), default=0),
+        "alone_seconds": [round(a["seconds"], 4) for a, _ in pairs],
         "alone_cache_n_median": statistics.median(a["cache_n"] or 0 for a, _ in pairs),
         "proxy_cache_n_median": statistics.median(p["cache_n"] or 0 for _, p in pairs),
         # tokens computed: what the machine's load does not change
@@ -139,7 +176,8 @@ def summary(pairs: list[tuple[dict, dict]]) -> dict[str, Any]:
     }
 
 
-def siblings(pair: Pair, size: int, count: int, pause: float, max_tokens: int, seed: str) -> dict[str, Any]:
+def siblings(pair: Pair, size: int, count: int, pause: float, max_tokens: int, seed: str,
+             kv: int) -> dict[str, Any]:
     rng = random.Random(seed)
     context = "Repository context. " + words(rng, size)
     pair.both(0, context, "Summarize the repository. " + words(rng, 60), max_tokens)  # both compute it once
@@ -148,10 +186,10 @@ def siblings(pair: Pair, size: int, count: int, pause: float, max_tokens: int, s
         if pause:
             time.sleep(pause)
         results.append(pair.both(n, context, f"Question {n}: " + words(rng, 60), max_tokens))
-    return {"size_chars": size, "pause_s": pause, **summary(results), "raw": results}
+    return {"size_chars": size, "pause_s": pause, **summary(results, kv), "raw": results}
 
 
-def switch(pair: Pair, size: int, count: int, max_tokens: int, seed: str) -> dict[str, Any]:
+def switch(pair: Pair, size: int, count: int, max_tokens: int, seed: str, kv: int) -> dict[str, Any]:
     """Two contexts alternating on the slots: later requests of each are siblings of its earlier ones."""
     rng = random.Random(seed)
     contexts = ["Repository A. " + words(rng, size), "Repository B. " + words(rng, size)]
@@ -160,7 +198,7 @@ def switch(pair: Pair, size: int, count: int, max_tokens: int, seed: str) -> dic
     results = []
     for n in range(count):
         results.append(pair.both(n, contexts[n % 2], f"Question {n}: " + words(rng, 60), max_tokens))
-    return {"size_chars": size, "pause_s": 0, "contexts": 2, **summary(results), "raw": results}
+    return {"size_chars": size, "pause_s": 0, "contexts": 2, **summary(results, kv), "raw": results}
 
 
 def save(out: dict[str, Any], prefix: str | None) -> None:
@@ -176,7 +214,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     for model_name in args.models.split(","):
         shape = PRESETS[model_name]
         model = ensure_model(DEFAULT_MODELS, shape)
-        sizes = [int(s) for s in (args.sizes_kv if shape.kv_bytes_per_token > 100_000 else args.sizes).split(",")]
+        sizes, switch_sizes = model_sizes(args, model_name, shape.kv_bytes_per_token)
+        kv = shape.kv_bytes_per_token
         ctx = max(sizes) + 1024
         for slots in [int(s) for s in args.slots.split(",")]:
             workdir = workroot / f"{model_name}-{slots}"
@@ -185,14 +224,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 for size in sizes:
                     for pause in (0.0, args.pause):
                         log(f"{model_name}: {slots} slot(s), {size} chars, pause {pause} s")
-                        result = siblings(pair, size, args.siblings, pause, args.max_tokens, f"{size}-{pause}")
+                        result = siblings(pair, size, args.siblings, pause, args.max_tokens, f"{size}-{pause}", kv)
                         out["runs"].append({"model": model_name, "kv_bytes_per_token": shape.kv_bytes_per_token,
                                             "slots": slots, "workload": "siblings", **result})
                         log(_line(out["runs"][-1]))
                         save(out, args.out)
-                    if slots == 1 and size in [int(s) for s in args.switch_sizes.split(",") if s]:
+                    if slots == 1 and size in switch_sizes:
                         log(f"{model_name}: {slots} slot(s), {size} chars, two contexts alternating")
-                        result = switch(pair, size, args.siblings, args.max_tokens, f"switch-{size}")
+                        result = switch(pair, size, args.siblings, args.max_tokens, f"switch-{size}", kv)
                         out["runs"].append({"model": model_name, "kv_bytes_per_token": shape.kv_bytes_per_token,
                                             "slots": slots, "workload": "switch", **result})
                         log(_line(out["runs"][-1]))
@@ -200,6 +239,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 status = http("GET", pair.proxy.url + "/status")[2]
                 out["runs"][-1]["proxy_disk"] = {k: status["disk"][k] for k in ("saves", "restores", "saved_bytes")}
     return out
+
+
+def model_sizes(args: argparse.Namespace, name: str, kv_bytes_per_token: int) -> tuple[list[int], list[int]]:
+    """The context sizes (siblings, switch) for a model: its KV class's options."""
+    def ints(text: str) -> list[int]:
+        return [int(s) for s in text.split(",") if s]
+
+    if kv_bytes_per_token <= 100_000:
+        return ints(args.sizes), ints(args.switch_sizes)
+    sizes = ints(args.sizes_kv30b or args.sizes_kv) if name == "kv30b" else ints(args.sizes_kv)
+    return sizes, ints(args.switch_sizes_kv)
 
 
 def _line(run: dict[str, Any]) -> str:
@@ -222,10 +272,18 @@ def markdown(out: dict[str, Any]) -> str:
         "`outside llama.cpp`: the request's time beyond llama.cpp's own prefill and decode (its `timings`),"
         " which the machine's load on llama.cpp's threads does not blur.",
         "",
+        "`verdict`: issue 24's target, within 5% of llama-server alone where it reuses in place (never worse),"
+        " the restore win kept where it recomputes (switch).  `est.` is the load-robust ratio: alone's median plus"
+        " what the proxy added (its time outside llama.cpp beyond alone's, and any tokens it had llama.cpp compute"
+        " beyond alone's at alone's seconds per token), over alone's median; `wall` the medians' ratio, `noisy`"
+        " where the machine's load (1-min average over 3 with our one busy 2-thread server) or alone's own spread"
+        " over 1.5x makes it say little (bench/verdict.py).",
+        "",
         "| model (KV/token) | slots | workload | context chars | pause | alone | proxy | proxy/alone |"
-        " outside llama.cpp alone / proxy | proxy path (median / max) | prefilled tokens alone / proxy |"
-        " proxy decisions |",
-        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        " outside llama.cpp alone / proxy | proxy path (median / max) | saves during the requests (n, MB;"
+        " ms on the path) | waits for the slot (n, ms) | restores on the path (n, MB, ms) |"
+        " prefilled tokens alone / proxy (median) | proxy decisions | verdict |",
+        "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
     for run in out["runs"]:
         lines.append(
@@ -234,10 +292,43 @@ def markdown(out: dict[str, Any]) -> str:
             f" {run['proxy_median_s']:.3f} s | {run['ratio']:.2f}x |"
             f" {run['alone_outside_ms_median']:.0f} / {run['proxy_outside_ms_median']:.0f} ms |"
             f" {run['proxy_path_ms_median']:.0f} / {run['proxy_path_ms_max']:.0f} ms |"
-            f" {run['alone_prompt_n_median']:.0f} / {run['proxy_prompt_n_median']:.0f} |"
-            f" {', '.join(run['proxy_decisions'])} |"
+            f" {_saves(run)} | {_waits(run)} | {_moves(run, 'restore')} |"
+            f" {run['alone_prompt_n_median']:.0f} / {run['proxy_prompt_n_median']:.0f}{_most(run)} |"
+            f" {', '.join(d or '?' for d in run['proxy_decisions'])} | {sibling_row(run).text()} |"
         )
     return "\n".join(lines) + "\n"
+
+
+def _moves(run: dict[str, Any], kind: str) -> str:
+    """Saves or restores on the siblings' paths, summed over the row: count, MB, ms (or '-')."""
+    if f"path_{kind}s" not in run:
+        return "?"  # a run from before these were recorded
+    if not run[f"path_{kind}s"]:
+        return "-"
+    return f"{run[f'path_{kind}s']}, {run[f'path_{kind}_bytes'] / 1e6:.0f} MB, {run[f'path_{kind}_ms']} ms"
+
+
+def _most(run: dict[str, Any]) -> str:
+    """The largest prefill of a row's siblings, alone / proxy, where the median hides it."""
+    pairs = run.get("raw") or []
+    most = [max((side["prompt_n"] or 0) for side in sides) for sides in zip(*pairs)] if pairs else []
+    if not most or max(most) <= 2 * max(run["alone_prompt_n_median"], run["proxy_prompt_n_median"]):
+        return ""
+    return f" (max {most[0]:.0f} / {most[1]:.0f})"
+
+
+def _saves(run: dict[str, Any]) -> str:
+    if "path_saves" not in run:
+        return "?"
+    if not run["path_saves"]:
+        return "-"
+    return f"{run['path_saves']}, {run['path_save_bytes'] / 1e6:.0f} MB; {run['path_save_ms']} ms"
+
+
+def _waits(run: dict[str, Any]) -> str:
+    if "path_waits" not in run:
+        return "?"  # not recorded by this run (the proxy's log has it: wait=)
+    return f"{run['path_waits']}, {run['path_wait_ms']} ms" if run["path_waits"] else "-"
 
 
 def main() -> None:
@@ -245,7 +336,10 @@ def main() -> None:
     parser.add_argument("--models", default="bench", help="comma separated: " + ", ".join(PRESETS))
     parser.add_argument("--sizes", default="2000,8000,16000,30000", help="context sizes in characters")
     parser.add_argument("--sizes-kv", default="2000", help="sizes for 7B/30B-class KV models (their attention is slow)")
+    parser.add_argument("--sizes-kv30b", default="", help="sizes for kv30b (default: --sizes-kv)")
     parser.add_argument("--switch-sizes", default="8000,16000", help="sizes of the two-context workload (1 slot)")
+    parser.add_argument("--switch-sizes-kv", default="2000",
+                        help="sizes of the two-context workload for 7B/30B-class KV models (those of their sizes)")
     parser.add_argument("--slots", default="1,2")
     parser.add_argument("--siblings", type=int, default=6)
     parser.add_argument("--pause", type=float, default=3.0, help="seconds between siblings in the paused runs")
@@ -255,7 +349,11 @@ def main() -> None:
     parser.add_argument("--quiet-wait", type=float, default=30.0)
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--out", default=None, help="write OUT.json and OUT.md")
+    parser.add_argument("--render", default=None, metavar="OUT", help="only render OUT.md again from OUT.json")
     args = parser.parse_args()
+    if args.render:
+        save(json.loads(Path(args.render + ".json").read_text()), args.render)
+        return
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers on the way out
     if args.binary is None:
         from proxycache.testing.llamabin import binary_path
