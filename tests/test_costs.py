@@ -152,3 +152,23 @@ def test_a_restore_is_judged_against_what_the_slot_keeps_in_place():
     assert speeds.restore_pays(10_000, 1_300_000_000, 10, 10)
     assert not speeds.restore_pays(10_000, 1_300_000_000, 10, 10, have_blocks=9)
     assert not speeds.restore_pays(10_000, 1_300_000_000, 10, 10, have_blocks=10)
+
+
+def test_a_save_on_a_requests_path_counts_that_the_branch_may_not_come_back():
+    # Issue 24, measured on the bench model (4 KiB a token) on a loaded machine, 2 slots: a sibling's
+    # slot, 16,100 tokens of which 16,000 are the shared context, taken over by the next sibling.
+    # The save (66 MB) took 0.16 s, the restore would take 0.1 s; the 100-token tail costs 0.35 s to
+    # compute again at position 16k (the load makes prefill slow, not the page cache).
+    speeds = Speeds(write_bytes_per_second=400e6, read_bytes_per_second=1e9, bytes_per_token=4096,
+                    save_overhead=0.01, restore_overhead=0.05)
+    a, b = 5e-4, 1.875e-7  # seconds a token at position n: a + b*n (3.5 ms at 16k)
+    for cache_n, prompt_n in ((0, 16_000), (0, 2_000)):
+        speeds.observe_prefill(prompt_n, (a * prompt_n + b * ((cache_n + prompt_n) ** 2 - cache_n**2) / 2) * 1000,
+                               cache_n)
+    assert 0.3 < speeds.prefill_seconds(16_000, 16_100) < 0.4
+    # judged as if it came back for sure, the save pays (0.18 + 0.12 < 0.35 s): off the path, it may run
+    assert speeds.keep_pays(16_100, 16_000, saved=False)
+    # on a request's path the save is paid for certain, the recompute avoided only if it comes back
+    assert not speeds.keep_pays(16_100, 16_000, saved=False, odds=0.5)
+    # a team member's 4,000 own tokens after the shared 12,000 are still worth it on the way
+    assert speeds.keep_pays(16_100, 12_000, saved=False, odds=0.5)

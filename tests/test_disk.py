@@ -659,3 +659,42 @@ def test_a_save_must_be_worth_its_time_against_what_a_sibling_entry_holds():
     # the prefix a request keeps in place counts too
     assert not catalog.keep_pays(SlotView(SlotId("a", 0), SlotState.HOT, fp(300, 301, tag=5, base=9),
                                           tokens=30_050), 300)
+
+
+def test_a_siblings_short_tail_is_never_saved_on_a_requests_path():
+    """
+    Issue 24, siblings back to back on 2 slots: the next sibling reuses the shared
+    context in place on the previous sibling's slot, as llama-server alone does,
+    neither forking it into the free slot nor taking it over with a save first,
+    even before any save was measured.  A team member's longer own part is still
+    kept; off the path (write-behind, pre-save) the tail is judged in time as before.
+    """
+    from proxycache.cache import Catalog
+    from proxycache.routing import Decision, Request, SlotId, SlotState, SlotView, plan
+
+    catalog = Catalog(min_ratio=0.0)
+    catalog.backend_up("a", MODEL)
+    catalog.speeds.observe_prefill(6_000, 3_000.0)  # the context was computed; nothing saved yet
+
+    def choose(*slots: SlotView, request: Fingerprint):
+        return plan(Request(request, small=False), list(slots), min_ratio=0.0, fork_pays=catalog.fork_pays,
+                    keep_pays=catalog.keep_pays, restore_beats=catalog.restore_beats)
+
+    previous = SlotView(SlotId("a", 0), SlotState.HOT, fp(60, 61, tag=1), tokens=6_060)  # context, a question
+    free = SlotView(SlotId("a", 1))
+    other = SlotView(SlotId("a", 1), SlotState.HOT, fp(30, base=5), tokens=3_000, saved=True)
+    for spare in (free, other):
+        chosen = choose(previous, spare, request=fp(60, 61, tag=2))
+        assert chosen is not None
+        assert (chosen.decision, chosen.slot, chosen.fork, chosen.evicts) == (Decision.HIT, previous.id, None, False)
+    # a team member's own part (a tenth of what is shared) is kept: forked into the free slot
+    alice = SlotView(SlotId("a", 0), SlotState.HOT, fp(40, 44, tag=3, base=2), tokens=4_400)
+    chosen = choose(alice, free, request=fp(40, 44, tag=4, base=2))
+    assert chosen is not None and chosen.fork == alice.id
+    # with speeds measured that call the tail worth keeping (a slow prefill, a fast disk) ...
+    catalog.speeds.observe_save(60_600_000, 10.0, 6_060, took=0.01)
+    catalog.speeds.observe_prefill(6_000, 60_000.0)
+    catalog.index.put(entry(fp(60, 61, tag=5), tokens=6_070))  # the first sibling's entry: the context
+    assert catalog.save_pays("a", previous.fingerprint, 6_060)  # ... it may be saved in the background
+    assert not catalog.keep_pays(previous, 60)  # never on a request's way
+    assert not catalog.save_pays("a", previous.fingerprint, 6_060, on_path=True)

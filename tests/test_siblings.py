@@ -26,6 +26,9 @@ def ask(client: Any, context: str, question: str) -> dict[str, Any]:
     return {
         "decision": raw.headers["x-proxycache-decision"],
         "path_ms": float(raw.headers["x-proxycache-path-ms"]),
+        "save_ms": float(raw.headers["x-proxycache-save-ms"]),
+        "restore_ms": float(raw.headers["x-proxycache-restore-ms"]),
+        "slot": raw.headers["x-proxycache-slot"],
         "cache_n": timings["cache_n"],
         "prompt_n": timings["prompt_n"],
     }
@@ -55,6 +58,30 @@ def test_siblings_on_one_slot_reuse_the_shared_context_in_place(llama_factory, t
     finally:
         proxy.stop()  # saves what is worth saving: not the last sibling's short tail either
     assert len(list((tmp_path / "meta").glob("*.meta"))) == 1
+
+
+def test_siblings_on_two_slots_back_to_back_reuse_the_shared_context_in_place(llama_factory, tmp_path):
+    # llama-server alone with 2 slots picks the most similar slot and reuses the context in place,
+    # losing the previous sibling's short tail.  So does the proxy: no fork of that slot into the free
+    # one, no save of it first.  Write-behind far off: nothing is saved (or measured) in the background.
+    llama = llama_factory(slots=2)
+    proxy = ProxyProcess(tmp_path, llama.url, slot_save_path=str(llama.save_dir), write_behind=600, **LIMITS).start()
+    try:
+        client = proxy.client(timeout=300)
+        rng = random.Random("two slots")
+        context = "Repository context. " + text(rng, 1000)
+        first = ask(client, context, "Summarize the repository. " + text(rng, 10))
+        assert first["decision"] == "miss"
+        for n in range(4):
+            sibling = ask(client, context, f"Question {n}: " + text(rng, 10))
+            assert sibling["decision"] == "hit" and sibling["slot"] == first["slot"], sibling
+            assert (sibling["path_ms"], sibling["save_ms"], sibling["restore_ms"]) == (0, 0, 0), sibling
+            # llama.cpp computed the new question only
+            assert sibling["cache_n"] >= len(context) * 0.95 and sibling["prompt_n"] < 200, sibling
+        disk = proxy.status()["disk"]
+        assert (disk["saves"], disk["restores"]) == (0, 0), disk
+    finally:
+        proxy.stop()
 
 
 def test_the_save_and_restore_on_a_requests_path_are_shown(llama_factory, tmp_path):

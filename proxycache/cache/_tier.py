@@ -165,7 +165,7 @@ class DiskTier(Service):
         # A save on a request's path must be worth its time: not for what a saved entry (or the
         # prefix this request keeps in place) holds already and a short tail recomputed faster.
         kept = lease.plan.common_blocks if lease.plan.decision is Decision.HIT else 0
-        if evicts and previous.saved_key is None and self._save_pays(lease.slot.id.backend, previous, kept):
+        if evicts and previous.saved_key is None and self._save_pays(lease.slot.id.backend, previous, kept, True):
             saved_here = await self._on_path(lease, 0, self.save(lease.slot, previous)) is not None
         self._cancel_write_behind(lease.slot.id)
         if lease.plan.fork is not None or lease.plan.restore is not None:
@@ -194,8 +194,10 @@ class DiskTier(Service):
         """Seconds this request waited for saves and for restores before it was sent."""
         return self._path.get(lease.slot.id, (0.0, 0.0))
 
-    def _save_pays(self, backend: str, content: SlotContent, kept_blocks: int = 0) -> bool:
-        return self.catalog.save_pays(backend, content.fingerprint, content.tokens, kept_blocks=kept_blocks)
+    def _save_pays(self, backend: str, content: SlotContent, kept_blocks: int = 0, on_path: bool = False) -> bool:
+        return self.catalog.save_pays(
+            backend, content.fingerprint, content.tokens, kept_blocks=kept_blocks, on_path=on_path
+        )
 
     def restored_tokens(self, lease: Lease) -> int:
         restored = self._restored.get(lease.slot.id)

@@ -11,7 +11,13 @@ from __future__ import annotations
 import attrs
 
 from proxycache.cache._entries import Index, MetaEntry
-from proxycache.routing import DiskMatch, Fingerprint, Request, SlotView, Speeds
+from proxycache.routing import BRANCH_RETURN_ODDS, DiskMatch, Fingerprint, Request, SlotView, Speeds
+
+# A branch's own part at most this share of what it shares with content that survives it (a
+# sibling's question and answer after a long context, a regenerate's new answer) is a short
+# tail: never saved on a request's path, whatever the measured speeds say.  llama-server alone
+# loses it too; a save that is worth it happens off the path (write-behind, the idle-slot pre-save).
+SHORT_TAIL_SHARE = 1 / 16
 
 
 @attrs.define
@@ -119,24 +125,37 @@ class Catalog:
         would keep in place (or beyond what a saved entry holds already) worth a
         save and a restore, against computing it again (L{Speeds.keep_pays})?
         """
-        return self.save_pays(view.id.backend, view.fingerprint, _tokens(view), view.saved, common_blocks)
+        return self.save_pays(
+            view.id.backend, view.fingerprint, _tokens(view), view.saved, common_blocks, on_path=True
+        )
 
-    def save_pays(self, backend: str, fp: Fingerprint, tokens: int, saved: bool = False, kept_blocks: int = 0) -> bool:
-        """Is slot content C{fp} of C{tokens} worth saving (its first C{kept_blocks} survive anyway)?"""
-        if not self._saves_work(backend) or self.speeds.bytes_per_token is None:
-            # nothing can be saved (keeping it means leaving it in its slot), or no save measured yet
-            return True
+    def save_pays(
+        self, backend: str, fp: Fingerprint, tokens: int, saved: bool = False, kept_blocks: int = 0,
+        on_path: bool = False,
+    ) -> bool:
+        """
+        Is slot content C{fp} of C{tokens} worth saving (its first C{kept_blocks}
+        survive anyway)?  C{on_path}: the save would delay a waiting request (an
+        eviction, a fork), not run in the background.
+        """
+        if not self._saves_work(backend):
+            return True  # nothing can be saved: keeping it means leaving it in its slot
         blocks = len(fp.blocks)
         covered = max(kept_blocks, self.covered_blocks(fp, backend))
         if not covered:
             return True  # all of it is its own (a conversation's new turns): saved as before
         covered_tokens = round(tokens * covered / max(1, blocks))
-        if tokens - covered_tokens > covered_tokens:
+        own = tokens - covered_tokens
+        if own > covered_tokens:
             # Mostly its own (a conversation behind a shared system prompt): saved as before. Only a
-            # short tail after a long shared context (a sibling's last question) is judged in time,
+            # tail after a long shared context (a sibling's last question) is judged in time,
             # where a misjudged save costs little either way; measured speeds swing under load.
             return True
-        return self.speeds.keep_pays(tokens, covered_tokens, saved)
+        if on_path and own <= covered_tokens * SHORT_TAIL_SHARE:
+            return False  # a question and answer after what survives: recomputed if it ever comes back
+        if self.speeds.bytes_per_token is None:
+            return True  # no save measured yet: a longer tail (a team member's own part) is saved as before
+        return self.speeds.keep_pays(tokens, covered_tokens, saved, BRANCH_RETURN_ODDS if on_path else 1.0)
 
     def restore_beats(self, disk: DiskMatch, have_blocks: int) -> bool:
         """Does restoring C{disk} beat reusing C{have_blocks} of it in place and computing the rest?"""

@@ -30,6 +30,10 @@ MIN_MEASURED_PREFILL_TOKENS = 256
 RESTORE_OVERHEAD_SECONDS = 0.05
 SAVE_OVERHEAD_SECONDS = 0.05
 MIN_MEASURED_WRITE_BYTES = 1_000_000
+# A save on a request's path costs that request its time for certain; what it buys (a restore
+# instead of a recompute) only if the branch it keeps comes back, which a regenerate or a
+# sibling question seldom does: judged as if every other one did.
+BRANCH_RETURN_ODDS = 0.5
 
 
 @attrs.define
@@ -165,17 +169,22 @@ class Speeds:
         recompute = self.prefill_seconds(0, round(tokens * common_blocks / max(1, blocks)))
         return save + self.restore_seconds(size) < recompute
 
-    def keep_pays(self, tokens: int, covered: int, saved: bool) -> bool:
+    def keep_pays(self, tokens: int, covered: int, saved: bool, odds: float = 1.0) -> bool:
         """
         Is a slot's content of C{tokens}, of which the first C{covered} survive
         elsewhere (in place under the next request, or in a saved file), worth
         keeping: saving it (unless C{saved}) and restoring it later, against
         computing the rest again when its conversation comes back?  A sibling's
         tail of 65 tokens after a 30k-token context is recomputed, not saved.
+
+        C{odds}: how likely it comes back (L{BRANCH_RETURN_ODDS} for a save on
+        a request's path).  The save is paid for certain, the restore and the
+        recompute it avoids only on a return: keep if save + odds * restore <
+        odds * recompute.
         """
         size = self.size_of(tokens)
-        keep = (0.0 if saved else self.save_seconds(size)) + self.restore_seconds(size)
-        return keep < self.prefill_seconds(covered, tokens)
+        save = 0.0 if saved else self.save_seconds(size)
+        return save / odds + self.restore_seconds(size) < self.prefill_seconds(covered, tokens)
 
 
 def _smoothed(estimate: float, measured: float) -> float:
