@@ -667,7 +667,7 @@ def test_a_siblings_short_tail_is_never_saved_on_a_requests_path():
     context in place on the previous sibling's slot, as llama-server alone does,
     neither forking it into the free slot nor taking it over with a save first,
     even before any save was measured.  A team member's longer own part is still
-    kept; off the path (write-behind, pre-save) the tail is judged in time as before.
+    kept.
     """
     from proxycache.cache import Catalog
     from proxycache.routing import Decision, Request, SlotId, SlotState, SlotView, plan
@@ -691,10 +691,15 @@ def test_a_siblings_short_tail_is_never_saved_on_a_requests_path():
     alice = SlotView(SlotId("a", 0), SlotState.HOT, fp(40, 44, tag=3, base=2), tokens=4_400)
     chosen = choose(alice, free, request=fp(40, 44, tag=4, base=2))
     assert chosen is not None and chosen.fork == alice.id
-    # with speeds measured that call the tail worth keeping (a slow prefill, a fast disk) ...
+    # Speeds measured that call a tail worth keeping (a slow prefill, a fast disk) do not change it: a
+    # short tail after a context a sibling's entry holds is not saved in the background either (the
+    # save would hold the slot the next sibling reuses in place) ...
     catalog.speeds.observe_save(60_600_000, 10.0, 6_060, took=0.01)
     catalog.speeds.observe_prefill(6_000, 60_000.0)
     catalog.index.put(entry(fp(60, 61, tag=5), tokens=6_070))  # the first sibling's entry: the context
-    assert catalog.save_pays("a", previous.fingerprint, 6_060)  # ... it may be saved in the background
-    assert not catalog.keep_pays(previous, 60)  # never on a request's way
+    assert not catalog.keep_pays(previous, 60)
+    assert not catalog.save_pays("a", previous.fingerprint, 6_060)
     assert not catalog.save_pays("a", previous.fingerprint, 6_060, on_path=True)
+    # ... while a longer own part after it is judged in time, and saved
+    longer = fp(60, 66, tag=6)
+    assert catalog.save_pays("a", longer, 6_600) and catalog.save_pays("a", longer, 6_600, on_path=True)

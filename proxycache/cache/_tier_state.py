@@ -15,8 +15,10 @@ from proxycache.routing import BRANCH_RETURN_ODDS, DiskMatch, Fingerprint, Reque
 
 # A branch's own part at most this share of what it shares with content that survives it (a
 # sibling's question and answer after a long context, a regenerate's new answer) is a short
-# tail: never saved on a request's path, whatever the measured speeds say.  llama-server alone
-# loses it too; a save that is worth it happens off the path (write-behind, the idle-slot pre-save).
+# tail: never saved, whatever the measured speeds say (they swing with the machine's load, and
+# such a branch seldom comes back).  llama-server alone loses it too.  A save on a request's path
+# would delay it; one in the background would still hold the slot the next sibling reuses in
+# place, and block llama.cpp's loop while it writes the whole file for a few tokens.
 SHORT_TAIL_SHARE = 1 / 16
 
 
@@ -123,7 +125,8 @@ class Catalog:
         """
         Is what HOT slot C{view} holds beyond the C{common_blocks} a request
         would keep in place (or beyond what a saved entry holds already) worth a
-        save and a restore, against computing it again (L{Speeds.keep_pays})?
+        save and a restore on that request's path, against computing it again
+        (L{Speeds.keep_pays})?
         """
         return self.save_pays(
             view.id.backend, view.fingerprint, _tokens(view), view.saved, common_blocks, on_path=True
@@ -151,7 +154,7 @@ class Catalog:
             # tail after a long shared context (a sibling's last question) is judged in time,
             # where a misjudged save costs little either way; measured speeds swing under load.
             return True
-        if on_path and own <= covered_tokens * SHORT_TAIL_SHARE:
+        if own <= covered_tokens * SHORT_TAIL_SHARE:
             return False  # a question and answer after what survives: recomputed if it ever comes back
         if self.speeds.bytes_per_token is None:
             return True  # no save measured yet: a longer tail (a team member's own part) is saved as before
