@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 from twisted.internet.task import Clock
 
-from proxycache.routing import Fingerprint, Request
+from proxycache.routing import DiskMatch, Fingerprint, Request
 from proxycache.slots import Outcome, QueueFull, Scheduler, TenantLimit
 from tests.test_scheduler import lease_of
 
@@ -134,3 +134,25 @@ def test_a_cancelled_waiter_gives_its_share_back():
     b = scheduler.acquire(request("B", 4))
     scheduler.release(running, OK)
     assert a.called and not b.called  # A's cancelled huge prompt cost it nothing
+
+
+def test_a_conversation_that_comes_back_from_disk_costs_its_restore_not_its_context():
+    # B's conversations were saved when the flood took their slots: each costs a restore and a
+    # short tail, not the whole context again, so B is not charged like A's new huge prompts.
+    def saved(request: Request) -> DiskMatch | None:
+        if request.tenant != "B":
+            return None
+        return DiskMatch("saved" + str(request.fingerprint.blocks[0]), "a", common_blocks=190, similarity=0.95)
+
+    scheduler = make(1, disk_lookup=saved)
+    running = lease_of(scheduler.acquire(request("X", 1)))
+    a = [scheduler.acquire(request("A", c, blocks=200)) for c in (2, 3, 4)]
+    b = [scheduler.acquire(request("B", c, blocks=200)) for c in range(10, 16)]
+    lease = running
+    served = []
+    for _ in range(5):
+        scheduler.release(lease, OK)
+        (d,) = [d for d in a + b if d.called and d not in served]
+        served.append(d)
+        lease = lease_of(d)
+    assert sum(d in a for d in served) == 1, "a restore charged as the whole context"

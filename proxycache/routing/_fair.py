@@ -24,18 +24,23 @@ from typing import Mapping, Sequence
 
 import attrs
 
-from proxycache.routing._plan import Request, SlotState, SlotView
+from proxycache.routing._plan import DiskMatch, Request, SlotState, SlotView
 
 
-def prefill_cost(request: Request, slots: Sequence[SlotView]) -> int:
+def prefill_cost(request: Request, slots: Sequence[SlotView], disk: DiskMatch | None = None) -> int:
     """
     Blocks the request will likely compute: its own beyond the longest prefix a
-    slot holds (busy or idle, it is the best case), plus one for the answer.
+    slot holds (busy or idle, it is the best case) or a saved cache worth
+    restoring (C{disk}) holds, plus one for the answer.  A returning
+    conversation whose slot went to someone else costs a restore, not its
+    whole context again.
     """
     held = max(
         (request.fingerprint.common_blocks(s.fingerprint) for s in slots if s.state is not SlotState.FREE),
         default=0,
     )
+    if disk is not None:
+        held = max(held, disk.common_blocks)
     return len(request.fingerprint.blocks) - held + 1
 
 

@@ -240,7 +240,8 @@ class Scheduler:
         now = self.clock.seconds()
         waiter = Waiter(request, None, now, now + self.affinity_wait)  # type: ignore[arg-type]
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
-        self._queue.add(waiter, prefill_cost(request, self.views()))
+        disk = None if request.small else self.disk_lookup(request)
+        self._queue.add(waiter, prefill_cost(request, self.views(), disk))
         self.pump()
         if not waiter.deferred.called and len(self._queue) > self.max_queue:
             self._leave(waiter)
