@@ -103,6 +103,7 @@ class FakeBackend:
     slot_replies: list[Any] = attrs.Factory(list)  # GET /slots answers these in turn (an exception is raised)
     idle: IdleSlot | Exception | None = None  # what wait_until_idle answers (or raises)
     saved: Saved | Exception | None = None  # what a save answers (or raises); None: no slot actions here
+    save_reply: Deferred[Any] | None = None  # when set, a save answers once this fires (a slow write)
     restored: Restored | Exception | None = None  # the same for a restore
     asked: list[str] = attrs.Factory(list)
     calls: list[tuple[str, int]] = attrs.Factory(list)
@@ -131,6 +132,9 @@ class FakeBackend:
     async def save_slot(self, index: int, filename: str, timeout: float) -> Saved:
         self.asked.append("save")
         self.calls.append(("save", index))
+        if self.save_reply is not None:
+            reply, self.save_reply = self.save_reply, None
+            await reply
         if self.saved is None:
             raise SlotActionFailed("save", index, None, "no slot actions here", FailureKind.FAILED)
         if isinstance(self.saved, Exception):

@@ -139,6 +139,31 @@ def test_continuation_waits_for_its_busy_slot_while_one_is_free():
     assert p == Plan(Decision.WAIT, SlotId("a", 0), 10, 1.0)
 
 
+def test_branch_waits_for_a_slot_busy_only_with_a_background_save():
+    # issue 24: a sibling of the context a write-behind is saving: that slot is free once the save
+    # ends, and the save stalls the backend's other slot anyway: waiting beats computing from scratch
+    context = attrs.evolve(slot(0, HOT, fp(20, 22, tag=903), busy=True, last_used=5.0), saving=True)
+    sibling = large(fp(20, 23))
+    p = plan(sibling, [context, slot(1, FREE)], min_ratio=0.0, affinity=True)
+    assert p == Plan(Decision.WAIT, SlotId("a", 0), 20, 20 / 22)
+    # ... only while it has affinity time, like a continuation
+    assert plan(sibling, [context, slot(1, FREE)], min_ratio=0.0, affinity=False) == Plan(Decision.MISS, SlotId("a", 1))
+    # a small request recomputes its few blocks rather than wait
+    assert plan(small(fp(20, 23)), [context, slot(1, FREE)], min_ratio=0.0).decision is Decision.SMALL
+
+
+def test_a_slot_busy_saving_is_waited_for_only_when_it_offers_the_most():
+    context = attrs.evolve(slot(0, HOT, fp(8, 10, tag=904), busy=True), saving=True)
+    request = large(fp(12, 13))
+    # an idle slot holding more of the request: used there, no wait
+    p = plan(request, [context, slot(1, HOT, fp(12), last_used=1.0)], min_ratio=0.0)
+    assert p == Plan(Decision.HIT, SlotId("a", 1), 12, 1.0)
+    # a saved entry reusing more: restored rather than wait
+    disk = DiskMatch("k", "a", 11, 1.0)
+    p = plan(request, [context, slot(1, FREE)], min_ratio=0.0, disk=disk)
+    assert p is not None and p.decision is Decision.RESTORE
+
+
 def test_branch_never_takes_an_idle_hot_slot_without_saving_it():
     user_a = slot(0, HOT, fp(8, 10), last_used=5.0)
     request = large(fp(8, 11))

@@ -63,8 +63,12 @@ it adds): never a prefix a slot already holds.
 
 Before that, a large request whose best continuation is on a busy slot waits
 for it (WAIT) while it has affinity time, when that slot holds more than any
-idle option (a restore must beat it strictly).  A branch never waits for a busy
-slot, and never takes a HOT slot without saving it first.
+idle option (a restore must beat it strictly).  A branch never waits for a slot
+busy with another request, and never takes a HOT slot without saving it first;
+but a slot busy only with a background save (C{SlotView.saving}) is waited for
+by a continuation and a branch alike: it is free once the save ends, and the
+save blocks its backend's whole loop meanwhile, so computing from scratch on
+another slot there would only start later and take longer.
 
 Without any option: an idle FREE slot, else the least recently used idle COLD
 slot, else the least recently used idle HOT slot, evicted (saved first); with
@@ -125,6 +129,8 @@ class SlotView:
     busy: bool = False
     tokens: int = 0  # tokens llama.cpp holds there, when measured
     saved: bool = False  # a disk entry holds exactly this content
+    # Busy only with a background save: free once it ends, and its backend computes nothing meanwhile.
+    saving: bool = False
 
 
 @attrs.frozen
@@ -339,9 +345,10 @@ def plan(
             options.append(((disk.common_blocks, _PREFER_DISK, 0.0), restore))
     best_disk_common = max((rank[0] for rank, p in options if p.restore is not None), default=0)
 
-    # Only a continuation waits for its busy slot, and only for a large prefix:
-    # a small one is cheaper to recompute.
-    busy = [m for m in matches if m.slot.busy and m.relation is Relation.CONTINUATION]
+    # Only a continuation waits for a slot busy with a request (a branch would wait for
+    # another conversation), a branch also for one busy with a background save; and only
+    # for a large prefix: a small one is cheaper to recompute.
+    busy = [m for m in matches if m.slot.busy and (m.relation is Relation.CONTINUATION or m.slot.saving)]
     waited = max(busy, key=lambda m: (m.common, m.slot.last_used), default=None)
     if (
         waited is not None

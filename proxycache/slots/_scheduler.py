@@ -64,6 +64,7 @@ class _Record:
     lock: DeferredLock = attrs.field(factory=DeferredLock)
     content: SlotContent = NOTHING
     last_used: float = 0.0
+    saving: bool = False  # held by a L{Hold} for a background save, not by a request
 
     @property
     def busy(self) -> bool:
@@ -76,7 +77,7 @@ class _Record:
         content = self.content  # built directly: the queue asks for every slot's view per waiter
         return SlotView(
             self.id, content.state, content.fingerprint, self.last_used, self.busy,
-            content.tokens, content.saved_key is not None,
+            content.tokens, content.saved_key is not None, self.saving and self.busy,
         )
 
 
@@ -84,12 +85,15 @@ class Hold:
     """
     An idle slot taken for maintenance (a save): nobody is granted it until
     L{release}, which hands it on to whoever waits.  Also a context manager.
+    Meanwhile the planner sees the slot as saving (L{SlotView.saving}): a
+    request whose prefix it holds waits for it rather than compute elsewhere.
     """
 
     def __init__(self, scheduler: "Scheduler", record: _Record) -> None:
         self._scheduler = scheduler
         self._record = record
         self._released = False
+        record.saving = True
 
     @property
     def slot(self) -> Slot:
@@ -98,6 +102,7 @@ class Hold:
     def release(self) -> None:
         if not self._released:
             self._released = True
+            self._record.saving = False
             self._scheduler._let_go(self._record)
 
     def __enter__(self) -> "Hold":
