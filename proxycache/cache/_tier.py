@@ -40,6 +40,11 @@ MIN_SAVED_SHARE = 0.5
 # A backend evicted a conversation this recently: its slots are contended, and the
 # next request will likely take the least recently used idle slot.
 CONTENDED_SECONDS = 60.0
+# A write-behind save blocks its backend's whole loop while it writes (seconds for a large
+# model's slot file): it starts only once the slot and its backend have been idle this many
+# times the save's predicted duration (and at least --write-behind), so that a request is
+# unlikely to arrive during it.
+WRITE_BEHIND_IDLE_FACTOR = 4.0
 
 
 @attrs.frozen
@@ -424,9 +429,39 @@ class DiskTier(Service):
 
     # -- write-behind -------------------------------------------------------
 
-    def _schedule_write_behind(self, slot_id: SlotId) -> None:
+    def write_behind_delay(self, content: SlotContent) -> float:
+        """Idle seconds before a write-behind saves C{content}: --write-behind, or more for a long save."""
+        predicted = self.speeds.save_seconds(self.speeds.size_of(content.tokens))
+        return max(self.config.write_behind, WRITE_BEHIND_IDLE_FACTOR * predicted)
+
+    def _schedule_write_behind(self, slot_id: SlotId, delay: float | None = None) -> None:
         self._cancel_write_behind(slot_id)
-        self._write_behind[slot_id] = self.clock.callLater(self.config.write_behind, self._start_save_idle, slot_id)
+        if delay is None:
+            slot = self.scheduler.slot(slot_id)
+            delay = self.config.write_behind if slot is None else self.write_behind_delay(slot.content)
+        self._write_behind[slot_id] = self.clock.callLater(delay, self._write_behind_due, slot_id)
+
+    def _write_behind_due(self, slot_id: SlotId) -> None:
+        """
+        Save the slot once it and its backend have been quiet for its delay: a save
+        now would stall a request another slot of the backend serves (its tokens
+        wait for the write), or one arriving right after a request ended there.
+        """
+        self._write_behind.pop(slot_id, None)
+        slot = self.scheduler.slot(slot_id)
+        if slot is None or slot.state is not SlotState.HOT or slot.content.saved_key is not None:
+            return
+        delay = self.write_behind_delay(slot.content)
+        backend = [view for view in self.scheduler.views() if view.id.backend == slot_id.backend]
+        if any(view.busy and not view.saving for view in backend if view.id != slot_id):
+            self._schedule_write_behind(slot_id, delay)  # looked at again once that request may have ended
+            return
+        quiet_since = max((view.last_used for view in backend), default=slot.last_used)
+        wait = quiet_since + delay - self.clock.seconds()
+        if wait > 1e-6:
+            self._schedule_write_behind(slot_id, wait)
+            return
+        self._start_save_idle(slot_id)
 
     def _start_save_idle(self, slot_id: SlotId) -> None:
         # Nobody waits on a background save: whatever it raises is logged here, not left in a Deferred.
