@@ -552,14 +552,15 @@ def scenarios(draw):
     for index in range(n):
         state = draw(states)
         shared, extra = draw(fingerprints) if state is not FREE else (0, 0)
-        slots.append(slot(
+        busy = draw(st.booleans())
+        slots.append(attrs.evolve(slot(
             index,
             state,
             fp(shared, shared + extra) if shared + extra else EMPTY,
             last_used=float(draw(st.integers(0, 5))),
-            busy=draw(st.booleans()),
+            busy=busy,
             backend=draw(st.sampled_from(["a", "b"])),
-        ))
+        ), saving=busy and draw(st.booleans())))
     shared, extra = draw(fingerprints)
     request = Request(fp(shared, shared + extra), draw(st.booleans()))
     disk = None
@@ -575,8 +576,8 @@ def continues(request: Request, s: SlotView) -> bool:
 
 
 def waitable(request: Request, s: SlotView, min_ratio: float, affinity: bool) -> int:
-    """Common blocks if C{request} may wait for busy C{s} (a continuation only), else 0."""
-    if not (s.busy and affinity and not request.small and continues(request, s)):
+    """Common blocks if C{request} may wait for busy C{s} (a continuation, or any while it is saving), else 0."""
+    if not (s.busy and affinity and not request.small and (continues(request, s) or s.saving)):
         return 0
     return passing(request, s, min_ratio)
 
@@ -624,7 +625,7 @@ def test_property_never_a_busy_slot_except_wait(scenario):
     if p.decision is Decision.WAIT:
         assert chosen.busy and affinity and not request.small
         assert passing(request, chosen, min_ratio) == p.common_blocks > 0
-        assert continues(request, chosen)  # only a continuation waits
+        assert continues(request, chosen) or chosen.saving  # a branch waits only for a background save
     else:
         assert not chosen.busy
 
@@ -659,7 +660,7 @@ def test_property_hit_has_the_maximal_common_prefix(scenario):
     assert p.common_blocks == request.fingerprint.common_blocks(chosen.fingerprint)
     assert p.similarity >= min_ratio or not request.small  # large requests: not filtered by similarity
     # no idle slot usable in place shares more; with affinity (large requests only), no busy
-    # slot it continues either (a branch never waits)
+    # slot it continues either (a branch waits only for a slot busy saving)
     for s in slots:
         assert usable_idle(request, s, slots, min_ratio) <= p.common_blocks
         assert waitable(request, s, min_ratio, affinity) <= p.common_blocks
