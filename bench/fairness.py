@@ -191,6 +191,24 @@ def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Name
         proxy.stop()
 
 
+
+def add_server_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a bench on one llama-server: which generated model, which binary, where to write."""
+    parser.add_argument("--model", choices=("tiny", "bench"), default="tiny",
+                        help="generated model: tiny (fast, the default on a shared box) or bench (prefill costs more)")
+    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
+    parser.add_argument("--binary", default=os.environ.get("LLAMA_SERVER_BIN"), help="llama-server (default: built)")
+    parser.add_argument("--out", type=Path)
+
+
+def server_model(args: argparse.Namespace) -> Path:
+    """The generated model C{args} name (made if missing); C{args.binary} set to the built one if not given."""
+    if args.binary is None:
+        from proxycache.testing.llamabin import ensure_llama_server
+
+        args.binary = str(ensure_llama_server())
+    return ensure_model(args.models_dir, TINY if args.model == "tiny" else BENCH)
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--slots", type=int, default=2)
@@ -205,17 +223,9 @@ def main() -> None:
     parser.add_argument("--user-tokens", type=int, default=16)
     parser.add_argument("--pause", type=float, default=0.5, help="seconds an interactive user thinks")
     parser.add_argument("--head-start", type=float, default=1.0, help="seconds the flood starts before the users")
-    parser.add_argument("--model", choices=("tiny", "bench"), default="tiny",
-                        help="generated model: tiny (fast, the default on a shared box) or bench (prefill costs more)")
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
-    parser.add_argument("--binary", default=os.environ.get("LLAMA_SERVER_BIN"), help="llama-server (default: built)")
-    parser.add_argument("--out", type=Path)
+    add_server_options(parser)
     args = parser.parse_args()
-    if args.binary is None:
-        from proxycache.testing.llamabin import ensure_llama_server
-
-        args.binary = str(ensure_llama_server())
-    model = ensure_model(args.models_dir, TINY if args.model == "tiny" else BENCH)
+    model = server_model(args)
     results: dict[str, Any] = {"args": {k: str(v) for k, v in vars(args).items()}}
     with tempfile.TemporaryDirectory(prefix="fairness-") as tmp:
         root = Path(tmp)

@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
-import os
 import random
 import statistics
 import tempfile
@@ -33,12 +32,11 @@ from typing import Any
 
 import anthropic
 
-from bench.fairness import DEFAULT_MODELS, LIMITS, percentile, words
+from bench.fairness import LIMITS, add_server_options, percentile, server_model, words
 from bench.processes import Proxy
 from proxycache.embedded import LlamaServerSpec, free_port
 from proxycache.testing import LlamaProcess
 from proxycache.testing.editor import Editor
-from proxycache.tinymodel import BENCH, TINY, ensure_model
 
 USER_ID = "user_" + "ab" * 32 + "_account__session_bench"
 
@@ -144,16 +142,9 @@ def main() -> None:
     parser.add_argument("--main-tokens", type=int, default=32)
     parser.add_argument("--title-tokens", type=int, default=12)
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between rounds")
-    parser.add_argument("--model", choices=("tiny", "bench"), default="tiny")
-    parser.add_argument("--models-dir", type=Path, default=DEFAULT_MODELS)
-    parser.add_argument("--binary", default=os.environ.get("LLAMA_SERVER_BIN"), help="llama-server (default: built)")
-    parser.add_argument("--out", type=Path)
+    add_server_options(parser)
     args = parser.parse_args()
-    if args.binary is None:
-        from proxycache.testing.llamabin import ensure_llama_server
-
-        args.binary = str(ensure_llama_server())
-    model = ensure_model(args.models_dir, TINY if args.model == "tiny" else BENCH)
+    model = server_model(args)
     with tempfile.TemporaryDirectory(prefix="side-calls-") as tmp:
         root = Path(tmp)
         spec = LlamaServerSpec(model=str(model), slots=args.slots, ctx_per_slot=16384, save_dir=str(root / "slots"),

@@ -6,10 +6,11 @@ on a L{Clock}: no reactor, no network.
 from __future__ import annotations
 
 import pytest
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 
 from proxycache.routing import DiskMatch, Fingerprint, Request
-from proxycache.slots import Outcome, QueueFull, Scheduler, TenantLimit
+from proxycache.slots import Lease, Outcome, QueueFull, Scheduler, TenantLimit
 from tests.test_scheduler import lease_of
 
 OK = Outcome(succeeded=True, cache_n=3, prompt_n=5, predicted_n=7)
@@ -24,6 +25,18 @@ def make(slots: int = 2, **options) -> Scheduler:
     scheduler = Scheduler(Clock(), min_ratio=0.5, affinity_wait=0.0, max_queue=100, **options)
     scheduler.set_backend_slots("a", slots)
     return scheduler
+
+
+def serve(scheduler: Scheduler, running: Lease, waiting: list[Deferred[Lease]], turns: int) -> list[Deferred[Lease]]:
+    """Release the running lease C{turns} times; the waiters granted, in the order they got the slot."""
+    served: list[Deferred[Lease]] = []
+    lease = running
+    for _ in range(turns):
+        scheduler.release(lease, OK)
+        (d,) = [d for d in waiting if d.called and d not in served]
+        served.append(d)
+        lease = lease_of(d)
+    return served
 
 
 def test_another_tenants_request_is_served_at_the_next_free_slot_not_after_a_backlog():
@@ -62,13 +75,7 @@ def test_turns_alternate_between_tenants_with_equal_costs():
     running = lease_of(scheduler.acquire(request("A", 1)))
     a = [scheduler.acquire(request("A", c)) for c in (2, 3, 4)]
     b = [scheduler.acquire(request("B", c)) for c in (12, 13, 14)]
-    served = []
-    lease = running
-    for _ in range(6):
-        scheduler.release(lease, OK)
-        (d,) = [d for d in a + b if d.called and d not in served]
-        served.append(d)
-        lease = lease_of(d)
+    served = serve(scheduler, running, a + b, 6)
     assert ["A" if d in a else "B" for d in served] == ["B", "A", "B", "A", "B", "A"]
 
 
@@ -78,13 +85,7 @@ def test_huge_prompts_do_not_buy_equal_turns():
     running = lease_of(scheduler.acquire(request("X", 1)))
     a = [scheduler.acquire(request("A", c, blocks=200)) for c in (2, 3)]
     b = [scheduler.acquire(request("B", c, blocks=20)) for c in range(10, 16)]
-    lease = running
-    served = []
-    for _ in range(5):
-        scheduler.release(lease, OK)
-        (d,) = [d for d in a + b if d.called and d not in served]
-        served.append(d)
-        lease = lease_of(d)
+    served = serve(scheduler, running, a + b, 5)
     assert sum(d in a for d in served) == 1, "equal turns for a prompt ten times larger"
 
 
@@ -93,13 +94,7 @@ def test_an_operator_weight_gives_a_tenant_more_turns():
     running = lease_of(scheduler.acquire(request("X", 1)))
     a = [scheduler.acquire(request("A", c)) for c in range(2, 8)]
     b = [scheduler.acquire(request("B", c)) for c in range(10, 16)]
-    lease = running
-    served = []
-    for _ in range(4):
-        scheduler.release(lease, OK)
-        (d,) = [d for d in a + b if d.called and d not in served]
-        served.append(d)
-        lease = lease_of(d)
+    served = serve(scheduler, running, a + b, 4)
     assert sum(d in a for d in served) == 3
 
 
@@ -148,11 +143,5 @@ def test_a_conversation_that_comes_back_from_disk_costs_its_restore_not_its_cont
     running = lease_of(scheduler.acquire(request("X", 1)))
     a = [scheduler.acquire(request("A", c, blocks=200)) for c in (2, 3, 4)]
     b = [scheduler.acquire(request("B", c, blocks=200)) for c in range(10, 16)]
-    lease = running
-    served = []
-    for _ in range(5):
-        scheduler.release(lease, OK)
-        (d,) = [d for d in a + b if d.called and d not in served]
-        served.append(d)
-        lease = lease_of(d)
+    served = serve(scheduler, running, a + b, 5)
     assert sum(d in a for d in served) == 1, "a restore charged as the whole context"
