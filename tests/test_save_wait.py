@@ -113,18 +113,38 @@ def test_write_behind_waits_a_multiple_of_the_predicted_save_time(tmp_path):
     assert tier.scheduler.slot(B0).content.saved_key is not None
 
 
-def test_write_behind_never_starts_while_another_slot_of_the_backend_serves_a_request(tmp_path):
+def long_saves(tier: DiskTier) -> float:
+    """Measured speeds that make a 2,200-token save last ~11 s (a 30B-class slot under load); its delay."""
+    tier.speeds.bytes_per_token = 256_000
+    tier.speeds.write_bytes_per_second = 50e6
+    return tier.write_behind_delay(SlotContent(SlotState.HOT, tokens=2200))
+
+
+def test_a_long_write_behind_never_starts_while_another_slot_of_the_backend_serves_a_request(tmp_path):
     tier, backend = make_tier(tmp_path)
+    delay = long_saves(tier)
     hot(tier, B0, fp(20, 22, tag=76))
     other = tier.scheduler.acquire(Request(fp(30, base=5), small=False))  # another conversation, on slot 1
     lease = other.result
     assert lease.slot.id == B1
     tier._schedule_write_behind(B0)
-    tier.clock.advance(10 * tier.config.write_behind)
+    tier.clock.advance(10 * delay)
     assert saves(backend) == []  # it would stall that request's tokens for as long as it writes
     tier.scheduler.release(lease, Outcome(succeeded=True, prompt_n=300, predicted_n=10))
     # ... and the backend has just been busy: a request may come right after
-    tier.clock.advance(tier.config.write_behind - 0.5)
+    tier.clock.advance(delay - 0.5)
     assert saves(backend) == []
     tier.clock.advance(1)
+    assert saves(backend) == [("save", 0)]
+
+
+def test_a_short_write_behind_is_made_while_another_slot_serves_a_request(tmp_path):
+    # A small model's slot file writes in milliseconds: on a backend that is never idle (a team on
+    # four slots) waiting for quiet would leave conversations unsaved, lost at a llama-server restart.
+    tier, backend = make_tier(tmp_path)
+    hot(tier, B0, fp(20, 22, tag=77))
+    other = tier.scheduler.acquire(Request(fp(30, base=6), small=False))
+    assert other.result.slot.id == B1
+    tier._schedule_write_behind(B0)
+    tier.clock.advance(tier.config.write_behind)
     assert saves(backend) == [("save", 0)]

@@ -443,15 +443,21 @@ class DiskTier(Service):
 
     def _write_behind_due(self, slot_id: SlotId) -> None:
         """
-        Save the slot once it and its backend have been quiet for its delay: a save
-        now would stall a request another slot of the backend serves (its tokens
-        wait for the write), or one arriving right after a request ended there.
+        Save the slot; a long save only once it and its backend have been quiet
+        for its delay: now it would stall a request another slot of the backend
+        serves (its tokens wait for the write), or one arriving right after a
+        request ended there.
         """
         self._write_behind.pop(slot_id, None)
         slot = self.scheduler.slot(slot_id)
         if slot is None or slot.state is not SlotState.HOT or slot.content.saved_key is not None:
             return
         delay = self.write_behind_delay(slot.content)
+        if delay <= self.config.write_behind:
+            # A short save (a quarter of --write-behind or less) stalls the others for less than a
+            # token or two: made now, so that a busy backend's conversations survive a restart too.
+            self._start_save_idle(slot_id)
+            return
         backend = [view for view in self.scheduler.views() if view.id.backend == slot_id.backend]
         if any(view.busy and not view.saving for view in backend if view.id != slot_id):
             self._schedule_write_behind(slot_id, delay)  # looked at again once that request may have ended
