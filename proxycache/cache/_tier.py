@@ -431,7 +431,12 @@ class DiskTier(Service):
 
     def write_behind_delay(self, content: SlotContent) -> float:
         """Idle seconds before a write-behind saves C{content}: --write-behind, or more for a long save."""
-        predicted = self.speeds.save_seconds(self.speeds.size_of(content.tokens))
+        size = self.speeds.size_of(content.tokens)
+        if size is None:
+            # Nothing saved yet: a token's KV may be 4 KB or 256 KB (a 30B-class model: a gigabyte
+            # for 4k tokens, seconds of a stalled llama.cpp).  Judged as a long save until measured.
+            return WRITE_BEHIND_IDLE_FACTOR * self.config.write_behind
+        predicted = self.speeds.save_seconds(size)
         return max(self.config.write_behind, WRITE_BEHIND_IDLE_FACTOR * predicted)
 
     def _schedule_write_behind(self, slot_id: SlotId, delay: float | None = None) -> None:
