@@ -173,7 +173,7 @@ def _refused_write_behind(tmp_path):
     slot = put(tier.scheduler, hot())
     tier.identity_lost("b")  # the monitor saw a sign of a restart
     tier._schedule_write_behind(slot.id)
-    tier.clock.advance(tier.config.write_behind)
+    tier.clock.advance(tier.write_behind_delay(slot.content))  # a size not yet measured: 4x
     threads.run_newest_first()
     assert backend.calls == [] and tier.scheduler.slots[slot.id].content.saved_key is None
     return tier, threads, backend, slot
