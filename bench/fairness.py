@@ -18,9 +18,14 @@ X-Proxycache-Queue-Wait-Ms), their hit share, their mean request time, the
 tokens llama.cpp prefilled for them (timings.prompt_n) against the oracle
 (each user's first prompt, then only what is new since their previous turn) as
 prefill_x_oracle with the decisions of their later turns, and the flood's
-throughput against running alone.
+throughput against running alone: over its whole run, and inside the window
+the users were there (from their first turn to their last answer; alone: its
+run less the head start), as is and against what alone would do on the slot
+time the users left (their own requests' time is their share, not a loss to
+fairness).
 
-    python -m bench.fairness                      # 2 slots, flood of 16, 4 users
+    python -m bench.fairness                      # 2 slots, flood of 16, 4 users x 10 turns, 0.5 s pauses
+    python -m bench.fairness --turns 6 --pause 5  # people who think a few seconds between turns
     python -m bench.fairness --slots 2 --flood 16 --users 4 --turns 5 --flood-words 1000
 
 Prints one JSON summary (and writes it to --out if given).
@@ -72,10 +77,14 @@ def percentile(values: list[float], share: float) -> float:
 
 def flood(url: str, workers: int, stop: threading.Event, prompt_words: int, max_tokens: int,
           seed: str) -> dict[str, Any]:
-    """C{workers} parallel loops of long requests, each a new conversation, until C{stop}; their throughput."""
+    """
+    C{workers} parallel loops of long requests, each a new conversation, until
+    C{stop}: what they did, and each request's end (C{ends}, perf_counter) and
+    service time, for L{window_rate}.
+    """
     rng_lock = threading.Lock()
     rng = random.Random(seed)
-    took: list[float] = []
+    ends: list[tuple[float, float]] = []
 
     def worker(n: int) -> int:
         i = 0
@@ -85,8 +94,9 @@ def flood(url: str, workers: int, stop: threading.Event, prompt_words: int, max_
                 prompt = f"flood {seed} {n} {i}. " + words(rng, prompt_words)
             sent = time.perf_counter()
             headers, _ = chat(url, "flood", [{"role": "user", "content": prompt}], max_tokens)
+            ended = time.perf_counter()
             # its service time: from the slot granted to the answer (the queue wait taken off)
-            took.append(time.perf_counter() - sent - float(headers.get("X-Proxycache-Queue-Wait-Ms", 0)) / 1000)
+            ends.append((ended, ended - sent - float(headers.get("X-Proxycache-Queue-Wait-Ms", 0)) / 1000))
         return i
 
     started = time.perf_counter()
@@ -94,7 +104,23 @@ def flood(url: str, workers: int, stop: threading.Event, prompt_words: int, max_
         done = sum(pool.map(worker, range(workers)))
     seconds = time.perf_counter() - started
     return {"requests": done, "seconds": round(seconds, 2), "per_minute": round(60 * done / seconds, 2),
-            "service_mean": round(statistics.mean(took), 3)}
+            "service_mean": round(statistics.mean(took for _, took in ends), 3), "ends": ends}
+
+
+def window_rate(flood_result: dict[str, Any], start: float, end: float) -> dict[str, Any]:
+    """
+    The flood's rate inside [C{start}, C{end}]: requests that ended there per
+    minute.  Its backlog stands the whole time, so this is its steady rate,
+    without the ramp before the window or the drain of its last requests after.
+    """
+    inside = [took for ended, took in flood_result["ends"] if start <= ended <= end]
+    seconds = end - start
+    return {
+        "window_seconds": round(seconds, 2),
+        "window_requests": len(inside),
+        "window_per_minute": round(60 * len(inside) / seconds, 2),
+        "window_service_mean": round(statistics.mean(inside), 3) if inside else None,
+    }
 
 
 def interactive(url: str, user: str, turns: int, context_words: int, max_tokens: int, pause: float,
@@ -118,10 +144,13 @@ def interactive(url: str, user: str, turns: int, context_words: int, max_tokens:
             "wait": float(headers.get("X-Proxycache-Queue-Wait-Ms", 0)) / 1000,
             "decision": headers.get("X-Proxycache-Decision"),
             "seconds": time.perf_counter() - started,
+            "started": started,
+            "ended": time.perf_counter(),
             "computed": computed,  # timings.prompt_n: what llama.cpp prefilled
             "prompt": computed + int(headers.get("X-Proxycache-Cached-Tokens", 0)),
         })
-        time.sleep(pause)
+        # people do not think in step: a user's pause varies around --pause
+        time.sleep(pause * rng.uniform(0.5, 1.5))
 
 
 def oracle(turns: list[dict[str, Any]]) -> int:
@@ -154,6 +183,7 @@ def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Name
         turns: list[dict[str, Any]] = []
         with concurrent.futures.ThreadPoolExecutor(1 + args.users) as pool:
             stop = threading.Event()
+            flood_started = time.perf_counter()
             flooding = pool.submit(flood, proxy.url, args.flood, stop, args.flood_words, args.flood_tokens, seed)
             users = []
             if not with_users:
@@ -171,9 +201,18 @@ def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Name
             finally:
                 stop.set()  # the flood's requests under way still end, and count
             flood_result = flooding.result()
-        waits = [t["wait"] for t in turns]
+        if turns:
+            # the window the users were there: from the first turn sent to the last answer
+            window = min(t["started"] for t in turns), max(t["ended"] for t in turns)
+        else:
+            window = flood_started + args.head_start, flood_started + args.alone_seconds
+        flood_result.update(window_rate(flood_result, *window))
+        del flood_result["ends"]
         result: dict[str, Any] = {"queue": queue, "flood": flood_result}
         if turns:
+            waits = [t["wait"] for t in turns]
+            # slot time the users held (their request time less their queue wait), against the window's capacity
+            held = sum(t["seconds"] - t["wait"] for t in turns)
             result["interactive"] = {
                 "turns": len(turns),
                 "wait_p50": round(percentile(waits, 0.5), 3),
@@ -184,12 +223,30 @@ def scenario(llama: LlamaProcess, workdir: Path, queue: str, args: argparse.Name
                 # the machine is shared and its speed varies: waits in units of one flood request's service time
                 "wait_p50_in_services": round(percentile(waits, 0.5) / flood_result["service_mean"], 2),
                 "wait_p95_in_services": round(percentile(waits, 0.95) / flood_result["service_mean"], 2),
+                "slot_seconds": round(held, 2),
+                "share_of_slots": round(held / (args.slots * (window[1] - window[0])), 3),
                 **prefill(turns),
             }
         return result
     finally:
         proxy.stop()
 
+
+def compare(results: dict[str, Any]) -> None:
+    """
+    Each scenario's flood against alone: its whole run (C{vs_alone}, ramp and
+    drain included), its rate inside the users' window (C{window_vs_alone}), and
+    that rate against what alone would do on the slots the users left free
+    (C{window_vs_alone_on_capacity_left}: the users' own share is theirs, not
+    a loss to fairness).
+    """
+    alone = results["alone"]["flood"]
+    for name in ("fifo", "fair"):
+        flood_result, users = results[name]["flood"], results[name]["interactive"]
+        flood_result["vs_alone"] = round(flood_result["per_minute"] / alone["per_minute"], 3)
+        window_vs_alone = flood_result["window_per_minute"] / alone["window_per_minute"]
+        flood_result["window_vs_alone"] = round(window_vs_alone, 3)
+        flood_result["window_vs_alone_on_capacity_left"] = round(window_vs_alone / (1 - users["share_of_slots"]), 3)
 
 
 def add_server_options(parser: argparse.ArgumentParser) -> None:
@@ -217,11 +274,12 @@ def main() -> None:
     parser.add_argument("--flood-words", type=int, default=500)
     parser.add_argument("--flood-tokens", type=int, default=48)
     parser.add_argument("--users", type=int, default=4)
-    parser.add_argument("--turns", type=int, default=3)
+    parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--context-words", type=int, default=400,
                         help="each interactive user's private context (~6 tokens a word: ~2,500 tokens)")
     parser.add_argument("--user-tokens", type=int, default=16)
-    parser.add_argument("--pause", type=float, default=0.5, help="seconds an interactive user thinks")
+    parser.add_argument("--pause", type=float, default=0.5,
+                        help="seconds an interactive user thinks between turns (each pause 0.5-1.5x this)")
     parser.add_argument("--head-start", type=float, default=1.0, help="seconds the flood starts before the users")
     add_server_options(parser)
     args = parser.parse_args()
@@ -240,9 +298,7 @@ def main() -> None:
                 print(name, json.dumps(results[name]), flush=True)
         finally:
             llama.stop()
-    alone = results["alone"]["flood"]["per_minute"]
-    for name in ("fifo", "fair"):
-        results[name]["flood"]["vs_alone"] = round(results[name]["flood"]["per_minute"] / alone, 3)
+    compare(results)
     print(json.dumps(results, indent=1))
     if args.out:
         args.out.write_text(json.dumps(results, indent=1) + "\n")
