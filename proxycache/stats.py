@@ -89,11 +89,12 @@ class Stats:
         )
         self.path_seconds = Histogram(
             "proxycache_path_seconds",
-            "Time a request waited for saves and restores (its path) after it got its slot, before it was sent",
+            "Time saves and restores cost a request before it was sent (its path): its own after it got its slot, "
+            "and background saves it waited for",
             buckets=(0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30),
             registry=self.registry,
         )
-        self.path_totals = {"save": 0.0, "restore": 0.0}
+        self.path_totals = {"save": 0.0, "restore": 0.0, "save_wait": 0.0}
         self.slot_action_bytes = Histogram(
             "proxycache_slot_action_bytes",
             "Size of saved and restored slot caches",
@@ -115,9 +116,10 @@ class Stats:
             self.upstream_errors += 1
         self.queue_wait.observe(record.waited)
         self.request_seconds.observe(record.seconds)
-        self.path_seconds.observe(record.save_seconds + record.restore_seconds)
+        self.path_seconds.observe(record.path_seconds)
         self.path_totals["save"] += record.save_seconds
         self.path_totals["restore"] += record.restore_seconds
+        self.path_totals["save_wait"] += record.save_wait_seconds
         self.recent.appendleft(record)
         self.tenants.request_done(record)
         self._add_history(record)
@@ -158,6 +160,7 @@ class Stats:
             "restarts": health.restarts,
             "slots": len(slots),
             "busy": sum(1 for s in slots if s.busy),
+            "saving": sum(1 for s in slots if s.saving),
             "draining": name in self.scheduler.closed,
             "requests": served.requests,
             "prefill_tokens_per_second": served.speed,
@@ -184,6 +187,7 @@ class Stats:
                 "tokens": slot.content.tokens,
                 "saved": slot.content.saved_key is not None,
                 "busy": slot.busy,
+                "saving": slot.saving,  # busy only with a background save (or a fork's save of it)
                 "class": self.scheduler.slot_class(slot.id),
                 "tenant": slot.content.tenant or None,
                 "idle_seconds": round(now - slot.last_used, 1) if slot.last_used else None,
@@ -217,6 +221,7 @@ class Stats:
                 # on requests' paths, before they were sent
                 "path_save_seconds": round(self.path_totals["save"], 3),
                 "path_restore_seconds": round(self.path_totals["restore"], 3),
+                "path_save_wait_seconds": round(self.path_totals["save_wait"], 3),
             },
             "recent": [
                 {
@@ -230,7 +235,8 @@ class Stats:
                     "cache_n": r.cache_n,
                     "prompt_n": r.prompt_n,
                     "wait": round(r.waited, 3),
-                    "path_ms": round((r.save_seconds + r.restore_seconds) * 1000),
+                    "path_ms": round(r.path_seconds * 1000),
+                    "save_wait_ms": round(r.save_wait_seconds * 1000),
                     "seconds": round(r.seconds, 3),
                 }
                 for r in self.recent
@@ -305,6 +311,11 @@ class _Collector(Collector):
             "proxycache_slots_busy",
             "Slots serving a request or a save",
             value=sum(1 for s in stats.scheduler.slots.values() if s.busy),
+        )
+        yield GaugeMetricFamily(
+            "proxycache_slots_saving",
+            "Slots busy only with a background save (or a fork's save of them), counted in proxycache_slots_busy",
+            value=sum(1 for s in stats.scheduler.slots.values() if s.saving),
         )
         catalog = stats.catalog
         c = catalog.counters

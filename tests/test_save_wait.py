@@ -14,13 +14,17 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.task import Clock
+from twisted.web.test.requesthelper import DummyRequest
 
 from proxycache.backend import IdleSlot, Saved
 from proxycache.cache import Catalog, DiskTier
 from proxycache.config import Config
 from proxycache.routing import Decision, Request, SlotId, SlotState
-from proxycache.slots import Outcome, Scheduler, Slot, SlotContent
-from tests.fakes import FakeBackend, fp, put
+from proxycache.slots import Dispatcher, Monitor, NoCache, Outcome, RequestRecord, Scheduler, Slot, SlotContent
+from proxycache.stats import Stats
+from proxycache.testing.http import prometheus
+from proxycache.web._exchange import ClientExchange
+from tests.fakes import FakeBackend, FakeResponse, RecordingExchange, fp, put
 
 MODEL = "m0del"
 Usage = namedtuple("Usage", "total used free")
@@ -167,3 +171,101 @@ def test_before_any_save_a_write_behind_waits_for_a_quiet_backend(tmp_path):
     tier.scheduler.release(other.result, Outcome(succeeded=True, prompt_n=300, predicted_n=10))
     tier.clock.advance(4 * tier.config.write_behind)
     assert saves(backend) == [("save", 0)]  # still saved once quiet, for a restart
+
+
+# -- what an operator and a client see of background saves ---------------------------------------
+
+
+def stats_of(tier: DiskTier) -> Stats:
+    clock = tier.clock
+    return Stats(clock, tier.scheduler, tier.catalog, Monitor(clock, tier.scheduler, [], 10.0, None))  # type: ignore[arg-type]
+
+
+def test_status_and_metrics_show_a_slot_busy_only_saving(tmp_path):
+    tier, backend = make_tier(tmp_path)
+    stats = stats_of(tier)
+    hot(tier, B0, fp(20, 22, tag=79))
+    other = tier.scheduler.acquire(Request(fp(30, base=8), small=False))  # a request on slot 1: busy, not saving
+    assert other.result.slot.id == B1
+    write: Deferred[None] = Deferred()
+    backend.save_reply = write
+    tier.speeds.bytes_per_token = 4096  # a short save: made while slot 1 serves its request
+    tier._schedule_write_behind(B0)
+    tier.clock.advance(tier.config.write_behind)
+    assert saves(backend) == [("save", 0)]
+    shown = {(s["slot"], s["busy"], s["saving"]) for s in stats.status()["slots"]}
+    assert shown == {(0, True, True), (1, True, False)}
+    metrics = prometheus(stats.metrics_text().decode())
+    assert (metrics["proxycache_slots_busy"], metrics["proxycache_slots_saving"]) == (2, 1)
+    write.callback(None)  # the save ends
+    assert [s["saving"] for s in stats.status()["slots"]] == [False, False]
+    assert prometheus(stats.metrics_text().decode())["proxycache_slots_saving"] == 0
+
+
+def test_the_wait_for_a_background_save_is_on_the_requests_path(tmp_path):
+    # The sibling waits 3 s for the write-behind of its context's slot: queued, and on its path, as the
+    # headers, the log line and /status say; the request it then waits for on slot 1 is not a save.
+    tier, backend = make_tier(tmp_path)
+    hot(tier, B0, fp(20, 22, tag=80))
+    write: Deferred[None] = Deferred()
+    backend.save_reply = write
+    tier._schedule_write_behind(B0)
+    tier.clock.advance(tier.write_behind_delay(tier.scheduler.slot(B0).content))
+    sibling = tier.scheduler.acquire(Request(fp(20, 23, tag=81), small=False))
+    tier.clock.advance(3.0)
+    write.callback(None)
+    lease = sibling.result
+    assert lease.slot.id == B0 and (lease.waited, lease.save_waited) == (3.0, 3.0)
+    request = DummyRequest([b""])
+    ClientExchange(request, tier.clock, 30, False, {}).begin(lease, Decision.HIT, 0, (0.25, 0.0))
+    headers = {name: request.responseHeaders.getRawHeaders(name)[0]
+               for name in ("x-proxycache-queue-wait-ms", "x-proxycache-save-wait-ms", "x-proxycache-path-ms")}
+    assert headers == {"x-proxycache-queue-wait-ms": "3000", "x-proxycache-save-wait-ms": "3000",
+                       "x-proxycache-path-ms": "3250"}
+    # its follow-up waits 2 s for the sibling's own request on that slot: queued, not behind a save
+    follow_up = tier.scheduler.acquire(Request(fp(20, 24, tag=81), small=False))
+    tier.clock.advance(2.0)
+    tier.scheduler.release(lease, Outcome(succeeded=True, prompt_n=10, predicted_n=2))
+    assert (follow_up.result.waited, follow_up.result.save_waited) == (2.0, 0.0)
+
+
+def test_a_request_queued_while_every_slot_it_could_take_is_saving_waits_behind_the_save(tmp_path):
+    # One slot, saving; an unrelated conversation comes: nothing else to take, so it waits for the save
+    tier, backend = make_tier(tmp_path)
+    tier.scheduler.set_backend_slots("b", 1)
+    hot(tier, B0, fp(20, 22, tag=82))
+    write: Deferred[None] = Deferred()
+    backend.save_reply = write
+    tier._schedule_write_behind(B0)
+    tier.clock.advance(tier.write_behind_delay(tier.scheduler.slot(B0).content))
+    other = tier.scheduler.acquire(Request(fp(30, base=9), small=False))
+    tier.clock.advance(1.5)
+    write.callback(None)
+    assert (other.result.waited, other.result.save_waited) == (1.5, 1.5)
+
+
+def test_the_dispatcher_records_the_wait_for_a_background_save(tmp_path):
+    clock, backend = Clock(), FakeBackend()
+    scheduler = Scheduler(clock, min_ratio=0.5, affinity_wait=30.0, max_queue=4)
+    scheduler.set_backend_slots(backend.name, 1)
+    put(scheduler, Slot(SlotId(backend.name, 0), SlotContent(SlotState.HOT, fp(20, 22, tag=83), tokens=2200)))
+    records: list[RequestRecord] = []
+    dispatcher = Dispatcher(clock, scheduler, {backend.name: backend}, NoCache(),
+                            first_byte_timeout=30, observers=[records.append])
+    hold = scheduler.try_hold(SlotId(backend.name, 0))  # a background save
+    assert hold is not None
+    d = Deferred.fromCoroutine(dispatcher.dispatch(Request(fp(20, 23, tag=84), small=False), "/v1/chat/completions",
+                                                   {}, RecordingExchange()))
+    clock.advance(1.25)
+    hold.release()
+    backend.pending[0].callback(FakeResponse())
+    assert d.called
+    (record,) = records
+    assert (record.waited, record.save_wait_seconds, record.path_seconds) == (1.25, 1.25, 1.25)
+    stats = Stats(clock, scheduler, Catalog(min_ratio=0.0), Monitor(clock, scheduler, [], 10.0, None))
+    stats.request_done(record)
+    status = stats.status()
+    (recent,) = status["recent"]
+    assert (recent["wait"], recent["save_wait_ms"], recent["path_ms"]) == (1.25, 1250, 1250)
+    assert status["totals"]["path_save_wait_seconds"] == 1.25
+    assert prometheus(stats.metrics_text().decode())["proxycache_path_seconds_sum"] == 1.25

@@ -637,6 +637,32 @@ def test_fork_holds_the_source_slot_until_the_tier_releases_it():
     assert scheduler.slots[fork.slot.id].content.state is HOT
 
 
+def test_a_fork_source_held_for_its_save_is_seen_saving_and_a_sibling_waits_for_it():
+    # Three team members behind one system prompt: B's fork holds A's slot while it is saved.  That slot is
+    # busy only with a save, as under a write-behind: C's branch waits for it (its prefix is there) rather
+    # than compute the shared prompt again on the free slot, then forks it too, as saved.
+    clock = Clock()
+    scheduler = make(3, clock=clock, affinity_wait=30.0)
+    scheduler.fork_pays = lambda view, common: True
+    user_a = lease_of(scheduler.acquire(branch(20, 4, 1, user=1)))
+    scheduler.release(user_a, OK)
+    fork = lease_of(scheduler.acquire(branch(20, 5, 1, user=2)))
+    source = user_a.slot.id
+    assert fork.plan.fork == source
+    assert scheduler.slots[source].saving and [v.saving for v in scheduler.views() if v.id == source] == [True]
+    assert not scheduler.slots[fork.slot.id].saving  # the fork's own slot serves a request
+    user_c = scheduler.acquire(branch(20, 6, 1, user=3))
+    assert not user_c.called
+    clock.advance(0.5)
+    scheduler.release_source(fork)  # saved
+    lease = lease_of(user_c)
+    assert lease.plan.decision is Decision.RESTORE and lease.plan.fork == source
+    assert lease.save_waited == lease.waited == 0.5
+    assert scheduler.slots[source].saving  # held again, for C's fork (nothing to write: saved already)
+    scheduler.release_source(lease)
+    assert not scheduler.slots[source].busy and not scheduler.slots[source].saving
+
+
 def test_release_lets_an_unreleased_fork_source_go():
     scheduler = make(2)
     scheduler.fork_pays = lambda view, common: True

@@ -127,6 +127,12 @@ class RequestRecord:
     tenant: str = ""
     save_seconds: float = 0.0  # on the request's path, before it was sent
     restore_seconds: float = 0.0
+    save_wait_seconds: float = 0.0  # of C{waited}: queued only because slots were busy with background saves
+
+    @property
+    def path_seconds(self) -> float:
+        """What saves and restores cost it before it was sent: its own, and background saves it waited for."""
+        return self.save_seconds + self.restore_seconds + self.save_wait_seconds
 
 
 class Dispatcher:
@@ -281,16 +287,16 @@ class Dispatcher:
             cache_n=outcome.cache_n, prompt_n=outcome.prompt_n, predicted_n=outcome.predicted_n,
             prompt_ms=outcome.prompt_ms, waited=lease.waited, seconds=finished - started,
             tenant=lease.request.tenant,
-            save_seconds=progress.path[0], restore_seconds=progress.path[1],
+            save_seconds=progress.path[0], restore_seconds=progress.path[1], save_wait_seconds=lease.save_waited,
         )
         log.info(
             "{decision} slot={slot} status={status} similarity={similarity:.2f} blocks={blocks} "
             "cache_n={cache_n} prompt_n={prompt_n} predicted_n={predicted_n} prompt_ms={prompt_ms:.0f} "
-            "wait={wait:.3f}s save={save:.3f}s restore={restore:.3f}s took={took:.3f}s",
+            "wait={wait:.3f}s save_wait={save_wait:.3f}s save={save:.3f}s restore={restore:.3f}s took={took:.3f}s",
             decision=decision.value, slot=str(lease.slot.id), status=progress.status or "-",
             similarity=record.similarity, blocks=record.blocks, cache_n=record.cache_n,
             prompt_n=record.prompt_n, predicted_n=record.predicted_n, prompt_ms=record.prompt_ms,
-            wait=record.waited, save=record.save_seconds, restore=record.restore_seconds, took=record.seconds,
+            wait=record.waited, save_wait=record.save_wait_seconds, save=record.save_seconds, restore=record.restore_seconds, took=record.seconds,
         )
         for observer in self.observers:
             observer(record)

@@ -44,6 +44,17 @@ class Waiter:
     timer: IDelayedCall | None = None
     tag: Tag = Tag(0.0, 0.0)
     seq: int = 0
+    # Time queued behind background saves: it would have had a slot at once had they not run.
+    save_waited: float = 0.0
+    behind_save_since: float | None = None
+
+    def behind_save(self, now: float, behind: bool) -> None:
+        """Whether, as planned C{now}, it waits only because slots are busy with background saves."""
+        if behind and self.behind_save_since is None:
+            self.behind_save_since = now
+        elif not behind and self.behind_save_since is not None:
+            self.save_waited += now - self.behind_save_since
+            self.behind_save_since = None
 
     @property
     def order(self) -> tuple[float, int]:

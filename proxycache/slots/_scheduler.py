@@ -64,14 +64,14 @@ class _Record:
     lock: DeferredLock = attrs.field(factory=DeferredLock)
     content: SlotContent = NOTHING
     last_used: float = 0.0
-    saving: bool = False  # held by a L{Hold} for a background save, not by a request
+    saving: bool = False  # held for a save (a L{Hold}, a fork's source), not by a request
 
     @property
     def busy(self) -> bool:
         return self.lock.locked
 
     def snapshot(self) -> Slot:
-        return Slot(self.id, self.content, self.last_used, self.busy)
+        return Slot(self.id, self.content, self.last_used, self.busy, self.saving and self.busy)
 
     def view(self) -> SlotView:
         content = self.content  # built directly: the queue asks for every slot's view per waiter
@@ -284,6 +284,7 @@ class Scheduler:
         """A fork's source slot was saved (or could not be): it is free for others again."""
         source = self._sources.pop(id(lease), None)
         if source is not None:
+            source.saving = False
             self._let_go(source)
 
     # -- maintenance ----------------------------------------------------------
@@ -333,7 +334,8 @@ class Scheduler:
             return "any"
         return self.classes.kind(slot_id)
 
-    def _plan_for(self, waiter: Waiter, views: Sequence[SlotView]) -> Plan | None:
+    def _plan_for(self, waiter: Waiter, views: Sequence[SlotView]) -> tuple[Plan | None, bool]:
+        """The plan for C{waiter} now, and whether it waits only for slots busy saving (none else to take)."""
         request = waiter.request
         now = self.clock.seconds()
         views = [view for view in views if view.id.backend not in self._closed]
@@ -359,7 +361,10 @@ class Scheduler:
         )
         if decided is None and protected:
             self._wake_at(waiter, min(patience, unprotected_at or patience))
-        return decided
+        if decided is None:
+            # Nothing idle it may take: one of them would have been, but for a background save.
+            return None, any(view.saving for view in views)
+        return decided, decided.decision is Decision.WAIT and self._slots[decided.slot].saving
 
     def pump(self) -> None:
         """Give idle slots to waiters in the queue's order, each planned against the state of now."""
@@ -369,9 +374,12 @@ class Scheduler:
         granted: list[tuple[Deferred, Lease]] = []
         try:
             for waiter in self._queue:
+                now = self.clock.seconds()
                 if not self._queue.may_start(waiter.request.tenant):
+                    waiter.behind_save(now, False)
                     continue
-                decided = self._plan_for(waiter, self.views())
+                decided, behind_save = self._plan_for(waiter, self.views())
+                waiter.behind_save(now, behind_save)
                 if decided is None:
                     continue
                 if decided.decision is Decision.WAIT:
@@ -383,8 +391,8 @@ class Scheduler:
                 if decided.fork is not None:
                     source = self._slots[decided.fork]
                     source.lock.acquire()  # idle too: the plan only forks idle slots
+                    source.saving = True  # held only to be saved: free once that ends, as after a write-behind
                 self._leave(waiter, served=True)
-                now = self.clock.seconds()
                 previous = slot.content
                 lineage = _lineage(decided, waiter.request, previous)
                 # Claim the slot for this conversation at once, so that a follow-up
@@ -398,7 +406,7 @@ class Scheduler:
                 )
                 lease = Lease(
                     slot.snapshot(), decided, waiter.request, now - waiter.enqueued, previous,
-                    None if source is None else source.snapshot(), lineage,
+                    None if source is None else source.snapshot(), lineage, waiter.save_waited,
                 )
                 if source is not None:
                     self._sources[id(lease)] = source

@@ -35,6 +35,7 @@ class Slot:
     content: SlotContent = NOTHING
     last_used: float = 0.0
     busy: bool = False
+    saving: bool = False  # busy only with a background save (or a fork's save of it), not a request
 
     @property
     def state(self) -> SlotState:
@@ -45,7 +46,7 @@ class Slot:
         content = self.content
         return SlotView(
             self.id, content.state, content.fingerprint, self.last_used, self.busy,
-            content.tokens, content.saved_key is not None,
+            content.tokens, content.saved_key is not None, self.saving,
         )
 
 
@@ -58,6 +59,7 @@ class Lease:
     previous: SlotContent  # what the slot held before: the disk tier saves it if evicted
     source: Slot | None = None  # a fork's source slot, held until L{Scheduler.release_source}
     lineage: str | None = None  # the disk entry the request's content will descend from
+    save_waited: float = 0.0  # of C{waited}: seconds it waited only because slots were busy saving
 
 
 @attrs.frozen

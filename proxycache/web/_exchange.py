@@ -96,6 +96,7 @@ class ClientExchange:
         self.begun = (lease, decision)
         plan = lease.plan
         save, restore = path
+        save_wait = lease.save_waited  # queued only because slots were busy with background saves
         headers = {
             b"x-proxycache-slot": str(lease.slot.id.index),
             b"x-proxycache-backend": str(self.backend_numbers.get(lease.slot.id.backend, 0)),
@@ -104,10 +105,11 @@ class ClientExchange:
             b"x-proxycache-reused-blocks": str(plan.common_blocks),
             b"x-proxycache-restored-tokens": str(restored_tokens),
             b"x-proxycache-queue-wait-ms": f"{lease.waited * 1000:.0f}",
-            # what saves and restores cost this request before llama.cpp got it (issue 24)
-            b"x-proxycache-path-ms": f"{(save + restore) * 1000:.0f}",
+            # what saves and restores cost this request before llama.cpp got it (issue 24): the sum of the three
+            b"x-proxycache-path-ms": f"{(save + restore + save_wait) * 1000:.0f}",
             b"x-proxycache-save-ms": f"{save * 1000:.0f}",
             b"x-proxycache-restore-ms": f"{restore * 1000:.0f}",
+            b"x-proxycache-save-wait-ms": f"{save_wait * 1000:.0f}",  # also counted in queue-wait-ms
             b"x-proxycache-version": __version__,
         }
         for name, value in headers.items():
