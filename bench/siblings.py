@@ -6,7 +6,8 @@ save directory), one behind proxycache.  One large context, then sibling
 requests that share it and differ in the last user message (a regenerate, many
 questions against one repository context), sent to both servers in turn (the
 order alternating), back to back and with pauses; the median sibling latency
-of each, and what the proxy put on each sibling's path (X-Proxycache-Path-Ms).
+of each, and what the proxy put on each sibling's path (X-Proxycache-Path-Ms: its saves and
+restores, and its wait for a slot busy with a background save, X-Proxycache-Save-Wait-Ms).
 Then two contexts alternating on the slots ("switch"): llama-server alone, its
 RAM cache off, recomputes each context; the proxy restores it.
 
@@ -88,6 +89,8 @@ def ask(url: str, context: str, question: str, max_tokens: int) -> dict[str, Any
         "restored_tokens": int(headers.get("x-proxycache-restored-tokens") or 0),
         # time queued for the slot: e.g. behind a write-behind save of the slot's previous state
         "wait_ms": float(headers.get("x-proxycache-queue-wait-ms") or 0),
+        # of it, queued only because slots were busy with background saves (counted in path_ms too)
+        "save_wait_ms": float(headers.get("x-proxycache-save-wait-ms") or 0),
     }
 
 
@@ -161,6 +164,8 @@ def summary(pairs: list[tuple[dict, dict]], kv_bytes_per_token: int) -> dict[str
         "path_save_bytes": sum(p.get("disk", {}).get("saved_bytes", 0) for p in on_path),
         "path_waits": sum(1 for p in on_path if p.get("wait_ms", 0) >= 1),
         "path_wait_ms": round(sum(p.get("wait_ms", 0) for p in on_path)),
+        "path_save_waits": sum(1 for p in on_path if p.get("save_wait_ms", 0) >= 1),
+        "path_save_wait_ms": round(sum(p.get("save_wait_ms", 0) for p in on_path)),
         "path_restores": sum(1 for p in on_path if p.get("restore_ms")),
         "path_restore_ms": round(sum(p.get("restore_ms", 0) for p in on_path)),
         "path_restore_bytes": sum(p.get("restored_tokens", 0) for p in on_path) * kv_bytes_per_token,
@@ -281,7 +286,7 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         "| model (KV/token) | slots | workload | context chars | pause | alone | proxy | proxy/alone |"
         " outside llama.cpp alone / proxy | proxy path (median / max) | saves during the requests (n, MB;"
-        " ms on the path) | waits for the slot (n, ms) | restores on the path (n, MB, ms) |"
+        " ms on the path) | waits for the slot (n, ms; of them behind a background save) | restores on the path (n, MB, ms) |"
         " prefilled tokens alone / proxy (median) | proxy decisions | verdict |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]
@@ -328,7 +333,12 @@ def _saves(run: dict[str, Any]) -> str:
 def _waits(run: dict[str, Any]) -> str:
     if "path_waits" not in run:
         return "?"  # not recorded by this run (the proxy's log has it: wait=)
-    return f"{run['path_waits']}, {run['path_wait_ms']} ms" if run["path_waits"] else "-"
+    if not run["path_waits"]:
+        return "-"
+    waits = f"{run['path_waits']}, {run['path_wait_ms']} ms"
+    if run.get("path_save_waits"):  # recorded since X-Proxycache-Save-Wait-Ms
+        waits += f" ({run['path_save_waits']} behind a save, {run['path_save_wait_ms']} ms)"
+    return waits
 
 
 def main() -> None:

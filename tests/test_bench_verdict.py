@@ -51,3 +51,24 @@ def test_one_sibling_s_save_counts_though_the_median_would_hide_it():
     row = dict(raw=raw, alone_median_s=1.0, proxy_median_s=1.0, alone_cache_n_median=2000, load_max=1.0)
     verdict = sibling_row(row)
     assert (verdict.estimated, verdict.met, verdict.noisy) == (1.1, False, "")
+
+
+def test_bench_siblings_counts_the_waits_behind_a_background_save():
+    # X-Proxycache-Save-Wait-Ms: the part of a sibling's queue wait spent behind a write-behind (in its path too)
+    from bench.siblings import _waits, summary
+
+    alone = dict(seconds=1.0, outside_s=0.01, cache_n=2000, prompt_n=80, prompt_ms=100.0)
+    proxied = dict(alone, decision="hit", save_ms=0.0, restore_ms=0.0, restored_tokens=0)
+    pairs = [
+        (alone, dict(proxied, seconds=5.2, wait_ms=4200.0, save_wait_ms=4200.0, path_ms=4200.0)),
+        (alone, dict(proxied, wait_ms=300.0, save_wait_ms=0.0, path_ms=0.0)),  # behind another request
+        (alone, dict(proxied, wait_ms=0.0, save_wait_ms=0.0, path_ms=0.0)),
+    ]
+    run = summary(pairs, 4096)
+    assert (run["path_waits"], run["path_wait_ms"], run["path_save_waits"], run["path_save_wait_ms"]) == (
+        2, 4500, 1, 4200)
+    assert run["proxy_path_ms_max"] == 4200
+    assert _waits(run) == "2, 4500 ms (1 behind a save, 4200 ms)"
+    # a run recorded before the header: as it was
+    old = {k: v for k, v in run.items() if not k.startswith("path_save_wait")}
+    assert _waits(old) == "2, 4500 ms"
