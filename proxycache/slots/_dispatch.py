@@ -296,7 +296,8 @@ class Dispatcher:
             decision=decision.value, slot=str(lease.slot.id), status=progress.status or "-",
             similarity=record.similarity, blocks=record.blocks, cache_n=record.cache_n,
             prompt_n=record.prompt_n, predicted_n=record.predicted_n, prompt_ms=record.prompt_ms,
-            wait=record.waited, save_wait=record.save_wait_seconds, save=record.save_seconds, restore=record.restore_seconds, took=record.seconds,
+            wait=record.waited, save_wait=record.save_wait_seconds, save=record.save_seconds,
+            restore=record.restore_seconds, took=record.seconds,
         )
         for observer in self.observers:
             observer(record)
