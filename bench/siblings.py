@@ -286,7 +286,8 @@ def markdown(out: dict[str, Any]) -> str:
         "",
         "| model (KV/token) | slots | workload | context chars | pause | alone | proxy | proxy/alone |"
         " outside llama.cpp alone / proxy | proxy path (median / max) | saves during the requests (n, MB;"
-        " ms on the path) | waits for the slot (n, ms; of them behind a background save) | restores on the path (n, MB, ms) |"
+        " ms on the path) | waits for the slot (n, ms; of them behind a background save) |"
+        " restores on the path (n, MB, ms) |"
         " prefilled tokens alone / proxy (median) | proxy decisions | verdict |",
         "| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- | --- |",
     ]

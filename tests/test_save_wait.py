@@ -178,7 +178,7 @@ def test_before_any_save_a_write_behind_waits_for_a_quiet_backend(tmp_path):
 
 def stats_of(tier: DiskTier) -> Stats:
     clock = tier.clock
-    return Stats(clock, tier.scheduler, tier.catalog, Monitor(clock, tier.scheduler, [], 10.0, None))  # type: ignore[arg-type]
+    return Stats(clock, tier.scheduler, tier.catalog, Monitor(clock, tier.scheduler, [], 10.0, None))
 
 
 def test_status_and_metrics_show_a_slot_busy_only_saving(tmp_path):
