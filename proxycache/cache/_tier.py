@@ -27,6 +27,7 @@ from proxycache.cache._entries import MetaEntry, bin_name, entry_key
 from proxycache.cache._probed import NotProbed, ProbedProcesses
 from proxycache.cache._saved_caches import SavedCaches
 from proxycache.cache._tier_state import Catalog
+from proxycache.cache._unusable import GONE, UnusableFiles
 from proxycache.config import Config
 from proxycache.routing import Decision, Relation, SlotId, SlotState, fell_short, relation
 from proxycache.slots import Hold, Lease, Outcome, Scheduler, Slot, SlotContent
@@ -45,6 +46,10 @@ CONTENDED_SECONDS = 60.0
 # times the save's predicted duration (and at least --write-behind), so that a request is
 # unlikely to arrive during it.
 WRITE_BEHIND_IDLE_FACTOR = 4.0
+
+
+class _FileGone(Exception):
+    """A restore's file is missing where this host sees the save directory: llama.cpp is not asked."""
 
 
 @attrs.frozen
@@ -92,6 +97,7 @@ class DiskTier(Service):
         self._cannot_save: set[str] = set()  # backends that answered 501 (no --slot-save-path) since they came up
         self.loaded: Deferred[None] = Deferred()
         self.probed = ProbedProcesses(catalog, clock, on_lost=lambda: self.on_empty_slot())
+        self.unusable = UnusableFiles(self.store, self.counters, to_thread)
 
     # -- service ------------------------------------------------------------
 
@@ -348,10 +354,12 @@ class DiskTier(Service):
             if current is None or not self.catalog.restorable_on(current, backend.name):
                 return False
             entry = current
+            if await self.unusable.gone(entry):
+                raise _FileGone(f"{entry.filename} is not in the save directory")
             restored = await backend.restore_slot(slot.id.index, entry.filename, self.config.slot_action_timeout)
             if not await self.probed.made_by(backend, entry.model):
                 raise NotProbed(f"{backend.name} restarted around the restore")
-        except (TimeoutError, *UPSTREAM_FAILURES) as e:
+        except (TimeoutError, _FileGone, *UPSTREAM_FAILURES) as e:
             failure: Exception | None = e
         else:
             failure = None
@@ -362,16 +370,20 @@ class DiskTier(Service):
         if failure is not None:
             # llama.cpp clears the slot when a restore fails: the request recomputes.
             self.counters.restore_failures += 1
+            if isinstance(failure, _FileGone):
+                why: str | None = GONE  # llama.cpp not asked
+                await self.unusable.drop(entry)
+            else:
+                why = await self.unusable.refused(entry, slot.id.backend, failure)
             log.warn(
-                "restoring {key} into slot {slot} failed, recomputing: {error}",
+                "restoring {key} into slot {slot} failed, recomputing: {error}; {verdict}",
                 key=entry.key,
                 slot=str(slot.id),
                 error=failure,
+                verdict="kept (the failure may go away)" if why is None else f"dropped, never tried again: {why}",
             )
-            missing = isinstance(failure, SlotActionFailed) and failure.kind is FailureKind.MISSING_FILE
-            if missing and slot.id.backend == entry.backend:  # elsewhere, the storage may just not be shared
-                await self.store.drop(entry)
             return False
+        self.unusable.restored(entry)
         took = self.clock.seconds() - started
         n_restored = restored.tokens
         self.speeds.observe_restore(restored.bytes or 0, restored.ms, n_restored, took)

@@ -31,6 +31,7 @@ class Counters:
     restore_failures: int = 0
     restored_tokens: int = 0
     ineffective_restores: int = 0
+    dropped_unusable: int = 0  # saved caches dropped: their file is gone, damaged, or refused for good
     evicted_entries: int = 0
     saves_skipped_low_space: int = 0  # free space under the headroom
     model_changes: int = 0  # a backend came up with other weights or another build than before
