@@ -334,6 +334,11 @@ class _Collector(Collector):
                 c.ineffective_restores,
             ),
             ("proxycache_disk_evictions", "Saved caches dropped to keep the disk budget", c.evicted_entries),
+            (
+                "proxycache_disk_dropped_unusable",
+                "Saved caches dropped because llama.cpp will never restore them (file gone, damaged, refused)",
+                c.dropped_unusable,
+            ),
             ("proxycache_model_changes", "Backends that came up with other weights or another build", c.model_changes),
         ):
             yield CounterMetricFamily(name, help_text, value=value)
