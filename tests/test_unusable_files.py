@@ -16,7 +16,7 @@ from twisted.internet.defer import TimeoutError
 from proxycache.backend import FailureKind, SlotActionFailed, UpstreamError
 from proxycache.backend._actions import refused
 from proxycache.cache import MetaEntry
-from proxycache.cache._unusable import GONE, SLOT_FILE_MAGIC, file_fault
+from proxycache.cache._unusable import GONE, SLOT_FILE_MAGIC, Fault, file_fault
 from proxycache.routing import Decision, Fingerprint
 from tests.fakes import FakeBackend
 from tests.test_identity_tier import restore_lease
@@ -51,20 +51,26 @@ def restore(tier, threads, key: str, backend: str = "b") -> Decision:
 
 def test_a_file_is_judged_by_presence_size_and_magic(tmp_path):
     path = tmp_path / "slotcache_x.bin"
-    assert file_fault(path, SIZE) == GONE
+    assert file_fault(path, SIZE) is GONE
     slot_file(path)
     assert file_fault(path, SIZE) is None
     assert file_fault(path, 0) is None  # size not known: the magic alone
-    path.write_bytes(path.read_bytes()[: SIZE // 2])  # a save cut short (disk full)
-    assert "2048 bytes, 4096 were saved" in file_fault(path, SIZE)
+    path.write_bytes(path.read_bytes()[: SIZE // 2])  # a save cut short (disk full): removed with the entry
+    assert file_fault(path, SIZE) == Fault("its file has 2048 bytes, 4096 were saved (cut short)")
+    assert file_fault(path, SIZE, read_head=False) is not None  # told before a restore: llama.cpp may abort on it
+    slot_file(path, 2 * SIZE)  # written over (another proxy sharing the directory?): not removed
+    fault = file_fault(path, SIZE, read_head=False)
+    assert fault is not None and "8192 bytes" in fault.why and not fault.remove
     path.write_bytes(os.urandom(SIZE))  # same size, not a slot file (zeros after a crash, garbage)
-    assert "not a llama.cpp slot file" in file_fault(path, SIZE)
+    assert file_fault(path, SIZE, read_head=False) is None  # only once llama.cpp refused it
+    fault = file_fault(path, SIZE)
+    assert fault is not None and "not a llama.cpp slot file" in fault.why and fault.remove
     path.write_bytes(b"")
     assert file_fault(path, 0) is not None
     path.unlink()
-    os.mkfifo(path)  # a FIFO does not hang the reader
-    assert "not a regular file" in file_fault(path, SIZE)
-    assert file_fault(path, SIZE, read_head=False) is None  # there: only a restore tells
+    os.mkfifo(path)  # a FIFO does not hang the reader, and is left alone
+    fault = file_fault(path, SIZE)
+    assert fault is not None and "not a regular file" in fault.why and not fault.remove
 
 
 # -- the tier: dropped ---------------------------------------------------------------------
@@ -81,13 +87,26 @@ def test_a_file_gone_from_the_save_directory_is_dropped_without_asking_llama(tmp
     assert (tier.counters.restore_failures, tier.counters.dropped_unusable) == (1, 1)
 
 
-@pytest.mark.parametrize("damage", ["truncated", "garbage", "empty"])
-def test_a_refused_file_that_is_damaged_is_dropped_with_its_file_at_the_first_refusal(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["truncated", "empty", "longer"])
+def test_a_file_of_another_size_than_saved_is_dropped_without_asking_llama(tmp_path, damage):
+    # Some truncated files abort llama-server (GGML_ASSERT(nread <= state_size), b11434 and b11549).
+    tier, threads, backend = _tier_on(tmp_path)
+    entry = entry_on_disk(tier)
+    path = tier.store.save_dir / entry.filename
+    path.write_bytes({"truncated": path.read_bytes()[:100], "empty": b"", "longer": SLOT_FILE_MAGIC * SIZE}[damage])
+    assert restore(tier, threads, entry.key) is Decision.MISS
+    assert ("restore", 0) not in backend.calls
+    assert entry.key not in tier.index.entries and not (tier.store.meta_dir / f"{entry.key}.meta").exists()
+    assert path.exists() == (damage == "longer")  # a longer one may be another writer's: left alone
+    assert (tier.counters.restore_failures, tier.counters.dropped_unusable) == (1, 1)
+
+
+def test_a_refused_file_that_is_not_a_slot_file_is_dropped_with_its_file_at_the_first_refusal(tmp_path):
     tier, threads, backend = _tier_on(tmp_path)
     backend.restored = UNABLE
     entry = entry_on_disk(tier)
     path = tier.store.save_dir / entry.filename
-    path.write_bytes({"truncated": path.read_bytes()[:100], "garbage": os.urandom(SIZE), "empty": b""}[damage])
+    path.write_bytes(os.urandom(SIZE))  # the right size, garbage (zeros after a crash, a disk error)
     assert restore(tier, threads, entry.key) is Decision.MISS
     assert backend.calls.count(("restore", 0)) == 1
     assert entry.key not in tier.index.entries
@@ -161,7 +180,7 @@ def test_a_server_saying_the_file_is_not_there_drops_it_at_once(tmp_path):
 def test_failures_that_may_go_away_keep_the_entry_however_often(tmp_path, failure):
     tier, threads, backend = _tier_on(tmp_path)
     entry = entry_on_disk(tier)
-    (tier.store.save_dir / entry.filename).write_bytes(b"damaged, but llama.cpp did not say so")
+    (tier.store.save_dir / entry.filename).write_bytes(os.urandom(SIZE))  # damaged, but llama.cpp did not say so
     backend.restored = failure
     for _ in range(3):
         assert restore(tier, threads, entry.key) is Decision.MISS

@@ -187,15 +187,19 @@ class SavedCaches:
         finally:
             self.unlock_key(entry.key, lock)
 
-    async def drop(self, entry: MetaEntry) -> None:
-        """Forget C{entry} and delete its files, unless its key holds a newer entry by then."""
+    async def drop(self, entry: MetaEntry, keep_file: bool = False) -> None:
+        """
+        Forget C{entry} and delete its files (its meta only, with C{keep_file}),
+        unless its key holds a newer entry by then.
+        """
         if self.index.entries.get(entry.key) is not entry:
             return  # already dropped, or replaced by a newer save: that one stays
         self.index.remove(entry.key)
         lock = await self.lock_key(entry.key)
         try:
             if entry.key not in self.index.entries:  # a save of this key while we waited keeps its files
-                await self.to_thread(remove_entry_files, self.meta_dir, self.directory(entry.backend), entry.key)
+                directory = None if keep_file else self.directory(entry.backend)
+                await self.to_thread(remove_entry_files, self.meta_dir, directory, entry.key)
         finally:
             self.unlock_key(entry.key, lock)
 

@@ -27,7 +27,7 @@ from proxycache.cache._entries import MetaEntry, bin_name, entry_key
 from proxycache.cache._probed import NotProbed, ProbedProcesses
 from proxycache.cache._saved_caches import SavedCaches
 from proxycache.cache._tier_state import Catalog
-from proxycache.cache._unusable import GONE, UnusableFiles
+from proxycache.cache._unusable import Fault, UnusableFiles
 from proxycache.config import Config
 from proxycache.routing import Decision, Relation, SlotId, SlotState, fell_short, relation
 from proxycache.slots import Hold, Lease, Outcome, Scheduler, Slot, SlotContent
@@ -48,8 +48,12 @@ CONTENDED_SECONDS = 60.0
 WRITE_BEHIND_IDLE_FACTOR = 4.0
 
 
-class _FileGone(Exception):
-    """A restore's file is missing where this host sees the save directory: llama.cpp is not asked."""
+class _NotRestorable(Exception):
+    """A restore's file, seen here, is gone or not the one saved: llama.cpp is not asked (it may abort on it)."""
+
+    def __init__(self, fault: Fault) -> None:
+        super().__init__("its file was looked at first, llama.cpp was not asked")
+        self.fault = fault
 
 
 @attrs.frozen
@@ -354,12 +358,13 @@ class DiskTier(Service):
             if current is None or not self.catalog.restorable_on(current, backend.name):
                 return False
             entry = current
-            if await self.unusable.gone(entry):
-                raise _FileGone(f"{entry.filename} is not in the save directory")
+            fault = await self.unusable.before(entry)
+            if fault is not None:
+                raise _NotRestorable(fault)
             restored = await backend.restore_slot(slot.id.index, entry.filename, self.config.slot_action_timeout)
             if not await self.probed.made_by(backend, entry.model):
                 raise NotProbed(f"{backend.name} restarted around the restore")
-        except (TimeoutError, _FileGone, *UPSTREAM_FAILURES) as e:
+        except (TimeoutError, _NotRestorable, *UPSTREAM_FAILURES) as e:
             failure: Exception | None = e
         else:
             failure = None
@@ -370,9 +375,9 @@ class DiskTier(Service):
         if failure is not None:
             # llama.cpp clears the slot when a restore fails: the request recomputes.
             self.counters.restore_failures += 1
-            if isinstance(failure, _FileGone):
-                why: str | None = GONE  # llama.cpp not asked
-                await self.unusable.drop(entry)
+            if isinstance(failure, _NotRestorable):
+                why: str | None = failure.fault.why  # llama.cpp not asked
+                await self.unusable.drop(entry, failure.fault)
             else:
                 why = await self.unusable.refused(entry, slot.id.backend, failure)
             log.warn(

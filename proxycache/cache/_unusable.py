@@ -4,14 +4,17 @@ go away, and dropped: otherwise each return of the conversation (each branch
 off a shared prefix) plans a restore, pays a round trip and recomputes anyway.
 
 Seen on b11434 (binary) and b11549 (xllamacpp): a restore of a missing file,
-a truncated one, an empty one, one of garbage bytes, or one another model's
-shape wrote all answer the same 400 "Unable to restore slot: No available
+an empty one, one of garbage bytes, one another model's shape wrote, and most
+truncated ones all answer the same 400 "Unable to restore slot: No available
 space in KV cache or invalid slot save file"; the same words as a restore
 that finds no room, which may go away (a unified KV cache full of the other
-slots).  The reply does not tell; the file does, where this host sees it:
-gone, of another size than saved, or not starting with llama.cpp's
-sequence-state magic.  A file that looks whole (or cannot be seen) and is
-refused twice in a row by the backend that wrote it is dropped too.
+slots).  And some truncated files abort llama-server on both
+(C{GGML_ASSERT(nread <= state_size)} in C{llama_state_seq_load_file}): a file
+of another size than saved must not reach it at all.  So where this host sees
+the save directory, the file is looked at before a restore (gone, another
+size) and after a refusal (also: not starting with llama.cpp's sequence-state
+magic).  A file that looks whole (or cannot be seen) and is refused twice in a
+row by the backend that wrote it is dropped too.
 """
 
 from __future__ import annotations
@@ -21,24 +24,30 @@ import stat
 from pathlib import Path
 from typing import Any, Callable
 
+import attrs
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
 from proxycache.backend import FailureKind, SlotActionFailed
 from proxycache.cache._entries import MetaEntry
 from proxycache.cache._saved_caches import SavedCaches
 from proxycache.cache._tier_state import Counters
 
-log = Logger()
-
 # llama.cpp's LLAMA_STATE_SEQ_MAGIC ('ggsq', written as a little-endian uint32) opens every slot file.
 SLOT_FILE_MAGIC = b"qsgg"
 # Refusals about the file (or the room for it), not about the server: 501, 5xx, timeouts may go away.
 _FILE_REFUSALS = (FailureKind.REJECTED, FailureKind.MISSING_FILE)
-GONE = "its file is gone"
 
 
-def file_fault(path: Path, saved_bytes: int, read_head: bool = True) -> str | None:
+@attrs.frozen
+class Fault:
+    why: str
+    remove: bool = True  # the file is no one's: removed with the entry (a longer one may be another writer's)
+
+
+GONE = Fault("its file is gone", remove=False)
+
+
+def file_fault(path: Path, saved_bytes: int, read_head: bool = True) -> Fault | None:
     """
     Blocking (run in a thread): why the file at C{path} cannot be the one
     saved there (C{saved_bytes} long; 0: not known), or None when it may be
@@ -50,21 +59,23 @@ def file_fault(path: Path, saved_bytes: int, read_head: bool = True) -> str | No
         return GONE
     except OSError:
         return None
+    if not stat.S_ISREG(info.st_mode):
+        return Fault("its file is not a regular file", remove=False)
+    if saved_bytes and info.st_size < saved_bytes:
+        return Fault(f"its file has {info.st_size} bytes, {saved_bytes} were saved (cut short)")
+    if saved_bytes and info.st_size > saved_bytes:
+        return Fault(f"its file has {info.st_size} bytes, {saved_bytes} were saved (written over)", remove=False)
     if not read_head:
         return None
-    if not stat.S_ISREG(info.st_mode):
-        return "its file is not a regular file"
-    if saved_bytes and info.st_size != saved_bytes:
-        return f"its file has {info.st_size} bytes, {saved_bytes} were saved (cut short or overwritten)"
     try:
-        # O_NONBLOCK: a FIFO put there does not hang the thread.
+        # O_NONBLOCK: a FIFO swapped in meanwhile does not hang the thread.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         with os.fdopen(fd, "rb") as f:
             head = f.read(len(SLOT_FILE_MAGIC))
     except OSError:
         return None
     if head != SLOT_FILE_MAGIC:
-        return "its file is not a llama.cpp slot file (damaged)"
+        return Fault("its file is not a llama.cpp slot file (damaged)")
     return None
 
 
@@ -77,13 +88,14 @@ class UnusableFiles:
         self.to_thread = to_thread
         self._refused: dict[str, MetaEntry] = {}  # by key: the entry its own backend refused once, intact
 
-    async def gone(self, entry: MetaEntry) -> bool:
+    async def before(self, entry: MetaEntry) -> Fault | None:
         """
-        Before a restore (C{entry}'s key lock held): is its file missing where
-        this host sees it?  One stat off the reactor spares llama.cpp a round
-        trip (a failed restore also clears the slot); the caller then L{drop}s it.
+        Before a restore (C{entry}'s key lock held): is its file gone, or of
+        another size than saved, where this host sees it?  One stat off the
+        reactor spares llama.cpp a round trip (a failed restore also clears
+        the slot) or an abort; the caller then L{drop}s it.
         """
-        return await self._fault(entry, read_head=False) == GONE
+        return await self._fault(entry, read_head=False)
 
     async def refused(self, entry: MetaEntry, backend: str, failure: Exception) -> str | None:
         """
@@ -93,22 +105,23 @@ class UnusableFiles:
         """
         if not isinstance(failure, SlotActionFailed) or failure.kind not in _FILE_REFUSALS:
             return None
-        why = await self._fault(entry)
-        if why is None and backend == entry.backend:  # elsewhere, the storage may just not be shared
+        fault = await self._fault(entry)
+        if fault is None and backend == entry.backend:  # elsewhere, the storage may just not be shared
             if failure.kind is FailureKind.MISSING_FILE:
-                why = "llama.cpp says its file is not there"
+                fault = Fault("llama.cpp says its file is not there")
             elif self._refused.get(entry.key) is entry:
-                why = "refused twice in a row by the backend that wrote it (another shape, or no room for it)"
+                fault = Fault("refused twice in a row by the backend that wrote it (another shape, or no room)")
             else:
                 self._refused[entry.key] = entry
-        if why is not None:
-            await self.drop(entry)
-        return why
+        if fault is None:
+            return None
+        await self.drop(entry, fault)
+        return fault.why
 
     def restored(self, entry: MetaEntry) -> None:
         self._refused.pop(entry.key, None)
 
-    async def _fault(self, entry: MetaEntry, read_head: bool = True) -> str | None:
+    async def _fault(self, entry: MetaEntry, read_head: bool = True) -> Fault | None:
         directory = self.store.directory(entry.backend)
         if directory is None:
             return None
@@ -117,10 +130,10 @@ class UnusableFiles:
         except Exception:  # noqa: BLE001 - cannot tell: llama.cpp's answer decides
             return None
 
-    async def drop(self, entry: MetaEntry) -> None:
-        """Forget C{entry} and remove its files (its key lock not held), unless a newer save replaced it."""
+    async def drop(self, entry: MetaEntry, fault: Fault) -> None:
+        """Forget C{entry} (its key lock not held), its file too if C{fault} says; unless a newer save replaced it."""
         self._refused.pop(entry.key, None)
         if self.store.index.entries.get(entry.key) is not entry:
             return  # dropped already, or replaced by a newer save: that one is judged on its own
         self.counters.dropped_unusable += 1
-        await self.store.drop(entry)
+        await self.store.drop(entry, keep_file=not fault.remove)
