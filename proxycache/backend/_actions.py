@@ -5,8 +5,10 @@ llama.cpp's reply fields and error texts are read here and nowhere else.
 
 Seen on b11434 and b11549: C{--slot-save-path} missing answers 501 (to every
 action); a restore of a missing, damaged or foreign file, or one without room,
-answers 400 "Unable to restore slot: ..." (the server does not say which); a
-file written by other weights of the same geometry restores with 200.
+answers 400 "Unable to restore slot: ..." (the server does not say which),
+and some truncated files abort the server (the disk tier looks at a file
+before and after: L{proxycache.cache._unusable}); a file written by other
+weights of the same geometry restores with 200.
 """
 
 from __future__ import annotations
