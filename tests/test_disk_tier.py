@@ -264,6 +264,7 @@ def test_a_restore_that_does_not_take_is_detected_and_not_repeated(llama_factory
         for user in (ana, ben):
             user.turn(proxy.client())
         wait_for(lambda: all_saved(proxy), what="write-behind")
+        proxy.stop()
         # Swap the two files behind the proxy's back: ana's entry now loads ben's KV,
         # as a restore into an SWA model without --swa-full "succeeds" and reuses nothing.
         files = sorted(llama.save_dir.glob("slotcache_*.bin"))
@@ -271,7 +272,12 @@ def test_a_restore_that_does_not_take_is_detected_and_not_repeated(llama_factory
         a, b = files
         swap = a.with_suffix(".swap")
         a.rename(swap), b.rename(a), swap.rename(b)
-        for user in (cai, dee):  # evict ana and ben (already saved: not saved again)
+        # Each meta says its file's size as it is now: a file of another size than saved is not restored.
+        for path in (a, b):
+            meta = tmp_path / "meta" / (path.name[len("slotcache_"):-len(".bin")] + ".meta")
+            meta.write_text(json.dumps({**json.loads(meta.read_text()), "bytes": path.stat().st_size}))
+        proxy = start_proxy(tmp_path, llama)
+        for user in (cai, dee):  # take the slots
             user.turn(proxy.client())
         record = ana.turn(proxy.client())
         assert record["restored_tokens"] > 0  # restored before the request was sent...

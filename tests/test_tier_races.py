@@ -60,7 +60,8 @@ def saved_entry(tier: DiskTier, key: str = "0123456789abcdef", last_used: float 
     entry = MetaEntry(key, "b", MODEL, Fingerprint((1, 2, 3), 300, 48), 100, 4096, 1.0, last_used)
     write_meta(tier.store.meta_dir, entry)
     assert tier.store.save_dir is not None
-    (tier.store.save_dir / entry.filename).write_bytes(b"kv")
+    # as llama.cpp writes it: its magic, the size saved (a file of another size is not restored)
+    (tier.store.save_dir / entry.filename).write_bytes(b"qsgg" + bytes(entry.bytes - 4))
     tier.index.put(entry)
     return entry
 
