@@ -692,3 +692,33 @@ def test_restore_gives_the_restored_entry_as_lineage():
     scheduler = make(2, disk_lookup=lambda request: DiskMatch("00000000000000b2", "a", 8, 1.0))
     lease = lease_of(scheduler.acquire(large(20, 1)))
     assert lease.plan.decision is Decision.RESTORE and lease.lineage == "00000000000000b2"
+
+
+def test_the_disk_index_is_looked_up_once_per_arriving_request():
+    # The fair queue's cost and the plan made at arrival need the same answer of the index: one
+    # lookup (a scan of every saved entry), not one for each.
+    asked = []
+
+    def lookup(request):
+        asked.append(request)
+        return None
+
+    scheduler = make(1, disk_lookup=lookup)
+    running = lease_of(scheduler.acquire(large(20, 1)))
+    assert len(asked) == 1
+    waiting = scheduler.acquire(large(20, 2))  # planned at once too: the slot is busy, so it waits
+    assert len(asked) == 2 and not waiting.called
+    scheduler.release(running, OK)  # planned again later: looked up afresh, saves may have come meanwhile
+    assert lease_of(waiting).slot.id == A0 and len(asked) == 3
+
+
+def test_a_waiting_request_is_planned_against_the_index_as_it_is_when_a_slot_frees():
+    saved: dict[Request, DiskMatch] = {}
+    scheduler = make(1, disk_lookup=saved.get)
+    running = lease_of(scheduler.acquire(large(20, 1)))
+    second = large(20, 2)
+    waiting = scheduler.acquire(second)
+    saved[second] = DiskMatch("00000000000000c2", "a", 20, 1.0)  # saved while it waited
+    scheduler.release(running, OK)
+    lease = lease_of(waiting)
+    assert lease.plan.decision is Decision.RESTORE and lease.plan.restore.key == "00000000000000c2"

@@ -20,7 +20,9 @@ import attrs
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall
 
-from proxycache.routing import FairShares, Request, Tag
+from proxycache.routing import DiskMatch, FairShares, Request, Tag
+
+UNKNOWN = object()  # L{Waiter.disk} not looked up (again) yet
 
 
 class QueueFull(Exception):
@@ -44,6 +46,9 @@ class Waiter:
     timer: IDelayedCall | None = None
     tag: Tag = Tag(0.0, 0.0)
     seq: int = 0
+    # The disk index's answer for the request, looked up on arrival for its cost and reused by its
+    # first plan (the same instant); UNKNOWN afterwards, so that a waiting request sees new saves.
+    disk: DiskMatch | None | object = UNKNOWN
     # Time queued behind background saves: it would have had a slot at once had they not run.
     save_waited: float = 0.0
     behind_save_since: float | None = None

@@ -50,7 +50,7 @@ from proxycache.routing import (
 )
 from proxycache.routing._classes import fim_cap
 from proxycache.slots._classes import SlotClasses
-from proxycache.slots._fairqueue import FairQueue, QueueFull, Waiter
+from proxycache.slots._fairqueue import UNKNOWN, FairQueue, QueueFull, Waiter
 from proxycache.slots._slot import NOTHING, Lease, Outcome, Slot, SlotContent
 
 log = Logger()
@@ -245,9 +245,13 @@ class Scheduler:
         now = self.clock.seconds()
         waiter = Waiter(request, None, now, now + self.affinity_wait)  # type: ignore[arg-type]
         waiter.deferred = Deferred(lambda d: self._leave(waiter))
-        disk = None if request.small else self.disk_lookup(request)
-        self._queue.add(waiter, prefill_cost(request, self.views(), disk))
-        self.pump()
+        # One index lookup per arrival: its fair cost and its first plan see the same index.
+        waiter.disk = disk = None if request.small else self.disk_lookup(request)
+        self._queue.add(waiter, prefill_cost(request, self.views(), disk) if self._queue.fair else 1.0)
+        try:
+            self.pump()
+        finally:
+            waiter.disk = UNKNOWN
         if not waiter.deferred.called and len(self._queue) > self.max_queue:
             self._leave(waiter)
             raise QueueFull()
@@ -354,7 +358,10 @@ class Scheduler:
             )
         views = self.classes.eligible(request, views, self._counts, protected)
         affinity = now < waiter.affinity_until
-        disk = None if request.small else self.disk_lookup(request)
+        disk, waiter.disk = waiter.disk, UNKNOWN
+        if disk is UNKNOWN:
+            disk = None if request.small else self.disk_lookup(request)
+        assert disk is None or isinstance(disk, DiskMatch)
         decided = plan(
             request, views, min_ratio=self.min_ratio, affinity=affinity, disk=disk, fork_pays=self.fork_pays,
             keep_pays=self.keep_pays, restore_beats=self.restore_beats,
