@@ -7,8 +7,8 @@ is given (C{--before}: a venv installed from another checkout).  Rounds
 alternate between the three in a rotating order, so that the machine's load
 falls on all alike.
 
-Two workloads: C{hi}, bench.micro's overhead request (a tiny chat, 1 token,
-the same every time: a cache hit), and C{siblings}, a 2,000-character context
+Two workloads: C{micro}, bench.micro's overhead request (the openai SDK, a
+tiny chat, 1 token, the same every time: a cache hit), and C{siblings}, a 2,000-character context
 and a new last question each time (8 tokens), as bench.siblings sends.
 Reported per variant: the median wall time and the median time outside
 llama.cpp's own prefill and decode (robust to its load).
@@ -31,18 +31,18 @@ from bench.processes import Proxy, wait_until_quiet
 from bench.siblings import DEFAULT_MODELS, LIMITS, ask, words
 from proxycache.embedded import LlamaServerSpec, free_port
 from proxycache.testing import LlamaProcess
-from proxycache.testing.http import http
+from proxycache.testing.workload import make_client
 from proxycache.tinymodel import PRESETS, ensure_model
 
 
-def hi(url: str) -> dict[str, Any]:
-    body = {"model": "any", "max_tokens": 1, "temperature": 0, "messages": [{"role": "user", "content": "Say hi."}]}
+def micro_hit(client: Any) -> dict[str, Any]:
+    """bench.micro.proxy_overhead's request (the openai SDK): its wall time, and the time outside llama.cpp."""
     started = time.perf_counter()
-    status, _, reply = http("POST", url + "/v1/chat/completions", body, timeout=600)
+    reply = client.chat.completions.create(
+        model="any", messages=[{"role": "user", "content": "Say hi."}], max_tokens=1, temperature=0,
+    )
     seconds = time.perf_counter() - started
-    if status != 200:
-        raise RuntimeError(f"{url}: {status} {reply}")
-    timings = reply.get("timings", {})
+    timings = (reply.model_extra or {}).get("timings") or {}
     return {"seconds": seconds,
             "outside_s": seconds - ((timings.get("prompt_ms") or 0) + (timings.get("predicted_ms") or 0)) / 1000}
 
@@ -81,7 +81,8 @@ def main() -> None:
         urls = {"alone": llamas["alone"].url, "before": proxies["before"].url, "after": proxies["after"].url}
         rng = random.Random(7)
         context = "Repository context. " + words(rng, args.size)
-        for workload in ("hi", "siblings"):
+        clients = {name: make_client(url + "/v1") for name, url in urls.items()}
+        for workload in ("micro", "siblings"):
             wait_until_quiet(args.quiet_wait)
             times: dict[str, dict[str, list[float]]] = {k: {"seconds": [], "outside_s": []} for k in urls}
             for n in range(-3, args.rounds):  # three warm-up rounds
@@ -90,7 +91,7 @@ def main() -> None:
                 question = f"Question {n}: " + words(rng, 60)
                 for name in order:
                     url = urls[name]
-                    got = hi(url) if workload == "hi" else ask(url, context, question, 8)
+                    got = micro_hit(clients[name]) if workload == "micro" else ask(url, context, question, 8)
                     if n >= 0:
                         for key in ("seconds", "outside_s"):
                             times[name][key].append(got[key])
