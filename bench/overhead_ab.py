@@ -10,8 +10,9 @@ falls on all alike.
 Two workloads: C{micro}, bench.micro's overhead request (the openai SDK, a
 tiny chat, 1 token, the same every time: a cache hit), and C{siblings}, a 2,000-character context
 and a new last question each time (8 tokens), as bench.siblings sends.
-Reported per variant: the median wall time and the median time outside
-llama.cpp's own prefill and decode (robust to its load).
+Reported per variant: the median wall time, the median time outside
+llama.cpp's own prefill and decode, and each proxy's CPU time per request
+(user + system, from /proc: what the machine's load does not blur).
 
     python -m bench.overhead_ab --before /tmp/before/.venv/bin/twistd --rounds 100
 """
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import statistics
 import tempfile
@@ -33,6 +35,12 @@ from proxycache.embedded import LlamaServerSpec, free_port
 from proxycache.testing import LlamaProcess
 from proxycache.testing.workload import make_client
 from proxycache.tinymodel import PRESETS, ensure_model
+
+
+def cpu_seconds(pid: int | None) -> float:
+    """User + system CPU seconds of process C{pid} so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def micro_hit(client: Any) -> dict[str, Any]:
@@ -85,7 +93,10 @@ def main() -> None:
         for workload in ("micro", "siblings"):
             wait_until_quiet(args.quiet_wait)
             times: dict[str, dict[str, list[float]]] = {k: {"seconds": [], "outside_s": []} for k in urls}
+            cpu: dict[str, float] = {}
             for n in range(-3, args.rounds):  # three warm-up rounds
+                if n == 0:
+                    cpu = {name: cpu_seconds(proxy.pid) for name, proxy in proxies.items()}
                 order = list(urls)
                 order = order[n % 3:] + order[:n % 3]
                 question = f"Question {n}: " + words(rng, 60)
@@ -102,6 +113,7 @@ def main() -> None:
             }
             for name in ("before", "after"):
                 row = results[workload][name]
+                row["cpu_ms_per_request"] = round((cpu_seconds(proxies[name].pid) - cpu[name]) / args.rounds * 1000, 2)
                 row["added_wall_p50_ms"] = round(row["wall_p50_ms"] - results[workload]["alone"]["wall_p50_ms"], 2)
                 row["added_outside_p50_ms"] = round(
                     row["outside_p50_ms"] - results[workload]["alone"]["outside_p50_ms"], 2)
