@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
@@ -45,3 +47,27 @@ def test_https_is_still_spoken_over_tls():
     transport = _TCPTransport()
     factory.buildProtocol(None).makeConnection(transport)
     assert port == 8443 and transport.value()[:1] == b"\x16"  # a TLS handshake record, not "GET /props"
+
+
+def _sent(reactor: MemoryReactorClock) -> bytes:
+    """What the backend's first connection was given to send, once connected."""
+    _, _, factory, _, _ = reactor.tcpClients[0]
+    transport = _TCPTransport()
+    factory.buildProtocol(None).makeConnection(transport)
+    return transport.value()
+
+
+def test_a_generating_request_goes_out_whole_in_the_call_that_sends_it():
+    # Its body is written with its headers, not on a later cooperator tick (treq's default
+    # FileBodyProducer): nothing else runs on the reactor between the two on every request's way.
+    reactor = MemoryReactorClock()
+    backend = LlamaServer.create(reactor, "http://127.0.0.1:8081", "k", pool_size=2)
+    backend.generate("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}, 1, 30.0)
+    head, _, body = _sent(reactor).partition(b"\r\n\r\n")
+    assert head.startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    headers = {k.lower(): v for k, _, v in (line.partition(b": ") for line in head.split(b"\r\n")[1:])}
+    assert headers[b"content-type"] == b"application/json" and headers[b"authorization"] == b"Bearer k"
+    assert headers[b"content-length"] == str(len(body)).encode()
+    assert json.loads(body) == {
+        "messages": [{"role": "user", "content": "hi"}], "id_slot": 1, "cache_prompt": True,
+    }

@@ -40,8 +40,16 @@ def ask(proxy, content, stream=False):
     )
 
 
-def assert_all_free(proxy):
-    status = proxy.status()
+def assert_all_free(proxy, within=5.0):
+    # A slot whose request was given up on stays leased until llama-server shows it idle: one
+    # GET /slots after the error answer, which the client may see before that look comes back.
+    deadline = time.monotonic() + within
+    while True:
+        status = proxy.status()
+        free = status["queue_depth"] == 0 and not any(slot["busy"] for slot in status["slots"])
+        if free or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
     assert status["queue_depth"] == 0
     assert not any(slot["busy"] for slot in status["slots"])
 

@@ -10,15 +10,16 @@ from typing import Any, Callable, cast
 
 import attrs
 from treq.client import HTTPClient
-from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.defer import Deferred, TimeoutError, succeed
+from twisted.internet.interfaces import IConsumer, IReactorTime
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.client import Agent, HTTPConnectionPool
 from twisted.web.http_headers import Headers
-from twisted.web.iweb import IResponse
+from twisted.web.iweb import IBodyProducer, IResponse
+from zope.interface import implementer
 
 from proxycache.backend._actions import IdleSlot, Restored, Saved, idle_slot, refused, restored, saved, unanswered
 from proxycache.backend._endpoints import BackendEndpoints
@@ -48,6 +49,32 @@ class Description:
     process: str | None = None  # L{process_marker}: the process that was described
 
 
+@implementer(IBodyProducer)
+class WrittenAtOnce:
+    """
+    A request body already in memory, written with the request's headers:
+    treq's default (C{FileBodyProducer}) writes it on a later cooperator
+    tick, one more turn of the reactor on every request's way.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.length = len(data)
+
+    def startProducing(self, consumer: IConsumer) -> "Deferred[None]":
+        consumer.write(self.data)
+        return succeed(None)
+
+    def pauseProducing(self) -> None:
+        pass
+
+    def resumeProducing(self) -> None:
+        pass
+
+    def stopProducing(self) -> None:
+        pass
+
+
 @attrs.define(eq=False)
 class LlamaServer:
     """One llama-server, named by its base URL."""
@@ -70,9 +97,12 @@ class LlamaServer:
         pool.maxPersistentPerHost = pool_size
         pool.retryAutomatically = False
         endpoints = BackendEndpoints(reactor)
-        client = HTTPClient(Agent.usingEndpointFactory(reactor, endpoints, pool=pool))
+        client = HTTPClient(
+            Agent.usingEndpointFactory(reactor, endpoints, pool=pool), data_to_body_producer=WrittenAtOnce
+        )
         fresh = HTTPClient(
-            Agent.usingEndpointFactory(reactor, endpoints, pool=HTTPConnectionPool(reactor, persistent=False))
+            Agent.usingEndpointFactory(reactor, endpoints, pool=HTTPConnectionPool(reactor, persistent=False)),
+            data_to_body_producer=WrittenAtOnce,
         )
         return cls(url, client, reactor, api_key, fresh)
 
@@ -99,8 +129,14 @@ class LlamaServer:
 
         def send(client: HTTPClient | None) -> "Deferred[IResponse]":
             assert client is not None
+            # llama-server never redirects: no redirect layer on the way
             sent = client.request(
-                method, self.url + path, data=body, headers=Headers(self._headers(headers)), unbuffered=True
+                method,
+                self.url + path,
+                data=body,
+                headers=Headers(self._headers(headers)),
+                unbuffered=True,
+                allow_redirects=False,
             )
             return cast("Deferred[IResponse]", sent)
 
