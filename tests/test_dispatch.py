@@ -15,8 +15,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.client import ResponseNeverReceived
 
 from proxycache.routing import Decision, Fingerprint, Request, SlotId, SlotState
-from proxycache.slots import Dispatcher, NoCache, Outcome, RequestRecord, Scheduler
-from tests.fakes import FakeBackend, FakeResponse, RecordingExchange
+from proxycache.backend import IdleSlot, StillBusy
+from proxycache.slots import Dispatcher, NoCache, Outcome, RequestRecord, Scheduler, SlotContent
+from tests.fakes import FakeBackend, FakeResponse, RecordingExchange, StreamingResponse
 
 
 def wanted(conversation: int, blocks: int = 20) -> Request:
@@ -159,6 +160,131 @@ class DispatcherTests(SynchronousTestCase):
             self.backend.idle_waits.pop().errback(TimeoutError())
         self.assertEqual(self.busy(), 0)
         self.assertEqual(self.backend.idle_waits, [])
+
+    def _orphan(
+        self, idle: IdleSlot | None, looks_busy: int = 1, decoded: bool = True
+    ) -> tuple[Dispatcher, SlotId]:
+        """
+        A whole answer given up on (client gone); llama.cpp busy at C{looks_busy} rounds of looks
+        (generating at them: C{decoded}), then C{idle}.
+        """
+        dispatcher = self.dispatcher()
+        d = Deferred.fromCoroutine(dispatcher.dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        slot = SlotId(self.backend.name, self.backend.sent[-1][2])
+        self.backend.busy_slots.add(slot.index)
+        self.backend.idle = idle
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        for _ in range(looks_busy):
+            self.backend.idle_waits.pop().errback(StillBusy("busy", decoded))
+        self.backend.idle_waits.pop().callback(None)
+        self.assertEqual(self.busy(), 0)
+        return dispatcher, slot
+
+    def test_a_slot_llama_cpp_finished_a_request_given_up_on_in_holds_its_prompt(self) -> None:
+        # An SDK's client timeout: llama.cpp computed the whole prompt (and answer) all the same,
+        # so the retry of the same request reuses it on that slot instead of computing it again.
+        dispatcher, slot = self._orphan(IdleSlot(used=True, tokens=4321))
+        held = self.scheduler.slots[slot]
+        self.assertIs(held.state, SlotState.HOT)
+        self.assertEqual((held.content.fingerprint, held.content.tokens), (wanted(1).fingerprint, 4321))
+        self.assertEqual(self.records[0].status, 0)  # the request itself still failed
+        retry = RecordingExchange()
+        Deferred.fromCoroutine(dispatcher.dispatch(wanted(1), "/p", {}, retry))
+        [(lease, decision, _)] = retry.begun
+        self.assertEqual((decision, lease.slot.id), (Decision.HIT, slot))
+
+    def test_a_slot_seen_generating_within_its_last_wait_also_holds_the_prompt(self) -> None:
+        # wait_until_idle saw it generating before it answered idle (the fake says so in decoded).
+        _, slot = self._orphan(IdleSlot(used=True, tokens=4321, decoded=True), looks_busy=0)
+        self.assertIs(self.scheduler.slots[slot].state, SlotState.HOT)
+
+    def test_what_a_slot_never_seen_generating_holds_stays_unknown(self) -> None:
+        # Idle at once: llama.cpp finished already, or has not taken the request up yet (its
+        # slot then still shows the previous prompt): nothing tells which, so COLD as before.
+        _, slot = self._orphan(IdleSlot(used=True, tokens=4321), looks_busy=0)
+        self.assertEqual(self.scheduler.slots[slot].content, SlotContent(SlotState.COLD))
+        # Busy, but only computing the prompt: llama.cpp may stop there (it can notice the closed
+        # connection), leaving it half computed.
+        _, slot = self._orphan(IdleSlot(used=True, tokens=4321), looks_busy=3, decoded=False)
+        self.assertEqual(self.scheduler.slots[slot].content, SlotContent(SlotState.COLD))
+
+    def test_an_idle_slot_without_a_prompt_or_a_count_stays_unknown(self) -> None:
+        for idle in (IdleSlot(used=True, tokens=0), IdleSlot(used=True, tokens=None), IdleSlot(False, 5), None):
+            _, slot = self._orphan(idle)
+            self.assertIs(self.scheduler.slots[slot].state, SlotState.COLD, idle)
+
+    def _left_while(self, shown: dict[str, Any]) -> tuple[SlotId, Deferred[Any]]:
+        """The client leaves; llama.cpp shows its slot as C{shown}, then idle at the first look."""
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        slot = SlotId(self.backend.name, self.backend.sent[0][2])
+        reply: Deferred[Any] = Deferred()
+        self.backend.slots_reply = reply
+        self.backend.idle = IdleSlot(used=True, tokens=4321)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        upstream = self.backend.pending[0]
+        self.assertFalse(upstream.called, "llama.cpp's connection closed before its slot was looked at")
+        reply.callback([{"id": slot.index, "is_processing": True, **shown}])
+        self.assertTrue(upstream.called)  # cancelled once looked at
+        self.assertEqual(self.busy(), 0)
+        return slot, upstream
+
+    def test_the_slot_is_looked_at_before_llama_cpp_can_notice_its_client_left(self) -> None:
+        # llama.cpp may notice the closed connection and stop at once (b11434 looks once a second),
+        # before any look after it could see it generate: the look comes first.
+        slot, _ = self._left_while({"next_token": [{"has_next_token": True, "n_decoded": 12}]})
+        held = self.scheduler.slots[slot]
+        self.assertEqual((held.state, held.content.tokens), (SlotState.HOT, 4321))
+
+    def test_a_client_gone_while_llama_cpp_computed_the_prompt_leaves_it_unknown(self) -> None:
+        # it may stop there, half way through the prompt
+        slot, _ = self._left_while({"next_token": [{"has_next_token": False, "n_decoded": 0}]})
+        self.assertIs(self.scheduler.slots[slot].state, SlotState.COLD)
+
+    def test_llama_cpp_s_connection_closes_whatever_the_look_at_its_slot_meets(self) -> None:
+        # the look fails (an unexpected error too): the request to llama.cpp is cancelled all the same
+        for error in (ConnectionRefusedError(), ValueError("odd reply")):
+            d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+            slot = SlotId(self.backend.name, self.backend.sent[-1][2])
+            reply: Deferred[Any] = Deferred()
+            self.backend.slots_reply = reply
+            d.cancel()
+            self.failureResultOf(d, CancelledError)
+            upstream = self.backend.pending[-1]
+            reply.errback(error)
+            self.assertTrue(upstream.called, error)
+            self.assertEqual(self.busy(), 0)
+            self.assertIs(self.scheduler.slots[slot].state, SlotState.COLD)
+        self.flushLoggedErrors(ValueError)
+
+    def test_an_answer_that_comes_after_its_client_left_is_read_and_dropped(self) -> None:
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        reply: Deferred[Any] = Deferred()
+        self.backend.slots_reply = reply
+        self.backend.idle = IdleSlot(used=True, tokens=4321)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        answer = StreamingResponse(headers=FakeResponse().headers)
+        self.backend.pending[0].callback(answer)  # between the client leaving and the look's reply
+        reply.callback([])
+        self.assertIsNotNone(answer.protocol, "an answer left unread holds its connection")
+        answer.send(b'{"choices": []}')
+        answer.finish()
+        self.assertEqual(self.busy(), 0)
+
+    def test_a_slot_released_at_the_bound_holds_nothing_known(self) -> None:
+        self.backend.idle = IdleSlot(used=True, tokens=4321)
+        d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))
+        slot = SlotId(self.backend.name, self.backend.sent[0][2])
+        self.backend.busy_slots.add(slot.index)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        for _ in range(4):  # first_byte_timeout is 30 s here
+            self.clock.advance(9)
+            self.backend.idle_waits.pop().errback(TimeoutError())
+        self.assertEqual(self.busy(), 0)
+        self.assertIs(self.scheduler.slots[slot].state, SlotState.COLD)
 
     def test_a_backend_gone_while_its_slot_is_awaited_releases_it(self) -> None:
         d = Deferred.fromCoroutine(self.dispatcher().dispatch(wanted(1), "/p", {}, RecordingExchange()))

@@ -13,8 +13,8 @@ from twisted.internet.defer import TimeoutError
 from twisted.internet.error import ConnectionRefusedError
 
 from proxycache.backend import FailureKind, IdleSlot, LlamaServer, Restored, Saved, SlotActionFailed, UpstreamError
-from proxycache.backend._actions import idle_slot, refused, restored, saved, unanswered
-from proxycache.testing import free_port
+from proxycache.backend._actions import decoding, idle_slot, refused, restored, saved, unanswered
+from proxycache.testing import free_port, open_raw_chat, wait_for
 
 NO_SAVE_PATH = {"error": {"code": 501, "message": "This server does not support slots action. Start it with "
                           "`--slot-save-path`", "type": "not_supported_error"}}
@@ -35,6 +35,16 @@ def test_replies_become_counts():
 def test_an_idle_slot_says_whether_it_ran_anything_and_what_it_holds():
     assert idle_slot({"id": 0, "id_task": 7, "is_processing": False, "n_prompt_tokens": 300}) == IdleSlot(True, 300)
     assert idle_slot({"id": 0, "is_processing": False}) == IdleSlot(used=False, tokens=None)  # restarted
+
+
+def test_a_busy_slot_generates_once_it_decoded_a_token():
+    # as b11434 and b11549 show it (next_token a list), and older builds (a dict)
+    prompt = {"id": 0, "is_processing": True, "next_token": [{"has_next_token": False, "n_decoded": 0}]}
+    answer = {"id": 0, "is_processing": True, "next_token": [{"has_next_token": True, "n_decoded": 64}]}
+    assert not decoding(prompt) and decoding(answer)
+    assert decoding({"id": 0, "is_processing": True, "next_token": {"n_decoded": 3}})
+    assert not decoding({**answer, "is_processing": False})  # idle: it shows the last task's count, or 0
+    assert not decoding({"id": 0, "is_processing": True}) and not decoding({"next_token": []})
 
 
 @pytest.mark.parametrize("status, reply, kind", [
@@ -104,6 +114,22 @@ async def test_a_real_server_refuses_missing_empty_and_garbage_files_alike(llama
         assert (refusal.value.kind, refusal.value.status) == (FailureKind.REJECTED, 400), name
         assert refusal.value.reason == UNABLE["error"]["message"], name
     assert (await backend.restore_slot(1, "whole.bin", 30.0)).tokens == done.tokens  # still serving
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_real_server_slot_seen_generating_then_idle_holds_what_it_computed(llama):
+    # A whole answer whose client left: llama.cpp generates on (or notices and stops), and its slot
+    # then shows the prompt and answer it holds.  Idle at the first look, nothing says what ran there.
+    backend = _backend(llama.url)
+    body = {"messages": [{"role": "user", "content": "count the waves " * 50}], "max_tokens": 200,
+            "ignore_eos": True, "id_slot": 0}
+    with open_raw_chat(llama.spec.port, body):
+        wait_for(lambda: llama.slots()[0]["is_processing"], what="llama.cpp computing")
+    seen = await backend.wait_until_idle(0)
+    assert seen is not None and seen.used and seen.decoded
+    assert seen.tokens is not None and seen.tokens >= 150  # the prompt, and the answer llama.cpp got to
+    again = await backend.wait_until_idle(0)
+    assert again == IdleSlot(used=True, tokens=seen.tokens, decoded=False)
 
 
 @pytest_twisted.ensureDeferred

@@ -2,7 +2,7 @@
 The llama.cpp backend: every llama-server specific behind L{Backend}.
 """
 
-from proxycache.backend._actions import FailureKind, IdleSlot, Restored, Saved, SlotActionFailed
+from proxycache.backend._actions import FailureKind, IdleSlot, Restored, Saved, SlotActionFailed, StillBusy, decoding
 from proxycache.backend._features import (
     MAX_SLOTS, OLDEST_SUPPORTED_BUILD, RAM_CACHE, Features, backend_warnings, build_notice, build_number,
     usable_slots,
@@ -17,6 +17,6 @@ from proxycache.backend._protocol import Backend
 __all__ = [
     "MAX_SLOTS", "OLDEST_SUPPORTED_BUILD", "RAM_CACHE", "Features", "backend_warnings", "build_notice",
     "build_number", "usable_slots",
-    "UPSTREAM_FAILURES", "Backend", "Description", "FailureKind", "IdleSlot", "Restored", "Saved", "SlotActionFailed", "LlamaServer", "StreamStalled", "UpstreamError",
+    "UPSTREAM_FAILURES", "Backend", "Description", "FailureKind", "IdleSlot", "Restored", "Saved", "SlotActionFailed", "StillBusy", "LlamaServer", "decoding", "StreamStalled", "UpstreamError",
     "cancelled", "model_identity", "pipe_body", "process_marker", "read_body", "restarted", "unreachable",
 ]

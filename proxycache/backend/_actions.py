@@ -63,7 +63,18 @@ class IdleSlot:
     """A slot as llama-server shows it (C{GET /slots}) when it reports it idle."""
 
     used: bool  # it ran a task since the server started: False means a restart behind our back
-    tokens: int | None  # tokens it holds (its last prompt; 0 after an erase), when the server says
+    # Tokens it holds (its last prompt and answer, less the last token; 0 after an erase), when the server says
+    tokens: int | None
+    # Seen generating before it went idle: it holds that task's whole prompt (and some of its answer).
+    decoded: bool = False
+
+
+class StillBusy(TimeoutError):
+    """The slot stayed busy in llama.cpp; C{decoded}: it was seen generating (its prompt computed)."""
+
+    def __init__(self, message: str, decoded: bool) -> None:
+        super().__init__(message)
+        self.decoded = decoded
 
 
 def saved(reply: Any) -> Saved:
@@ -78,6 +89,18 @@ def restored(reply: Any) -> Restored:
 
 def idle_slot(slot: dict[str, Any]) -> IdleSlot:
     return IdleSlot(used="id_task" in slot, tokens=_int(slot.get("n_prompt_tokens")))
+
+
+def decoding(slot: dict[str, Any]) -> bool:
+    """
+    Does a busy slot generate its answer, its prompt all computed?  b11434 and
+    b11549 show C{next_token} as a list of one dict, older builds as a dict;
+    its C{n_decoded} counts the answer's tokens so far (0 during the prompt).
+    """
+    after = slot.get("next_token")
+    after = after[0] if isinstance(after, list) and after else after
+    decoded = after.get("n_decoded") if isinstance(after, dict) else None
+    return bool(slot.get("is_processing")) and (_int(decoded) or 0) > 0
 
 
 def refused(action: str, index: int, status: int, reply: Any) -> SlotActionFailed:

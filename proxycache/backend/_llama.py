@@ -21,7 +21,9 @@ from twisted.web.http_headers import Headers
 from twisted.web.iweb import IBodyProducer, IResponse
 from zope.interface import implementer
 
-from proxycache.backend._actions import IdleSlot, Restored, Saved, idle_slot, refused, restored, saved, unanswered
+from proxycache.backend._actions import (
+    IdleSlot, Restored, Saved, StillBusy, decoding, idle_slot, refused, restored, saved, unanswered,
+)
 from proxycache.backend._endpoints import BackendEndpoints
 from proxycache.backend._features import PROBE_FILENAME, Features, saves_enabled
 from proxycache.backend._http import UPSTREAM_FAILURES, UpstreamError, is_stale_connection, read_body
@@ -308,9 +310,11 @@ class LlamaServer:
         """
         llama.cpp's own view of slot C{index} once it is idle (llama.cpp defers
         an action on a busy slot and resumes only one deferred task per slot
-        release); None when llama-server does not show its slots.
+        release), telling whether it was seen generating first (L{StillBusy}
+        while it stays busy); None when llama-server does not show its slots.
         """
         delay = IDLE_FIRST_DELAY
+        decoded = False
         for _ in range(IDLE_POLLS):
             slots = await self.slots()
             if slots is None:
@@ -319,10 +323,11 @@ class LlamaServer:
             if slot is None:
                 return None
             if not slot.get("is_processing"):
-                return idle_slot(slot)
+                return attrs.evolve(idle_slot(slot), decoded=decoded)
+            decoded = decoded or decoding(slot)
             await deferLater(self.clock, delay, lambda: None)
             delay = min(delay * 2, IDLE_MAX_DELAY)
-        raise TimeoutError(f"slot {index} stayed busy in llama.cpp")
+        raise StillBusy(f"slot {index} stayed busy in llama.cpp", decoded)
 
 
 def process_marker(props: dict[str, Any]) -> str | None:

@@ -22,9 +22,10 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.web.iweb import IResponse
 
-from proxycache.backend import UPSTREAM_FAILURES, Backend, cancelled, unreachable
+from proxycache.backend import UPSTREAM_FAILURES, Backend, IdleSlot, StillBusy, cancelled, unreachable
 from proxycache.routing import Decision, Request, SlotId, SlotState, carried_out, fell_short, reused_unplanned
 from proxycache.slots._gate import NoBackend, ReadyGate
+from proxycache.slots._given_up import detached, discard, generating
 from proxycache.slots._scheduler import Lease, Outcome, QueueFull, Scheduler
 
 log = Logger()
@@ -200,6 +201,8 @@ class Dispatcher:
         started = self.clock.seconds()
         progress = Progress(decoding=lambda: self.cache.decoding(lease))
         gone: _Unreachable | None = None
+        upstream: Deferred[IResponse] | None = None
+        shield: Deferred[IResponse] | None = None
         sent = ended = False
         try:
             progress.decision = _shown(lease, await self.cache.prepare(lease))
@@ -211,7 +214,14 @@ class Dispatcher:
                 if self.isolate_tenants and _foreign(lease, progress.decision):
                     # llama.cpp would reuse any common prefix it finds there: its timing tells.
                     await backend.erase_slot(lease.slot.id.index, self.first_byte_timeout)
-                response = await backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
+                upstream = backend.generate(path, body, lease.slot.id.index, self.first_byte_timeout)
+                # A client leaving does not close llama.cpp's connection at once: L{_until_idle}
+                # looks at the slot first, while llama.cpp cannot have noticed and stopped.
+                shield = detached(upstream)
+                response = await shield
+            except CancelledError:
+                log.info("the client on slot {slot} left before llama-server answered", slot=str(lease.slot.id))
+                raise
             except (*UPSTREAM_FAILURES, ConnectingCancelledError) as e:
                 if cancelled(e):  # no failure of llama-server's: the client went away while it worked
                     log.info("the client on slot {slot} left before llama-server answered", slot=str(lease.slot.id))
@@ -229,8 +239,12 @@ class Dispatcher:
             settling = self.cache.settling(lease)  # cancelled during a save or restore: released when it ends
             if settling is None and sent and not ended and gone is None:
                 # Given up on (client gone, timeout, broken off): llama.cpp may still compute there.
-                settling = Deferred.fromCoroutine(self._until_idle(lease))
-            if settling is None:
+                given_up = upstream is not None and shield is not None and shield.called and not upstream.called
+                still_open = upstream if given_up else None
+                Deferred.fromCoroutine(self._until_idle(lease, still_open)).addBoth(
+                    lambda idle: self._release(lease, _after_orphan(outcome, progress, idle, lease))
+                )
+            elif settling is None:
                 self._release(lease, outcome)
             else:
                 settling.addBoth(lambda _: self._release(lease, outcome))
@@ -239,22 +253,42 @@ class Dispatcher:
             else:  # recorded only if it is not sent elsewhere: one request, one record
                 gone.record = lambda: self._record(lease, outcome, progress, started, finished)
 
-    async def _until_idle(self, lease: Lease) -> None:
+    async def _until_idle(self, lease: Lease, upstream: "Deferred[IResponse] | None" = None) -> IdleSlot | None:
         """
         Return once llama.cpp reports C{lease}'s slot idle.  It goes on generating a
         whole answer whose connection closed (b11434, b11549: it notices only when
         writing a stream), up to its max_tokens: until then the slot stays leased,
         shown busy, and no request is sent there to wait unseen inside llama.cpp.
         Bounded by C{first_byte_timeout}: as long as llama.cpp is given to answer.
+
+        Returns the idle slot when llama.cpp was seen generating the answer
+        first: it then holds the request's whole prompt (and the answer so far:
+        it may also notice the closed connection and stop early).  None when
+        that is unknown: released at the bound, llama-server gone, never seen
+        generating (idle at once: finished already, or not yet begun; or
+        stopped during the prompt, which it may leave half computed).
+
+        C{upstream}: the request to llama.cpp, still waiting for its answer.
+        The slot is looked at once before it is cancelled: llama.cpp may notice
+        the closed connection (b11434 checks once a second) and stop before a
+        later look could see it generate.
         """
         backend = self.backends[lease.slot.id.backend]
         slot = str(lease.slot.id)
         began = self.clock.seconds()
         polls = 0
+        decoded = False  # seen generating: the prompt is computed
+        if upstream is not None:
+            try:
+                decoded = await generating(backend, lease.slot.id.index)
+            finally:
+                upstream.addCallbacks(discard, lambda _: None, (self.clock, self.first_byte_timeout))
+                upstream.cancel()
         while True:
             try:
-                await backend.wait_until_idle(lease.slot.id.index)
-            except TimeoutError:
+                idle = await backend.wait_until_idle(lease.slot.id.index)
+            except TimeoutError as busy:
+                decoded = decoded or isinstance(busy, StillBusy) and busy.decoded
                 polls += 1
                 waited = self.clock.seconds() - began
                 if waited < self.first_byte_timeout:
@@ -264,13 +298,13 @@ class Dispatcher:
                     continue
                 log.warn("slot {slot}: llama.cpp still busy {waited:.0f}s after its request was given up on; "
                          "released anyway", slot=slot, waited=waited)
-                return
+                return None
             except UPSTREAM_FAILURES:
-                return  # gone or restarted: the monitor sees to it; nothing of ours computes there
+                return None  # gone or restarted: the monitor sees to it; nothing of ours computes there
             if polls:
                 log.info("slot {slot}: llama.cpp stopped after {waited:.0f}s; the slot is free again",
                          slot=slot, waited=self.clock.seconds() - began)
-            return
+            return idle if idle is not None and (decoded or idle.decoded) else None
 
     def _release(self, lease: Lease, outcome: Outcome) -> None:
         self.scheduler.release(lease, outcome)
@@ -341,6 +375,22 @@ def _foreign(lease: Lease, decision: Decision) -> bool:
 def _shown(lease: Lease, decision: Decision) -> Decision:
     """A small request computed from scratch is reported as 'small', not 'miss'."""
     return Decision.SMALL if lease.request.small and decision is Decision.MISS else decision
+
+
+def _after_orphan(outcome: Outcome, progress: Progress, idle: object, lease: Lease) -> Outcome:
+    """
+    What the slot of a request given up on holds once llama.cpp stopped there
+    (C{idle}: L{Dispatcher._until_idle}'s answer): that request's prompt and
+    answer when llama.cpp was seen generating it and shows them, so a client's
+    retry reuses them; else what C{outcome} says (COLD, unknown content).
+    """
+    if not isinstance(idle, IdleSlot) or not idle.used or not idle.tokens:
+        return outcome
+    if outcome.measured or progress.status not in (0, 200):
+        return outcome  # llama.cpp's own counts, or an error answer: nothing was computed
+    log.info("slot {slot}: llama.cpp finished the request given up on and holds its {tokens} tokens; "
+             "a retry reuses them", slot=str(lease.slot.id), tokens=idle.tokens)
+    return attrs.evolve(outcome, succeeded=True, held=idle.tokens)
 
 
 def _outcome(progress: Progress) -> Outcome:

@@ -267,7 +267,7 @@ class Scheduler:
             slot.content = SlotContent(
                 state_after(lease.request.small, True),
                 lease.request.fingerprint,
-                outcome.cache_n + outcome.prompt_n + outcome.predicted_n,
+                outcome.held or outcome.cache_n + outcome.prompt_n + outcome.predicted_n,
                 pinned=lease.request.pinned,
                 lineage=lease.lineage,
                 tenant=lease.request.tenant,

@@ -72,3 +72,5 @@ class Outcome:
     predicted_n: int = 0
     prompt_ms: float = 0.0
     measured: bool = False  # llama.cpp's timings were seen: the counts above are real
+    # Tokens llama.cpp showed the slot holding once it finished a request given up on (no timings came)
+    held: int = 0
