@@ -89,7 +89,8 @@ def test_health_can_require_a_key(module_llama, tmp_path):
 
 def test_upstream_api_key_is_forwarded(llama_factory, tmp_path):
     llama = llama_factory(api_key="llama-secret")
-    without = ProxyProcess(tmp_path / "without", llama.url).start(wait_ready=False)
+    # no backend ever becomes ready: the request waits out the queue timeout, then 503
+    without = ProxyProcess(tmp_path / "without", llama.url, queue_timeout=2).start(wait_ready=False)
     try:
         status, _, error = http("POST", without.url + "/v1/chat/completions", HELLO)
         assert status == 503  # it cannot even read the slot count

@@ -28,6 +28,8 @@ def ask(client: Any, context: str, question: str) -> dict[str, Any]:
         "path_ms": float(raw.headers["x-proxycache-path-ms"]),
         "save_ms": float(raw.headers["x-proxycache-save-ms"]),
         "restore_ms": float(raw.headers["x-proxycache-restore-ms"]),
+        "queue_wait_ms": float(raw.headers["x-proxycache-queue-wait-ms"]),
+        "save_wait_ms": float(raw.headers["x-proxycache-save-wait-ms"]),
         "slot": raw.headers["x-proxycache-slot"],
         "cache_n": timings["cache_n"],
         "prompt_n": timings["prompt_n"],

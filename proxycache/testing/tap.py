@@ -10,6 +10,7 @@ import http.client
 import io
 import socket
 import threading
+from typing import Callable
 from urllib.parse import urlsplit
 
 
@@ -26,7 +27,18 @@ class ReplyTap:
         self._sockets: list[socket.socket] = []
         self._held: threading.Event | None = None
         self._cut = threading.Event()
+        self._gate: tuple[bytes, threading.Event, threading.Event] | None = None
         threading.Thread(target=self._accept, daemon=True).start()
+
+    def hold_requests(self, marker: bytes) -> tuple[threading.Event, threading.Event]:
+        """
+        From now on, hold what a client sends with C{marker} in it (e.g. C{b"action=save"}: a
+        slot save) until the test has looked.  Returns (reached, opened): C{reached} is set when
+        such a request is held; setting C{opened} (or L{close}) lets it and all later ones through.
+        """
+        reached, opened = threading.Event(), threading.Event()
+        self._gate = (marker, reached, opened)
+        return reached, opened
 
     def hold(self) -> threading.Event:
         """
@@ -60,8 +72,15 @@ class ReplyTap:
         self._replies.append(reply)
         self._sent.append(sent)
         self._sockets += [client, upstream]
-        threading.Thread(target=_pump, args=(client, upstream, sent), daemon=True).start()
+        threading.Thread(target=_pump, args=(client, upstream, sent, self._hold), daemon=True).start()
         _pump(upstream, client, reply)
+
+    def _hold(self, data: bytes) -> None:
+        if self._gate is not None:
+            marker, reached, opened = self._gate
+            if marker in data and not opened.is_set():
+                reached.set()
+                opened.wait(120)
 
     def _connect(self, client: socket.socket) -> socket.socket | None:
         """The target for C{client}; None, C{client} closed, when the target refuses (see L{hold})."""
@@ -92,15 +111,22 @@ class ReplyTap:
 
     def close(self) -> None:
         self.release()
+        if self._gate is not None:
+            self._gate[2].set()
         for sock in [self._listener, *self._sockets]:
             sock.close()
 
 
-def _pump(source: socket.socket, sink: socket.socket, kept: bytearray | None) -> None:
+def _pump(
+    source: socket.socket, sink: socket.socket, kept: bytearray | None,
+    before: Callable[[bytes], None] | None = None,
+) -> None:
     try:
         while data := source.recv(65536):
             if kept is not None:
                 kept.extend(data)  # before the peer has it: once the client has read it, so has the tap
+            if before is not None:
+                before(data)
             sink.sendall(data)
         sink.shutdown(socket.SHUT_WR)
     except OSError:
