@@ -172,8 +172,8 @@ def _refused_write_behind(tmp_path):
     tier, threads, backend, looks = _tier_marked(tmp_path, "P1")
     slot = put(tier.scheduler, hot())
     tier.identity_lost("b")  # the monitor saw a sign of a restart
-    tier._schedule_write_behind(slot.id)
-    tier.clock.advance(tier.write_behind_delay(slot.content))  # a size not yet measured: 4x
+    tier.background.schedule(slot.id)
+    tier.clock.advance(tier.background.delay(slot.content))  # a size not yet measured: 4x
     threads.run_newest_first()
     assert backend.calls == [] and tier.scheduler.slots[slot.id].content.saved_key is None
     return tier, threads, backend, slot

@@ -69,8 +69,8 @@ def test_a_sibling_waits_for_the_slot_a_write_behind_is_saving(tmp_path):
     hot(tier, B0, fp(20, 22, tag=71))
     write: Deferred[None] = Deferred()
     backend.save_reply = write  # a slow write
-    tier._schedule_write_behind(B0)
-    tier.clock.advance(tier.write_behind_delay(tier.scheduler.slot(B0).content))
+    tier.background.schedule(B0)
+    tier.clock.advance(tier.background.delay(tier.scheduler.slot(B0).content))
     assert saves(backend) == [("save", 0)]
     (saving,) = [view for view in tier.scheduler.views() if view.id == B0]
     assert saving.busy and saving.saving
@@ -103,13 +103,13 @@ def test_write_behind_waits_a_multiple_of_the_predicted_save_time(tmp_path):
     hot(tier, B0, fp(20, 22, tag=75))
     # before any save, the size of a token's KV is unknown: judged as a long save (the first save of a
     # 30B-class slot stalled the next sibling 3.8 s when it was taken for a short one)
-    assert tier.write_behind_delay(SlotContent(SlotState.HOT, tokens=2200)) == 4 * tier.config.write_behind
+    assert tier.background.delay(SlotContent(SlotState.HOT, tokens=2200)) == 4 * tier.config.write_behind
     tier.speeds.bytes_per_token = 256_000
     tier.speeds.write_bytes_per_second = 50e6
     predicted = tier.speeds.save_seconds(2200 * 256_000)
-    delay = tier.write_behind_delay(SlotContent(SlotState.HOT, tokens=2200))
+    delay = tier.background.delay(SlotContent(SlotState.HOT, tokens=2200))
     assert delay == 4 * predicted > 40
-    tier._schedule_write_behind(B0)
+    tier.background.schedule(B0)
     tier.clock.advance(tier.config.write_behind)
     assert saves(backend) == []
     tier.clock.advance(delay - tier.config.write_behind - 1)
@@ -123,7 +123,7 @@ def long_saves(tier: DiskTier) -> float:
     """Measured speeds that make a 2,200-token save last ~11 s (a 30B-class slot under load); its delay."""
     tier.speeds.bytes_per_token = 256_000
     tier.speeds.write_bytes_per_second = 50e6
-    return tier.write_behind_delay(SlotContent(SlotState.HOT, tokens=2200))
+    return tier.background.delay(SlotContent(SlotState.HOT, tokens=2200))
 
 
 def test_a_long_write_behind_never_starts_while_another_slot_of_the_backend_serves_a_request(tmp_path):
@@ -133,7 +133,7 @@ def test_a_long_write_behind_never_starts_while_another_slot_of_the_backend_serv
     other = tier.scheduler.acquire(Request(fp(30, base=5), small=False))  # another conversation, on slot 1
     lease = other.result
     assert lease.slot.id == B1
-    tier._schedule_write_behind(B0)
+    tier.background.schedule(B0)
     tier.clock.advance(10 * delay)
     assert saves(backend) == []  # it would stall that request's tokens for as long as it writes
     tier.scheduler.release(lease, Outcome(succeeded=True, prompt_n=300, predicted_n=10))
@@ -152,7 +152,7 @@ def test_a_short_write_behind_is_made_while_another_slot_serves_a_request(tmp_pa
     hot(tier, B0, fp(20, 22, tag=77))
     other = tier.scheduler.acquire(Request(fp(30, base=6), small=False))
     assert other.result.slot.id == B1
-    tier._schedule_write_behind(B0)
+    tier.background.schedule(B0)
     tier.clock.advance(tier.config.write_behind)
     assert saves(backend) == [("save", 0)]
 
@@ -162,7 +162,7 @@ def test_before_any_save_a_write_behind_waits_for_a_quiet_backend(tmp_path):
     # short save, it ran 2 s after the context's request and the next sibling waited 3.8 s behind it.
     tier, backend = make_tier(tmp_path)
     hot(tier, B0, fp(20, 22, tag=78))
-    tier._schedule_write_behind(B0)
+    tier.background.schedule(B0)
     tier.clock.advance(tier.config.write_behind)
     assert saves(backend) == []
     other = tier.scheduler.acquire(Request(fp(30, base=7), small=False))  # another conversation meanwhile
@@ -190,7 +190,7 @@ def test_status_and_metrics_show_a_slot_busy_only_saving(tmp_path):
     write: Deferred[None] = Deferred()
     backend.save_reply = write
     tier.speeds.bytes_per_token = 4096  # a short save: made while slot 1 serves its request
-    tier._schedule_write_behind(B0)
+    tier.background.schedule(B0)
     tier.clock.advance(tier.config.write_behind)
     assert saves(backend) == [("save", 0)]
     shown = {(s["slot"], s["busy"], s["saving"]) for s in stats.status()["slots"]}
@@ -209,8 +209,8 @@ def test_the_wait_for_a_background_save_is_on_the_requests_path(tmp_path):
     hot(tier, B0, fp(20, 22, tag=80))
     write: Deferred[None] = Deferred()
     backend.save_reply = write
-    tier._schedule_write_behind(B0)
-    tier.clock.advance(tier.write_behind_delay(tier.scheduler.slot(B0).content))
+    tier.background.schedule(B0)
+    tier.clock.advance(tier.background.delay(tier.scheduler.slot(B0).content))
     sibling = tier.scheduler.acquire(Request(fp(20, 23, tag=81), small=False))
     tier.clock.advance(3.0)
     write.callback(None)
@@ -236,8 +236,8 @@ def test_a_request_queued_while_every_slot_it_could_take_is_saving_waits_behind_
     hot(tier, B0, fp(20, 22, tag=82))
     write: Deferred[None] = Deferred()
     backend.save_reply = write
-    tier._schedule_write_behind(B0)
-    tier.clock.advance(tier.write_behind_delay(tier.scheduler.slot(B0).content))
+    tier.background.schedule(B0)
+    tier.clock.advance(tier.background.delay(tier.scheduler.slot(B0).content))
     other = tier.scheduler.acquire(Request(fp(30, base=9), small=False))
     tier.clock.advance(1.5)
     write.callback(None)

@@ -129,8 +129,8 @@ def test_an_unexpected_error_in_a_background_save_is_logged_and_frees_the_slot(t
     events: list[dict] = []
     globalLogPublisher.addObserver(events.append)
     try:
-        tier._schedule_write_behind(slot.id)
-        tier.clock.advance(tier.write_behind_delay(slot.content))  # a size not yet measured: 4x
+        tier.background.schedule(slot.id)
+        tier.clock.advance(tier.background.delay(slot.content))  # a size not yet measured: 4x
         threads.run_newest_first()  # the free-space check
     finally:
         globalLogPublisher.removeObserver(events.append)

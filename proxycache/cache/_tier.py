@@ -1,8 +1,9 @@
 """
 The disk tier at work: save a hot slot before it is evicted, restore a saved
 cache when it beats recomputing, verify that restores took, save idle hot
-slots in the background (write-behind, a spare on a contended backend).
-What is saved, and the disk budget, is L{SavedCaches}'s.
+slots in the background (write-behind, a spare on a contended backend: when
+is L{BackgroundSaves}'s).  What is saved, and the disk budget, is
+L{SavedCaches}'s.
 
 llama.cpp defers an action on a busy slot and resumes only one deferred task
 per slot release, so every save/restore here runs with the slot's lock held,
@@ -17,19 +18,20 @@ from typing import Any, Callable, Mapping, Sequence
 import attrs
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, TimeoutError
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, FailureKind, SlotActionFailed, UpstreamError
+from proxycache.cache._background import BackgroundSaves
 from proxycache.cache._entries import MetaEntry, bin_name, entry_key
 from proxycache.cache._probed import NotProbed, ProbedProcesses
 from proxycache.cache._saved_caches import SavedCaches
 from proxycache.cache._tier_state import Catalog
 from proxycache.cache._unusable import Fault, UnusableFiles
 from proxycache.config import Config
-from proxycache.routing import Decision, Relation, SlotId, SlotState, fell_short, relation
+from proxycache.routing import Decision, SlotId, SlotState, fell_short
 from proxycache.slots import Hold, Lease, Outcome, Scheduler, Slot, SlotContent
 
 log = Logger()
@@ -38,16 +40,6 @@ log = Logger()
 # it holds (llama.cpp overwrote or cleared it behind the proxy's back) would put
 # a near-empty file over a good one: refused.
 MIN_SAVED_SHARE = 0.5
-# A backend evicted a conversation this recently: its slots are contended, and the
-# next request will likely take the least recently used idle slot.
-CONTENDED_SECONDS = 60.0
-# A write-behind save blocks its backend's whole loop while it writes (seconds for a large
-# model's slot file): it starts only once the slot and its backend have been idle this many
-# times the save's predicted duration (and at least --write-behind), so that a request is
-# unlikely to arrive during it.
-WRITE_BEHIND_IDLE_FACTOR = 4.0
-
-
 class _NotRestorable(Exception):
     """A restore's file, seen here, is gone or not the one saved: llama.cpp is not asked (it may abort on it)."""
 
@@ -92,12 +84,11 @@ class DiskTier(Service):
         self.observers = list(observers)  # (action, seconds, bytes) of every save and restore
         self._restored: dict[SlotId, _Restored] = {}
         self._path: dict[SlotId, tuple[float, float]] = {}  # seconds saving, restoring on a request's path
-        self._write_behind: dict[SlotId, IDelayedCall] = {}
+        self.background = BackgroundSaves(config, clock, scheduler, catalog.speeds, self._start_save_idle)
         # Write-behinds refused while their backend's weights were not confirmed: by backend, what each slot
         # held and the model it ran, retried when it is probed again (not only at the slot's next release).
         self._unconfirmed: dict[str, dict[SlotId, tuple[SlotContent, str | None]]] = {}
         self._settling: dict[SlotId, Deferred[Decision]] = {}
-        self._evicted_at: dict[str, float] = {}  # by backend: when a request last took another's slot
         self._cannot_save: set[str] = set()  # backends that answered 501 (no --slot-save-path) since they came up
         self.loaded: Deferred[None] = Deferred()
         self.probed = ProbedProcesses(catalog, clock, on_lost=lambda: self.on_empty_slot())
@@ -111,9 +102,7 @@ class DiskTier(Service):
 
     def stopService(self) -> Deferred:
         super().stopService()
-        for timer in self._write_behind.values():
-            if timer.active():
-                timer.cancel()
+        self.background.stop()
         return Deferred.fromCoroutine(self.flush())
 
     async def flush(self, wait: float = 30.0, backend: str | None = None) -> None:
@@ -176,13 +165,13 @@ class DiskTier(Service):
         # A HIT keeps the slot's content unless it takes over another conversation's (evicts).
         evicts = (lease.plan.evicts or lease.plan.decision is not Decision.HIT) and previous.state is SlotState.HOT
         if evicts:
-            self._evicted_at[lease.slot.id.backend] = self.clock.seconds()
+            self.background.evicted(lease.slot.id.backend)
         # A save on a request's path must be worth its time: not for what a saved entry (or the
         # prefix this request keeps in place) holds already and a short tail recomputed faster.
         kept = lease.plan.common_blocks if lease.plan.decision is Decision.HIT else 0
         if evicts and previous.saved_key is None and self._save_pays(lease.slot.id.backend, previous, kept, True):
             saved_here = await self._on_path(lease, 0, self.save(lease.slot, previous)) is not None
-        self._cancel_write_behind(lease.slot.id)
+        self.background.cancel(lease.slot.id)
         if lease.plan.fork is not None or lease.plan.restore is not None:
             await self.probed.described(lease.slot.id.backend)  # just restarted: probed again in a moment
         if lease.plan.fork is not None:
@@ -226,7 +215,7 @@ class DiskTier(Service):
             self._verify(lease, restored, outcome)
         slot = self.scheduler.slot(lease.slot.id)  # as it is now: another request may have it already
         if outcome.succeeded and slot is not None and slot.state is SlotState.HOT:
-            self._schedule_write_behind(slot.id)
+            self.background.schedule(slot.id)
 
     def _verify(self, lease: Lease, restored: _Restored, outcome: Outcome) -> None:
         if not fell_short(lease.plan, lease.request, outcome.cache_n, outcome.prompt_n):
@@ -416,94 +405,18 @@ class DiskTier(Service):
             log.warn("erasing slot {index} of {backend} failed: {error}", index=index, backend=backend.name, error=e)
 
     def decoding(self, lease: Lease) -> None:
-        """
-        Keep a spare: on a contended backend, once a request's prompt is computed,
-        save the idle slot the next request would take, unless one can be taken
-        without a save.  Like a page cleaner: the save happens while llama.cpp
-        generates, not on the next request's way (a save blocks llama.cpp's loop
-        either way).  Write-behind would save it too, but only after its delay.
+        self.background.decoding(lease)
 
-        The same when the request branched off a shared prefix (a sibling, a
-        team member behind one system prompt): the next request is likely to
-        branch too, and to take over an idle slot holding that prefix, so those
-        are saved now, each only if its own part is worth a save.
-        """
-        backend = lease.slot.id.backend
-        idle = [s for s in self.scheduler.slots.values() if s.id.backend == backend and not s.busy]
-        if _branched(lease):
-            for slot in idle:
-                if slot.state is SlotState.HOT and lease.request.fingerprint.common_blocks(slot.content.fingerprint):
-                    self._cancel_write_behind(slot.id)
-                    self._start_save_idle(slot.id)
-        if self.clock.seconds() - self._evicted_at.get(backend, float("-inf")) > CONTENDED_SECONDS:
-            return
-        if any(s.state is not SlotState.HOT or s.content.saved_key is not None for s in idle):
-            return  # a slot to take without saving
-        if idle:
-            victim = min(idle, key=lambda s: s.last_used)
-            self._cancel_write_behind(victim.id)
-            self._start_save_idle(victim.id)
-
-    # -- write-behind -------------------------------------------------------
-
-    def write_behind_delay(self, content: SlotContent) -> float:
-        """Idle seconds before a write-behind saves C{content}: --write-behind, or more for a long save."""
-        size = self.speeds.size_of(content.tokens)
-        if size is None:
-            # Nothing saved yet: a token's KV may be 4 KB or 256 KB (a 30B-class model: a gigabyte
-            # for 4k tokens, seconds of a stalled llama.cpp).  Judged as a long save until measured.
-            return WRITE_BEHIND_IDLE_FACTOR * self.config.write_behind
-        predicted = self.speeds.save_seconds(size)
-        return max(self.config.write_behind, WRITE_BEHIND_IDLE_FACTOR * predicted)
-
-    def _schedule_write_behind(self, slot_id: SlotId, delay: float | None = None) -> None:
-        self._cancel_write_behind(slot_id)
-        if delay is None:
-            slot = self.scheduler.slot(slot_id)
-            delay = self.config.write_behind if slot is None else self.write_behind_delay(slot.content)
-        self._write_behind[slot_id] = self.clock.callLater(delay, self._write_behind_due, slot_id)
-
-    def _write_behind_due(self, slot_id: SlotId) -> None:
-        """
-        Save the slot; a long save only once it and its backend have been quiet
-        for its delay: now it would stall a request another slot of the backend
-        serves (its tokens wait for the write), or one arriving right after a
-        request ended there.
-        """
-        self._write_behind.pop(slot_id, None)
-        slot = self.scheduler.slot(slot_id)
-        if slot is None or slot.state is not SlotState.HOT or slot.content.saved_key is not None:
-            return
-        delay = self.write_behind_delay(slot.content)
-        if delay <= self.config.write_behind:
-            # A short save (a quarter of --write-behind or less) stalls the others for less than a
-            # token or two: made now, so that a busy backend's conversations survive a restart too.
-            self._start_save_idle(slot_id)
-            return
-        backend = [view for view in self.scheduler.views() if view.id.backend == slot_id.backend]
-        if any(view.busy and not view.saving for view in backend if view.id != slot_id):
-            self._schedule_write_behind(slot_id, delay)  # looked at again once that request may have ended
-            return
-        quiet_since = max((view.last_used for view in backend), default=slot.last_used)
-        wait = quiet_since + delay - self.clock.seconds()
-        if wait > 1e-6:
-            self._schedule_write_behind(slot_id, wait)
-            return
-        self._start_save_idle(slot_id)
+    # -- background saves ---------------------------------------------------
 
     def _start_save_idle(self, slot_id: SlotId) -> None:
         # Nobody waits on a background save: whatever it raises is logged here, not left in a Deferred.
         d = Deferred.fromCoroutine(self._save_idle(slot_id))
         d.addErrback(lambda f: log.failure("background save of slot {slot} failed", f, slot=str(slot_id)))
 
-    def _cancel_write_behind(self, slot_id: SlotId) -> None:
-        timer = self._write_behind.pop(slot_id, None)
-        if timer is not None and timer.active():
-            timer.cancel()
-
     async def _save_idle(self, slot_id: SlotId, hold: Hold | None = None) -> None:
         """Save an idle hot slot unless saved since it changed; C{hold}: the caller holds it already."""
-        self._write_behind.pop(slot_id, None)
+        self.background.forget(slot_id)
         slot = self.scheduler.slot(slot_id)
         if slot is None or slot.state is not SlotState.HOT or slot.content.saved_key is not None:
             return
@@ -534,22 +447,10 @@ class DiskTier(Service):
                 return content.saved_key
             key = await self.save(source, content)
             if key is not None and self.scheduler.mark_saved(source.id, content, key):
-                self._cancel_write_behind(source.id)
+                self.background.cancel(source.id)
             return key
         finally:
             self.scheduler.release_source(lease)
-
-def _branched(lease: Lease) -> bool:
-    """Did C{lease}'s request branch off a prefix it shares with other content (a slot's, a saved entry's)?"""
-    plan = lease.plan
-    if plan.fork is not None:
-        return True
-    if plan.restore is not None:
-        return 0 < plan.restore.common_blocks < plan.restore.blocks
-    return plan.decision is Decision.HIT and relation(
-        lease.request.fingerprint, lease.previous.fingerprint
-    ) is Relation.BRANCH
-
 
 def _shielded(work: Deferred) -> Deferred:
     """Fires with C{work}'s result; cancelling it leaves C{work} running."""
