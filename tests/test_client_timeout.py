@@ -18,9 +18,9 @@ from proxycache.testing import wait_for
 from tests.conftest import start_proxy
 from tests.conversations import User
 
-# Long enough that llama.cpp still generates when the client times out (1 s): a few seconds here,
-# the most the slot's 8192 tokens leave beside the prompt.
-MAX_TOKENS = 5000
+# Long enough that llama.cpp still generates when the client times out (1 s): a few seconds here;
+# the test says so (it checks the client did time out) if a faster machine ever outruns it.
+MAX_TOKENS = 2000
 QUESTION = "explain the cache slot proxy in detail"
 # The dispatcher's log line of a request sent to a slot.
 RECORD = re.compile(r"\] (hit|miss|restore|small) slot=\S+#(\d+) status=")
