@@ -47,6 +47,9 @@ CASES = [
     ("large body not JSON", "POST", "/v1/chat/completions", b'{"messages": [' + b"1," * 150_000 + b"oops", {}, 400,
      "invalid_json"),
     ("NaN is not JSON", "POST", "/v1/chat/completions", b'{"messages": NaN}', {}, 400, "invalid_json"),
+    # Twisted would parse a form into request.args first, and answer a bare 400 of its own to a bad one
+    ("a form, not JSON", "POST", "/v1/chat/completions", b"{oops", {"Content-Type": "multipart/form-data; boundary=zz"},
+     400, "invalid_json"),
     ("body over the limit", "POST", "/v1/chat/completions", chat(pad="x" * 500_000), {}, 413, "body_too_large"),
     ("messages missing", "POST", "/v1/chat/completions", b'{"max_tokens": 2}', {}, 400, "missing_messages"),
     ("messages empty", "POST", "/v1/chat/completions", b'{"messages": []}', {}, 400, "invalid_request"),
@@ -269,6 +272,15 @@ def test_bad_input_end_to_end(served, name, method, path, body, headers, status,
 def test_bad_input(in_process, name, method, path, body, headers, status, code):
     proxy = in_process
     _refused_and_nothing_changed(proxy, lambda: proxy.http(method, path, body, headers), status, code)
+
+
+def test_a_json_body_sent_as_a_form_is_served_as_llama_server_serves_it():
+    # curl -F / a client's wrong Content-Type: the body is read as JSON whatever the header says
+    daemon = InProcessDaemon()
+    for content_type in ("multipart/form-data; boundary=zz", "multipart/form-data", "application/x-www-form-urlencoded"):
+        answer = daemon.send("POST", "/v1/chat/completions", chat(), {"Content-Type": content_type})
+        daemon.backend.pending[-1].callback(chat_response({"cache_n": 0, "prompt_n": 9}))
+        assert parse_response(answer.value())[0] == 200, (content_type, answer.value()[:200])
 
 
 def _refused_and_nothing_changed(proxy, send, status, code):

@@ -133,11 +133,18 @@ class GuardedRequests:
 def guarded_site(resource: IResource, config: Config, reactor: IReactorTime | None = None) -> Site:
     """
     C{resource} served as the daemon serves it: each request judged on its
-    headers first (L{GuardedRequests}), no tracebacks in error pages.
+    headers first (L{GuardedRequests}), no form parsing, no tracebacks in error pages.
     """
-    site = Site(resource, reactor=reactor, requestFactory=GuardedRequests(
-        config.max_body_bytes, config.api_keys + config.admin_keys if config.api_keys else (),
-        BrowserPolicy(config.cors_origins, config.allowed_hosts),
-    ))
+    site = Site(
+        resource,
+        reactor=reactor,
+        requestFactory=GuardedRequests(
+            config.max_body_bytes, config.api_keys + config.admin_keys if config.api_keys else (),
+            BrowserPolicy(config.cors_origins, config.allowed_hosts),
+        ),
+        # Every body is JSON whatever its Content-Type says (as llama-server reads it): a form is
+        # not parsed into request.args first, nor a bad one answered with Twisted's bare 400.
+        parsePOSTFormSubmission=False,
+    )
     site.displayTracebacks = False
     return site
