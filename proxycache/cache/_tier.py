@@ -32,7 +32,7 @@ from proxycache.cache._tier_state import Catalog
 from proxycache.cache._unusable import Fault, UnusableFiles
 from proxycache.config import Config
 from proxycache.routing import Decision, SlotId, SlotState, fell_short
-from proxycache.slots import Hold, Lease, Outcome, Scheduler, Slot, SlotContent
+from proxycache.slots import Hold, Lease, Outcome, Scheduler, Slot, SlotContent, detached
 
 log = Logger()
 
@@ -152,7 +152,7 @@ class DiskTier(Service):
         # the relay releases the slot only once it has (L{settling}).
         work = Deferred.fromCoroutine(self._prepare(lease))
         self._settling[lease.slot.id] = work
-        return await _shielded(work)
+        return await detached(work, late=_log_late_failure)
 
     def settling(self, lease: Lease) -> Deferred | None:
         work = self._settling.pop(lease.slot.id, None)
@@ -452,15 +452,7 @@ class DiskTier(Service):
         finally:
             self.scheduler.release_source(lease)
 
-def _shielded(work: Deferred) -> Deferred:
-    """Fires with C{work}'s result; cancelling it leaves C{work} running."""
-    shield: Deferred = Deferred()
 
-    def forward(result: Any) -> None:
-        if not shield.called:
-            shield.callback(result)  # a Failure errbacks
-        elif isinstance(result, Failure):
-            log.failure("slot preparation failed after its request was cancelled", result)
-
-    work.addBoth(forward)
-    return shield
+def _log_late_failure(result: Any) -> None:
+    if isinstance(result, Failure):
+        log.failure("slot preparation failed after its request was cancelled", result)

@@ -13,6 +13,7 @@ from proxycache.slots._dispatch import (
 )
 from proxycache.slots._fleet import Fleet
 from proxycache.slots._gate import NoBackend, ReadyGate
+from proxycache.slots._given_up import detached
 from proxycache.slots._monitor import BackendHealth, Monitor
 from proxycache.slots._fairqueue import QueueFull, TenantLimit
 from proxycache.slots._scheduler import Hold, Scheduler
@@ -21,5 +22,5 @@ from proxycache.slots._slot import NOTHING, Lease, Outcome, Slot, SlotContent
 __all__ = [
     "NOTHING", "BackendHealth", "Dispatcher", "Exchange", "Fleet", "Hold", "Lease", "Monitor", "NoBackend", "NoCache",
     "Outcome", "Progress", "QueueFull", "ReadyGate", "RequestRecord", "Scheduler", "Slot", "SlotContent", "SlotPreparer",
-    "TenantLimit",
+    "TenantLimit", "detached",
 ]

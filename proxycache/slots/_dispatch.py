@@ -239,6 +239,7 @@ class Dispatcher:
             settling = self.cache.settling(lease)  # cancelled during a save or restore: released when it ends
             if settling is None and sent and not ended and gone is None:
                 # Given up on (client gone, timeout, broken off): llama.cpp may still compute there.
+                # its wait for llama.cpp's answer was cancelled (a coroutine closed unfinished was not)
                 given_up = upstream is not None and shield is not None and shield.called and not upstream.called
                 still_open = upstream if given_up else None
                 Deferred.fromCoroutine(self._until_idle(lease, still_open)).addBoth(

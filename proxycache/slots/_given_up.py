@@ -1,13 +1,14 @@
 """
-A request to llama.cpp its client gave up on: what the dispatcher needs to
-learn what llama.cpp computed there before it closes that connection (a
-look at the slot comes first: llama.cpp may notice the close and stop), and
-to read away an answer that comes after all.
+Work its requester gave up on, left to end (L{detached}); and a request to
+llama.cpp its client gave up on: what the dispatcher needs to learn what
+llama.cpp computed there before it closes that connection (a look at the
+slot comes first: llama.cpp may notice the close and stop), and to read away
+an answer that comes after all.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -15,16 +16,22 @@ from twisted.web.iweb import IResponse
 
 from proxycache.backend import UPSTREAM_FAILURES, Backend, decoding, read_body
 
+T = TypeVar("T")
 
-def detached(work: "Deferred[IResponse]") -> "Deferred[IResponse]":
-    """Fires with C{work}'s result; cancelling it leaves C{work} be (the caller cancels it later)."""
-    shield: Deferred[IResponse] = Deferred()
+
+def detached(work: "Deferred[T]", late: Callable[[Any], Any] = lambda result: result) -> "Deferred[T]":
+    """
+    Fires with C{work}'s result; cancelling it leaves C{work} be (its owner
+    cancels it later, or lets it end).  A result that comes after the cancel
+    goes through C{late} to C{work}'s later callbacks (as it is, by default).
+    """
+    shield: Deferred[T] = Deferred()
 
     def forward(result: Any) -> Any:
         if not shield.called:
             shield.callback(result)  # a Failure errbacks
             return None
-        return result  # given up on already: the later callbacks see it
+        return late(result)
 
     work.addBoth(forward)
     return shield
